@@ -1,0 +1,430 @@
+//! Wire types. Field names, nesting and defaults follow nodeadm's `node.eks.aws/v1alpha1`
+//! API exactly for `NodeConfig`; `AgentConfig` is ours.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::GoDuration;
+
+/// nodeadm's `NodeConfig` document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// Always `node.eks.aws/v1alpha1`.
+    pub api_version: String,
+    /// Always `NodeConfig`.
+    pub kind: String,
+    /// Kubernetes object metadata; accepted because nodeadm accepts it, otherwise unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    /// The node's desired configuration.
+    #[serde(default)]
+    pub spec: NodeConfigSpec,
+}
+
+/// `NodeConfig.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeConfigSpec {
+    /// `spec.cluster`.
+    #[serde(default)]
+    pub cluster: ClusterDetails,
+    /// `spec.containerd`.
+    #[serde(default)]
+    pub containerd: ContainerdOptions,
+    /// `spec.kubelet`.
+    #[serde(default)]
+    pub kubelet: KubeletOptions,
+    /// `spec.hybrid`: required for hybrid nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hybrid: Option<HybridOptions>,
+    /// `spec.instance`: EC2-only options that nodeadm's schema carries; accepted so that
+    /// shared files load, and ignored (with a warning) on hybrid nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Map<String, Value>>,
+}
+
+/// `spec.cluster`: the coordinates of the EKS cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClusterDetails {
+    /// EKS cluster name (required).
+    #[serde(default)]
+    pub name: String,
+    /// AWS region of the cluster, also used for SSM, IAM Roles Anywhere, STS and ECR
+    /// (required).
+    #[serde(default)]
+    pub region: String,
+    /// The API server URL; looked up with DescribeCluster when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_server_endpoint: Option<String>,
+    /// Base64 of the cluster CA bundle (PEM); looked up with DescribeCluster when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_authority: Option<String>,
+    /// The cluster's service IPv4 CIDR (cluster DNS is its `.10`); looked up with
+    /// DescribeCluster when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// EC2 Outposts only; accepted for compatibility, ignored on hybrid nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_outpost: Option<bool>,
+    /// EC2 Outposts only; accepted for compatibility, ignored on hybrid nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// `spec.containerd`.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerdOptions {
+    /// Inline containerd TOML, written as an import beside the generated config.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config: String,
+}
+
+impl fmt::Debug for ContainerdOptions {
+    // The inline TOML can carry registry credentials: show only its size.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContainerdOptions")
+            .field("config", &format_args!("<{} bytes>", self.config.len()))
+            .finish()
+    }
+}
+
+/// `spec.kubelet`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubeletOptions {
+    /// Inline KubeletConfiguration fields, merged over hybridlet's defaults.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub config: Map<String, Value>,
+    /// Extra kubelet command-line flags, appended last (so they win). Drop-in files append
+    /// to this list rather than replace it, as nodeadm does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+}
+
+/// `spec.hybrid`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HybridOptions {
+    /// Expose the node's AWS credentials at `/eks-hybrid/.aws/credentials` for pods.
+    #[serde(default)]
+    pub enable_credentials_file: bool,
+    /// SSM hybrid activation credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm: Option<SsmOptions>,
+    /// IAM Roles Anywhere credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iam_roles_anywhere: Option<IamRolesAnywhereOptions>,
+}
+
+/// Which credential provider a hybrid node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialProvider {
+    /// SSM hybrid activation (node name = managed instance ID `mi-…`).
+    Ssm,
+    /// IAM Roles Anywhere (node name = `nodeName`).
+    IamRolesAnywhere,
+}
+
+impl CredentialProvider {
+    /// The name nodeadm uses in labels and flags: `ssm` or `iam-ra`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialProvider::Ssm => "ssm",
+            CredentialProvider::IamRolesAnywhere => "iam-ra",
+        }
+    }
+}
+
+impl HybridOptions {
+    /// The configured provider, if exactly one is set.
+    pub fn credential_provider(&self) -> Option<CredentialProvider> {
+        match (&self.ssm, &self.iam_roles_anywhere) {
+            (Some(_), None) => Some(CredentialProvider::Ssm),
+            (None, Some(_)) => Some(CredentialProvider::IamRolesAnywhere),
+            _ => None,
+        }
+    }
+}
+
+/// `spec.hybrid.ssm`.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SsmOptions {
+    /// The activation code (a secret; never logged).
+    #[serde(default)]
+    pub activation_code: String,
+    /// The activation ID (a UUID).
+    #[serde(default)]
+    pub activation_id: String,
+}
+
+impl fmt::Debug for SsmOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SsmOptions")
+            .field("activation_code", &"<redacted>")
+            .field("activation_id", &self.activation_id)
+            .finish()
+    }
+}
+
+/// Default `spec.hybrid.iamRolesAnywhere.certificatePath`.
+pub const DEFAULT_IAM_RA_CERTIFICATE_PATH: &str = "/etc/iam/pki/server.pem";
+/// Default `spec.hybrid.iamRolesAnywhere.privateKeyPath`.
+pub const DEFAULT_IAM_RA_PRIVATE_KEY_PATH: &str = "/etc/iam/pki/server.key";
+/// Default `spec.hybrid.iamRolesAnywhere.awsConfigPath`.
+pub const DEFAULT_IAM_RA_AWS_CONFIG_PATH: &str = "/etc/aws/hybrid/config";
+
+/// `spec.hybrid.iamRolesAnywhere`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IamRolesAnywhereOptions {
+    /// The node name; must equal the certificate's CN (the role session name), ≤ 64 chars.
+    #[serde(default)]
+    pub node_name: String,
+    /// ARN of the Roles Anywhere trust anchor.
+    #[serde(default)]
+    pub trust_anchor_arn: String,
+    /// ARN of the Roles Anywhere profile.
+    #[serde(default)]
+    pub profile_arn: String,
+    /// ARN of the IAM role to assume.
+    #[serde(default)]
+    pub role_arn: String,
+    /// PEM certificate of this node.
+    #[serde(default = "default_certificate_path")]
+    pub certificate_path: String,
+    /// PEM private key of this node.
+    #[serde(default = "default_private_key_path")]
+    pub private_key_path: String,
+    /// Where the AWS config with the `credential_process` is written.
+    #[serde(default = "default_aws_config_path")]
+    pub aws_config_path: String,
+}
+
+impl Default for IamRolesAnywhereOptions {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            trust_anchor_arn: String::new(),
+            profile_arn: String::new(),
+            role_arn: String::new(),
+            certificate_path: default_certificate_path(),
+            private_key_path: default_private_key_path(),
+            aws_config_path: default_aws_config_path(),
+        }
+    }
+}
+
+fn default_certificate_path() -> String {
+    DEFAULT_IAM_RA_CERTIFICATE_PATH.to_string()
+}
+fn default_private_key_path() -> String {
+    DEFAULT_IAM_RA_PRIVATE_KEY_PATH.to_string()
+}
+fn default_aws_config_path() -> String {
+    DEFAULT_IAM_RA_AWS_CONFIG_PATH.to_string()
+}
+
+/// hybridlet's `AgentConfig` document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentConfig {
+    /// Always `hybridlet.io/v1alpha1`.
+    pub api_version: String,
+    /// Always `AgentConfig`.
+    pub kind: String,
+    /// Kubernetes-style metadata; accepted, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    /// The agent's settings.
+    #[serde(default)]
+    pub spec: AgentSpec,
+}
+
+/// Default admin (metrics, health) listen address: loopback only.
+pub const DEFAULT_ADMIN_LISTEN_ADDRESS: &str = "127.0.0.1:9464";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hybridlet";
+/// Default kubelet root directory.
+pub const DEFAULT_KUBELET_ROOT_DIR: &str = "/var/lib/kubelet";
+/// Default GPU DRA driver name.
+pub const DEFAULT_GPU_DRIVER_NAME: &str = "gpu.hybridlet.io";
+/// Default SR-IOV DRA driver name.
+pub const DEFAULT_SRIOV_DRIVER_NAME: &str = "sriov.hybridlet.io";
+/// Default CSI driver name.
+pub const DEFAULT_CSI_DRIVER_NAME: &str = "csi.hybridlet.io";
+
+/// `AgentConfig.spec`. Every field has a default; see `docs/configuration.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AgentSpec {
+    /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+    pub admin: AdminSpec,
+    /// Where hybridlet keeps its state (checkpoints). Default `/var/lib/hybridlet`.
+    pub state_dir: String,
+    /// The kubelet's root directory (plugin sockets live under it). Default
+    /// `/var/lib/kubelet`.
+    pub kubelet_root_dir: String,
+    /// How long `hybridlet run` waits for subsystems to stop after SIGTERM. Default `30s`.
+    pub shutdown_grace_period: GoDuration,
+    /// Dynamic Resource Allocation drivers.
+    pub dra: DraSpec,
+    /// The CSI node plugin.
+    pub csi: CsiSpec,
+    /// Registry mirrors written into containerd's `certs.d` host files.
+    pub registry_mirrors: Vec<RegistryMirror>,
+    /// HTTP proxy for hybridlet, containerd and the kubelet.
+    pub proxy: ProxySpec,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            admin: AdminSpec::default(),
+            state_dir: DEFAULT_STATE_DIR.to_string(),
+            kubelet_root_dir: DEFAULT_KUBELET_ROOT_DIR.to_string(),
+            shutdown_grace_period: GoDuration(std::time::Duration::from_secs(30)),
+            dra: DraSpec::default(),
+            csi: CsiSpec::default(),
+            registry_mirrors: Vec::new(),
+            proxy: ProxySpec::default(),
+        }
+    }
+}
+
+/// `spec.admin`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AdminSpec {
+    /// `IP:PORT` to listen on. Default `127.0.0.1:9464` (loopback only).
+    pub listen_address: SocketAddr,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `spec.dra`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DraSpec {
+    /// The GPU driver (NVML). Default off, driver name `gpu.hybridlet.io`.
+    pub gpu: GpuDriverSpec,
+    /// The SR-IOV VF driver. Default off, driver name `sriov.hybridlet.io`.
+    pub sriov: SriovDriverSpec,
+}
+
+/// `spec.dra.gpu`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct GpuDriverSpec {
+    /// Whether the driver runs. Default `false`.
+    pub enabled: bool,
+    /// The DRA driver name registered with the kubelet. Default `gpu.hybridlet.io`.
+    pub driver_name: String,
+}
+
+impl Default for GpuDriverSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            driver_name: DEFAULT_GPU_DRIVER_NAME.to_string(),
+        }
+    }
+}
+
+/// `spec.dra.sriov`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SriovDriverSpec {
+    /// Whether the driver runs. Default `false`.
+    pub enabled: bool,
+    /// The DRA driver name registered with the kubelet. Default `sriov.hybridlet.io`.
+    pub driver_name: String,
+}
+
+impl Default for SriovDriverSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            driver_name: DEFAULT_SRIOV_DRIVER_NAME.to_string(),
+        }
+    }
+}
+
+/// `spec.csi`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CsiSpec {
+    /// The CSI driver name. Default `csi.hybridlet.io`.
+    pub driver_name: String,
+    /// NFS volumes. Default off.
+    pub nfs: Toggle,
+    /// iSCSI volumes. Default off.
+    pub iscsi: Toggle,
+}
+
+impl Default for CsiSpec {
+    fn default() -> Self {
+        Self {
+            driver_name: DEFAULT_CSI_DRIVER_NAME.to_string(),
+            nfs: Toggle::default(),
+            iscsi: Toggle::default(),
+        }
+    }
+}
+
+/// An on/off switch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Toggle {
+    /// Default `false`.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+/// One registry mirror (`spec.registryMirrors[]`), rendered as containerd `hosts.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryMirror {
+    /// The upstream registry host (`docker.io`, `registry.k8s.io`, `HOST:PORT`), or
+    /// `_default` for every registry.
+    pub registry: String,
+    /// Mirror endpoints, tried in order: `https://harbor.example.com`.
+    pub endpoints: Vec<String>,
+    /// CA bundle to trust for the endpoints (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Skip TLS verification for the endpoints (not recommended).
+    #[serde(default)]
+    pub skip_verify: bool,
+    /// The endpoint path already includes the `/v2` API prefix (Harbor proxy-cache
+    /// projects need this).
+    #[serde(default)]
+    pub override_path: bool,
+}
+
+/// `spec.proxy`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ProxySpec {
+    /// `http://proxy:3128` for plain HTTP traffic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_proxy: Option<String>,
+    /// `http://proxy:3128` for HTTPS traffic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_proxy: Option<String>,
+    /// Hosts, domains (`.internal`) and CIDRs that bypass the proxy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub no_proxy: Vec<String>,
+}

@@ -1,0 +1,483 @@
+//! Semantic rules, after decoding. nodeadm's rules first (so a file nodeadm rejects is
+//! rejected here with the same meaning), then ours. Every problem is collected.
+
+use std::path::{Component, Path};
+
+use base64::Engine as _;
+
+use crate::{AgentSpec, Config, FieldError, IamRolesAnywhereOptions, NodeConfig, SsmOptions};
+
+#[derive(Default)]
+struct Report {
+    errors: Vec<FieldError>,
+    warnings: Vec<String>,
+}
+
+impl Report {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            file: None,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Check the merged configuration. Returns warnings, or every error found.
+pub(crate) fn validate(config: &Config) -> Result<Vec<String>, Vec<FieldError>> {
+    let mut report = Report::default();
+    if let Some(node) = &config.node {
+        validate_node(node, &mut report);
+    }
+    validate_agent(&config.agent, &mut report);
+    if report.errors.is_empty() {
+        Ok(report.warnings)
+    } else {
+        Err(report.errors)
+    }
+}
+
+fn validate_node(node: &NodeConfig, r: &mut Report) {
+    let cluster = &node.spec.cluster;
+    if cluster.name.is_empty() {
+        r.error("spec.cluster.name", "required: the name of the EKS cluster to join");
+    } else if !is_eks_cluster_name(&cluster.name) {
+        r.error(
+            "spec.cluster.name",
+            format!(
+                "{:?} is not a valid EKS cluster name (1-100 characters: letters, digits, '-' and '_', starting with a letter or digit)",
+                cluster.name
+            ),
+        );
+    }
+    if cluster.region.is_empty() {
+        r.error("spec.cluster.region", "required: the AWS region of the cluster, e.g. us-west-2");
+    } else if !is_region(&cluster.region) {
+        r.error(
+            "spec.cluster.region",
+            format!("{:?} is not an AWS region name (e.g. us-west-2, eu-central-1)", cluster.region),
+        );
+    }
+    if let Some(endpoint) = &cluster.api_server_endpoint {
+        if let Err(why) = check_https_url(endpoint) {
+            r.error(
+                "spec.cluster.apiServerEndpoint",
+                format!("{endpoint:?} is not a valid API server URL: {why}"),
+            );
+        }
+    }
+    if let Some(ca) = &cluster.certificate_authority {
+        if let Err(why) = check_ca_bundle(ca) {
+            r.error("spec.cluster.certificateAuthority", why);
+        }
+    }
+    if let Some(cidr) = &cluster.cidr {
+        if let Err(why) = check_cidr(cidr) {
+            r.error("spec.cluster.cidr", why);
+        }
+    }
+    if cluster.enable_outpost.is_some() || cluster.id.is_some() {
+        r.warnings.push(
+            "spec.cluster.enableOutpost and spec.cluster.id apply to EC2 Outposts only and are ignored on hybrid nodes"
+                .to_string(),
+        );
+    }
+    if node.spec.instance.is_some() {
+        r.warnings
+            .push("spec.instance applies to EC2 instances only and is ignored on hybrid nodes".to_string());
+    }
+
+    for (i, flag) in node.spec.kubelet.flags.iter().enumerate() {
+        let path = format!("spec.kubelet.flags[{i}]");
+        let name = flag.split('=').next().unwrap_or_default();
+        if name == "--hostname-override" || name == "-hostname-override" {
+            r.error(
+                path,
+                "--hostname-override is not allowed: hybridlet sets the node name from the node's identity \
+                 (the SSM managed instance ID, or spec.hybrid.iamRolesAnywhere.nodeName); remove this flag",
+            );
+        } else if !flag.starts_with('-') {
+            r.error(
+                path,
+                format!("{flag:?} is not a flag; kubelet flags look like --node-labels=site=fra1"),
+            );
+        }
+    }
+
+    match &node.spec.hybrid {
+        None => r.error(
+            "spec.hybrid",
+            "required: set exactly one credential provider, spec.hybrid.ssm or spec.hybrid.iamRolesAnywhere",
+        ),
+        Some(hybrid) => match (&hybrid.ssm, &hybrid.iam_roles_anywhere) {
+            (Some(_), Some(_)) => r.error(
+                "spec.hybrid",
+                "exactly one credential provider may be set, but both ssm and iamRolesAnywhere are; remove one",
+            ),
+            (None, None) => r.error(
+                "spec.hybrid",
+                "no credential provider: set exactly one of spec.hybrid.ssm or spec.hybrid.iamRolesAnywhere",
+            ),
+            (Some(ssm), None) => validate_ssm(ssm, r),
+            (None, Some(iam)) => validate_iam_ra(iam, r),
+        },
+    }
+}
+
+fn validate_ssm(ssm: &SsmOptions, r: &mut Report) {
+    // The activation code is a secret: report its length, never its value.
+    let len = ssm.activation_code.chars().count();
+    if len == 0 {
+        r.error(
+            "spec.hybrid.ssm.activationCode",
+            "required: the activation code printed by `aws ssm create-activation`",
+        );
+    } else if !(20..=250).contains(&len) {
+        r.error(
+            "spec.hybrid.ssm.activationCode",
+            format!("must be 20 to 250 characters long, got {len}"),
+        );
+    }
+    let id = &ssm.activation_id;
+    if id.is_empty() {
+        r.error(
+            "spec.hybrid.ssm.activationId",
+            "required: the activation ID printed by `aws ssm create-activation`",
+        );
+    } else if !is_uuid(&id.to_ascii_lowercase()) {
+        r.error(
+            "spec.hybrid.ssm.activationId",
+            format!("{id:?} is not a UUID (expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+        );
+    } else if !is_uuid(id) {
+        r.error(
+            "spec.hybrid.ssm.activationId",
+            format!("{id:?} must be lower case, as `aws ssm create-activation` prints it"),
+        );
+    }
+}
+
+fn validate_iam_ra(iam: &IamRolesAnywhereOptions, r: &mut Report) {
+    let base = "spec.hybrid.iamRolesAnywhere";
+    let name = &iam.node_name;
+    if name.is_empty() {
+        r.error(
+            format!("{base}.nodeName"),
+            "required: the node name, equal to the CN of the node's certificate",
+        );
+    } else if name.chars().count() > 64 {
+        r.error(
+            format!("{base}.nodeName"),
+            format!(
+                "{name:?} is {} characters long; at most 64 are allowed (it is the IAM role session name)",
+                name.chars().count()
+            ),
+        );
+    } else if !is_dns_subdomain(name) {
+        r.error(
+            format!("{base}.nodeName"),
+            format!(
+                "{name:?} is not a valid Kubernetes node name (lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
+            ),
+        );
+    }
+    for (field, value) in [
+        ("trustAnchorArn", &iam.trust_anchor_arn),
+        ("profileArn", &iam.profile_arn),
+        ("roleArn", &iam.role_arn),
+    ] {
+        if value.is_empty() {
+            r.error(format!("{base}.{field}"), "required: an ARN (arn:aws:...)");
+        } else if !is_arn(value) {
+            r.error(
+                format!("{base}.{field}"),
+                format!("{value:?} is not an ARN (expected arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)"),
+            );
+        }
+    }
+    for (field, value) in [
+        ("certificatePath", &iam.certificate_path),
+        ("privateKeyPath", &iam.private_key_path),
+        ("awsConfigPath", &iam.aws_config_path),
+    ] {
+        if let Err(why) = check_host_path(value) {
+            r.error(format!("{base}.{field}"), why);
+        }
+    }
+}
+
+fn validate_agent(agent: &AgentSpec, r: &mut Report) {
+    for (field, value) in [
+        ("spec.stateDir", &agent.state_dir),
+        ("spec.kubeletRootDir", &agent.kubelet_root_dir),
+    ] {
+        if let Err(why) = check_host_path(value) {
+            r.error(field, why);
+        }
+    }
+    let grace = agent.shutdown_grace_period.get();
+    if grace.is_zero() || grace > std::time::Duration::from_secs(3600) {
+        r.error(
+            "spec.shutdownGracePeriod",
+            format!("{} is out of range; use between 1s and 1h", agent.shutdown_grace_period),
+        );
+    }
+    for (field, name) in [
+        ("spec.dra.gpu.driverName", &agent.dra.gpu.driver_name),
+        ("spec.dra.sriov.driverName", &agent.dra.sriov.driver_name),
+    ] {
+        if !is_dns_subdomain(name) || name.len() > 63 {
+            r.error(
+                field,
+                format!(
+                    "{name:?} is not a valid DRA driver name (a DNS subdomain of at most 63 characters, e.g. gpu.example.com)"
+                ),
+            );
+        }
+    }
+    if agent.dra.gpu.enabled
+        && agent.dra.sriov.enabled
+        && agent.dra.gpu.driver_name == agent.dra.sriov.driver_name
+    {
+        r.error(
+            "spec.dra.sriov.driverName",
+            "must differ from spec.dra.gpu.driverName: each driver registers its own kubelet socket",
+        );
+    }
+    if !is_csi_driver_name(&agent.csi.driver_name) {
+        r.error(
+            "spec.csi.driverName",
+            format!(
+                "{:?} is not a valid CSI driver name (at most 63 characters of letters, digits, '-' and '.', starting and ending with a letter or digit)",
+                agent.csi.driver_name
+            ),
+        );
+    }
+    for (i, mirror) in agent.registry_mirrors.iter().enumerate() {
+        let base = format!("spec.registryMirrors[{i}]");
+        if mirror.registry.is_empty() {
+            r.error(format!("{base}.registry"), "required: a registry host such as docker.io, or _default");
+        } else if mirror.registry != "_default" && !is_host_port(&mirror.registry) {
+            r.error(
+                format!("{base}.registry"),
+                format!("{:?} is not a registry host (HOST or HOST:PORT, or _default)", mirror.registry),
+            );
+        }
+        if mirror.endpoints.is_empty() {
+            r.error(format!("{base}.endpoints"), "at least one mirror endpoint URL is required");
+        }
+        for (j, endpoint) in mirror.endpoints.iter().enumerate() {
+            if let Err(why) = check_http_url(endpoint) {
+                r.error(format!("{base}.endpoints[{j}]"), format!("{endpoint:?}: {why}"));
+            }
+        }
+        if let Some(ca) = &mirror.ca_file {
+            if let Err(why) = check_host_path(ca) {
+                r.error(format!("{base}.caFile"), why);
+            }
+        }
+    }
+    for (field, value) in [
+        ("spec.proxy.httpProxy", &agent.proxy.http_proxy),
+        ("spec.proxy.httpsProxy", &agent.proxy.https_proxy),
+    ] {
+        if let Some(url) = value {
+            if let Err(why) = check_http_url(url) {
+                r.error(field, format!("{url:?}: {why}"));
+            }
+        }
+    }
+    for (i, entry) in agent.proxy.no_proxy.iter().enumerate() {
+        if entry.is_empty() || entry.contains(|c: char| c.is_whitespace() || c == ',') {
+            r.error(
+                format!("spec.proxy.noProxy[{i}]"),
+                format!("{entry:?} must be one host, domain or CIDR per list entry (no spaces or commas)"),
+            );
+        }
+    }
+}
+
+fn is_eks_cluster_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 100
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn is_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[parts.len() - 1]
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty()
+}
+
+fn is_uuid(id: &str) -> bool {
+    let groups: Vec<&str> = id.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
+}
+
+fn is_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    parts.len() == 6
+        && parts[0] == "arn"
+        && !parts[1].is_empty()
+        && !parts[2].is_empty()
+        && !parts[5].is_empty()
+        && !arn.contains(char::is_whitespace)
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for node and driver names.
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && label.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// CSI spec: at most 63 characters, begin and end with an alphanumeric character, with
+/// dashes, dots and alphanumerics between.
+fn is_csi_driver_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+fn is_host_port(value: &str) -> bool {
+    let (host, port) = match value.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (value, None),
+    };
+    port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+        && !host.is_empty()
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
+fn check_url(value: &str, schemes: &[&str]) -> Result<http::Uri, String> {
+    let uri: http::Uri = value.parse().map_err(|e| format!("{e}"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    if !schemes.contains(&scheme) {
+        return Err(format!("the scheme must be {}", schemes.join(" or ")));
+    }
+    let authority = uri.authority().ok_or("a host is required")?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the URL are not allowed".to_string());
+    }
+    if authority.host().is_empty() {
+        return Err("a host is required".to_string());
+    }
+    Ok(uri)
+}
+
+fn check_https_url(value: &str) -> Result<(), String> {
+    let uri = check_url(value, &["https"])?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("expected https://HOST[:PORT] with no path".to_string());
+    }
+    Ok(())
+}
+
+fn check_http_url(value: &str) -> Result<(), String> {
+    check_url(value, &["http", "https"])
+        .map(|_| ())
+        .map_err(|why| format!("not a valid URL: {why}"))
+}
+
+fn check_ca_bundle(value: &str) -> Result<(), String> {
+    let compact: String = value.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| {
+            format!(
+                "not valid base64 ({e}); use the cluster's certificateAuthority.data from `aws eks describe-cluster`"
+            )
+        })?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(
+            "decodes from base64 but holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_string(),
+        );
+    }
+    Ok(())
+}
+
+fn check_cidr(value: &str) -> Result<(), String> {
+    let net: ipnet::IpNet = value.parse().map_err(|_| {
+        format!("{value:?} is not a CIDR (expected the cluster's service CIDR, e.g. 172.16.0.0/16)")
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{value:?} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    if let ipnet::IpNet::V4(v4) = net {
+        if v4.prefix_len() > 28 {
+            return Err(format!(
+                "{value:?} is too small for a service CIDR (cluster DNS uses its .10 address); use /28 or larger"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_host_path(value: &str) -> Result<(), String> {
+    let path = Path::new(value);
+    if value.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    if !path.is_absolute() {
+        return Err(format!("{value:?} must be an absolute path"));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{value:?} must not contain '..'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_formats() {
+        assert!(is_eks_cluster_name("prod-hybrid_1"));
+        assert!(!is_eks_cluster_name("-x"));
+        assert!(is_region("us-gov-west-1") && is_region("eu-west-1"));
+        assert!(!is_region("eu-west") && !is_region("EU-west-1") && !is_region("us--1"));
+        assert!(is_uuid("8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d"));
+        assert!(!is_uuid("8B7A2D3C-1F2E-4A5B-9C8D-0E1F2A3B4C5D"));
+        assert!(is_arn("arn:aws:iam::123456789012:role/Hybrid"));
+        assert!(!is_arn("arn:aws:iam"));
+        assert!(is_dns_subdomain("fra1-r12-n07") && !is_dns_subdomain("Fra1"));
+        assert!(is_csi_driver_name("csi.hybridlet.io") && !is_csi_driver_name("csi."));
+        assert!(is_host_port("registry.example.com:5000") && !is_host_port("a b"));
+        assert!(check_cidr("10.100.0.0/16").is_ok());
+        assert!(check_cidr("10.100.0.1/16").unwrap_err().contains("10.100.0.0/16"));
+        assert!(check_cidr("fd00::/108").is_ok());
+        assert!(check_https_url("https://ABC.gr7.eu-west-1.eks.amazonaws.com").is_ok());
+        assert!(check_https_url("http://x").is_err());
+        assert!(check_https_url("https://u:p@x").is_err());
+    }
+}

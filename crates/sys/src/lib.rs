@@ -1,0 +1,17 @@
+//! Host access for hybridlet.
+//!
+//! This is the foundation crate that touches the host: it resolves host paths under a
+//! configurable root (so tests and demos run the real code against a temporary tree),
+//! writes state files atomically and reads host facts such as the boot ID.
+//!
+//! Later layers add mount, sysfs walking and process spawning here, behind traits, so
+//! that this remains the only crate that performs such side effects.
+//!
+//! What this crate must never do: parse configuration, talk to the network, or log
+//! secrets. It knows nothing about Kubernetes or AWS.
+
+mod fsutil;
+mod root;
+
+pub use fsutil::{AtomicWriteError, atomic_write, read_boot_id};
+pub use root::{HostRoot, RootError};
