@@ -1,0 +1,231 @@
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hybridlet_runtime::{CancellationToken, Readiness};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::AgentMetrics;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Slow or idle clients must not hold connections open forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-flight requests get this long to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the admin server.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} (spec.admin.listenAddress): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting connections failed.
+    #[error("accepting admin connections on {addr}: {source}")]
+    Accept {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+struct Shared {
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    metrics: AgentMetrics,
+}
+
+/// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl AdminServer {
+    /// Bind the listen address.
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        readiness: Readiness,
+        metrics: AgentMetrics,
+    ) -> Result<Self, AdminServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminServerError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| AdminServerError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            addr,
+            shared: Arc::new(Shared {
+                registry,
+                readiness,
+                metrics,
+            }),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `shutdown` is cancelled, then let in-flight requests finish.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), AdminServerError> {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(x) => x,
+                        // Per-connection errors (e.g. the peer reset before accept) are
+                        // not fatal; running out of descriptors is worth a warning.
+                        Err(e) if is_transient(&e) => {
+                            tracing::warn!(error = %e, "admin accept failed; continuing");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        Err(source) => return Err(AdminServerError::Accept { addr: self.addr, source }),
+                    };
+                    let shared = self.shared.clone();
+                    let stop = shutdown.clone();
+                    connections.spawn(async move {
+                        let service = service_fn(move |req| {
+                            let shared = shared.clone();
+                            async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                        });
+                        let conn = http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
+                            .serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(conn);
+                        let result = tokio::select! {
+                            r = conn.as_mut() => r,
+                            () = stop.cancelled() => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+                        }
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("admin connections still open after {DRAIN_TIMEOUT:?}; closing them");
+            connections.abort_all();
+        }
+        Ok(())
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let (route, response) = if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        (
+            "other",
+            text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are allowed\n".to_string()),
+        )
+    } else {
+        match path {
+            "/metrics" => ("/metrics", metrics(shared)),
+            "/healthz" | "/livez" => ("/healthz", text(StatusCode::OK, "ok\n".to_string())),
+            "/readyz" => ("/readyz", readyz(shared)),
+            _ => (
+                "other",
+                text(
+                    StatusCode::NOT_FOUND,
+                    "not found; try /metrics, /healthz or /readyz\n".to_string(),
+                ),
+            ),
+        }
+    };
+    shared
+        .metrics
+        .admin_requests
+        .get_or_create(&vec![
+            ("route".to_string(), route.to_string()),
+            ("code".to_string(), response.status().as_u16().to_string()),
+        ])
+        .inc();
+    response
+}
+
+fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
+    match crate::encode(&shared.registry) {
+        Ok(body) => {
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
+            resp
+        }
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n".to_string(),
+        ),
+    }
+}
+
+fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
+    let snapshot = shared.readiness.snapshot();
+    let mut body = String::new();
+    for c in &snapshot {
+        let state = if c.ready { "ready" } else { "not ready" };
+        body.push_str(&format!("{}: {state}", c.name));
+        if let Some(reason) = c.reason.as_ref().filter(|_| !c.ready) {
+            body.push_str(&format!(" ({reason})"));
+        }
+        body.push('\n');
+    }
+    if shared.readiness.is_ready() {
+        text(StatusCode::OK, body)
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

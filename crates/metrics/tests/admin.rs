@@ -1,0 +1,86 @@
+//! The admin server over real loopback TCP.
+
+use std::sync::Arc;
+
+use hybridlet_metrics::{AdminServer, AgentMetrics, BuildInfo, new_registry};
+use hybridlet_runtime::{CancellationToken, Readiness};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str, method: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status: u16 = buf[9..12].parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn serves_metrics_health_and_readiness() {
+    let readiness = Readiness::new();
+    let mut registry = new_registry();
+    let build = BuildInfo { version: "1.2.3".into(), commit: "abc".into() };
+    let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
+    let server = AdminServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(registry),
+        readiness.clone(),
+        metrics,
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.serve(stop.clone()));
+
+    let admin = readiness.register("admin");
+    let dra = readiness.register("dra-gpu");
+    admin.set_ready();
+    let (code, body) = get(addr, "/readyz", "GET").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("dra-gpu: not ready (starting)"), "{body}");
+    dra.set_ready();
+    let (code, body) = get(addr, "/readyz", "GET").await;
+    assert_eq!(code, 200, "{body}");
+
+    assert_eq!(get(addr, "/healthz", "GET").await.0, 200);
+    assert_eq!(get(addr, "/nope", "GET").await.0, 404);
+    assert_eq!(get(addr, "/metrics", "POST").await.0, 405);
+
+    let (code, body) = get(addr, "/metrics", "GET").await;
+    assert_eq!(code, 200);
+    for needle in [
+        "hybridlet_build_info{version=\"1.2.3\",commit=\"abc\"} 1",
+        "hybridlet_config_info{mode=\"standalone\"} 1",
+        "# TYPE hybridlet_uptime_seconds gauge",
+        "# UNIT hybridlet_uptime_seconds seconds",
+        "hybridlet_start_time_seconds ",
+        "hybridlet_ready 1",
+        "hybridlet_subsystem_up{subsystem=\"dra-gpu\"} 1",
+        "hybridlet_subsystem_ready{subsystem=\"admin\"} 1",
+        "hybridlet_admin_http_requests_total{route=\"/readyz\",code=\"503\"} 1",
+        "# EOF",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+    }
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening");
+}
+
+#[tokio::test]
+async fn bind_conflict_names_the_setting() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let readiness = Readiness::new();
+    let mut registry = new_registry();
+    let build = BuildInfo { version: "x".into(), commit: "y".into() };
+    let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
+    let err = AdminServer::bind(addr, Arc::new(registry), readiness, metrics)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.admin.listenAddress"), "{err}");
+}
