@@ -1,0 +1,59 @@
+//! AWS adapter.
+//!
+//! Builds AWS SDK clients on hybridlet's one TLS stack: rustls with the *ring* provider,
+//! the same provider the Kubernetes client uses and the binary installs as the process
+//! default. The SDK's default features would bring a second, legacy stack (hyper 0.14 and
+//! an older rustls) and the aws-lc provider; they are switched off in the workspace
+//! manifest and the HTTP client is chosen here explicitly.
+//!
+//! Every client accepts an endpoint override so that tests talk to a local emulator on
+//! loopback.
+//!
+//! What this crate must never do: read credentials itself, log them, or pick a region on
+//! its own.
+
+mod eks;
+
+pub use eks::{ClusterInfo, EksError, describe_cluster};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+
+/// Where and as whom to call AWS.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// The region (`spec.cluster.region`).
+    pub region: String,
+    /// An endpoint override for every service (emulators, VPC endpoints).
+    pub endpoint_url: Option<String>,
+    /// Static credentials instead of the default chain (tests and emulators).
+    pub static_credentials: Option<aws_credential_types::Credentials>,
+}
+
+/// The SDK HTTP client: hyper 1 with rustls on *ring*.
+pub fn http_client() -> aws_sdk_eks::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
+/// Load the shared SDK configuration: region, endpoint override, credentials (the default
+/// chain: environment, shared files including `credential_process`, container and
+/// instance metadata), on our HTTP client.
+pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(settings.region.clone()))
+        .http_client(http_client());
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some(creds) = &settings.static_credentials {
+        loader = loader.credentials_provider(creds.clone());
+    }
+    loader.load().await
+}
+
+/// An EKS client from the shared configuration.
+pub fn eks_client(config: &SdkConfig) -> aws_sdk_eks::Client {
+    aws_sdk_eks::Client::new(config)
+}

@@ -1,0 +1,124 @@
+//! Kubernetes adapter.
+//!
+//! Builds `kube` clients on hybridlet's one TLS stack (rustls with the *ring* provider,
+//! the same as the AWS adapter), from the kubelet's kubeconfig on a joined node or from
+//! explicit parts. Resource-specific access (Node, ResourceSlice, ResourceClaim) is added
+//! here behind traits by the issues that need it, so domain crates never touch `kube`
+//! directly.
+//!
+//! What this crate must never do: read AWS credentials, touch the host filesystem beyond
+//! the kubeconfig it is pointed at, or log bearer tokens.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+
+pub use kube::Client;
+
+/// Errors building a client or reaching the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// The kubeconfig could not be read or understood.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The API server URL is not valid.
+    #[error("API server URL {url:?}: {message}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The client could not be built (TLS setup).
+    #[error("building the Kubernetes client: {0}")]
+    Build(String),
+    /// A request failed.
+    #[error("{what}: {message}")]
+    Request {
+        /// The request.
+        what: &'static str,
+        /// The error.
+        message: String,
+    },
+}
+
+/// A client from a kubeconfig file (the kubelet's `/var/lib/kubelet/kubeconfig` on a
+/// joined node), using its current context.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, KubeError> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| KubeError::Kubeconfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Client::try_from(config).map_err(|e| KubeError::Build(e.to_string()))
+}
+
+/// A client for `server` trusting the PEM `ca_pem` bundle (when given), with no
+/// credentials. Used for reachability checks and by tests against a local fake.
+pub fn client_for(server: &str, ca_pem: Option<&[u8]>) -> Result<Client, KubeError> {
+    let uri: http::Uri = server.parse().map_err(|e: http::uri::InvalidUri| KubeError::Url {
+        url: server.to_string(),
+        message: e.to_string(),
+    })?;
+    let mut config = kube::Config::new(uri);
+    if let Some(pem) = ca_pem {
+        config.root_cert = Some(pem_certificates(pem));
+    }
+    Client::try_from(config).map_err(|e| KubeError::Build(e.to_string()))
+}
+
+/// DER bodies of the CERTIFICATE blocks in a PEM bundle.
+fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
+    let text = String::from_utf8_lossy(pem);
+    let mut out = Vec::new();
+    let mut body: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            body = Some(String::new());
+        } else if line == "-----END CERTIFICATE-----" {
+            if let Some(b) = body.take() {
+                if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b.as_bytes()) {
+                    out.push(der);
+                }
+            }
+        } else if let Some(b) = body.as_mut() {
+            b.push_str(line);
+        }
+    }
+    out
+}
+
+/// The API server's version (`GET /version`): a cheap reachability check.
+pub async fn server_version(client: &Client) -> Result<String, KubeError> {
+    client
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .map_err(|e| KubeError::Request {
+            what: "GET /version",
+            message: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_bundle_is_split_and_decoded() {
+        let pem = b"-----BEGIN CERTIFICATE-----\nAAEC\nAw==\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\n/w==\n-----END CERTIFICATE-----\n";
+        assert_eq!(pem_certificates(pem), vec![vec![0, 1, 2, 3], vec![255]]);
+    }
+}
