@@ -93,4 +93,3 @@ pub async fn describe_cluster(
         version: c.version,
     })
 }
-

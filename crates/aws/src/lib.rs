@@ -14,6 +14,7 @@
 
 mod eks;
 
+pub use aws_credential_types::Credentials;
 pub use eks::{ClusterInfo, EksError, describe_cluster};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -27,7 +28,7 @@ pub struct AwsSettings {
     /// An endpoint override for every service (emulators, VPC endpoints).
     pub endpoint_url: Option<String>,
     /// Static credentials instead of the default chain (tests and emulators).
-    pub static_credentials: Option<aws_credential_types::Credentials>,
+    pub static_credentials: Option<Credentials>,
 }
 
 /// The SDK HTTP client: hyper 1 with rustls on *ring*.

@@ -66,12 +66,20 @@ async fn describe_cluster_reads_the_join_fields() {
     assert_eq!(info.service_ipv4_cidr.as_deref(), Some("172.16.0.0/16"));
     assert_eq!(info.remote_node_cidrs, ["10.80.0.0/16", "10.81.0.0/16"]);
     assert_eq!(info.remote_pod_cidrs, ["10.90.0.0/16"]);
-    assert_eq!(info.certificate_authority.as_deref(), Some("LS0tLS1CRUdJTg=="));
+    assert_eq!(
+        info.certificate_authority.as_deref(),
+        Some("LS0tLS1CRUdJTg==")
+    );
     let request = req.await.unwrap();
-    assert!(request.starts_with("GET /clusters/prod-hybrid "), "{request}");
+    assert!(
+        request.starts_with("GET /clusters/prod-hybrid "),
+        "{request}"
+    );
     // SigV4-signed for the eks service in the configured region.
     assert!(
-        request.to_ascii_lowercase().contains("/eu-west-1/eks/aws4_request"),
+        request
+            .to_ascii_lowercase()
+            .contains("/eu-west-1/eks/aws4_request"),
         "{request}"
     );
 }

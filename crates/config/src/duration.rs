@@ -22,13 +22,17 @@ impl GoDuration {
         let mut total = Duration::ZERO;
         let mut rest = text;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return Err(bad());
             }
             let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             let part = match unit {
@@ -87,11 +91,29 @@ mod tests {
 
     #[test]
     fn parses_go_durations() {
-        assert_eq!(GoDuration::parse("30s").unwrap().get(), Duration::from_secs(30));
-        assert_eq!(GoDuration::parse("1h30m").unwrap().get(), Duration::from_secs(5400));
-        assert_eq!(GoDuration::parse("250ms").unwrap().get(), Duration::from_millis(250));
+        assert_eq!(
+            GoDuration::parse("30s").unwrap().get(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            GoDuration::parse("1h30m").unwrap().get(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            GoDuration::parse("250ms").unwrap().get(),
+            Duration::from_millis(250)
+        );
         assert_eq!(GoDuration::parse("0s").unwrap().get(), Duration::ZERO);
-        for bad in ["", "30", "s", "-1s", "1x", "1.5s", " 1s", "99999999999999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "s",
+            "-1s",
+            "1x",
+            "1.5s",
+            " 1s",
+            "99999999999999999999h",
+        ] {
             assert!(GoDuration::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -27,7 +27,9 @@ mod validate;
 
 pub use duration::GoDuration;
 pub use error::{ConfigError, FieldError};
-pub use load::{ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig, load, parse_str};
+pub use load::{
+    ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig, load, parse_str,
+};
 pub use types::*;
 
 /// `apiVersion` of nodeadm's NodeConfig.

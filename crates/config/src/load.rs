@@ -8,8 +8,8 @@ use serde_json::Value;
 use crate::merge::merge;
 use crate::validate::validate;
 use crate::{
-    AGENT_API_VERSION, AGENT_KIND, AgentConfig, Config, ConfigError, FieldError,
-    NODE_API_VERSION, NODE_KIND, NodeConfig,
+    AGENT_API_VERSION, AGENT_KIND, AgentConfig, Config, ConfigError, FieldError, NODE_API_VERSION,
+    NODE_KIND, NodeConfig,
 };
 
 /// The main configuration file on a host.
@@ -75,10 +75,12 @@ pub fn parse_str(text: &str, name: &Path) -> Result<LoadedConfig, ConfigError> {
 
 fn read_file(path: &Path) -> Result<Option<String>, ConfigError> {
     match fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            message: "file is not UTF-8".to_string(),
-        }),
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message: "file is not UTF-8".to_string(),
+            }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ConfigError::Read {
             path: path.to_path_buf(),
@@ -152,7 +154,9 @@ fn build(inputs: &[(&Path, &str)]) -> Result<LoadedConfig, ConfigError> {
             // are reported against the file they are in.
             let slot = match kind {
                 DocKind::Node => decode::<NodeConfig>(doc.clone(), Some(path)).map(|_| &mut node),
-                DocKind::Agent => decode::<AgentConfig>(doc.clone(), Some(path)).map(|_| &mut agent),
+                DocKind::Agent => {
+                    decode::<AgentConfig>(doc.clone(), Some(path)).map(|_| &mut agent)
+                }
             };
             match slot {
                 Ok(slot) => match slot {
@@ -178,7 +182,15 @@ fn build(inputs: &[(&Path, &str)]) -> Result<LoadedConfig, ConfigError> {
         .map(|a| a.spec)
         .unwrap_or_default();
     let config = Config { node, agent };
-    let warnings = validate(&config).map_err(|errors| ConfigError::Invalid { errors })?;
+    let warnings = validate(&config).map_err(|mut errors| {
+        // With a single source file every problem is in it: say so.
+        if let [only] = files.as_slice() {
+            for e in &mut errors {
+                e.file.get_or_insert_with(|| only.clone());
+            }
+        }
+        ConfigError::Invalid { errors }
+    })?;
     Ok(LoadedConfig {
         config,
         files,

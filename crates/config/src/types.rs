@@ -303,6 +303,7 @@ impl Default for AgentSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AdminSpec {
     /// `IP:PORT` to listen on. Default `127.0.0.1:9464` (loopback only).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen_address: SocketAddr,
 }
 
@@ -312,6 +313,15 @@ impl Default for AdminSpec {
             listen_address: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP:PORT address (e.g. 127.0.0.1:9464 or [::1]:9464; host names are not accepted)"
+        ))
+    })
 }
 
 /// `spec.dra`.

@@ -40,7 +40,10 @@ pub(crate) fn validate(config: &Config) -> Result<Vec<String>, Vec<FieldError>> 
 fn validate_node(node: &NodeConfig, r: &mut Report) {
     let cluster = &node.spec.cluster;
     if cluster.name.is_empty() {
-        r.error("spec.cluster.name", "required: the name of the EKS cluster to join");
+        r.error(
+            "spec.cluster.name",
+            "required: the name of the EKS cluster to join",
+        );
     } else if !is_eks_cluster_name(&cluster.name) {
         r.error(
             "spec.cluster.name",
@@ -51,11 +54,17 @@ fn validate_node(node: &NodeConfig, r: &mut Report) {
         );
     }
     if cluster.region.is_empty() {
-        r.error("spec.cluster.region", "required: the AWS region of the cluster, e.g. us-west-2");
+        r.error(
+            "spec.cluster.region",
+            "required: the AWS region of the cluster, e.g. us-west-2",
+        );
     } else if !is_region(&cluster.region) {
         r.error(
             "spec.cluster.region",
-            format!("{:?} is not an AWS region name (e.g. us-west-2, eu-central-1)", cluster.region),
+            format!(
+                "{:?} is not an AWS region name (e.g. us-west-2, eu-central-1)",
+                cluster.region
+            ),
         );
     }
     if let Some(endpoint) = &cluster.api_server_endpoint {
@@ -83,8 +92,10 @@ fn validate_node(node: &NodeConfig, r: &mut Report) {
         );
     }
     if node.spec.instance.is_some() {
-        r.warnings
-            .push("spec.instance applies to EC2 instances only and is ignored on hybrid nodes".to_string());
+        r.warnings.push(
+            "spec.instance applies to EC2 instances only and is ignored on hybrid nodes"
+                .to_string(),
+        );
     }
 
     for (i, flag) in node.spec.kubelet.flags.iter().enumerate() {
@@ -219,7 +230,10 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
     if grace.is_zero() || grace > std::time::Duration::from_secs(3600) {
         r.error(
             "spec.shutdownGracePeriod",
-            format!("{} is out of range; use between 1s and 1h", agent.shutdown_grace_period),
+            format!(
+                "{} is out of range; use between 1s and 1h",
+                agent.shutdown_grace_period
+            ),
         );
     }
     for (field, name) in [
@@ -256,19 +270,31 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
     for (i, mirror) in agent.registry_mirrors.iter().enumerate() {
         let base = format!("spec.registryMirrors[{i}]");
         if mirror.registry.is_empty() {
-            r.error(format!("{base}.registry"), "required: a registry host such as docker.io, or _default");
+            r.error(
+                format!("{base}.registry"),
+                "required: a registry host such as docker.io, or _default",
+            );
         } else if mirror.registry != "_default" && !is_host_port(&mirror.registry) {
             r.error(
                 format!("{base}.registry"),
-                format!("{:?} is not a registry host (HOST or HOST:PORT, or _default)", mirror.registry),
+                format!(
+                    "{:?} is not a registry host (HOST or HOST:PORT, or _default)",
+                    mirror.registry
+                ),
             );
         }
         if mirror.endpoints.is_empty() {
-            r.error(format!("{base}.endpoints"), "at least one mirror endpoint URL is required");
+            r.error(
+                format!("{base}.endpoints"),
+                "at least one mirror endpoint URL is required",
+            );
         }
         for (j, endpoint) in mirror.endpoints.iter().enumerate() {
             if let Err(why) = check_http_url(endpoint) {
-                r.error(format!("{base}.endpoints[{j}]"), format!("{endpoint:?}: {why}"));
+                r.error(
+                    format!("{base}.endpoints[{j}]"),
+                    format!("{endpoint:?}: {why}"),
+                );
             }
         }
         if let Some(ca) = &mirror.ca_file {
@@ -310,9 +336,7 @@ fn is_region(region: &str) -> bool {
         && parts[..parts.len() - 1]
             .iter()
             .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
-        && parts[parts.len() - 1]
-            .chars()
-            .all(|c| c.is_ascii_digit())
+        && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
         && !parts[parts.len() - 1].is_empty()
 }
 
@@ -416,7 +440,8 @@ fn check_ca_bundle(value: &str) -> Result<(), String> {
     let text = String::from_utf8_lossy(&bytes);
     if !text.contains("-----BEGIN CERTIFICATE-----") {
         return Err(
-            "decodes from base64 but holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_string(),
+            "decodes from base64 but holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                .to_string(),
         );
     }
     Ok(())
@@ -474,7 +499,11 @@ mod tests {
         assert!(is_csi_driver_name("csi.hybridlet.io") && !is_csi_driver_name("csi."));
         assert!(is_host_port("registry.example.com:5000") && !is_host_port("a b"));
         assert!(check_cidr("10.100.0.0/16").is_ok());
-        assert!(check_cidr("10.100.0.1/16").unwrap_err().contains("10.100.0.0/16"));
+        assert!(
+            check_cidr("10.100.0.1/16")
+                .unwrap_err()
+                .contains("10.100.0.0/16")
+        );
         assert!(check_cidr("fd00::/108").is_ok());
         assert!(check_https_url("https://ABC.gr7.eu-west-1.eks.amazonaws.com").is_ok());
         assert!(check_https_url("http://x").is_err());

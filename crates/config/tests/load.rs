@@ -4,9 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use hybridlet_config::{
-    ConfigError, ConfigSources, CredentialProvider, Mode, load, parse_str,
-};
+use hybridlet_config::{ConfigError, ConfigSources, CredentialProvider, Mode, load, parse_str};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/config")
@@ -57,9 +55,20 @@ fn good_fixtures_load() {
         Some(CredentialProvider::Ssm)
     );
 
-    let iam = load(&sources(&fixtures().join("good/iam-ra-with-agent.yaml"), None)).unwrap();
+    let iam = load(&sources(
+        &fixtures().join("good/iam-ra-with-agent.yaml"),
+        None,
+    ))
+    .unwrap();
     let node = iam.config.node.as_ref().unwrap();
-    let ra = node.spec.hybrid.as_ref().unwrap().iam_roles_anywhere.as_ref().unwrap();
+    let ra = node
+        .spec
+        .hybrid
+        .as_ref()
+        .unwrap()
+        .iam_roles_anywhere
+        .as_ref()
+        .unwrap();
     assert_eq!(ra.node_name, "fra1-r12-n07");
     // nodeadm's defaults apply to fields left out.
     assert_eq!(ra.certificate_path, "/etc/iam/pki/server.pem");
@@ -68,8 +77,9 @@ fn good_fixtures_load() {
     assert_eq!(node.spec.kubelet.config["maxPods"], 110);
     let agent = &iam.config.agent;
     assert_eq!(agent.admin.listen_address.port(), 19464);
-    assert!(agent.dra.gpu.enabled && !agent.dra.sriov.enabled);
-    assert_eq!(agent.dra.gpu.driver_name, "gpu.hybridlet.io");
+    assert!(!agent.dra.gpu.enabled && !agent.dra.sriov.enabled);
+    assert_eq!(agent.dra.gpu.driver_name, "gpu.example.com");
+    assert_eq!(agent.dra.sriov.driver_name, "sriov.hybridlet.io");
     assert_eq!(agent.shutdown_grace_period.get().as_secs(), 45);
     assert_eq!(agent.registry_mirrors[0].registry, "docker.io");
 
@@ -85,7 +95,10 @@ fn missing_default_file_is_standalone_but_named_file_is_an_error() {
     let loaded = load(&sources(&missing, Some(&dir.path().join("config.d")))).unwrap();
     assert_eq!(loaded.config.mode(), Mode::Standalone);
     assert!(loaded.files.is_empty());
-    assert_eq!(loaded.config.agent.admin.listen_address.to_string(), "127.0.0.1:9464");
+    assert_eq!(
+        loaded.config.agent.admin.listen_address.to_string(),
+        "127.0.0.1:9464"
+    );
 
     let err = load(&ConfigSources {
         file: missing.clone(),
@@ -129,7 +142,15 @@ fn drop_ins_merge_in_lexical_order() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["config.yaml", "10-flags.yaml", "20-region.yaml", "30-agent.yaml"]);
+    assert_eq!(
+        names,
+        [
+            "config.yaml",
+            "10-flags.yaml",
+            "20-region.yaml",
+            "30-agent.yaml"
+        ]
+    );
     let node = loaded.config.node.unwrap();
     assert_eq!(node.spec.cluster.region, "eu-central-1");
     assert_eq!(node.spec.cluster.name, "prod-hybrid");
@@ -181,7 +202,10 @@ fn secrets_never_appear_in_errors_or_debug() {
     );
     let err = parse_str(&text, Path::new("x.yaml")).unwrap_err();
     assert!(!err.to_string().contains(secret), "{err}");
-    let ok = text.replace("activationId: bad", "activationId: 8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d");
+    let ok = text.replace(
+        "activationId: bad",
+        "activationId: 8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d",
+    );
     let loaded = parse_str(&ok, Path::new("x.yaml")).unwrap();
     assert!(!format!("{:?}", loaded.config).contains(secret));
 }
@@ -190,7 +214,10 @@ fn secrets_never_appear_in_errors_or_debug() {
 fn yaml_syntax_errors_name_the_file() {
     let err = parse_str("spec: [unclosed", Path::new("broken.yaml")).unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
-    assert!(err.to_string().starts_with("broken.yaml: not valid YAML"), "{err}");
+    assert!(
+        err.to_string().starts_with("broken.yaml: not valid YAML"),
+        "{err}"
+    );
 }
 
 #[test]

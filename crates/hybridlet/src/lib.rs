@@ -1,0 +1,48 @@
+//! The top of hybridlet: the command line, process set-up (logging, TLS provider, tokio
+//! runtime) and the wiring of subsystems for `hybridlet run`.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 64 usage error (EX_USAGE), 78 configuration
+//! error (EX_CONFIG). The systemd unit lists 64 and 78 in `RestartPreventExitStatus=` so
+//! that a bad configuration does not crash-loop.
+//!
+//! What this crate must never do: contain domain logic. It parses, loads, wires and maps
+//! errors; the work happens in the crates below it.
+
+mod check;
+mod cli;
+mod exit;
+mod logging;
+mod run;
+pub mod tls;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+pub use exit::Failure;
+
+/// The version, and the git commit when the build provided `HYBRIDLET_GIT_COMMIT`.
+pub fn build_info() -> hybridlet_metrics::BuildInfo {
+    hybridlet_metrics::BuildInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: option_env!("HYBRIDLET_GIT_COMMIT")
+            .unwrap_or("unknown")
+            .to_string(),
+    }
+}
+
+/// Run the command line and return the process exit code.
+pub fn main_entry(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    tls::install_default_provider();
+    let cli = match cli::parse(args) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    if let Err(why) = logging::init(cli.log_format, &cli.log_level) {
+        eprintln!("hybridlet: --log-level: {why}");
+        return ExitCode::from(exit::EX_USAGE);
+    }
+    match cli::dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}

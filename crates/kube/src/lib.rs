@@ -50,10 +50,11 @@ pub enum KubeError {
 /// A client from a kubeconfig file (the kubelet's `/var/lib/kubelet/kubeconfig` on a
 /// joined node), using its current context.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, KubeError> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).map_err(|e| KubeError::Kubeconfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     let options = kube::config::KubeConfigOptions::default();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
@@ -67,10 +68,12 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, KubeError> {
 /// A client for `server` trusting the PEM `ca_pem` bundle (when given), with no
 /// credentials. Used for reachability checks and by tests against a local fake.
 pub fn client_for(server: &str, ca_pem: Option<&[u8]>) -> Result<Client, KubeError> {
-    let uri: http::Uri = server.parse().map_err(|e: http::uri::InvalidUri| KubeError::Url {
-        url: server.to_string(),
-        message: e.to_string(),
-    })?;
+    let uri: http::Uri = server
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| KubeError::Url {
+            url: server.to_string(),
+            message: e.to_string(),
+        })?;
     let mut config = kube::Config::new(uri);
     if let Some(pem) = ca_pem {
         config.root_cert = Some(pem_certificates(pem));

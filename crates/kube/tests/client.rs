@@ -48,7 +48,10 @@ async fn client_from_kubeconfig_uses_its_server_and_token() {
     let client = client_from_kubeconfig(&path).await.unwrap();
     assert_eq!(server_version(&client).await.unwrap(), "v1.34.2-eks-1234");
     let request = req.await.unwrap().to_ascii_lowercase();
-    assert!(request.contains("authorization: bearer test-token-123"), "{request}");
+    assert!(
+        request.contains("authorization: bearer test-token-123"),
+        "{request}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -151,8 +151,10 @@ impl AdminServer {
 
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
-        || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
 }
 
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -160,7 +162,10 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (route, response) = if !matches!(*req.method(), Method::GET | Method::HEAD) {
         (
             "other",
-            text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are allowed\n".to_string()),
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are allowed\n".to_string(),
+            ),
         )
     } else {
         match path {
@@ -191,8 +196,10 @@ fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
     match crate::encode(&shared.registry) {
         Ok(body) => {
             let mut resp = Response::new(Full::new(Bytes::from(body)));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(OPENMETRICS),
+            );
             resp
         }
         Err(_) => text(

@@ -13,7 +13,10 @@ async fn get(addr: std::net::SocketAddr, path: &str, method: &str) -> (u16, Stri
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status: u16 = buf[9..12].parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -21,7 +24,10 @@ async fn get(addr: std::net::SocketAddr, path: &str, method: &str) -> (u16, Stri
 async fn serves_metrics_health_and_readiness() {
     let readiness = Readiness::new();
     let mut registry = new_registry();
-    let build = BuildInfo { version: "1.2.3".into(), commit: "abc".into() };
+    let build = BuildInfo {
+        version: "1.2.3".into(),
+        commit: "abc".into(),
+    };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let server = AdminServer::bind(
         "127.0.0.1:0".parse().unwrap(),
@@ -68,7 +74,10 @@ async fn serves_metrics_health_and_readiness() {
 
     stop.cancel();
     task.await.unwrap().unwrap();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still listening");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening"
+    );
 }
 
 #[tokio::test]
@@ -77,10 +86,16 @@ async fn bind_conflict_names_the_setting() {
     let addr = taken.local_addr().unwrap();
     let readiness = Readiness::new();
     let mut registry = new_registry();
-    let build = BuildInfo { version: "x".into(), commit: "y".into() };
+    let build = BuildInfo {
+        version: "x".into(),
+        commit: "y".into(),
+    };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let err = AdminServer::bind(addr, Arc::new(registry), readiness, metrics)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("spec.admin.listenAddress"), "{err}");
+    assert!(
+        err.to_string().contains("spec.admin.listenAddress"),
+        "{err}"
+    );
 }

@@ -67,7 +67,11 @@ mod tests {
         for i in 0..10u32 {
             let cap = (Duration::from_millis(100) * 2u32.pow(i)).min(Duration::from_secs(2));
             let d = b.next_delay();
-            assert!(d >= cap / 2 && d <= cap, "attempt {i}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {i}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
             assert!(cap >= prev_cap);
             prev_cap = cap;
         }

@@ -17,7 +17,7 @@ mod signals;
 mod supervisor;
 
 pub use backoff::Backoff;
-pub use readiness::{ComponentStatus, ReadyHandle, Readiness};
+pub use readiness::{ComponentStatus, Readiness, ReadyHandle};
 pub use signals::{Signal, Signals};
 pub use supervisor::{BoxError, ShutdownError, SubsystemContext, SubsystemExit, Supervisor};
 pub use tokio_util::sync::CancellationToken;

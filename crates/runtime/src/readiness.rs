@@ -63,15 +63,16 @@ impl Readiness {
     fn update(&self, name: &str, f: impl FnOnce(&mut ComponentStatus)) {
         {
             let mut state = self.lock();
-            let entry = state
-                .components
-                .entry(name.to_string())
-                .or_insert_with(|| ComponentStatus {
-                    name: name.to_string(),
-                    up: false,
-                    ready: false,
-                    reason: None,
-                });
+            let entry =
+                state
+                    .components
+                    .entry(name.to_string())
+                    .or_insert_with(|| ComponentStatus {
+                        name: name.to_string(),
+                        up: false,
+                        ready: false,
+                        reason: None,
+                    });
             f(entry);
         }
         self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));

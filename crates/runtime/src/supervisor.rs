@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{ReadyHandle, Readiness};
+use crate::{Readiness, ReadyHandle};
 
 /// Error type subsystems return; the supervisor only logs and counts it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -211,7 +211,9 @@ mod tests {
     #[tokio::test]
     async fn early_exit_and_panic_are_reported_by_name() {
         let mut sup = Supervisor::new(Readiness::new());
-        sup.spawn("quitter", |_ctx| async { Err::<(), BoxError>("port in use".into()) });
+        sup.spawn("quitter", |_ctx| async {
+            Err::<(), BoxError>("port in use".into())
+        });
         let exit = sup.next_exit().await;
         assert_eq!(exit.name, "quitter");
         assert_eq!(exit.result.unwrap_err(), "port in use");

@@ -25,7 +25,7 @@ pub enum AtomicWriteError {
     },
 }
 
-fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> AtomicWriteError + '_ {
+fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> AtomicWriteError {
     move |source| AtomicWriteError::Io {
         step,
         path: path.to_path_buf(),
@@ -80,6 +80,23 @@ pub fn atomic_write(path: &Path, contents: &[u8], mode: u32) -> Result<(), Atomi
     result
 }
 
+/// Create `path` (and missing parents) if needed and give it permission bits `mode`.
+/// An existing non-directory at `path` is an error.
+pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a directory", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(path)?,
+        Err(e) => return Err(e),
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
 /// Read the kernel's boot ID (a UUID that changes on every boot) from
 /// `<root>/proc/sys/kernel/random/boot_id`. State that does not survive a reboot (VF
 /// bindings, `/run`) is keyed on it.
@@ -110,7 +127,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(leftovers.len(), 1, "temporary file left behind: {leftovers:?}");
+        assert_eq!(
+            leftovers.len(),
+            1,
+            "temporary file left behind: {leftovers:?}"
+        );
     }
 
     #[test]
@@ -119,6 +140,25 @@ mod tests {
         let path = dir.path().join("nope/state.json");
         let err = atomic_write(&path, b"x", 0o600).unwrap_err();
         assert!(err.to_string().starts_with("create "), "{err}");
+    }
+
+    #[test]
+    fn ensure_dir_creates_and_fixes_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b");
+        ensure_dir(&path, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_dir(&path, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::write(dir.path().join("f"), "").unwrap();
+        assert!(ensure_dir(&dir.path().join("f"), 0o700).is_err());
     }
 
     #[test]

@@ -13,5 +13,5 @@
 mod fsutil;
 mod root;
 
-pub use fsutil::{AtomicWriteError, atomic_write, read_boot_id};
+pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
 pub use root::{HostRoot, RootError};

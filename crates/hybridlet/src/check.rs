@@ -1,0 +1,148 @@
+use std::path::Path;
+
+use hybridlet_config::{Config, CredentialProvider, Mode};
+use hybridlet_sys::HostRoot;
+
+use crate::cli::{CheckArgs, Cli};
+use crate::exit::Failure;
+
+/// `hybridlet check`: validate the configuration (exit 78 on errors), then the host
+/// (exit 1 when a host check fails).
+pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
+    let loaded = cli.load_config()?;
+    let config = &loaded.config;
+    if loaded.files.is_empty() {
+        println!("configuration: ok (no configuration files; embedded standalone defaults)");
+    } else {
+        let files: Vec<String> = loaded
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        println!("configuration: ok ({})", files.join(", "));
+    }
+    println!("mode: {}", describe_mode(config));
+    for warning in &loaded.warnings {
+        println!("warning: {warning}");
+    }
+    crate::run::check_supported(config)?;
+    if args.config_only {
+        return Ok(());
+    }
+
+    let root = cli.host_root();
+    let mut failed = 0;
+    for (name, outcome) in host_checks(config, &root) {
+        match outcome {
+            Outcome::Ok(detail) => println!("ok: {name}: {detail}"),
+            Outcome::Warn(detail) => println!("warning: {name}: {detail}"),
+            Outcome::Fail(detail) => {
+                failed += 1;
+                println!("FAIL: {name}: {detail}");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} host check{} failed (see FAIL lines above)",
+            if failed == 1 { "" } else { "s" }
+        )));
+    }
+    println!("host: ok");
+    Ok(())
+}
+
+fn describe_mode(config: &Config) -> String {
+    match (&config.node, config.mode()) {
+        (Some(node), Mode::Joined) => {
+            let provider = node
+                .spec
+                .hybrid
+                .as_ref()
+                .and_then(|h| h.credential_provider())
+                .map(CredentialProvider::as_str)
+                .unwrap_or("none");
+            format!(
+                "joined (cluster {} in {}, credentials {provider})",
+                node.spec.cluster.name, node.spec.cluster.region
+            )
+        }
+        _ => "standalone (metrics and health only, no cluster contact)".to_string(),
+    }
+}
+
+enum Outcome {
+    Ok(String),
+    Warn(String),
+    Fail(String),
+}
+
+fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let mut out = Vec::new();
+    let resolve = |p: &str| root.resolve(p).map_err(|e| e.to_string());
+
+    out.push((
+        "state directory",
+        match resolve(&config.agent.state_dir) {
+            Err(e) => Outcome::Fail(e),
+            Ok(path) => dir_state(&path, "created at start-up"),
+        },
+    ));
+
+    if config.mode() == Mode::Joined {
+        out.push((
+            "kubelet root directory",
+            match resolve(&config.agent.kubelet_root_dir) {
+                Err(e) => Outcome::Fail(e),
+                Ok(path) if path.is_dir() => Outcome::Ok(path.display().to_string()),
+                Ok(path) => Outcome::Warn(format!(
+                    "{} does not exist yet (the kubelet has not run on this host)",
+                    path.display()
+                )),
+            },
+        ));
+    }
+
+    if let Some(ra) = config
+        .node
+        .as_ref()
+        .and_then(|n| n.spec.hybrid.as_ref())
+        .and_then(|h| h.iam_roles_anywhere.as_ref())
+    {
+        for (name, field, value) in [
+            (
+                "IAM Roles Anywhere certificate",
+                "spec.hybrid.iamRolesAnywhere.certificatePath",
+                &ra.certificate_path,
+            ),
+            (
+                "IAM Roles Anywhere private key",
+                "spec.hybrid.iamRolesAnywhere.privateKeyPath",
+                &ra.private_key_path,
+            ),
+        ] {
+            out.push((
+                name,
+                match resolve(value) {
+                    Err(e) => Outcome::Fail(e),
+                    Ok(path) if path.is_file() => Outcome::Ok(path.display().to_string()),
+                    Ok(path) => Outcome::Fail(format!(
+                        "{} does not exist; place the node's file there or set {field}",
+                        path.display()
+                    )),
+                },
+            ));
+        }
+    }
+    out
+}
+
+fn dir_state(path: &Path, missing: &str) -> Outcome {
+    if path.is_dir() {
+        Outcome::Ok(path.display().to_string())
+    } else if path.exists() {
+        Outcome::Fail(format!("{} exists but is not a directory", path.display()))
+    } else {
+        Outcome::Ok(format!("{} (missing; {missing})", path.display()))
+    }
+}

@@ -1,0 +1,264 @@
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hybridlet_config::{ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig};
+use hybridlet_sys::HostRoot;
+
+use crate::exit::{EX_USAGE, Failure};
+
+/// Node agent for Amazon EKS Hybrid Nodes.
+///
+/// Reads nodeadm's NodeConfig (node.eks.aws/v1alpha1) unchanged, plus hybridlet's own
+/// AgentConfig (hybridlet.io/v1alpha1), from /etc/hybridlet/config.yaml and
+/// /etc/hybridlet/config.d/*.yaml.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hybridlet",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Configuration file [default: <root>/etc/hybridlet/config.yaml; a missing default file
+    /// means the embedded standalone defaults, a missing named file is an error].
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "HYBRIDLET_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Drop-in directory merged over the configuration file in lexical order [default:
+    /// <root>/etc/hybridlet/config.d, or none when --config is given].
+    #[arg(long, global = true, env = "HYBRIDLET_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Prefix for every host path (/etc, /var/lib/kubelet, /sys, /run, /proc), so that the
+    /// real code runs against a test or demo tree without root.
+    #[arg(
+        long,
+        global = true,
+        env = "HYBRIDLET_ROOT",
+        value_name = "DIR",
+        default_value = "/"
+    )]
+    pub root: PathBuf,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// "info,hybridlet_runtime=debug".
+    #[arg(
+        long,
+        global = true,
+        env = "HYBRIDLET_LOG",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log_level: String,
+
+    /// Log format. auto: the journal's native protocol when stderr is connected to the
+    /// journal (running under systemd), human-readable otherwise.
+    #[arg(
+        long,
+        global = true,
+        env = "HYBRIDLET_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// journald under systemd, human otherwise.
+    Auto,
+    /// Human-readable lines on stderr.
+    Human,
+    /// One JSON object per line on stderr.
+    Json,
+    /// Structured entries sent to the systemd journal.
+    Journald,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent daemon (what the systemd unit starts).
+    Run(RunArgs),
+    /// Validate the configuration and the host; exits 78 on configuration errors.
+    Check(CheckArgs),
+    /// List the GPUs and SR-IOV devices hybridlet can see.
+    Devices,
+    /// Join this node to the EKS cluster (credentials, containerd, kubelet).
+    Init,
+    /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
+    Install(VersionArg),
+    /// Upgrade the node's Kubernetes components to another version.
+    Upgrade(VersionArg),
+    /// Remove what install and init put on this node.
+    Uninstall,
+    /// Print the version.
+    Version(VersionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Testing aid: hold every subsystem in "starting" for this long after it has bound its
+    /// resources, to exercise shutdown during start-up (e.g. 30s).
+    #[arg(long, hide = true, env = "HYBRIDLET_STARTUP_DELAY", value_parser = parse_duration)]
+    pub startup_delay: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Only validate the configuration; skip the host checks (for ExecStartPre=).
+    #[arg(long)]
+    pub config_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionArg {
+    /// Kubernetes version, e.g. 1.34 or 1.34.2.
+    pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    hybridlet_config::GoDuration::parse(text).map(|d| d.get())
+}
+
+/// Parse the command line. Help and version go to stdout with exit 0; usage errors to
+/// stderr with exit 64 (clap's own default, 2, is not a sysexits code).
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, ExitCode> {
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            let _ = e.print();
+            Err(if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+impl Cli {
+    /// The host root.
+    pub fn host_root(&self) -> HostRoot {
+        HostRoot::new(self.root.clone())
+    }
+
+    /// Where configuration is read from.
+    pub fn config_sources(&self) -> Result<ConfigSources, Failure> {
+        let root = self.host_root();
+        let under_root = |p: &str| {
+            root.resolve(p)
+                .map_err(|e| Failure::Usage(format!("--root: {e}")))
+        };
+        Ok(match (&self.config, &self.config_dir) {
+            (Some(file), dir) => ConfigSources {
+                file: file.clone(),
+                file_required: true,
+                drop_in_dir: dir.clone(),
+            },
+            (None, dir) => ConfigSources {
+                file: under_root(DEFAULT_CONFIG_FILE)?,
+                file_required: false,
+                drop_in_dir: Some(match dir {
+                    Some(d) => d.clone(),
+                    None => under_root(DEFAULT_CONFIG_DIR)?,
+                }),
+            },
+        })
+    }
+
+    /// Load and validate the configuration, logging warnings.
+    pub fn load_config(&self) -> Result<LoadedConfig, Failure> {
+        let loaded = hybridlet_config::load(&self.config_sources()?)?;
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(loaded)
+    }
+}
+
+/// Run the chosen command.
+pub fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Run(args) => crate::run::run(&cli, args),
+        Command::Check(args) => crate::check::check(&cli, args),
+        Command::Version(args) => {
+            print_version(args.json);
+            Ok(())
+        }
+        Command::Devices => not_implemented(
+            "devices",
+            "device discovery (GPUs through NVML, SR-IOV from sysfs)",
+        ),
+        Command::Init => not_implemented("init", "joining the node to EKS"),
+        Command::Install(_) => not_implemented("install", "installing Kubernetes components"),
+        Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),
+        Command::Uninstall => not_implemented("uninstall", "removing Kubernetes components"),
+    }
+}
+
+fn not_implemented(command: &str, what: &str) -> Result<(), Failure> {
+    Err(Failure::Runtime(anyhow::anyhow!(
+        "`hybridlet {command}` is not implemented yet in this build ({what}); nothing was changed on this host"
+    )))
+}
+
+fn print_version(json: bool) {
+    let info = crate::build_info();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"version": info.version, "commit": info.commit})
+        );
+    } else {
+        println!("hybridlet {} (commit {})", info.version, info.commit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn explicit_config_has_no_drop_ins_by_default() {
+        let cli = Cli::try_parse_from(["hybridlet", "--root", "/tmp/r", "check"]).unwrap();
+        let s = cli.config_sources().unwrap();
+        assert_eq!(s.file, PathBuf::from("/tmp/r/etc/hybridlet/config.yaml"));
+        assert!(!s.file_required);
+        assert_eq!(
+            s.drop_in_dir,
+            Some(PathBuf::from("/tmp/r/etc/hybridlet/config.d"))
+        );
+
+        let cli = Cli::try_parse_from(["hybridlet", "check", "--config", "x.yaml"]).unwrap();
+        let s = cli.config_sources().unwrap();
+        assert_eq!(s.file, PathBuf::from("x.yaml"));
+        assert!(s.file_required);
+        assert_eq!(s.drop_in_dir, None);
+    }
+}

@@ -1,0 +1,65 @@
+use std::process::ExitCode;
+
+use hybridlet_config::ConfigError;
+
+/// EX_USAGE from sysexits.h: the command line was wrong.
+pub const EX_USAGE: u8 = 64;
+/// EX_CONFIG from sysexits.h: the configuration was wrong.
+pub const EX_CONFIG: u8 = 78;
+
+/// Why a command failed, which decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad command line (64).
+    Usage(String),
+    /// Bad configuration (78).
+    Config(ConfigError),
+    /// A configuration field is fine on its own but cannot be honoured by this build (78).
+    Unsupported {
+        /// Field path.
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// Anything else (1).
+    Runtime(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+impl Failure {
+    /// The exit code for this failure.
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => EX_USAGE,
+            Failure::Config(_) | Failure::Unsupported { .. } => EX_CONFIG,
+            Failure::Runtime(_) => 1,
+        }
+    }
+
+    /// Print the failure on stderr and return its exit code.
+    pub fn report(self) -> ExitCode {
+        let code = self.code();
+        let text = match &self {
+            Failure::Usage(m) => m.clone(),
+            Failure::Config(e) => e.to_string(),
+            Failure::Unsupported { field, message } => {
+                format!("invalid configuration:\n  {field}: {message}")
+            }
+            Failure::Runtime(e) => format!("{e:#}"),
+        };
+        // stderr reaches the journal under systemd, so this is the one place it is said.
+        eprintln!("hybridlet: {text}");
+        ExitCode::from(code)
+    }
+}

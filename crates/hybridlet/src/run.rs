@@ -1,0 +1,276 @@
+//! `hybridlet run`: the daemon.
+//!
+//! Order matters: signal handlers first (so SIGTERM during start-up is a clean stop, not
+//! the default kill), then configuration, then subsystems under the supervisor. READY=1
+//! goes to systemd only when every subsystem reports ready; WATCHDOG=1 comes from this
+//! loop, so a wedged loop is noticed; SIGHUP re-validates the configuration and never
+//! replaces a running configuration with an invalid one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hybridlet_config::{Config, LoadedConfig};
+use hybridlet_metrics::{AdminServer, AgentMetrics};
+use hybridlet_runtime::{Readiness, Signal, Signals, SubsystemExit, Supervisor};
+use sd_notify::NotifyState;
+
+use crate::cli::{Cli, RunArgs};
+use crate::exit::Failure;
+
+/// Refuse configurations that ask for subsystems this build does not have, rather than
+/// pretend to run them.
+pub fn check_supported(config: &Config) -> Result<(), Failure> {
+    let agent = &config.agent;
+    for (field, enabled, what) in [
+        (
+            "spec.dra.gpu.enabled",
+            agent.dra.gpu.enabled,
+            "the GPU DRA driver",
+        ),
+        (
+            "spec.dra.sriov.enabled",
+            agent.dra.sriov.enabled,
+            "the SR-IOV DRA driver",
+        ),
+        (
+            "spec.csi.nfs.enabled",
+            agent.csi.nfs.enabled,
+            "CSI NFS volumes",
+        ),
+        (
+            "spec.csi.iscsi.enabled",
+            agent.csi.iscsi.enabled,
+            "CSI iSCSI volumes",
+        ),
+    ] {
+        if enabled {
+            return Err(Failure::Unsupported {
+                field,
+                message: format!(
+                    "{what} is not available in this build of hybridlet {}; set it to false",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+enum Stop {
+    Signal(Signal),
+    Failed(SubsystemExit),
+}
+
+pub fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hybridlet")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(cli, args))
+}
+
+async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    let loaded = cli.load_config()?;
+    check_supported(&loaded.config)?;
+    let config = loaded.config.clone();
+    let root = cli.host_root();
+    let mode = config.mode();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mode = mode.as_str(),
+        root = %root.dir().display(),
+        config_files = %describe_files(&loaded),
+        "starting hybridlet"
+    );
+
+    let state_dir = root
+        .resolve(&config.agent.state_dir)
+        .map_err(|e| anyhow::anyhow!("spec.stateDir: {e}"))?;
+    hybridlet_sys::ensure_dir(&state_dir, 0o700)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+
+    let readiness = Readiness::new();
+    let mut registry = hybridlet_metrics::new_registry();
+    let metrics = AgentMetrics::register(
+        &mut registry,
+        &crate::build_info(),
+        mode.as_str(),
+        readiness.clone(),
+    );
+    let registry = Arc::new(registry);
+    let mut supervisor = Supervisor::new(readiness.clone());
+    // Subscribe before any subsystem starts, so that no readiness change can be missed.
+    let mut ready_changes = readiness.subscribe();
+
+    let listen = config.agent.admin.listen_address;
+    let startup_delay = args.startup_delay;
+    {
+        let (registry, readiness, metrics) = (registry.clone(), readiness.clone(), metrics.clone());
+        supervisor.spawn("admin", move |ctx| async move {
+            let server = AdminServer::bind(listen, registry, readiness, metrics).await?;
+            tracing::info!(address = %server.local_addr(), "admin server listening (/metrics, /healthz, /readyz)");
+            let serve = tokio::spawn(server.serve(ctx.shutdown.clone()));
+            if let Some(delay) = startup_delay {
+                tracing::warn!(?delay, "start-up delay requested (testing aid)");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = ctx.shutdown.cancelled() => {}
+                }
+            }
+            if !ctx.shutdown.is_cancelled() {
+                ctx.ready.set_ready();
+            }
+            serve.await??;
+            Ok(())
+        });
+    }
+
+    let watchdog = sd_notify::watchdog_enabled();
+    // systemd's advice: ping at half the interval.
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    let mut announced_ready = false;
+    let mut running_config = config;
+    notify(&[NotifyState::Status("starting subsystems")]);
+
+    let stop = loop {
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Signal::Hangup => reload(cli, &mut running_config, &metrics),
+                other => break Stop::Signal(other),
+            },
+            exit = supervisor.next_exit() => break Stop::Failed(exit),
+            changed = ready_changes.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let ready = readiness.is_ready();
+                if ready && !announced_ready {
+                    announced_ready = true;
+                    let status = status_line(&readiness, mode.as_str());
+                    tracing::info!(status = %status, "ready");
+                    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                } else if !ready && announced_ready {
+                    let status = status_line(&readiness, mode.as_str());
+                    tracing::warn!(status = %status, "not ready");
+                    notify(&[NotifyState::Status(&status)]);
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                notify(&[NotifyState::Watchdog]);
+            }
+        }
+    };
+
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    let grace = running_config.agent.shutdown_grace_period.get();
+    let failed = match stop {
+        Stop::Signal(signal) => {
+            tracing::info!(signal = signal.name(), grace = ?grace, "shutting down");
+            None
+        }
+        Stop::Failed(exit) => {
+            let why = match &exit.result {
+                Ok(()) => "stopped unexpectedly".to_string(),
+                Err(e) => format!("failed: {e}"),
+            };
+            tracing::error!(subsystem = %exit.name, "subsystem {why}; shutting down");
+            Some(anyhow::anyhow!("subsystem {} {why}", exit.name))
+        }
+    };
+
+    let shutdown = supervisor.shutdown(grace);
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            result = &mut shutdown => break result,
+            signal = signals.recv() => {
+                if matches!(signal, Signal::Terminate | Signal::Interrupt) {
+                    return Err(Failure::Runtime(anyhow::anyhow!(
+                        "{} received again during shutdown; exiting without waiting for subsystems",
+                        signal.name()
+                    )));
+                }
+            }
+        }
+    };
+    if let Some(e) = failed {
+        return Err(Failure::Runtime(e));
+    }
+    result.map_err(|e| Failure::Runtime(e.into()))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn describe_files(loaded: &LoadedConfig) -> String {
+    if loaded.files.is_empty() {
+        "none (embedded defaults)".to_string()
+    } else {
+        loaded
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn status_line(readiness: &Readiness, mode: &str) -> String {
+    let snapshot = readiness.snapshot();
+    let ready = snapshot.iter().filter(|c| c.ready).count();
+    let mut line = format!("{mode}; {ready}/{} subsystems ready", snapshot.len());
+    let waiting: Vec<&str> = snapshot
+        .iter()
+        .filter(|c| !c.ready)
+        .map(|c| c.name.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        line.push_str(&format!(" (waiting for {})", waiting.join(", ")));
+    }
+    line
+}
+
+/// SIGHUP: load and validate the configuration again. An invalid one is reported and
+/// the running one is kept; a valid, different one is recorded, and takes effect for
+/// subsystems as they learn to reconfigure (none does yet, so it says so).
+fn reload(cli: &Cli, running: &mut Config, metrics: &AgentMetrics) {
+    match cli
+        .load_config()
+        .and_then(|loaded| check_supported(&loaded.config).map(|()| loaded))
+    {
+        Err(failure) => {
+            metrics.config_reloaded(false);
+            let why = match failure {
+                Failure::Config(e) => e.to_string(),
+                Failure::Unsupported { field, message } => format!("{field}: {message}"),
+                Failure::Usage(m) => m,
+                Failure::Runtime(e) => format!("{e:#}"),
+            };
+            tracing::error!(
+                "configuration reload rejected; keeping the running configuration: {why}"
+            );
+        }
+        Ok(loaded) => {
+            metrics.config_reloaded(true);
+            if loaded.config == *running {
+                tracing::info!("configuration reloaded: unchanged");
+            } else {
+                tracing::warn!(
+                    "configuration reloaded and valid; the changes take effect at the next restart (systemctl restart hybridlet)"
+                );
+                *running = loaded.config;
+            }
+        }
+    }
+}
+
+/// Tell systemd; a no-op when not started by systemd (no NOTIFY_SOCKET).
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

@@ -1,0 +1,214 @@
+//! The command line as an operator uses it: exit codes and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn hybridlet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args(args)
+        .env_remove("HYBRIDLET_CONFIG")
+        .env_remove("HYBRIDLET_CONFIG_DIR")
+        .env_remove("HYBRIDLET_ROOT")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .expect("run hybridlet")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/config")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn check_rejects_each_kind_of_bad_config_with_78_and_the_field_path() {
+    let mut kinds = 0;
+    for entry in std::fs::read_dir(fixtures().join("bad")).unwrap() {
+        let path = entry.unwrap().path();
+        let first = std::fs::read_to_string(&path).unwrap();
+        let expect = first
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .unwrap()
+            .to_string();
+        let out = hybridlet(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{}: {}",
+            path.display(),
+            text(&out)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{expect}: ")),
+            "{}: stderr does not name {expect}:\n{stderr}",
+            path.display()
+        );
+        kinds += 1;
+    }
+    assert!(kinds >= 10);
+}
+
+#[test]
+fn check_accepts_good_configs() {
+    let out = hybridlet(&[
+        "check",
+        "--config-only",
+        "--config",
+        fixtures().join("good/ssm.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mode: joined (cluster prod-hybrid in us-west-2, credentials ssm)"),
+        "{stdout}"
+    );
+    // The activation code is a secret and never printed.
+    assert!(!text(&out).contains("AbCdEfGhIjKlMnOpQrStUv"));
+}
+
+#[test]
+fn check_on_an_empty_root_is_standalone_and_passes() {
+    let root = tempfile::tempdir().unwrap();
+    let out = hybridlet(&["--root", root.path().to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("embedded standalone defaults"));
+}
+
+#[test]
+fn check_uses_config_and_drop_ins_under_root() {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(etc.join("config.d")).unwrap();
+    std::fs::copy(fixtures().join("good/ssm.yaml"), etc.join("config.yaml")).unwrap();
+    std::fs::write(
+        etc.join("config.d/90-bad.yaml"),
+        "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  kubelet:\n    flags: [--hostname-override=x]\n",
+    )
+    .unwrap();
+    let out = hybridlet(&["--root", root.path().to_str().unwrap(), "check"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains("spec.kubelet.flags[0]: --hostname-override is not allowed"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn host_check_failures_exit_1() {
+    let root = tempfile::tempdir().unwrap();
+    let out = hybridlet(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "check",
+        "--config",
+        fixtures()
+            .join("good/iam-ra-with-agent.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("FAIL: IAM Roles Anywhere certificate"));
+
+    std::fs::create_dir_all(root.path().join("etc/iam/pki")).unwrap();
+    std::fs::write(root.path().join("etc/iam/pki/server.pem"), "x").unwrap();
+    std::fs::write(root.path().join("etc/iam/pki/server.key"), "x").unwrap();
+    let out = hybridlet(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "check",
+        "--config",
+        fixtures()
+            .join("good/iam-ra-with-agent.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn missing_named_config_is_a_config_error() {
+    let out = hybridlet(&["check", "--config", "/nonexistent/hybridlet.yaml"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("/nonexistent/hybridlet.yaml"));
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    for args in [
+        &["frobnicate"][..],
+        &["check", "--bogus"],
+        &["install"],
+        &[],
+    ] {
+        let out = hybridlet(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out));
+    }
+    let out = hybridlet(&["--log-level", "info,=[bad", "version"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let out = hybridlet(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: hybridlet"));
+}
+
+#[test]
+fn unimplemented_commands_say_so_and_fail() {
+    for args in [
+        &["devices"][..],
+        &["init"],
+        &["install", "1.34"],
+        &["upgrade", "1.34"],
+        &["uninstall"],
+    ] {
+        let out = hybridlet(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out).contains("is not implemented yet"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn enabled_but_unavailable_subsystem_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  csi:\n    nfs:\n      enabled: true\n",
+    )
+    .unwrap();
+    for cmd in ["check", "run"] {
+        let out = hybridlet(&[cmd, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{cmd}: {}", text(&out));
+        assert!(
+            text(&out).contains("spec.csi.nfs.enabled: CSI NFS volumes is not available"),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn version_prints_text_and_json() {
+    let out = hybridlet(&["version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with(&format!("hybridlet {}", env!("CARGO_PKG_VERSION")))
+    );
+    let out = hybridlet(&["version", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,302 @@
+//! `hybridlet run` as a real process: signals, readiness, sd_notify, reload, failures.
+//! Every test uses its own temporary root and an ephemeral loopback port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Daemon {
+    fn start(root: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
+        cmd.args([
+            "--root",
+            root.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .env_remove("HYBRIDLET_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn hybridlet run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({"message": line}));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a log line whose message starts with `prefix`.
+    fn wait_log(&mut self, prefix: &str) -> serde_json::Value {
+        if let Some(v) = self.seen.iter().find(|v| msg(v).starts_with(prefix)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if msg(&v).starts_with(prefix) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("no log line {prefix:?}; saw: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn admin_addr(&mut self) -> SocketAddr {
+        let line = self.wait_log("admin server listening");
+        line["address"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(v);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("did not exit within {limit:?}; log: {:#?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn msg(v: &serde_json::Value) -> &str {
+    v["message"].as_str().unwrap_or_default()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf[9..12].parse().unwrap();
+    (
+        code,
+        buf.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn write_config(root: &Path, body: &str) {
+    let dir = root.join("etc/hybridlet");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.yaml"), body).unwrap();
+}
+
+const AGENT: &str = "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:0\n  shutdownGracePeriod: 5s\n";
+
+#[test]
+fn steady_state_sigterm_exits_0_and_serves_metrics_until_then() {
+    let root = tempfile::tempdir().unwrap();
+    write_config(root.path(), AGENT);
+    let mut d = Daemon::start(root.path(), &[]);
+    let addr = d.admin_addr();
+    d.wait_log("ready");
+    let (code, body) = http_get(addr, "/metrics");
+    assert_eq!(code, 200);
+    for needle in [
+        "hybridlet_build_info{version=\"",
+        "hybridlet_uptime_seconds ",
+        "hybridlet_subsystem_up{subsystem=\"admin\"} 1",
+        "hybridlet_subsystem_ready{subsystem=\"admin\"} 1",
+        "hybridlet_config_info{mode=\"standalone\"} 1",
+        "hybridlet_ready 1",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?}:\n{body}");
+    }
+    assert_eq!(
+        http_get(addr, "/readyz"),
+        (200, "admin: ready\n".to_string())
+    );
+    assert_eq!(http_get(addr, "/healthz").0, 200);
+    let state = root.path().join("var/lib/hybridlet");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let asked = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(5 + 5));
+    assert_eq!(status.code(), Some(0), "log: {:#?}", d.seen);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked.elapsed()
+    );
+    d.wait_log("stopped cleanly");
+}
+
+#[test]
+fn sigterm_during_startup_exits_0() {
+    let root = tempfile::tempdir().unwrap();
+    write_config(root.path(), AGENT);
+    let mut d = Daemon::start(root.path(), &[("HYBRIDLET_STARTUP_DELAY", "120s")]);
+    let addr = d.admin_addr();
+    let (code, body) = http_get(addr, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("admin: not ready (starting)"), "{body}");
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(5 + 5));
+    assert_eq!(status.code(), Some(0), "log: {:#?}", d.seen);
+    assert!(
+        d.seen.iter().all(|v| msg(v) != "ready"),
+        "became ready: {:#?}",
+        d.seen
+    );
+}
+
+#[test]
+fn sigint_is_a_clean_stop_too() {
+    let root = tempfile::tempdir().unwrap();
+    write_config(root.path(), AGENT);
+    let mut d = Daemon::start(root.path(), &[]);
+    d.wait_log("ready");
+    d.signal("INT");
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn sd_notify_ready_watchdog_and_stopping() {
+    let root = tempfile::tempdir().unwrap();
+    write_config(root.path(), AGENT);
+    let sock_path = root.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut d = Daemon::start(
+        root.path(),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut recv_until = |needle: &str, got: &mut Vec<String>| {
+        let deadline = Instant::now() + WAIT;
+        while !got.iter().any(|m: &String| m.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle} within {WAIT:?}; got {got:?}"
+            );
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("waiting for {needle}: {e}; got {got:?}"));
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    recv_until("READY=1", &mut got);
+    let ready = got.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        ready.contains("STATUS=standalone; 1/1 subsystems ready"),
+        "{ready}"
+    );
+    recv_until("WATCHDOG=1", &mut got);
+    d.signal("TERM");
+    recv_until("STOPPING=1", &mut got);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn a_failing_subsystem_stops_the_process_with_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let root = tempfile::tempdir().unwrap();
+    write_config(
+        root.path(),
+        &AGENT.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    );
+    let mut d = Daemon::start(root.path(), &[]);
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let all: String = d.seen.iter().map(|v| format!("{v}\n")).collect();
+    assert!(all.contains("spec.admin.listenAddress"), "{all}");
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_the_running_one() {
+    let root = tempfile::tempdir().unwrap();
+    write_config(root.path(), AGENT);
+    let mut d = Daemon::start(root.path(), &[]);
+    let addr = d.admin_addr();
+    d.wait_log("ready");
+
+    write_config(root.path(), &format!("{AGENT}  bogusField: 1\n"));
+    d.signal("HUP");
+    let line = d.wait_log("configuration reload rejected");
+    assert!(msg(&line).contains("spec.bogusField"), "{line}");
+    assert_eq!(http_get(addr, "/readyz").0, 200);
+    let (_, metrics) = http_get(addr, "/metrics");
+    assert!(
+        metrics.contains("hybridlet_config_reloads_total{result=\"invalid\"} 1"),
+        "{metrics}"
+    );
+
+    write_config(root.path(), &AGENT.replace("5s", "7s"));
+    d.signal("HUP");
+    d.wait_log("configuration reloaded and valid");
+
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}
