@@ -2,6 +2,8 @@
 //! lower layers (so domain crates never depend on each other), and every workspace crate
 //! is assigned a layer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,6 +2,8 @@
 //! enforces licences and bans in CI too; this test keeps the TLS invariant visible in the
 //! ordinary test run.)
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -13,12 +15,12 @@ fn lock_packages() -> BTreeMap<String, Vec<String>> {
     for line in lock.lines() {
         if let Some(n) = line.strip_prefix("name = ") {
             name = Some(n.trim_matches('"').to_string());
-        } else if let Some(v) = line.strip_prefix("version = ") {
-            if let Some(n) = name.take() {
-                out.entry(n)
-                    .or_default()
-                    .push(v.trim_matches('"').to_string());
-            }
+        } else if let Some(v) = line.strip_prefix("version = ")
+            && let Some(n) = name.take()
+        {
+            out.entry(n)
+                .or_default()
+                .push(v.trim_matches('"').to_string());
         }
     }
     out

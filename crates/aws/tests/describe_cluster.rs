@@ -1,6 +1,8 @@
 //! DescribeCluster through the real SDK and HTTP client against a loopback stub that
 //! answers like EKS (REST-JSON `GET /clusters/{name}`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::time::Duration;
 
 use hybridlet_aws::{AwsSettings, describe_cluster, eks_client, sdk_config};

@@ -67,23 +67,23 @@ fn validate_node(node: &NodeConfig, r: &mut Report) {
             ),
         );
     }
-    if let Some(endpoint) = &cluster.api_server_endpoint {
-        if let Err(why) = check_https_url(endpoint) {
-            r.error(
-                "spec.cluster.apiServerEndpoint",
-                format!("{endpoint:?} is not a valid API server URL: {why}"),
-            );
-        }
+    if let Some(endpoint) = &cluster.api_server_endpoint
+        && let Err(why) = check_https_url(endpoint)
+    {
+        r.error(
+            "spec.cluster.apiServerEndpoint",
+            format!("{endpoint:?} is not a valid API server URL: {why}"),
+        );
     }
-    if let Some(ca) = &cluster.certificate_authority {
-        if let Err(why) = check_ca_bundle(ca) {
-            r.error("spec.cluster.certificateAuthority", why);
-        }
+    if let Some(ca) = &cluster.certificate_authority
+        && let Err(why) = check_ca_bundle(ca)
+    {
+        r.error("spec.cluster.certificateAuthority", why);
     }
-    if let Some(cidr) = &cluster.cidr {
-        if let Err(why) = check_cidr(cidr) {
-            r.error("spec.cluster.cidr", why);
-        }
+    if let Some(cidr) = &cluster.cidr
+        && let Err(why) = check_cidr(cidr)
+    {
+        r.error("spec.cluster.cidr", why);
     }
     if cluster.enable_outpost.is_some() || cluster.id.is_some() {
         r.warnings.push(
@@ -297,20 +297,20 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
                 );
             }
         }
-        if let Some(ca) = &mirror.ca_file {
-            if let Err(why) = check_host_path(ca) {
-                r.error(format!("{base}.caFile"), why);
-            }
+        if let Some(ca) = &mirror.ca_file
+            && let Err(why) = check_host_path(ca)
+        {
+            r.error(format!("{base}.caFile"), why);
         }
     }
     for (field, value) in [
         ("spec.proxy.httpProxy", &agent.proxy.http_proxy),
         ("spec.proxy.httpsProxy", &agent.proxy.https_proxy),
     ] {
-        if let Some(url) = value {
-            if let Err(why) = check_http_url(url) {
-                r.error(field, format!("{url:?}: {why}"));
-            }
+        if let Some(url) = value
+            && let Err(why) = check_http_url(url)
+        {
+            r.error(field, format!("{url:?}: {why}"));
         }
     }
     for (i, entry) in agent.proxy.no_proxy.iter().enumerate() {
@@ -457,12 +457,12 @@ fn check_cidr(value: &str) -> Result<(), String> {
             net.trunc()
         ));
     }
-    if let ipnet::IpNet::V4(v4) = net {
-        if v4.prefix_len() > 28 {
-            return Err(format!(
-                "{value:?} is too small for a service CIDR (cluster DNS uses its .10 address); use /28 or larger"
-            ));
-        }
+    if let ipnet::IpNet::V4(v4) = net
+        && v4.prefix_len() > 28
+    {
+        return Err(format!(
+            "{value:?} is too small for a service CIDR (cluster DNS uses its .10 address); use /28 or larger"
+        ));
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Loading real files: the shared fixtures, drop-in merging, errors naming files and
 //! field paths.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,7 @@
 //! The command line as an operator uses it: exit codes and messages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,6 +1,8 @@
 //! `hybridlet run` as a real process: signals, readiness, sd_notify, reload, failures.
 //! Every test uses its own temporary root and an ephemeral loopback port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;

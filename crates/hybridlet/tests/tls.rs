@@ -6,6 +6,8 @@
 //! open TLS connections (to a loopback listener that is not a TLS server) to prove that no
 //! provider ambiguity is left.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;

@@ -91,10 +91,10 @@ fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
         if line == "-----BEGIN CERTIFICATE-----" {
             body = Some(String::new());
         } else if line == "-----END CERTIFICATE-----" {
-            if let Some(b) = body.take() {
-                if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b.as_bytes()) {
-                    out.push(der);
-                }
+            if let Some(b) = body.take()
+                && let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b.as_bytes())
+            {
+                out.push(der);
             }
         } else if let Some(b) = body.as_mut() {
             b.push_str(line);

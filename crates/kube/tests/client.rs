@@ -1,5 +1,7 @@
 //! Clients built from a kubeconfig and from parts, talking to a loopback stub.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use hybridlet_kube::{client_for, client_from_kubeconfig, server_version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

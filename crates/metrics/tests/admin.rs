@@ -1,5 +1,7 @@
 //! The admin server over real loopback TCP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
 use std::sync::Arc;
 
 use hybridlet_metrics::{AdminServer, AgentMetrics, BuildInfo, new_registry};

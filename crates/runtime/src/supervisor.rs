@@ -218,11 +218,8 @@ mod tests {
         assert_eq!(exit.name, "quitter");
         assert_eq!(exit.result.unwrap_err(), "port in use");
 
-        #[allow(clippy::unwrap_used)]
         sup.spawn("panicker", |_ctx| async {
-            let none: Option<()> = None;
-            none.unwrap();
-            Ok(())
+            panic!("deliberate panic in a subsystem");
         });
         let exit = sup.next_exit().await;
         assert_eq!(exit.name, "panicker");
