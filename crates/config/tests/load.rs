@@ -229,3 +229,24 @@ fn ec2_only_fields_load_with_a_warning() {
     assert_eq!(loaded.warnings.len(), 1);
     assert!(loaded.warnings[0].contains("spec.instance"));
 }
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples")
+}
+
+#[test]
+fn documented_defaults_are_the_real_defaults() {
+    let loaded = load(&sources(&examples().join("agent-defaults.yaml"), None)).unwrap();
+    assert_eq!(loaded.config, hybridlet_config::Config::default());
+}
+
+#[test]
+fn shipped_examples_load() {
+    let iam = load(&sources(&examples().join("nodeconfig-iam-ra.yaml"), None)).unwrap();
+    assert_eq!(iam.config.mode(), Mode::Joined);
+    // The SSM example has placeholders the operator must fill in; it must fail on exactly
+    // those, naming them.
+    let err = load(&sources(&examples().join("nodeconfig-ssm.yaml"), None)).unwrap_err();
+    let paths: Vec<_> = err.field_errors().iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["spec.hybrid.ssm.activationId"], "{err}");
+}

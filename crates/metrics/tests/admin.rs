@@ -101,3 +101,49 @@ async fn bind_conflict_names_the_setting() {
         "{err}"
     );
 }
+
+#[test]
+fn docs_list_exactly_the_registered_metrics() {
+    let readiness = Readiness::new();
+    let _handle = readiness.register("admin");
+    let mut registry = new_registry();
+    let build = BuildInfo {
+        version: "x".into(),
+        commit: "y".into(),
+    };
+    let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness);
+    // Families only appear once they have a member.
+    metrics.config_reloaded(true);
+    metrics
+        .admin_requests
+        .get_or_create(&vec![
+            ("route".into(), "/metrics".into()),
+            ("code".into(), "200".into()),
+        ])
+        .inc();
+    let text = hybridlet_metrics::encode(&registry).unwrap();
+    let mut registered: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            match kind {
+                "counter" => format!("{name}_total"),
+                "info" => format!("{name}_info"),
+                _ => name.to_string(),
+            }
+        })
+        .collect();
+    registered.sort();
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
+    )
+    .unwrap();
+    let mut documented: Vec<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `hybridlet_"))
+        .map(|l| format!("hybridlet_{}", l.split('`').next().unwrap()))
+        .collect();
+    documented.sort();
+    assert_eq!(registered, documented, "docs/metrics.md is out of date");
+}
