@@ -14,6 +14,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-sys", 1),
     ("hybridlet-config", 1),
     ("hybridlet-runtime", 1),
+    // test support (dev-dependency and demo tool only), depends on nothing of ours
+    ("hybridlet-fixtures", 0),
     // 2 adapters
     ("hybridlet-aws", 2),
     ("hybridlet-kube", 2),

@@ -11,7 +11,9 @@
 //! secrets. It knows nothing about Kubernetes or AWS.
 
 mod fsutil;
+pub mod pci;
 mod root;
 
 pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
+pub use pci::{PciAddress, PciDevice, Sysfs, SysfsError, Topology};
 pub use root::{HostRoot, RootError};
