@@ -94,8 +94,8 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the configuration and the host; exits 78 on configuration errors.
     Check(CheckArgs),
-    /// List the GPUs and SR-IOV devices hybridlet can see.
-    Devices,
+    /// List the GPUs and SR-IOV devices hybridlet can see, with their PCIe topology.
+    Devices(DevicesArgs),
     /// Join this node to the EKS cluster (credentials, containerd, kubelet).
     Init,
     /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
@@ -114,6 +114,28 @@ pub struct RunArgs {
     /// resources, to exercise shutdown during start-up (e.g. 30s).
     #[arg(long, hide = true, env = "HYBRIDLET_STARTUP_DELAY", value_parser = parse_duration)]
     pub startup_delay: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Describe GPUs from this JSON file instead of NVML ({"gpus": [...]}, as written by
+    /// the fixture generator), for demos and tests.
+    #[arg(long, value_name = "FILE")]
+    pub nvml_fixture: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// How `devices` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Grouped by NUMA node and PCIe switch.
+    Table,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -205,10 +227,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             print_version(args.json);
             Ok(())
         }
-        Command::Devices => not_implemented(
-            "devices",
-            "device discovery (GPUs through NVML, SR-IOV from sysfs)",
-        ),
+        Command::Devices(args) => crate::devices::devices(&cli, args),
         Command::Init => not_implemented("init", "joining the node to EKS"),
         Command::Install(_) => not_implemented("install", "installing Kubernetes components"),
         Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),

@@ -10,6 +10,7 @@
 
 mod check;
 mod cli;
+pub mod devices;
 mod exit;
 mod logging;
 mod run;

@@ -29,13 +29,14 @@ impl PciAddress {
         let (bus, devfn) = rest.split_once(':')?;
         let (dev, func) = devfn.split_once('.')?;
         let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
-        if domain.is_empty()
-            || domain.len() > 8
-            || !domain.chars().all(|c| c.is_ascii_hexdigit())
-            || !hex(bus, 2)
-            || !hex(dev, 2)
-            || !(func.len() == 1 && matches!(func.as_bytes()[0], b'0'..=b'7'))
-        {
+        let valid = !domain.is_empty()
+            && domain.len() <= 8
+            && domain.chars().all(|c| c.is_ascii_hexdigit())
+            && hex(bus, 2)
+            && hex(dev, 2)
+            && func.len() == 1
+            && matches!(func.as_bytes()[0], b'0'..=b'7');
+        if !valid {
             return None;
         }
         // NVML pads the domain to 8 digits; sysfs uses 4 unless the domain needs more.
@@ -59,6 +60,9 @@ impl fmt::Display for PciAddress {
         f.write_str(&self.0)
     }
 }
+
+/// Below this many devices per thread, walking in parallel is not worth a thread.
+const PARALLEL_MIN_DEVICES: usize = 128;
 
 /// PCI class code of a PCI-to-PCI bridge (switch ports and root ports), upper 16 bits.
 const CLASS_BRIDGE_PCI: u32 = 0x0604;
@@ -227,19 +231,62 @@ impl Sysfs {
     }
 
     /// Read every PCI function; devices that cannot be read are returned separately.
+    ///
+    /// Large trees (a DGX with 1,000+ VFs) are read by several threads: the cost is one
+    /// system call per attribute, and those run in parallel. The result is in address
+    /// order either way.
     pub fn pci_devices(&self) -> Result<(Vec<PciDevice>, Vec<Skipped>), SysfsError> {
-        let mut devices = Vec::new();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.pci_devices_with_threads(cpus)
+    }
+
+    /// As [`Sysfs::pci_devices`], with at most `max_threads` reader threads.
+    pub fn pci_devices_with_threads(
+        &self,
+        max_threads: usize,
+    ) -> Result<(Vec<PciDevice>, Vec<Skipped>), SysfsError> {
+        let addresses = self.pci_addresses()?;
+        let threads = max_threads
+            .min(addresses.len() / PARALLEL_MIN_DEVICES)
+            .max(1);
+        let results: Vec<Result<PciDevice, Skipped>> = if threads == 1 {
+            addresses.iter().map(|a| self.read_or_skip(a)).collect()
+        } else {
+            let chunk = addresses.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = addresses
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|a| self.read_or_skip(a))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    // A reader thread only panics on a bug; surface it rather than hide devices.
+                    .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                    .collect()
+            })
+        };
+        let mut devices = Vec::with_capacity(results.len());
         let mut skipped = Vec::new();
-        for addr in self.pci_addresses()? {
-            match self.pci_device(&addr) {
+        for r in results {
+            match r {
                 Ok(d) => devices.push(d),
-                Err(error) => skipped.push(Skipped {
-                    path: self.devices_dir().join(addr.as_str()),
-                    error,
-                }),
+                Err(s) => skipped.push(s),
             }
         }
         Ok((devices, skipped))
+    }
+
+    fn read_or_skip(&self, addr: &PciAddress) -> Result<PciDevice, Skipped> {
+        self.pci_device(addr).map_err(|error| Skipped {
+            path: self.devices_dir().join(addr.as_str()),
+            error,
+        })
     }
 
     /// Read one PCI function.
@@ -263,25 +310,13 @@ impl Sysfs {
             }
         };
         let iommu_group = link_name(&dir.join("iommu_group")).and_then(|g| g.parse().ok());
-        let sriov = match read_opt(&dir.join("sriov_totalvfs"))? {
-            None => None,
-            Some(total) => {
-                let total_vfs = parse_dec(&dir.join("sriov_totalvfs"), &total)?;
-                let num_vfs = match read_opt(&dir.join("sriov_numvfs"))? {
-                    Some(n) => parse_dec(&dir.join("sriov_numvfs"), &n)?,
-                    None => 0,
-                };
-                (total_vfs > 0).then_some(SriovCapability { total_vfs, num_vfs })
-            }
-        };
-        let physfn = match fs::symlink_metadata(dir.join("physfn")) {
-            Ok(_) => Some(self.linked_address(&dir.join("physfn"))?),
-            Err(_) => None,
-        };
+        // One directory listing tells which optional attributes exist, so absent ones
+        // cost no failed open (a VF-heavy tree has thousands of devices).
         let mut virtfns = Vec::new();
         let mut net_names = Vec::new();
         let mut rdma_devices = Vec::new();
         let mut dangling_links = Vec::new();
+        let (mut has_sriov, mut has_physfn) = (false, false);
         let entries = fs::read_dir(&dir).map_err(|source| SysfsError::Read {
             path: dir.clone(),
             source,
@@ -296,12 +331,35 @@ impl Sysfs {
                 } else {
                     dangling_links.push(link);
                 }
-            } else if name == "net" {
-                net_names = list_names(&entry.path());
-            } else if name == "infiniband" {
-                rdma_devices = list_names(&entry.path());
+            } else {
+                match name {
+                    "net" => net_names = list_names(&entry.path()),
+                    "infiniband" => rdma_devices = list_names(&entry.path()),
+                    "sriov_totalvfs" => has_sriov = true,
+                    "physfn" => has_physfn = true,
+                    _ => {}
+                }
             }
         }
+        let sriov = match has_sriov
+            .then(|| read_opt(&dir.join("sriov_totalvfs")))
+            .transpose()?
+            .flatten()
+        {
+            None => None,
+            Some(total) => {
+                let total_vfs = parse_dec(&dir.join("sriov_totalvfs"), &total)?;
+                let num_vfs = match read_opt(&dir.join("sriov_numvfs"))? {
+                    Some(n) => parse_dec(&dir.join("sriov_numvfs"), &n)?,
+                    None => 0,
+                };
+                (total_vfs > 0).then_some(SriovCapability { total_vfs, num_vfs })
+            }
+        };
+        let physfn = match has_physfn {
+            true => Some(self.linked_address(&dir.join("physfn"))?),
+            false => None,
+        };
         virtfns.sort();
         dangling_links.sort();
         Ok(PciDevice {
