@@ -277,6 +277,8 @@ pub struct AgentSpec {
     pub dra: DraSpec,
     /// The CSI node plugin.
     pub csi: CsiSpec,
+    /// SR-IOV provisioning done at start-up.
+    pub sriov: SriovSpec,
     /// Registry mirrors written into containerd's `certs.d` host files.
     pub registry_mirrors: Vec<RegistryMirror>,
     /// HTTP proxy for hybridlet, containerd and the kubelet.
@@ -292,6 +294,7 @@ impl Default for AgentSpec {
             shutdown_grace_period: GoDuration(std::time::Duration::from_secs(30)),
             dra: DraSpec::default(),
             csi: CsiSpec::default(),
+            sriov: SriovSpec::default(),
             registry_mirrors: Vec::new(),
             proxy: ProxySpec::default(),
         }
@@ -401,6 +404,30 @@ pub struct Toggle {
     /// Default `false`.
     #[serde(default)]
     pub enabled: bool,
+}
+
+/// `spec.sriov`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SriovSpec {
+    /// Physical functions whose VF count hybridlet sets at start-up. Default: none (VFs
+    /// are left as the host has them).
+    pub physical_functions: Vec<PfProvisioning>,
+}
+
+/// One PF to provision (`spec.sriov.physicalFunctions[]`): name it by exactly one of
+/// `pciAddress` or `interface`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PfProvisioning {
+    /// The PF's PCI address, e.g. `0000:81:00.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
+    /// The PF's network interface, e.g. `ens2f0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// How many VFs it should have (written to `sriov_numvfs`; 0 removes them).
+    pub num_vfs: u32,
 }
 
 /// One registry mirror (`spec.registryMirrors[]`), rendered as containerd `hosts.toml`.

@@ -267,6 +267,30 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    let mut seen_pfs = std::collections::BTreeSet::new();
+    for (i, pf) in agent.sriov.physical_functions.iter().enumerate() {
+        let base = format!("spec.sriov.physicalFunctions[{i}]");
+        match (&pf.pci_address, &pf.interface) {
+            (Some(_), Some(_)) | (None, None) => r.error(
+                base.clone(),
+                "name the PF by exactly one of pciAddress (e.g. 0000:81:00.0) or interface (e.g. ens2f0)",
+            ),
+            (Some(addr), None) if !is_pci_address(addr) => r.error(
+                format!("{base}.pciAddress"),
+                format!("{addr:?} is not a PCI address (DDDD:BB:DD.F, e.g. 0000:81:00.0)"),
+            ),
+            (None, Some(ifname)) if !is_interface_name(ifname) => r.error(
+                format!("{base}.interface"),
+                format!("{ifname:?} is not a network interface name (1-15 characters, no '/' or spaces)"),
+            ),
+            (addr, ifname) => {
+                let key = addr.clone().or_else(|| ifname.clone()).unwrap_or_default();
+                if !seen_pfs.insert(key.to_ascii_lowercase()) {
+                    r.error(base, format!("{key} is listed more than once"));
+                }
+            }
+        }
+    }
     for (i, mirror) in agent.registry_mirrors.iter().enumerate() {
         let base = format!("spec.registryMirrors[{i}]");
         if mirror.registry.is_empty() {
@@ -384,6 +408,34 @@ fn is_csi_driver_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+fn is_pci_address(value: &str) -> bool {
+    let hex = |s: &str, n: std::ops::RangeInclusive<usize>| {
+        n.contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit())
+    };
+    let parts: Vec<&str> = value.split(':').collect();
+    match parts.as_slice() {
+        [domain, bus, devfn] => match devfn.split_once('.') {
+            Some((dev, func)) => {
+                hex(domain, 4..=8)
+                    && hex(bus, 2..=2)
+                    && hex(dev, 2..=2)
+                    && matches!(func, "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7")
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// Linux interface names: at most 15 bytes, no '/', no whitespace, not "." or "..".
+fn is_interface_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 15
+        && value != "."
+        && value != ".."
+        && !value.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
 }
 
 fn is_host_port(value: &str) -> bool {

@@ -103,6 +103,39 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         ));
     }
 
+    let sysfs = hybridlet_sys::Sysfs::new(root);
+    for (i, pf) in config.agent.sriov.physical_functions.iter().enumerate() {
+        let outcome = match crate::run::pf_selector(pf) {
+            None => Outcome::Fail(format!("spec.sriov.physicalFunctions[{i}] names no PF")),
+            Some(selector) => {
+                let address = match &selector {
+                    hybridlet_sriov::PfSelector::Address(a) => Ok(a.clone()),
+                    hybridlet_sriov::PfSelector::Interface(name) => sysfs
+                        .pci_address_of_interface(name)
+                        .map_err(|e| e.to_string()),
+                };
+                match address.and_then(|a| sysfs.pci_device(&a).map_err(|e| e.to_string())) {
+                    Err(e) => Outcome::Fail(format!("{selector}: {e}")),
+                    Ok(d) => match d.sriov {
+                        None => Outcome::Fail(format!(
+                            "{selector} ({}) does not support SR-IOV",
+                            d.address
+                        )),
+                        Some(caps) if pf.num_vfs > caps.total_vfs => Outcome::Fail(format!(
+                            "{selector} ({}) supports at most {} VFs, spec.sriov.physicalFunctions[{i}].numVfs is {}",
+                            d.address, caps.total_vfs, pf.num_vfs
+                        )),
+                        Some(caps) => Outcome::Ok(format!(
+                            "{selector} ({}): {} VFs now, {} configured, at most {}",
+                            d.address, caps.num_vfs, pf.num_vfs, caps.total_vfs
+                        )),
+                    },
+                }
+            }
+        };
+        out.push(("SR-IOV PF", outcome));
+    }
+
     if let Some(ra) = config
         .node
         .as_ref()

@@ -93,6 +93,27 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     hybridlet_sys::ensure_dir(&state_dir, 0o700)
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
 
+    if !config.agent.sriov.physical_functions.is_empty() {
+        notify(&[NotifyState::Status("provisioning SR-IOV virtual functions")]);
+        let sysfs = hybridlet_sys::Sysfs::new(&root);
+        let pfs = config.agent.sriov.physical_functions.clone();
+        let mut task = tokio::task::spawn_blocking(move || provision_vfs(&sysfs, &pfs));
+        loop {
+            tokio::select! {
+                joined = &mut task => {
+                    joined.context("the VF provisioning task failed")??;
+                    break;
+                }
+                signal = signals.recv() => {
+                    if signal != Signal::Hangup {
+                        tracing::info!(signal = signal.name(), "stopping during VF provisioning");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
     let readiness = Readiness::new();
     let mut registry = hybridlet_metrics::new_registry();
     let metrics = AgentMetrics::register(
@@ -204,6 +225,55 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     result.map_err(|e| Failure::Runtime(e.into()))?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// How long the kernel and the PF driver get to create the VFs of one PF.
+const VF_PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Set `sriov_numvfs` for each configured PF, in order, and wait for the VFs.
+pub fn provision_vfs(
+    sysfs: &hybridlet_sys::Sysfs,
+    pfs: &[hybridlet_config::PfProvisioning],
+) -> Result<(), Failure> {
+    for (i, pf) in pfs.iter().enumerate() {
+        let field = format!("spec.sriov.physicalFunctions[{i}]");
+        let selector = pf_selector(pf).ok_or_else(|| {
+            Failure::Runtime(anyhow::anyhow!(
+                "{field}: no PF named (validation should have caught this)"
+            ))
+        })?;
+        match hybridlet_sriov::provision(
+            sysfs,
+            &selector,
+            pf.num_vfs,
+            VF_PROVISION_TIMEOUT,
+            Duration::from_millis(100),
+        ) {
+            Ok(done) if done.before == done.after => {
+                tracing::info!(pf = %done.pf, vfs = done.after, "SR-IOV VFs already as configured");
+            }
+            Ok(done) => {
+                tracing::info!(pf = %done.pf, before = done.before, after = done.after, "SR-IOV VFs provisioned");
+            }
+            Err(e) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{field} ({selector}): {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The PF a provisioning entry names.
+pub fn pf_selector(pf: &hybridlet_config::PfProvisioning) -> Option<hybridlet_sriov::PfSelector> {
+    match (&pf.pci_address, &pf.interface) {
+        (Some(a), _) => {
+            hybridlet_sys::PciAddress::parse(a).map(hybridlet_sriov::PfSelector::Address)
+        }
+        (None, Some(i)) => Some(hybridlet_sriov::PfSelector::Interface(i.clone())),
+        (None, None) => None,
+    }
 }
 
 fn describe_files(loaded: &LoadedConfig) -> String {

@@ -213,3 +213,43 @@ fn version_prints_text_and_json() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
 }
+
+#[test]
+fn check_verifies_configured_pfs_on_the_host() {
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::e810_server(root.path()).unwrap();
+    let cfg = root.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  sriov:\n    physicalFunctions:\n      - {interface: ens2f0, numVfs: 32}\n",
+    )
+    .unwrap();
+    let args = [
+        "--root",
+        root.path().to_str().unwrap(),
+        "check",
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let out = hybridlet(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "ok: SR-IOV PF: interface ens2f0 (0000:81:00.0): 64 VFs now, 32 configured, at most 128"
+        ),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(
+        &cfg,
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  sriov:\n    physicalFunctions:\n      - {interface: ens9f9, numVfs: 4}\n",
+    )
+    .unwrap();
+    let out = hybridlet(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("FAIL: SR-IOV PF: interface ens9f9"),
+        "{}",
+        text(&out)
+    );
+}

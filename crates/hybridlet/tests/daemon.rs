@@ -302,3 +302,38 @@ fn sighup_with_a_broken_config_keeps_the_running_one() {
     d.signal("TERM");
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn vf_provisioning_at_startup_and_its_failure() {
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::e810_server(root.path()).unwrap();
+    // Already at 64: a no-op, then ready.
+    write_config(
+        root.path(),
+        &format!(
+            "{AGENT}  sriov:\n    physicalFunctions:\n      - {{interface: ens2f0, numVfs: 64}}\n"
+        ),
+    );
+    let mut d = Daemon::start(root.path(), &[]);
+    let line = d.wait_log("SR-IOV VFs already as configured");
+    assert_eq!(line["pf"], "0000:81:00.0");
+    d.wait_log("ready");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
+
+    // More than the PF supports: start-up fails naming the entry and the limit.
+    write_config(
+        root.path(),
+        &format!(
+            "{AGENT}  sriov:\n    physicalFunctions:\n      - {{pciAddress: \"0000:81:00.0\", numVfs: 500}}\n"
+        ),
+    );
+    let mut d = Daemon::start(root.path(), &[]);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    let all: String = d.seen.iter().map(|v| format!("{v}\n")).collect();
+    assert!(
+        all.contains("spec.sriov.physicalFunctions[0] (0000:81:00.0)"),
+        "{all}"
+    );
+    assert!(all.contains("at most 128 VFs"), "{all}");
+}

@@ -5,9 +5,13 @@
 //! What this crate must never do: depend on other domain crates (GPU, CSI), or write to
 //! sysfs itself (VF provisioning goes through `hybridlet_sys::Sysfs::set_num_vfs`).
 
+mod provision;
+
 use std::collections::HashMap;
 
 use hybridlet_sys::{PciAddress, PciDevice, Sysfs};
+
+pub use provision::{PfSelector, ProvisionError, Provisioned, provision};
 
 /// A virtual function.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -397,6 +397,23 @@ impl Sysfs {
         fs::read_to_string(path).ok().map(|s| s.trim().to_string())
     }
 
+    /// The PCI function behind a network interface (`/sys/class/net/<if>`).
+    pub fn pci_address_of_interface(&self, ifname: &str) -> Result<PciAddress, SysfsError> {
+        let link = self.sys.join("class/net").join(ifname);
+        let dir = self.resolve_link(&link)?;
+        // <device dir>/net/<ifname>
+        dir.parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .and_then(PciAddress::parse)
+            .ok_or(SysfsError::BadLink {
+                path: link,
+                target: dir,
+                expected: "the net/ directory of a PCI device",
+            })
+    }
+
     /// Set a PF's VF count. Changing a non-zero count goes through 0 first, as the kernel
     /// requires; the new count must not exceed `sriov_totalvfs`.
     pub fn set_num_vfs(&self, pf: &PciAddress, count: u32) -> Result<(), SysfsError> {
