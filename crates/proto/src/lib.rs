@@ -1,0 +1,30 @@
+//! The gRPC APIs hybridlet serves to the kubelet, generated from the `.proto` files in
+//! `proto/` (which we wrote from the published APIs: package names, message and field
+//! numbers match the kubelet's and the CSI specification's exactly).
+//!
+//! The generated Rust is committed in `src/gen/`, so a build needs neither `protoc` nor a
+//! build script. `tests/regenerate.rs` regenerates it with the pure-Rust `protox` compiler
+//! and fails when the committed code has drifted from the `.proto` files
+//! (`HYBRIDLET_REGENERATE=1 cargo test -p hybridlet-proto` rewrites it).
+//!
+//! What this crate must never do: contain hand-written logic. It is the wire contract only.
+
+/// Kubelet plugin registration (`pluginregistration`, the kubelet's v1 API).
+#[allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms, missing_debug_implementations)]
+pub mod pluginregistration {
+    include!("gen/pluginregistration.rs");
+
+    /// `PluginInfo.type` of a CSI plugin.
+    pub const CSI_PLUGIN: &str = "CSIPlugin";
+    /// `PluginInfo.type` of a DRA plugin.
+    pub const DRA_PLUGIN: &str = "DRAPlugin";
+}
+
+/// The Container Storage Interface.
+pub mod csi {
+    /// CSI v1 (`csi.v1`): Identity and Node services.
+    #[allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms, missing_debug_implementations)]
+    pub mod v1 {
+        include!("gen/csi.v1.rs");
+    }
+}
