@@ -1,1 +1,31 @@
-//! placeholder
+//! The kubelet plugin framework shared by the DRA drivers and the CSI node plugin.
+//!
+//! * [`PluginSocket`]: a Unix socket for a gRPC service, created safely — missing parent
+//!   directories made with mode 0700, a stale socket from a crash removed only if it is a
+//!   socket nobody answers on, the socket itself mode 0600 — and removed on shutdown.
+//! * [`RegistrationService`]: the kubelet's `pluginregistration.Registration` service
+//!   (`GetInfo`, `NotifyRegistrationStatus`), served on `<kubelet-root>/plugins_registry/<name>-reg.sock`
+//!   so that no node-driver-registrar sidecar is needed. `GetInfo` never blocks; failed
+//!   registrations are logged and counted.
+//! * [`serve`]: run a tonic router on a plugin socket until shutdown, then remove it.
+//!
+//! What this crate must never do: know about DRA or CSI semantics, or touch sockets it did
+//! not create (a live socket at our path belongs to someone else and is left alone).
+
+mod registration;
+mod socket;
+
+pub use registration::{RegistrationMetrics, RegistrationService, RegistrationState};
+pub use socket::{PluginSocket, SocketError, serve};
+
+use std::path::{Path, PathBuf};
+
+/// `<kubelet-root>/plugins_registry/<name>-reg.sock`.
+pub fn registration_socket_path(kubelet_root: &Path, name: &str) -> PathBuf {
+    kubelet_root.join("plugins_registry").join(format!("{name}-reg.sock"))
+}
+
+/// `<kubelet-root>/plugins/<name>/<file>` (`csi.sock`, `dra.sock`).
+pub fn service_socket_path(kubelet_root: &Path, name: &str, file: &str) -> PathBuf {
+    kubelet_root.join("plugins").join(name).join(file)
+}
