@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 
 /// `<kubelet-root>/plugins_registry/<name>-reg.sock`.
 pub fn registration_socket_path(kubelet_root: &Path, name: &str) -> PathBuf {
-    kubelet_root.join("plugins_registry").join(format!("{name}-reg.sock"))
+    kubelet_root
+        .join("plugins_registry")
+        .join(format!("{name}-reg.sock"))
 }
 
 /// `<kubelet-root>/plugins/<name>/<file>` (`csi.sock`, `dra.sock`).

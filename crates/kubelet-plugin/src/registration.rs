@@ -73,7 +73,10 @@ impl RegistrationService {
 
 #[tonic::async_trait]
 impl Registration for RegistrationService {
-    async fn get_info(&self, _request: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
+    async fn get_info(
+        &self,
+        _request: Request<InfoRequest>,
+    ) -> Result<Response<PluginInfo>, Status> {
         // Newer kubelets poll this as a liveness check: answer from memory, never block.
         Ok(Response::new((*self.info).clone()))
     }

@@ -44,7 +44,9 @@ async fn get_info_and_status_over_the_socket() {
     let path = registration_socket_path(&kubelet, "csi.hybridlet.io");
     let mut registry = prometheus_client::registry::Registry::default();
     let service = RegistrationService::new(
-        info(Path::new("/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock")),
+        info(Path::new(
+            "/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock",
+        )),
         RegistrationMetrics::register(&mut registry),
     );
     let mut state = service.subscribe();
@@ -53,7 +55,11 @@ async fn get_info_and_status_over_the_socket() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(
-        std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
         0o700
     );
     let stop = CancellationToken::new();
@@ -64,17 +70,29 @@ async fn get_info_and_status_over_the_socket() {
     let got = client.get_info(InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(got.r#type, "CSIPlugin");
     assert_eq!(got.name, "csi.hybridlet.io");
-    assert_eq!(got.endpoint, "/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock");
+    assert_eq!(
+        got.endpoint,
+        "/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock"
+    );
     assert_eq!(*state.borrow_and_update(), RegistrationState::Pending);
 
     client
-        .notify_registration_status(RegistrationStatus { plugin_registered: false, error: "version mismatch".into() })
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: false,
+            error: "version mismatch".into(),
+        })
         .await
         .unwrap();
     state.changed().await.unwrap();
-    assert_eq!(*state.borrow(), RegistrationState::Failed("version mismatch".into()));
+    assert_eq!(
+        *state.borrow(),
+        RegistrationState::Failed("version mismatch".into())
+    );
     client
-        .notify_registration_status(RegistrationStatus { plugin_registered: true, error: String::new() })
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
         .await
         .unwrap();
     state.changed().await.unwrap();
@@ -82,7 +100,12 @@ async fn get_info_and_status_over_the_socket() {
 
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(text.contains("kubelet_plugin_registrations_total{plugin=\"csi.hybridlet.io\",result=\"failed\"} 1"), "{text}");
+    assert!(
+        text.contains(
+            "kubelet_plugin_registrations_total{plugin=\"csi.hybridlet.io\",result=\"failed\"} 1"
+        ),
+        "{text}"
+    );
 
     stop.cancel();
     server.await.unwrap().unwrap();
@@ -116,5 +139,8 @@ async fn stale_sockets_are_replaced_live_ones_and_files_are_not() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
 
     let long = dir.path().join("a".repeat(120)).join("x.sock");
-    assert!(matches!(PluginSocket::bind(&long), Err(SocketError::TooLong { .. })));
+    assert!(matches!(
+        PluginSocket::bind(&long),
+        Err(SocketError::TooLong { .. })
+    ));
 }

@@ -10,7 +10,13 @@
 //! What this crate must never do: contain hand-written logic. It is the wire contract only.
 
 /// Kubelet plugin registration (`pluginregistration`, the kubelet's v1 API).
-#[allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    missing_debug_implementations
+)]
 pub mod pluginregistration {
     include!("gen/pluginregistration.rs");
 
@@ -23,7 +29,13 @@ pub mod pluginregistration {
 /// The Container Storage Interface.
 pub mod csi {
     /// CSI v1 (`csi.v1`): Identity and Node services.
-    #[allow(missing_docs, clippy::all, clippy::pedantic, rust_2018_idioms, missing_debug_implementations)]
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms,
+        missing_debug_implementations
+    )]
     pub mod v1 {
         include!("gen/csi.v1.rs");
     }

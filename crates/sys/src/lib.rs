@@ -11,6 +11,7 @@
 //! secrets. It knows nothing about Kubernetes or AWS.
 
 mod fsutil;
+pub mod mount;
 pub mod pci;
 mod root;
 

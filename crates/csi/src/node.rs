@@ -1,0 +1,490 @@
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybridlet_proto::csi::v1::node_server::Node;
+use hybridlet_proto::csi::v1::node_service_capability::{Rpc, rpc};
+use hybridlet_proto::csi::v1::volume_capability::{AccessType, access_mode::Mode};
+use hybridlet_proto::csi::v1::volume_usage::Unit;
+use hybridlet_proto::csi::v1::{
+    NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
+    NodeGetCapabilitiesResponse, NodeGetInfoRequest, NodeGetInfoResponse,
+    NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
+    NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
+    NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability, VolumeCondition,
+    VolumeUsage, node_service_capability,
+};
+use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter};
+use tonic::{Request, Response, Status};
+
+use crate::guard::VolumeGuard;
+use crate::{CsiError, CsiSettings, nfs, validate};
+
+/// The CSI Node service.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    settings: Arc<CsiSettings>,
+    mounter: Arc<dyn Mounter>,
+    guard: VolumeGuard,
+}
+
+/// What a capability asks for, once validated.
+struct Capability {
+    block: bool,
+    mount_flags: Vec<String>,
+    reader_only: bool,
+}
+
+fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
+    let cap =
+        cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .filter(|m| *m != Mode::Unknown)
+        .ok_or_else(|| {
+            CsiError::InvalidArgument("volume_capability.access_mode is required".into())
+        })?;
+    let (block, mount_flags) = match &cap.access_type {
+        Some(AccessType::Block(_)) => (true, Vec::new()),
+        Some(AccessType::Mount(m)) => (false, m.mount_flags.clone()),
+        None => {
+            return Err(CsiError::InvalidArgument(
+                "volume_capability.access_type (block or mount) is required".into(),
+            ));
+        }
+    };
+    Ok(Capability {
+        block,
+        mount_flags,
+        reader_only: matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
+    })
+}
+
+/// Run blocking host work off the async executor, bounded by `limit`.
+async fn blocking<T: Send + 'static>(
+    limit: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
+) -> Result<T, CsiError> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(CsiError::Internal(format!("{what}: worker failed: {join}"))),
+        Err(_) => Err(CsiError::Timeout(format!(
+            "{what}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+fn is_stale(e: &MountError) -> bool {
+    // ESTALE 116, ENOTCONN 107, EIO 5, EHOSTDOWN 112: the server is gone; only a lazy
+    // unmount can detach such a mount.
+    match e {
+        MountError::UnmountFailed { source, .. } | MountError::Io { source, .. } => {
+            matches!(source.raw_os_error(), Some(116 | 107 | 5 | 112))
+        }
+        _ => false,
+    }
+}
+
+/// Unmount without following symlinks; detach lazily when the mount is stale.
+fn unmount(mounter: &dyn Mounter, target: &Path) -> Result<(), CsiError> {
+    match mounter.unmount(target, false) {
+        Ok(()) => Ok(()),
+        Err(e) if is_stale(&e) => {
+            tracing::warn!(target = %target.display(), error = %e, "stale mount; detaching lazily");
+            mounter.unmount(target, true).map_err(CsiError::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
+    a.device == b.device && a.root == b.root
+}
+
+impl NodeService {
+    pub(crate) fn new(settings: Arc<CsiSettings>, mounter: Arc<dyn Mounter>) -> Self {
+        Self {
+            settings,
+            mounter,
+            guard: VolumeGuard::default(),
+        }
+    }
+
+    fn nfs_volume(
+        &self,
+        context: &std::collections::HashMap<String, String>,
+        cap: &Capability,
+    ) -> Result<nfs::NfsVolume, CsiError> {
+        if nfs::is_iscsi(context) {
+            return Err(CsiError::FailedPrecondition(
+                "iSCSI volumes are not available in this build of hybridlet".into(),
+            ));
+        }
+        if !nfs::is_nfs(context) {
+            return Err(CsiError::InvalidArgument(
+                "volumeAttributes must describe an NFS volume (server, share)".into(),
+            ));
+        }
+        if !self.settings.nfs_enabled {
+            return Err(CsiError::FailedPrecondition(
+                "NFS volumes are disabled on this node (spec.csi.nfs.enabled)".into(),
+            ));
+        }
+        if cap.block {
+            return Err(CsiError::InvalidArgument(
+                "NFS volumes support the mount access type only, not block".into(),
+            ));
+        }
+        nfs::volume(context, &cap.mount_flags)
+    }
+
+    async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
+        let cap = capability(req.volume_capability.as_ref())?;
+        let volume = self.nfs_volume(&req.volume_context, &cap)?;
+        let _held = self.guard.acquire(&volume_id)?;
+        let mounter = self.mounter.clone();
+        let timeout = self.settings.mount_timeout;
+        let what = format!("staging volume {volume_id}");
+        blocking(timeout + Duration::from_secs(5), what, move || {
+            if let Some(existing) = mounter.mount_at(&staging)? {
+                if existing.source.trim_end_matches('/') == volume.source.trim_end_matches('/') {
+                    return Ok(());
+                }
+                return Err(CsiError::AlreadyExists(format!(
+                    "staging path {} already has {} mounted, not {}",
+                    staging.display(),
+                    existing.source,
+                    volume.source
+                )));
+            }
+            std::fs::create_dir_all(&staging).map_err(|e| {
+                CsiError::Internal(format!("creating staging path {}: {e}", staging.display()))
+            })?;
+            mounter.mount(&MountRequest {
+                fs_type: "nfs".into(),
+                source: volume.source.clone(),
+                target: staging.clone(),
+                options: volume.options,
+                timeout,
+            })?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(volume_id = %volume_id, "volume staged");
+        Ok(())
+    }
+
+    async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
+        let _held = self.guard.acquire(&volume_id)?;
+        let mounter = self.mounter.clone();
+        blocking(
+            self.settings.mount_timeout,
+            format!("unstaging volume {volume_id}"),
+            move || {
+                // Unmount every layer (a retried stage may have stacked mounts).
+                while mounter.mount_at(&staging)?.is_some() {
+                    unmount(mounter.as_ref(), &staging)?;
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, "volume unstaged");
+        Ok(())
+    }
+
+    async fn publish(&self, req: NodePublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let target = validate::host_path("target_path", &req.target_path)?;
+        let cap = capability(req.volume_capability.as_ref())?;
+        if req.staging_target_path.is_empty() {
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME)".into(),
+            ));
+        }
+        let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
+        if cap.block {
+            return Err(CsiError::InvalidArgument(
+                "NFS volumes support the mount access type only, not block".into(),
+            ));
+        }
+        let read_only = req.readonly || cap.reader_only;
+        let _held = self.guard.acquire(&volume_id)?;
+        let mounter = self.mounter.clone();
+        let vid = volume_id.clone();
+        blocking(
+            self.settings.mount_timeout,
+            format!("publishing volume {volume_id}"),
+            move || {
+                let staged = mounter.mount_at(&staging)?.ok_or_else(|| {
+                    CsiError::FailedPrecondition(format!(
+                        "volume {vid} is not staged at {}; NodeStageVolume must succeed first",
+                        staging.display()
+                    ))
+                })?;
+                if let Some(existing) = mounter.mount_at(&target)? {
+                    if same_volume(&existing, &staged) && existing.read_only() == read_only {
+                        return Ok(());
+                    }
+                    return Err(CsiError::AlreadyExists(format!(
+                        "target path {} is already published {}",
+                        target.display(),
+                        if same_volume(&existing, &staged) {
+                            format!("with readonly={}", existing.read_only())
+                        } else {
+                            format!("with another volume ({})", existing.source)
+                        }
+                    )));
+                }
+                let created = match std::fs::symlink_metadata(&target) {
+                    Ok(meta) if meta.file_type().is_symlink() => {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "target path {} is a symlink; refusing to mount through it",
+                            target.display()
+                        )));
+                    }
+                    Ok(meta) if !meta.is_dir() => {
+                        return Err(CsiError::AlreadyExists(format!(
+                            "target path {} exists and is not a directory",
+                            target.display()
+                        )));
+                    }
+                    Ok(_) => false,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        std::fs::create_dir(&target).map_err(|e| {
+                            CsiError::Internal(format!(
+                                "creating target path {}: {e}",
+                                target.display()
+                            ))
+                        })?;
+                        true
+                    }
+                    Err(e) => {
+                        return Err(CsiError::Internal(format!(
+                            "inspecting {}: {e}",
+                            target.display()
+                        )));
+                    }
+                };
+                if let Err(e) = mounter.bind(&staging, &target, read_only) {
+                    if created {
+                        let _ = std::fs::remove_dir(&target);
+                    }
+                    return Err(e.into());
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, read_only, "volume published");
+        Ok(())
+    }
+
+    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let target = validate::host_path("target_path", &req.target_path)?;
+        let _held = self.guard.acquire(&volume_id)?;
+        let mounter = self.mounter.clone();
+        blocking(
+            self.settings.mount_timeout,
+            format!("unpublishing volume {volume_id}"),
+            move || {
+                match std::fs::symlink_metadata(&target) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Ok(meta) if meta.file_type().is_symlink() => {
+                        return Err(CsiError::FailedPrecondition(format!(
+                            "target path {} is a symlink; not touching it",
+                            target.display()
+                        )));
+                    }
+                    // Stale NFS: lstat itself can fail; the mount table decides below.
+                    _ => {}
+                }
+                while mounter.mount_at(&target)?.is_some() {
+                    unmount(mounter.as_ref(), &target)?;
+                }
+                match std::fs::remove_dir(&target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(CsiError::Internal(format!(
+                        "removing target path {} after unmount: {e}; it was left in place",
+                        target.display()
+                    ))),
+                }
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, "volume unpublished");
+        Ok(())
+    }
+
+    async fn stats(
+        &self,
+        req: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let path = validate::host_path("volume_path", &req.volume_path)?;
+        let mounter = self.mounter.clone();
+        let p: PathBuf = path.clone();
+        let mounted = blocking(
+            Duration::from_secs(5),
+            "reading the mount table".into(),
+            move || Ok(mounter.mount_at(&p)?.is_some()),
+        )
+        .await?;
+        if !mounted {
+            return Err(CsiError::NotFound(format!(
+                "volume {volume_id} is not mounted at {}",
+                path.display()
+            )));
+        }
+        let mounter = self.mounter.clone();
+        let p = path.clone();
+        let stats = blocking(
+            self.settings.stats_timeout,
+            format!("statvfs {}", path.display()),
+            move || {
+                mounter
+                    .stats(&p)
+                    .map_err(|e| CsiError::Internal(e.to_string()))
+            },
+        )
+        .await;
+        Ok(match stats {
+            Ok(s) => NodeGetVolumeStatsResponse {
+                usage: vec![
+                    VolumeUsage {
+                        available: s.available_bytes as i64,
+                        total: s.total_bytes as i64,
+                        used: s.used_bytes as i64,
+                        unit: Unit::Bytes as i32,
+                    },
+                    VolumeUsage {
+                        available: s.free_inodes as i64,
+                        total: s.total_inodes as i64,
+                        used: s.used_inodes as i64,
+                        unit: Unit::Inodes as i32,
+                    },
+                ],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: false,
+                    message: "volume is healthy".into(),
+                }),
+            },
+            Err(e) => {
+                tracing::warn!(volume_id = %volume_id, error = %e, "volume is abnormal");
+                NodeGetVolumeStatsResponse {
+                    usage: Vec::new(),
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message: format!("the filesystem does not answer: {e}"),
+                    }),
+                }
+            }
+        })
+    }
+}
+
+fn cap(t: rpc::Type) -> NodeServiceCapability {
+    NodeServiceCapability {
+        r#type: Some(node_service_capability::Type::Rpc(Rpc { r#type: t as i32 })),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        self.stage(request.into_inner())
+            .await
+            .map_err(CsiError::into_status)?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        self.unstage(request.into_inner())
+            .await
+            .map_err(CsiError::into_status)?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        self.publish(request.into_inner())
+            .await
+            .map_err(CsiError::into_status)?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        self.unpublish(request.into_inner())
+            .await
+            .map_err(CsiError::into_status)?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        self.stats(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(CsiError::into_status)
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented(
+            "NodeExpandVolume: NFS volumes grow on the server; block-volume expansion (iSCSI) is not in this build"
+                .into(),
+        )
+        .into_status())
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                cap(rpc::Type::StageUnstageVolume),
+                cap(rpc::Type::GetVolumeStats),
+                cap(rpc::Type::VolumeCondition),
+                cap(rpc::Type::SingleNodeMultiWriter),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.settings.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}

@@ -1,0 +1,551 @@
+//! Mounting, behind the [`Mounter`] trait.
+//!
+//! [`SystemMounter`] is the real implementation: bind mounts and unmounts are system
+//! calls (unmount never follows a symlink planted at the target), filesystem mounts go
+//! through `mount(8)` so that helpers such as `mount.nfs` run — in their own process group,
+//! killed whole when the deadline passes, so a hung server cannot leave a stuck helper
+//! behind. "Is it mounted" is answered from `/proc/self/mountinfo`, never by `stat`, which
+//! hangs on a dead NFS server.
+//!
+//! [`FakeMounter`] keeps a mount table in memory and records every call, for tests of
+//! callers.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What went wrong with a mount operation.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// `mount(8)` or a system call failed.
+    #[error("mounting {source_spec} on {}: {message}", target.display())]
+    MountFailed {
+        /// What was mounted (never includes options, which may hold secrets).
+        source_spec: String,
+        /// Where.
+        target: PathBuf,
+        /// The helper's or the kernel's message.
+        message: String,
+    },
+    /// The mount helper did not finish in time and was killed.
+    #[error("mounting {source_spec} on {}: no answer within {timeout:?} (server unreachable?); the mount helper was killed", target.display())]
+    Timeout {
+        /// What was mounted.
+        source_spec: String,
+        /// Where.
+        target: PathBuf,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// Unmounting failed.
+    #[error("unmounting {}: {source}", target.display())]
+    UnmountFailed {
+        /// The mount point.
+        target: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the mount table or statistics failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One line of `/proc/self/mountinfo`, the fields callers need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `major:minor` of the mounted filesystem.
+    pub device: String,
+    /// Root of the mount within its filesystem (a bind of a subdirectory shows it).
+    pub root: String,
+    /// Mount point.
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw`/`ro`, ...).
+    pub options: Vec<String>,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Mount source (`server:/export` for NFS).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// Mounted read-only.
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+/// Filesystem usage from statvfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FsStats {
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Bytes available to unprivileged users.
+    pub available_bytes: u64,
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Total inodes.
+    pub total_inodes: u64,
+    /// Free inodes.
+    pub free_inodes: u64,
+    /// Used inodes.
+    pub used_inodes: u64,
+}
+
+/// A filesystem mount request for `mount(8)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MountRequest {
+    /// `-t`.
+    pub fs_type: String,
+    /// The source, e.g. `nfs.example.com:/export/vol1`.
+    pub source: String,
+    /// The mount point.
+    pub target: PathBuf,
+    /// `-o`, one option per element (never logged: may hold secrets).
+    pub options: Vec<String>,
+    /// Deadline for the helper.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for MountRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountRequest")
+            .field("fs_type", &self.fs_type)
+            .field("source", &self.source)
+            .field("target", &self.target)
+            .field("options", &format_args!("<{} options>", self.options.len()))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Mount operations.
+pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
+    /// Mount a filesystem through `mount(8)` (which runs helpers such as `mount.nfs`).
+    fn mount(&self, request: &MountRequest) -> Result<(), MountError>;
+    /// Bind-mount `source` on `target`, then make it read-only when asked.
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError>;
+    /// Unmount `target` without following symlinks; `lazy` detaches a busy or stale mount.
+    fn unmount(&self, target: &Path, lazy: bool) -> Result<(), MountError>;
+    /// The mount whose mount point is exactly `target`, if any (the topmost one).
+    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError>;
+    /// Usage of the filesystem at `path`.
+    fn stats(&self, path: &Path) -> Result<FsStats, MountError>;
+    /// Whether `mount(8)` can mount `fs_type` (its helper, e.g. `mount.nfs`, is installed).
+    fn can_mount(&self, fs_type: &str) -> bool;
+}
+
+/// The real host.
+#[derive(Debug, Clone, Default)]
+pub struct SystemMounter {
+    mountinfo: Option<PathBuf>,
+}
+
+impl SystemMounter {
+    /// Mounts on this host, reading `/proc/self/mountinfo`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn mountinfo_path(&self) -> PathBuf {
+        self.mountinfo
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/proc/self/mountinfo"))
+    }
+}
+
+/// Run a command in its own process group; kill the whole group at the deadline.
+fn run_with_deadline(
+    mut cmd: Command,
+    timeout: Duration,
+) -> io::Result<Option<std::process::Output>> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn()?;
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output().map(Some);
+        }
+        if started.elapsed() >= timeout {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        // A blocking helper on a blocking thread: short naps keep latency low.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Mounter for SystemMounter {
+    fn mount(&self, request: &MountRequest) -> Result<(), MountError> {
+        let mut cmd = Command::new("mount");
+        cmd.arg("-t").arg(&request.fs_type);
+        if !request.options.is_empty() {
+            cmd.arg("-o").arg(request.options.join(","));
+        }
+        // `--` so that a source or target starting with '-' is never read as an option.
+        cmd.arg("--").arg(&request.source).arg(&request.target);
+        let failed = |message: String| MountError::MountFailed {
+            source_spec: request.source.clone(),
+            target: request.target.clone(),
+            message,
+        };
+        match run_with_deadline(cmd, request.timeout) {
+            Err(e) => Err(failed(format!("running mount(8): {e}"))),
+            Ok(None) => Err(MountError::Timeout {
+                source_spec: request.source.clone(),
+                target: request.target.clone(),
+                timeout: request.timeout,
+            }),
+            Ok(Some(out)) if out.status.success() => Ok(()),
+            Ok(Some(out)) => Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            )),
+        }
+    }
+
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
+        let failed = |e: io::Error| MountError::MountFailed {
+            source_spec: source.display().to_string(),
+            target: target.to_path_buf(),
+            message: e.to_string(),
+        };
+        rustix::mount::mount_bind(source, target).map_err(|e| failed(e.into()))?;
+        if read_only {
+            let flags = rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY;
+            if let Err(e) = rustix::mount::mount_remount(target, flags, "") {
+                // Never leave a writable bind where a read-only one was asked for.
+                let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::NOFOLLOW);
+                return Err(failed(e.into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path, lazy: bool) -> Result<(), MountError> {
+        let mut flags = rustix::mount::UnmountFlags::NOFOLLOW;
+        if lazy {
+            flags |= rustix::mount::UnmountFlags::DETACH;
+        }
+        rustix::mount::unmount(target, flags).map_err(|e| MountError::UnmountFailed {
+            target: target.to_path_buf(),
+            source: e.into(),
+        })
+    }
+
+    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+        let path = self.mountinfo_path();
+        let text = std::fs::read_to_string(&path).map_err(|source| MountError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(parse_mountinfo(&text)
+            .into_iter()
+            .filter(|m| m.mount_point == target)
+            .last())
+    }
+
+    fn stats(&self, path: &Path) -> Result<FsStats, MountError> {
+        let s = rustix::fs::statvfs(path).map_err(|e| MountError::Io {
+            what: "statvfs",
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        let frsize = if s.f_frsize > 0 {
+            s.f_frsize
+        } else {
+            s.f_bsize
+        };
+        Ok(FsStats {
+            total_bytes: s.f_blocks.saturating_mul(frsize),
+            available_bytes: s.f_bavail.saturating_mul(frsize),
+            used_bytes: s.f_blocks.saturating_sub(s.f_bfree).saturating_mul(frsize),
+            total_inodes: s.f_files,
+            free_inodes: s.f_ffree,
+            used_inodes: s.f_files.saturating_sub(s.f_ffree),
+        })
+    }
+
+    fn can_mount(&self, fs_type: &str) -> bool {
+        let helper = format!("mount.{fs_type}");
+        let in_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(&helper).is_file()))
+            .unwrap_or(false);
+        in_path
+            || ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
+                .iter()
+                .any(|d| Path::new(d).join(&helper).is_file())
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parse `/proc/<pid>/mountinfo` (proc(5)). Malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 6 || r.len() < 2 {
+            continue;
+        }
+        out.push(MountEntry {
+            device: l[2].to_string(),
+            root: unescape(l[3]),
+            mount_point: PathBuf::from(unescape(l[4])),
+            options: l[5].split(',').map(str::to_string).collect(),
+            fs_type: r[0].to_string(),
+            source: unescape(r[1]),
+        });
+    }
+    out
+}
+
+/// A mount table in memory, recording calls. `fail_next` makes the next mount fail.
+#[derive(Debug, Default)]
+pub struct FakeMounter {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    table: BTreeMap<PathBuf, MountEntry>,
+    calls: Vec<String>,
+    fail_next: Option<String>,
+    stats: BTreeMap<PathBuf, Result<FsStats, String>>,
+    missing_helpers: Vec<String>,
+    next_device: u32,
+    mount_delay: Duration,
+}
+
+impl FakeMounter {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Calls made so far, e.g. `mount nfs srv:/x /t`, `bind /s /t ro`, `unmount /t`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// Make the next `mount` fail with this message.
+    pub fn fail_next_mount(&self, message: &str) {
+        self.lock().fail_next = Some(message.to_string());
+    }
+
+    /// Statistics (or an error, e.g. a stale handle) to report for a path.
+    pub fn set_stats(&self, path: &Path, stats: Result<FsStats, String>) {
+        self.lock().stats.insert(path.to_path_buf(), stats);
+    }
+
+    /// Make every `mount` take this long (to exercise concurrency and deadlines).
+    pub fn set_mount_delay(&self, delay: Duration) {
+        self.lock().mount_delay = delay;
+    }
+
+    /// Pretend `mount.<fs_type>` is not installed.
+    pub fn remove_helper(&self, fs_type: &str) {
+        self.lock().missing_helpers.push(fs_type.to_string());
+    }
+
+    /// The current table.
+    pub fn table(&self) -> Vec<MountEntry> {
+        self.lock().table.values().cloned().collect()
+    }
+}
+
+impl Mounter for FakeMounter {
+    fn mount(&self, request: &MountRequest) -> Result<(), MountError> {
+        let delay = self.lock().mount_delay;
+        if !delay.is_zero() {
+            #[allow(clippy::disallowed_methods)] // the fake stands in for a blocking helper
+            std::thread::sleep(delay);
+        }
+        let mut s = self.lock();
+        s.calls.push(format!(
+            "mount {} {} {}",
+            request.fs_type,
+            request.source,
+            request.target.display()
+        ));
+        if let Some(message) = s.fail_next.take() {
+            return Err(MountError::MountFailed {
+                source_spec: request.source.clone(),
+                target: request.target.clone(),
+                message,
+            });
+        }
+        s.next_device += 1;
+        let entry = MountEntry {
+            device: format!("0:{}", 100 + s.next_device),
+            root: "/".into(),
+            mount_point: request.target.clone(),
+            options: vec![
+                if request.options.iter().any(|o| o == "ro") {
+                    "ro"
+                } else {
+                    "rw"
+                }
+                .into(),
+            ],
+            fs_type: request.fs_type.clone(),
+            source: request.source.clone(),
+        };
+        s.table.insert(request.target.clone(), entry);
+        Ok(())
+    }
+
+    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError> {
+        let mut s = self.lock();
+        s.calls.push(format!(
+            "bind {} {}{}",
+            source.display(),
+            target.display(),
+            if read_only { " ro" } else { "" }
+        ));
+        let base = s
+            .table
+            .get(source)
+            .cloned()
+            .ok_or_else(|| MountError::MountFailed {
+                source_spec: source.display().to_string(),
+                target: target.to_path_buf(),
+                message: "source is not mounted (fake)".into(),
+            })?;
+        let entry = MountEntry {
+            mount_point: target.to_path_buf(),
+            options: vec![if read_only { "ro" } else { "rw" }.into()],
+            ..base
+        };
+        s.table.insert(target.to_path_buf(), entry);
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path, lazy: bool) -> Result<(), MountError> {
+        let mut s = self.lock();
+        s.calls.push(format!(
+            "unmount {}{}",
+            target.display(),
+            if lazy { " lazy" } else { "" }
+        ));
+        match s.table.remove(target) {
+            Some(_) => Ok(()),
+            None => Err(MountError::UnmountFailed {
+                target: target.to_path_buf(),
+                source: io::Error::from_raw_os_error(22),
+            }),
+        }
+    }
+
+    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+        Ok(self.lock().table.get(target).cloned())
+    }
+
+    fn stats(&self, path: &Path) -> Result<FsStats, MountError> {
+        match self.lock().stats.get(path).cloned() {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(message)) => Err(MountError::Io {
+                what: "statvfs",
+                path: path.to_path_buf(),
+                source: io::Error::other(message),
+            }),
+            None => Ok(FsStats {
+                total_bytes: 1 << 30,
+                available_bytes: 1 << 29,
+                used_bytes: 1 << 29,
+                total_inodes: 1000,
+                free_inodes: 600,
+                used_inodes: 400,
+            }),
+        }
+    }
+
+    fn can_mount(&self, fs_type: &str) -> bool {
+        !self.lock().missing_helpers.iter().any(|h| h == fs_type)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_parses_escapes_and_optional_fields() {
+        let text = "42 27 0:39 / /tmp/mt/a rw,relatime shared:12 - tmpfs tmpfs rw\n\
+                    43 27 0:40 /sub /var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/pv\\0401/mount ro,relatime - nfs4 srv:/export/vol1 rw,vers=4.1\n\
+                    garbage line\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/tmp/mt/a"));
+        assert!(!m[0].read_only());
+        assert_eq!(
+            m[1].mount_point,
+            PathBuf::from("/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/pv 1/mount")
+        );
+        assert_eq!(m[1].root, "/sub");
+        assert_eq!(m[1].fs_type, "nfs4");
+        assert_eq!(m[1].source, "srv:/export/vol1");
+        assert!(m[1].read_only());
+    }
+
+    #[test]
+    fn helper_timeout_kills_the_process_group() {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("sleep 30 & sleep 30");
+        let started = Instant::now();
+        let out = run_with_deadline(cmd, Duration::from_millis(200)).unwrap();
+        assert!(out.is_none());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
