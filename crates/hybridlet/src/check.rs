@@ -103,6 +103,22 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         ));
     }
 
+    if config.agent.csi.nfs.enabled {
+        use hybridlet_sys::mount::Mounter as _;
+        let helper = hybridlet_sys::mount::SystemMounter::new().can_mount("nfs");
+        out.push((
+            "NFS mount helper",
+            if helper {
+                Outcome::Ok("mount.nfs found".to_string())
+            } else {
+                Outcome::Fail(
+                    "spec.csi.nfs.enabled is true but mount.nfs is not installed; install nfs-common (Debian, Ubuntu) or nfs-utils (RHEL)"
+                        .to_string(),
+                )
+            },
+        ));
+    }
+
     let sysfs = hybridlet_sys::Sysfs::new(root);
     for (i, pf) in config.agent.sriov.physical_functions.iter().enumerate() {
         let outcome = match crate::run::pf_selector(pf) {

@@ -10,6 +10,7 @@
 
 mod check;
 mod cli;
+mod csi;
 pub mod devices;
 mod exit;
 mod logging;

@@ -34,11 +34,6 @@ pub fn check_supported(config: &Config) -> Result<(), Failure> {
             "the SR-IOV DRA driver",
         ),
         (
-            "spec.csi.nfs.enabled",
-            agent.csi.nfs.enabled,
-            "CSI NFS volumes",
-        ),
-        (
             "spec.csi.iscsi.enabled",
             agent.csi.iscsi.enabled,
             "CSI iSCSI volumes",
@@ -122,10 +117,17 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         mode.as_str(),
         readiness.clone(),
     );
-    let registry = Arc::new(registry);
     let mut supervisor = Supervisor::new(readiness.clone());
     // Subscribe before any subsystem starts, so that no readiness change can be missed.
     let mut ready_changes = readiness.subscribe();
+    if config.agent.csi.nfs.enabled {
+        let kubelet_root = root
+            .resolve(&config.agent.kubelet_root_dir)
+            .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
+        let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &mut registry);
+        supervisor.spawn("csi", move |ctx| plugin.run(ctx));
+    }
+    let registry = Arc::new(registry);
 
     let listen = config.agent.admin.listen_address;
     let startup_delay = args.startup_delay;

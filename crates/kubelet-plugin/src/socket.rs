@@ -73,14 +73,14 @@ impl PluginSocket {
                 len,
             });
         }
-        if let Some(dir) = path.parent() {
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(io_err("creating directory", dir))?;
-            }
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("creating directory", dir))?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
@@ -130,10 +130,10 @@ pub async fn serve(
         .await;
     // Remove our socket whatever happened: a socket left behind would look like a live
     // plugin to the kubelet's watcher until it times out.
-    if let Err(e) = std::fs::remove_file(&path) {
-        if e.kind() != io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove plugin socket");
-        }
+    if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove plugin socket");
     }
     result.map_err(|e| SocketError::Serve {
         path,

@@ -261,8 +261,7 @@ impl Mounter for SystemMounter {
         })?;
         Ok(parse_mountinfo(&text)
             .into_iter()
-            .filter(|m| m.mount_point == target)
-            .last())
+            .rfind(|m| m.mount_point == target))
     }
 
     fn stats(&self, path: &Path) -> Result<FsStats, MountError> {

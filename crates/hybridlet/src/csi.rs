@@ -1,0 +1,114 @@
+//! Wiring of the CSI node plugin into `hybridlet run`: the CSI socket
+//! (`<kubelet-root>/plugins/<driver>/csi.sock`, Identity and Node services) and the
+//! registration socket (`<kubelet-root>/plugins_registry/<driver>-reg.sock`), so the
+//! kubelet finds the driver without a node-driver-registrar sidecar.
+//!
+//! Readiness means "both sockets serve". It does not wait for the kubelet to register the
+//! plugin: the unit starts before the kubelet, and waiting would deadlock start-up. The
+//! kubelet's verdict is logged and counted (`hybridlet_kubelet_plugin_registrations_total`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hybridlet_config::Config;
+use hybridlet_csi::{CsiSettings, services};
+use hybridlet_kubelet_plugin::{
+    PluginSocket, RegistrationMetrics, RegistrationService, registration_socket_path, serve,
+    service_socket_path,
+};
+use hybridlet_proto::csi::v1::identity_server::IdentityServer;
+use hybridlet_proto::csi::v1::node_server::NodeServer;
+use hybridlet_proto::pluginregistration::{CSI_PLUGIN, PluginInfo};
+use hybridlet_runtime::{BoxError, SubsystemContext};
+use hybridlet_sys::mount::SystemMounter;
+
+/// The CSI subsystem, configured and ready to run.
+#[derive(Debug)]
+pub struct CsiPlugin {
+    settings: CsiSettings,
+    csi_socket: PathBuf,
+    registration_socket: PathBuf,
+    metrics: RegistrationMetrics,
+}
+
+/// The Kubernetes node name: IAM Roles Anywhere's `nodeName` when set, else the host name.
+pub fn node_name(config: &Config) -> String {
+    if let Some(name) = config
+        .node
+        .as_ref()
+        .and_then(|n| n.spec.hybrid.as_ref())
+        .and_then(|h| h.iam_roles_anywhere.as_ref())
+        .map(|ra| ra.node_name.clone())
+    {
+        return name;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl CsiPlugin {
+    /// Configure from the agent settings; registers the plugin metrics.
+    pub fn new(
+        config: &Config,
+        kubelet_root: &Path,
+        registry: &mut hybridlet_metrics::Registry,
+    ) -> Self {
+        let driver = &config.agent.csi.driver_name;
+        let mut settings = CsiSettings::new(driver, &node_name(config));
+        settings.nfs_enabled = config.agent.csi.nfs.enabled;
+        Self {
+            csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
+            registration_socket: registration_socket_path(kubelet_root, driver),
+            metrics: RegistrationMetrics::register(registry),
+            settings,
+        }
+    }
+
+    /// Serve until shutdown.
+    pub async fn run(self, ctx: SubsystemContext) -> Result<(), BoxError> {
+        let (identity, node) = services(self.settings.clone(), Arc::new(SystemMounter::new()));
+        if let Err(e) = identity.health() {
+            // Probe reports it to the kubelet and `hybridlet check` to the operator; the
+            // other volume types and the sockets still work.
+            tracing::error!("CSI: {e}");
+        }
+        let csi_socket = PluginSocket::bind(&self.csi_socket)?;
+        let registration_socket = PluginSocket::bind(&self.registration_socket)?;
+        let registration = RegistrationService::new(
+            PluginInfo {
+                r#type: CSI_PLUGIN.to_string(),
+                name: self.settings.driver_name.clone(),
+                endpoint: self.csi_socket.display().to_string(),
+                supported_versions: vec!["1.0.0".to_string()],
+            },
+            self.metrics,
+        );
+        let csi_router = tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(identity))
+            .add_service(NodeServer::new(node));
+        let registration_router =
+            tonic::transport::Server::builder().add_service(registration.into_server());
+        tracing::info!(
+            driver = %self.settings.driver_name,
+            node_id = %self.settings.node_id,
+            csi_socket = %self.csi_socket.display(),
+            registration_socket = %self.registration_socket.display(),
+            "CSI node plugin serving"
+        );
+        ctx.ready.set_ready();
+        let (a, b) = tokio::join!(
+            serve(csi_socket, csi_router, ctx.shutdown.clone()),
+            serve(
+                registration_socket,
+                registration_router,
+                ctx.shutdown.clone()
+            ),
+        );
+        a?;
+        b?;
+        Ok(())
+    }
+}
