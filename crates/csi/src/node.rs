@@ -16,7 +16,7 @@ use hybridlet_proto::csi::v1::{
     NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability, VolumeCondition,
     VolumeUsage, node_service_capability,
 };
-use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter};
+use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmost};
 use tonic::{Request, Response, Status};
 
 use crate::guard::VolumeGuard;
@@ -225,20 +225,22 @@ impl NodeService {
             self.settings.mount_timeout,
             format!("publishing volume {volume_id}"),
             move || {
-                let staged = mounter.mount_at(&staging)?.ok_or_else(|| {
+                // One read of the mount table answers both questions.
+                let table = mounter.mount_table()?;
+                let staged = topmost(&table, &staging).cloned().ok_or_else(|| {
                     CsiError::FailedPrecondition(format!(
                         "volume {vid} is not staged at {}; NodeStageVolume must succeed first",
                         staging.display()
                     ))
                 })?;
-                if let Some(existing) = mounter.mount_at(&target)? {
-                    if same_volume(&existing, &staged) && existing.read_only() == read_only {
+                if let Some(existing) = topmost(&table, &target) {
+                    if same_volume(existing, &staged) && existing.read_only() == read_only {
                         return Ok(());
                     }
                     return Err(CsiError::AlreadyExists(format!(
                         "target path {} is already published {}",
                         target.display(),
-                        if same_volume(&existing, &staged) {
+                        if same_volume(existing, &staged) {
                             format!("with readonly={}", existing.read_only())
                         } else {
                             format!("with another volume ({})", existing.source)

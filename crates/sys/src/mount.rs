@@ -139,8 +139,12 @@ pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), MountError>;
     /// Unmount `target` without following symlinks; `lazy` detaches a busy or stale mount.
     fn unmount(&self, target: &Path, lazy: bool) -> Result<(), MountError>;
+    /// The whole mount table, in mount order (one read of `/proc/self/mountinfo`).
+    fn mount_table(&self) -> Result<Vec<MountEntry>, MountError>;
     /// The mount whose mount point is exactly `target`, if any (the topmost one).
-    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError>;
+    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+        Ok(topmost(&self.mount_table()?, target).cloned())
+    }
     /// Usage of the filesystem at `path`.
     fn stats(&self, path: &Path) -> Result<FsStats, MountError>;
     /// Whether `mount(8)` can mount `fs_type` (its helper, e.g. `mount.nfs`, is installed).
@@ -252,16 +256,14 @@ impl Mounter for SystemMounter {
         })
     }
 
-    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
+    fn mount_table(&self) -> Result<Vec<MountEntry>, MountError> {
         let path = self.mountinfo_path();
         let text = std::fs::read_to_string(&path).map_err(|source| MountError::Io {
             what: "reading",
             path: path.clone(),
             source,
         })?;
-        Ok(parse_mountinfo(&text)
-            .into_iter()
-            .rfind(|m| m.mount_point == target))
+        Ok(parse_mountinfo(&text))
     }
 
     fn stats(&self, path: &Path) -> Result<FsStats, MountError> {
@@ -295,6 +297,11 @@ impl Mounter for SystemMounter {
                 .iter()
                 .any(|d| Path::new(d).join(&helper).is_file())
     }
+}
+
+/// The topmost mount at exactly `target` in a table (later mounts stack over earlier ones).
+pub fn topmost<'a>(table: &'a [MountEntry], target: &Path) -> Option<&'a MountEntry> {
+    table.iter().rfind(|m| m.mount_point == target)
 }
 
 /// Undo mountinfo's octal escapes (`\040` for a space, ...).
@@ -487,8 +494,8 @@ impl Mounter for FakeMounter {
         }
     }
 
-    fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
-        Ok(self.lock().table.get(target).cloned())
+    fn mount_table(&self) -> Result<Vec<MountEntry>, MountError> {
+        Ok(self.lock().table.values().cloned().collect())
     }
 
     fn stats(&self, path: &Path) -> Result<FsStats, MountError> {
