@@ -134,11 +134,11 @@ async fn main() {
         "100 concurrent publishes:      {ok}/100 succeeded in {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    for i in 0..100 {
+    for (i, s) in stagings.iter().enumerate() {
         let t = dir.path().join(format!("t{i}"));
         let _ = rustix::mount::unmount(&t, rustix::mount::UnmountFlags::NOFOLLOW);
         let _ = std::fs::remove_dir(&t);
-        let _ = rustix::mount::unmount(&stagings[i], rustix::mount::UnmountFlags::NOFOLLOW);
+        let _ = rustix::mount::unmount(s, rustix::mount::UnmountFlags::NOFOLLOW);
     }
     mounter.unmount(&staging, false).unwrap();
 }
