@@ -13,9 +13,11 @@
 //! its own.
 
 mod eks;
+mod token;
 
 pub use aws_credential_types::Credentials;
 pub use eks::{ClusterInfo, EksError, describe_cluster};
+pub use token::{EksToken, TOKEN_LIFETIME, TokenError, eks_token, sts_host};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
@@ -52,6 +54,25 @@ pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
         loader = loader.credentials_provider(creds.clone());
     }
     loader.load().await
+}
+
+/// Resolve credentials from the configuration's provider chain (environment, shared
+/// files, `credential_process`, ...).
+pub async fn resolve_credentials(config: &SdkConfig) -> Result<Credentials, String> {
+    use aws_credential_types::provider::ProvideCredentials as _;
+    let provider = config
+        .credentials_provider()
+        .ok_or_else(|| "no AWS credentials provider is configured".to_string())?;
+    provider.provide_credentials().await.map_err(|e| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        message
+    })
 }
 
 /// An EKS client from the shared configuration.

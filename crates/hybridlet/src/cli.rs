@@ -104,6 +104,9 @@ pub enum Command {
     Upgrade(VersionArg),
     /// Remove what install and init put on this node.
     Uninstall,
+    /// Print an EKS token as a kubeconfig exec credential (client.authentication.k8s.io/v1beta1),
+    /// signed with this node's AWS credentials; the kubelet's kubeconfig runs this.
+    Token(TokenArgs),
     /// Print the version.
     Version(VersionArgs),
 }
@@ -149,6 +152,16 @@ pub struct CheckArgs {
 pub struct VersionArg {
     /// Kubernetes version, e.g. 1.34 or 1.34.2.
     pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Cluster name [default: spec.cluster.name from the configuration].
+    #[arg(long, short = 'i', value_name = "NAME")]
+    pub cluster_id: Option<String>,
+    /// AWS region [default: spec.cluster.region from the configuration].
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +236,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Run(args) => crate::run::run(&cli, args),
         Command::Check(args) => crate::check::check(&cli, args),
+        Command::Token(args) => crate::token::token(&cli, args),
         Command::Version(args) => {
             print_version(args.json);
             Ok(())

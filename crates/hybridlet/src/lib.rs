@@ -16,6 +16,7 @@ mod exit;
 mod logging;
 mod run;
 pub mod tls;
+mod token;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -253,3 +253,76 @@ fn check_verifies_configured_pfs_on_the_host() {
         text(&out)
     );
 }
+
+fn token_cmd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
+    cmd.args(args)
+        // Never reach for instance metadata (169.254.169.254) or the developer's ~/.aws.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("HOME", home.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_CONFIG_FILE")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn token_prints_an_exec_credential() {
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+    ];
+    let out = token_cmd(
+        &[
+            "token",
+            "--cluster-id",
+            "prod-hybrid",
+            "--region",
+            "eu-west-1",
+        ],
+        &creds,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "ExecCredential");
+    assert_eq!(v["apiVersion"], "client.authentication.k8s.io/v1beta1");
+    let token = v["status"]["token"].as_str().unwrap();
+    assert!(token.starts_with("k8s-aws-v1."));
+    let ts = v["status"]["expirationTimestamp"].as_str().unwrap();
+    assert_eq!(ts.len(), 20, "{ts}");
+    assert!(ts.ends_with('Z'));
+
+    // Cluster and region from the NodeConfig.
+    let out = token_cmd(
+        &[
+            "token",
+            "--config",
+            fixtures().join("good/ssm.yaml").to_str().unwrap(),
+        ],
+        &creds,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // No credentials anywhere: a clear failure, not a hang on instance metadata.
+    let out = token_cmd(
+        &["token", "--cluster-id", "c", "--region", "us-west-2"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no AWS credentials"), "{}", text(&out));
+
+    // No cluster known: usage error.
+    let root = tempfile::tempdir().unwrap();
+    let out = token_cmd(&["--root", root.path().to_str().unwrap(), "token"], &creds);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+}
