@@ -117,6 +117,12 @@ pub struct RunArgs {
     /// resources, to exercise shutdown during start-up (e.g. 30s).
     #[arg(long, hide = true, env = "HYBRIDLET_STARTUP_DELAY", value_parser = parse_duration)]
     pub startup_delay: Option<Duration>,
+    /// Describe GPUs from this JSON file instead of NVML (demos and tests; see `devices`).
+    #[arg(long, value_name = "FILE")]
+    pub nvml_fixture: Option<PathBuf>,
+    /// How often device discovery runs for the metrics (e.g. 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub device_sample_interval: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -57,45 +57,45 @@ impl Placement {
 #[serde(rename_all = "camelCase")]
 pub struct GpuView {
     #[serde(flatten)]
-    info: hybridlet_gpu::GpuInfo,
-    pci_address: Option<String>,
+    pub(crate) info: hybridlet_gpu::GpuInfo,
+    pub(crate) pci_address: Option<String>,
     #[serde(flatten)]
-    placement: Placement,
+    pub(crate) placement: Placement,
 }
 
 /// One physical function.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PfView {
-    pci_address: String,
-    vendor_id: String,
-    device_id: String,
-    driver: Option<String>,
-    netdev: Option<String>,
-    link_speed_mbps: Option<u32>,
-    total_vfs: u32,
-    num_vfs: u32,
-    rdma_device: Option<String>,
-    iommu_group: Option<u32>,
+    pub(crate) pci_address: String,
+    pub(crate) vendor_id: String,
+    pub(crate) device_id: String,
+    pub(crate) driver: Option<String>,
+    pub(crate) netdev: Option<String>,
+    pub(crate) link_speed_mbps: Option<u32>,
+    pub(crate) total_vfs: u32,
+    pub(crate) num_vfs: u32,
+    pub(crate) rdma_device: Option<String>,
+    pub(crate) iommu_group: Option<u32>,
     #[serde(flatten)]
-    placement: Placement,
-    vfs: Vec<VfView>,
+    pub(crate) placement: Placement,
+    pub(crate) vfs: Vec<VfView>,
 }
 
 /// One virtual function.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VfView {
-    index: u32,
-    pci_address: String,
-    vendor_id: String,
-    device_id: String,
-    driver: Option<String>,
-    netdev: Option<String>,
-    rdma_device: Option<String>,
-    iommu_group: Option<u32>,
+    pub(crate) index: u32,
+    pub(crate) pci_address: String,
+    pub(crate) vendor_id: String,
+    pub(crate) device_id: String,
+    pub(crate) driver: Option<String>,
+    pub(crate) netdev: Option<String>,
+    pub(crate) rdma_device: Option<String>,
+    pub(crate) iommu_group: Option<u32>,
     #[serde(flatten)]
-    placement: Placement,
+    pub(crate) placement: Placement,
 }
 
 /// A device that was skipped.

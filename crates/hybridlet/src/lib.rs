@@ -11,6 +11,7 @@
 mod check;
 mod cli;
 mod csi;
+mod device_metrics;
 pub mod devices;
 mod exit;
 mod logging;

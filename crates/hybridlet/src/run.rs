@@ -127,6 +127,25 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &mut registry);
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
+    {
+        let device_metrics = crate::device_metrics::DeviceMetrics::register(&mut registry);
+        let sysfs = hybridlet_sys::Sysfs::new(&root);
+        let gpus: Option<Arc<dyn hybridlet_gpu::GpuSource>> =
+            match crate::devices::gpu_source(args.nvml_fixture.as_deref()) {
+                Ok(source) => source.map(Arc::from),
+                Err(Failure::Runtime(e)) if args.nvml_fixture.is_none() => {
+                    tracing::warn!("NVML failed to initialise: {e:#}; GPUs are not reported");
+                    None
+                }
+                Err(other) => return Err(other),
+            };
+        let interval = args
+            .device_sample_interval
+            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL);
+        supervisor.spawn("devices", move |ctx| {
+            device_metrics.run(sysfs, gpus, interval, ctx)
+        });
+    }
     let registry = Arc::new(registry);
 
     let listen = config.agent.admin.listen_address;

