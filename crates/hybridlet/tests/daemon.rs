@@ -169,7 +169,7 @@ fn steady_state_sigterm_exits_0_and_serves_metrics_until_then() {
     }
     assert_eq!(
         http_get(addr, "/readyz"),
-        (200, "admin: ready\n".to_string())
+        (200, "admin: ready\ndevices: ready\n".to_string())
     );
     assert_eq!(http_get(addr, "/healthz").0, 200);
     let state = root.path().join("var/lib/hybridlet");
@@ -251,7 +251,7 @@ fn sd_notify_ready_watchdog_and_stopping() {
     recv_until("READY=1", &mut got);
     let ready = got.iter().find(|m| m.contains("READY=1")).unwrap();
     assert!(
-        ready.contains("STATUS=standalone; 1/1 subsystems ready"),
+        ready.contains("STATUS=standalone; 2/2 subsystems ready"),
         "{ready}"
     );
     recv_until("WATCHDOG=1", &mut got);
