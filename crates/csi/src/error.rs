@@ -34,9 +34,9 @@ pub enum CsiError {
 }
 
 impl CsiError {
-    /// The gRPC status for this error (message human-readable, no details).
-    pub fn into_status(self) -> Status {
-        let code = match &self {
+    /// The gRPC code the CSI specification mandates for this error.
+    pub fn code(&self) -> Code {
+        match self {
             CsiError::InvalidArgument(_) => Code::InvalidArgument,
             CsiError::Busy { .. } => Code::Aborted,
             CsiError::AlreadyExists(_) => Code::AlreadyExists,
@@ -45,8 +45,12 @@ impl CsiError {
             CsiError::Timeout(_) => Code::DeadlineExceeded,
             CsiError::Unimplemented(_) => Code::Unimplemented,
             CsiError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, self.to_string())
+        }
+    }
+
+    /// The gRPC status for this error (message human-readable, no details).
+    pub fn into_status(self) -> Status {
+        Status::new(self.code(), self.to_string())
     }
 }
 

@@ -18,12 +18,14 @@
 mod error;
 mod guard;
 mod identity;
+mod metrics;
 mod nfs;
 mod node;
 mod validate;
 
 pub use error::CsiError;
 pub use identity::IdentityService;
+pub use metrics::CsiMetrics;
 pub use node::NodeService;
 
 use std::sync::Arc;
@@ -68,9 +70,18 @@ pub fn services(
     settings: CsiSettings,
     mounter: Arc<dyn Mounter>,
 ) -> (IdentityService, NodeService) {
+    services_with_metrics(settings, mounter, CsiMetrics::default())
+}
+
+/// Both services, recording call metrics into `metrics`.
+pub fn services_with_metrics(
+    settings: CsiSettings,
+    mounter: Arc<dyn Mounter>,
+    metrics: CsiMetrics,
+) -> (IdentityService, NodeService) {
     let settings = Arc::new(settings);
     (
         IdentityService::new(settings.clone(), mounter.clone()),
-        NodeService::new(settings, mounter),
+        NodeService::new(settings, mounter, metrics),
     )
 }

@@ -20,7 +20,7 @@ use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmos
 use tonic::{Request, Response, Status};
 
 use crate::guard::VolumeGuard;
-use crate::{CsiError, CsiSettings, nfs, validate};
+use crate::{CsiError, CsiMetrics, CsiSettings, nfs, validate};
 
 /// The CSI Node service.
 #[derive(Debug, Clone)]
@@ -28,6 +28,7 @@ pub struct NodeService {
     settings: Arc<CsiSettings>,
     mounter: Arc<dyn Mounter>,
     guard: VolumeGuard,
+    metrics: CsiMetrics,
 }
 
 /// What a capability asks for, once validated.
@@ -107,11 +108,16 @@ fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
 }
 
 impl NodeService {
-    pub(crate) fn new(settings: Arc<CsiSettings>, mounter: Arc<dyn Mounter>) -> Self {
+    pub(crate) fn new(
+        settings: Arc<CsiSettings>,
+        mounter: Arc<dyn Mounter>,
+        metrics: CsiMetrics,
+    ) -> Self {
         Self {
             settings,
             mounter,
             guard: VolumeGuard::default(),
+            metrics,
         }
     }
 
@@ -408,9 +414,10 @@ impl Node for NodeService {
         &self,
         request: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        self.stage(request.into_inner())
-            .await
-            .map_err(CsiError::into_status)?;
+        let started = std::time::Instant::now();
+        let result = self.stage(request.into_inner()).await;
+        self.metrics.observe("NodeStageVolume", started, &result);
+        result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
@@ -418,9 +425,10 @@ impl Node for NodeService {
         &self,
         request: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        self.unstage(request.into_inner())
-            .await
-            .map_err(CsiError::into_status)?;
+        let started = std::time::Instant::now();
+        let result = self.unstage(request.into_inner()).await;
+        self.metrics.observe("NodeUnstageVolume", started, &result);
+        result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
@@ -428,9 +436,10 @@ impl Node for NodeService {
         &self,
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        self.publish(request.into_inner())
-            .await
-            .map_err(CsiError::into_status)?;
+        let started = std::time::Instant::now();
+        let result = self.publish(request.into_inner()).await;
+        self.metrics.observe("NodePublishVolume", started, &result);
+        result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -438,9 +447,11 @@ impl Node for NodeService {
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        self.unpublish(request.into_inner())
-            .await
-            .map_err(CsiError::into_status)?;
+        let started = std::time::Instant::now();
+        let result = self.unpublish(request.into_inner()).await;
+        self.metrics
+            .observe("NodeUnpublishVolume", started, &result);
+        result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -448,10 +459,10 @@ impl Node for NodeService {
         &self,
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
-        self.stats(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(CsiError::into_status)
+        let started = std::time::Instant::now();
+        let result = self.stats(request.into_inner()).await;
+        self.metrics.observe("NodeGetVolumeStats", started, &result);
+        result.map(Response::new).map_err(CsiError::into_status)
     }
 
     async fn node_expand_volume(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hybridlet_config::Config;
-use hybridlet_csi::{CsiSettings, services};
+use hybridlet_csi::{CsiMetrics, CsiSettings, services_with_metrics};
 use hybridlet_kubelet_plugin::{
     PluginSocket, RegistrationMetrics, RegistrationService, registration_socket_path, serve,
     service_socket_path,
@@ -29,6 +29,7 @@ pub struct CsiPlugin {
     csi_socket: PathBuf,
     registration_socket: PathBuf,
     metrics: RegistrationMetrics,
+    csi_metrics: CsiMetrics,
 }
 
 /// The Kubernetes node name: IAM Roles Anywhere's `nodeName` when set, else the host name.
@@ -63,13 +64,18 @@ impl CsiPlugin {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),
             metrics: RegistrationMetrics::register(registry),
+            csi_metrics: CsiMetrics::register(registry),
             settings,
         }
     }
 
     /// Serve until shutdown.
     pub async fn run(self, ctx: SubsystemContext) -> Result<(), BoxError> {
-        let (identity, node) = services(self.settings.clone(), Arc::new(SystemMounter::new()));
+        let (identity, node) = services_with_metrics(
+            self.settings.clone(),
+            Arc::new(SystemMounter::new()),
+            self.csi_metrics,
+        );
         if let Err(e) = identity.health() {
             // Probe reports it to the kubelet and `hybridlet check` to the operator; the
             // other volume types and the sockets still work.

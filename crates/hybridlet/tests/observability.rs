@@ -121,13 +121,19 @@ fn live_scrape_matches_docs_and_alerts() {
     }
 
     let docs = documented();
-    // Exported names, as a scrape shows them in samples (counters with a _total sample).
+    // Exported families from their TYPE lines (counters are sampled as NAME_total, info
+    // metrics as NAME_info, which is how docs/metrics.md names them).
+    let mut event_families = BTreeSet::new();
     let exported: BTreeSet<String> = body
         .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .filter(|n| n.starts_with("hybridlet_"))
-        .map(str::to_string)
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| name.starts_with("hybridlet_"))
+        .map(|(name, kind)| match kind {
+            "counter" => format!("{name}_total"),
+            "info" => format!("{name}_info"),
+            _ => name.to_string(),
+        })
         .collect();
     for name in &exported {
         assert!(
@@ -135,10 +141,21 @@ fn live_scrape_matches_docs_and_alerts() {
             "{name} is exported but not in docs/metrics.md"
         );
     }
+    let doc_text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md"),
+    )
+    .unwrap();
+    for line in doc_text.lines() {
+        if (line.contains("| counter |") || line.contains("| histogram |"))
+            && let Some(name) = line.strip_prefix("| `").and_then(|l| l.split('`').next())
+        {
+            event_families.insert(name.to_string());
+        }
+    }
     for name in &docs {
-        // Counters only appear after their first event.
+        // Counter and histogram families appear after their first event.
         assert!(
-            exported.contains(name) || name.ends_with("_total"),
+            exported.contains(name) || event_families.contains(name),
             "{name} is documented but not exported:\n{body}"
         );
     }

@@ -101,17 +101,16 @@ pub fn provision(
         })?;
     let started = Instant::now();
     loop {
-        let present = sysfs
-            .pci_device(&pf)
-            .map(|d| {
-                if d.dangling_links.is_empty() {
-                    d.virtfns.len()
-                } else {
-                    usize::MAX
-                }
-            })
-            .unwrap_or(usize::MAX);
-        if present == count as usize {
+        // Done when exactly virtfn0..virtfn{count-1} exist and all resolve: a count that
+        // merely matches while VFs are still being torn down does not qualify.
+        let (present, complete) = match sysfs.pci_device(&pf) {
+            Ok(d) => {
+                let in_order = d.virtfns.iter().map(|(i, _)| *i).eq(0..count);
+                (d.virtfns.len(), in_order && d.dangling_links.is_empty())
+            }
+            Err(_) => (0, false),
+        };
+        if complete {
             return Ok(Provisioned {
                 pf,
                 before,
@@ -121,7 +120,7 @@ pub fn provision(
         if started.elapsed() >= timeout {
             return Err(ProvisionError::Timeout {
                 pf,
-                found: if present == usize::MAX { 0 } else { present },
+                found: present,
                 wanted: count,
                 waited: started.elapsed(),
             });
