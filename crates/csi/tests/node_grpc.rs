@@ -21,7 +21,7 @@ use hybridlet_proto::csi::v1::*;
 use hybridlet_runtime::CancellationToken;
 use hybridlet_sys::mount::{FakeMounter, FsStats};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 struct Harness {
     dir: tempfile::TempDir,
@@ -45,18 +45,7 @@ async fn start() -> Harness {
         .add_service(NodeServer::new(node));
     let stop = CancellationToken::new();
     tokio::spawn(serve(socket, router, stop.clone()));
-    let channel = Endpoint::try_from("http://kubelet.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let sock = sock.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(sock).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = hybridlet_kubelet_plugin::connect(&sock).await.unwrap();
     Harness {
         dir,
         mounter,

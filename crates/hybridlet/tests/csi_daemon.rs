@@ -13,21 +13,9 @@ use hybridlet_proto::csi::v1::node_client::NodeClient;
 use hybridlet_proto::csi::v1::{GetPluginInfoRequest, NodeGetInfoRequest};
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 use hybridlet_proto::pluginregistration::{InfoRequest, RegistrationStatus};
-use tonic::transport::{Channel, Endpoint, Uri};
 
-async fn channel(path: PathBuf) -> Channel {
-    Endpoint::try_from("http://kubelet.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+async fn channel(path: PathBuf) -> tonic::transport::Channel {
+    hybridlet_kubelet_plugin::connect(&path).await.unwrap()
 }
 
 fn wait_for_socket(path: &Path) {

@@ -16,7 +16,7 @@ mod registration;
 mod socket;
 
 pub use registration::{RegistrationMetrics, RegistrationService, RegistrationState};
-pub use socket::{PluginSocket, SocketError, serve};
+pub use socket::{PluginSocket, SocketError, connect, serve};
 
 use std::path::{Path, PathBuf};
 

@@ -140,3 +140,18 @@ pub async fn serve(
         message: e.to_string(),
     })
 }
+
+/// A gRPC channel to a plugin socket: how the kubelet (and hybridlet's own checks) reach a
+/// plugin. The URI is a placeholder; every connection goes to `path`.
+pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://plugin.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+}

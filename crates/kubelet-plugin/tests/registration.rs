@@ -6,27 +6,11 @@ use std::path::Path;
 
 use hybridlet_kubelet_plugin::{
     PluginSocket, RegistrationMetrics, RegistrationService, RegistrationState, SocketError,
-    registration_socket_path, serve,
+    connect, registration_socket_path, serve,
 };
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 use hybridlet_proto::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus};
 use hybridlet_runtime::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-async fn connect(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://kubelet.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .unwrap()
-}
 
 fn info(endpoint: &Path) -> PluginInfo {
     PluginInfo {
@@ -66,7 +50,7 @@ async fn get_info_and_status_over_the_socket() {
     let router = tonic::transport::Server::builder().add_service(service.into_server());
     let server = tokio::spawn(serve(socket, router, stop.clone()));
 
-    let mut client = RegistrationClient::new(connect(&path).await);
+    let mut client = RegistrationClient::new(connect(&path).await.unwrap());
     let got = client.get_info(InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(got.r#type, "CSIPlugin");
     assert_eq!(got.name, "csi.hybridlet.io");
