@@ -40,9 +40,9 @@ pub fn http_client() -> aws_sdk_eks::config::SharedHttpClient {
         .build_https()
 }
 
-/// Load the shared SDK configuration: region, endpoint override, credentials (the default
-/// chain: environment, shared files including `credential_process`, container and
-/// instance metadata), on our HTTP client.
+/// Load the shared SDK configuration: region, endpoint override (else the standard
+/// `AWS_ENDPOINT_URL*` variables), credentials ([`on_premises_chain`] unless static ones are
+/// given), on our HTTP client.
 pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(settings.region.clone()))
@@ -50,9 +50,10 @@ pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     if let Some(url) = &settings.endpoint_url {
         loader = loader.endpoint_url(url);
     }
-    if let Some(creds) = &settings.static_credentials {
-        loader = loader.credentials_provider(creds.clone());
-    }
+    loader = match &settings.static_credentials {
+        Some(creds) => loader.credentials_provider(creds.clone()),
+        None => loader.credentials_provider(on_premises_chain(&settings.region)),
+    };
     loader.load().await
 }
 
@@ -73,6 +74,28 @@ pub async fn resolve_credentials(config: &SdkConfig) -> Result<Credentials, Stri
         }
         message
     })
+}
+
+/// The credential chain for an on-premises node: environment variables, then the shared
+/// config and credentials files (the SSM agent writes `/root/.aws/credentials`; IAM Roles
+/// Anywhere uses a `credential_process` profile). Hybrid nodes are not EC2 instances, so
+/// instance and container metadata are left out: probing them only adds delays and
+/// confusing errors (and reaches for a link-local address the network may not route).
+pub fn on_premises_chain(region: &str) -> aws_config::meta::credentials::CredentialsProviderChain {
+    // Profiles can chain to STS (role_arn); give them our HTTP client and the region.
+    let provider_config = aws_config::provider_config::ProviderConfig::without_region()
+        .with_region(Some(Region::new(region.to_string())))
+        .with_http_client(http_client());
+    aws_config::meta::credentials::CredentialsProviderChain::first_try(
+        "Environment",
+        aws_config::environment::credentials::EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else(
+        "Profile",
+        aws_config::profile::ProfileFileCredentialsProvider::builder()
+            .configure(&provider_config)
+            .build(),
+    )
 }
 
 /// An EKS client from the shared configuration.

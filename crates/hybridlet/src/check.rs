@@ -12,18 +12,18 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
     let loaded = cli.load_config()?;
     let config = &loaded.config;
     if loaded.files.is_empty() {
-        println!("configuration: ok (no configuration files; embedded standalone defaults)");
+        outln!("configuration: ok (no configuration files; embedded standalone defaults)");
     } else {
         let files: Vec<String> = loaded
             .files
             .iter()
             .map(|p| p.display().to_string())
             .collect();
-        println!("configuration: ok ({})", files.join(", "));
+        outln!("configuration: ok ({})", files.join(", "));
     }
-    println!("mode: {}", describe_mode(config));
+    outln!("mode: {}", describe_mode(config));
     for warning in &loaded.warnings {
-        println!("warning: {warning}");
+        outln!("warning: {warning}");
     }
     crate::run::check_supported(config)?;
     if args.config_only {
@@ -34,11 +34,11 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
     let mut failed = 0;
     for (name, outcome) in host_checks(config, &root) {
         match outcome {
-            Outcome::Ok(detail) => println!("ok: {name}: {detail}"),
-            Outcome::Warn(detail) => println!("warning: {name}: {detail}"),
+            Outcome::Ok(detail) => outln!("ok: {name}: {detail}"),
+            Outcome::Warn(detail) => outln!("warning: {name}: {detail}"),
             Outcome::Fail(detail) => {
                 failed += 1;
-                println!("FAIL: {name}: {detail}");
+                outln!("FAIL: {name}: {detail}");
             }
         }
     }
@@ -48,7 +48,7 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
             if failed == 1 { "" } else { "s" }
         )));
     }
-    println!("host: ok");
+    outln!("host: ok");
     Ok(())
 }
 

@@ -96,8 +96,9 @@ pub enum Command {
     Check(CheckArgs),
     /// List the GPUs and SR-IOV devices hybridlet can see, with their PCIe topology.
     Devices(DevicesArgs),
-    /// Join this node to the EKS cluster (credentials, containerd, kubelet).
-    Init,
+    /// Join this node to the EKS cluster (credentials, containerd, kubelet). Today only
+    /// `--dry-run` is available: it resolves the cluster and shows every file init would write.
+    Init(InitArgs),
     /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
     Install(VersionArg),
     /// Upgrade the node's Kubernetes components to another version.
@@ -158,6 +159,14 @@ pub struct CheckArgs {
 pub struct VersionArg {
     /// Kubernetes version, e.g. 1.34 or 1.34.2.
     pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Resolve the cluster (from the configuration, else EKS DescribeCluster) and print
+    /// every file init would write, marked new, changed or unchanged; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -248,7 +257,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Devices(args) => crate::devices::devices(&cli, args),
-        Command::Init => not_implemented("init", "joining the node to EKS"),
+        Command::Init(args) => crate::init::init(&cli, args),
         Command::Install(_) => not_implemented("install", "installing Kubernetes components"),
         Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),
         Command::Uninstall => not_implemented("uninstall", "removing Kubernetes components"),
@@ -264,12 +273,12 @@ fn not_implemented(command: &str, what: &str) -> Result<(), Failure> {
 fn print_version(json: bool) {
     let info = crate::build_info();
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"version": info.version, "commit": info.commit})
         );
     } else {
-        println!("hybridlet {} (commit {})", info.version, info.commit);
+        outln!("hybridlet {} (commit {})", info.version, info.commit);
     }
 }
 

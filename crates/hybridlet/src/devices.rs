@@ -218,7 +218,10 @@ pub fn devices(cli: &Cli, args: &DevicesArgs) -> Result<(), Failure> {
         OutputFormat::Yaml => serde_saphyr::to_string(&report).context("encoding YAML")?,
         OutputFormat::Table => table(&report),
     };
-    print!("{text}");
+    {
+        use std::io::Write as _;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    }
     Ok(())
 }
 

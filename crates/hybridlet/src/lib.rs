@@ -8,12 +8,22 @@
 //! What this crate must never do: contain domain logic. It parses, loads, wires and maps
 //! errors; the work happens in the crates below it.
 
+/// Print a line on stdout; a closed pipe (`hybridlet devices | head`) truncates the output
+/// quietly instead of panicking as `println!` does.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod check;
 mod cli;
 mod csi;
 mod device_metrics;
 pub mod devices;
 mod exit;
+mod init;
 mod logging;
 mod run;
 pub mod tls;

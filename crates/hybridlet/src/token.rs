@@ -89,7 +89,7 @@ pub fn token(cli: &Cli, args: &TokenArgs) -> Result<(), Failure> {
             "token": token.token,
         }
     });
-    println!("{out}");
+    outln!("{out}");
     Ok(())
 }
 

@@ -1,0 +1,29 @@
+//! Join: everything `hybridlet init` writes on a host, rendered from one typed model — the
+//! validated configuration plus the cluster's coordinates and the node's identity — as
+//! pure functions (no IO here; writing is the binary's job, atomically, under `--root`).
+//!
+//! Files, as nodeadm lays them out so that existing tooling keeps working:
+//!
+//! | path | what |
+//! |---|---|
+//! | `/etc/containerd/config.toml` | containerd v2 config: systemd cgroups, sandbox image, CDI on, `config_path` for registry hosts, imports of `config.d` |
+//! | `/etc/containerd/config.d/00-nodeadm.toml` | the user's `spec.containerd.config`, verbatim (when set) |
+//! | `/etc/containerd/certs.d/<registry>/hosts.toml` | one per `spec.registryMirrors[]` |
+//! | `/etc/kubernetes/pki/ca.crt` | the cluster CA |
+//! | `/etc/kubernetes/kubelet/config.json` | KubeletConfiguration; the user's `spec.kubelet.config` merged over ours, user values win |
+//! | `/var/lib/kubelet/kubeconfig` | API server, CA, and `hybridlet token` as the exec credential plugin |
+//! | `/etc/eks/kubelet/environment` | `NODEADM_KUBELET_ARGS`: our flags, then the user's `spec.kubelet.flags` (they win) |
+//! | `/etc/systemd/system/{containerd,kubelet}.service.d/http-proxy.conf` | from `spec.proxy` |
+//!
+//! What this crate must never do: touch the host, call AWS, or overwrite a value the user
+//! set with a computed one.
+
+mod render;
+
+pub use render::{
+    ClusterCoordinates, NodeIdentity, RenderError, RenderedFile, cluster_dns, render,
+};
+
+/// The pause image nodeadm uses when the ECR account for the region is unknown.
+pub const DEFAULT_SANDBOX_IMAGE: &str =
+    "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5";

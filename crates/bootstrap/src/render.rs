@@ -1,0 +1,407 @@
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use hybridlet_config::{Config, RegistryMirror};
+use serde_json::{Map, Value, json};
+
+/// What the cluster looks like (from the config, or from DescribeCluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterCoordinates {
+    /// Cluster name.
+    pub name: String,
+    /// Region.
+    pub region: String,
+    /// API server URL.
+    pub endpoint: String,
+    /// Base64 PEM CA bundle.
+    pub certificate_authority: String,
+    /// Service CIDR.
+    pub service_cidr: String,
+}
+
+/// Who this node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// Kubernetes node name (IAM-RA `nodeName`, or the SSM managed instance ID).
+    pub node_name: String,
+    /// `ssm` or `iam-ra`.
+    pub credential_provider: String,
+    /// Extra environment for the exec credential plugin (IAM-RA: the AWS config file).
+    pub aws_config_file: Option<String>,
+}
+
+/// One file to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedFile {
+    /// Absolute host path (the binary resolves it under `--root`).
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Contents.
+    pub contents: String,
+}
+
+/// Why rendering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The service CIDR cannot give a cluster DNS address.
+    #[error("spec.cluster.cidr: {0}")]
+    Cidr(String),
+    /// The CA is not base64.
+    #[error("spec.cluster.certificateAuthority: {0}")]
+    CertificateAuthority(String),
+}
+
+/// The cluster DNS address of a service CIDR: `.10` for IPv4, `::a` for IPv6 (as the EKS
+/// CoreDNS service is placed).
+pub fn cluster_dns(service_cidr: &str) -> Result<String, RenderError> {
+    let net: ipnet::IpNet = service_cidr
+        .parse()
+        .map_err(|_| RenderError::Cidr(format!("{service_cidr:?} is not a CIDR")))?;
+    Ok(match net {
+        ipnet::IpNet::V4(v4) => {
+            let base = u32::from(v4.network());
+            std::net::Ipv4Addr::from(base + 10).to_string()
+        }
+        ipnet::IpNet::V6(v6) => {
+            let base = u128::from(v6.network());
+            std::net::Ipv6Addr::from(base + 10).to_string()
+        }
+    })
+}
+
+/// Merge `overlay` into `base`; overlay (the user's) wins, objects merge recursively.
+fn merge_user(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(existing) => merge_user(existing, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+fn kubelet_config(
+    cluster: &ClusterCoordinates,
+    node: &NodeIdentity,
+    user: &Map<String, Value>,
+) -> Result<String, RenderError> {
+    let mut cfg = json!({
+        "kind": "KubeletConfiguration",
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "address": "0.0.0.0",
+        "authentication": {
+            "anonymous": {"enabled": false},
+            "webhook": {"enabled": true, "cacheTTL": "2m0s"},
+            "x509": {"clientCAFile": "/etc/kubernetes/pki/ca.crt"}
+        },
+        "authorization": {
+            "mode": "Webhook",
+            "webhook": {"cacheAuthorizedTTL": "5m0s", "cacheUnauthorizedTTL": "30s"}
+        },
+        "cgroupDriver": "systemd",
+        "cgroupRoot": "/",
+        "clusterDNS": [cluster_dns(&cluster.service_cidr)?],
+        "clusterDomain": "cluster.local",
+        "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "10%", "nodefs.inodesFree": "5%"},
+        "featureGates": {"RotateKubeletServerCertificate": true},
+        "hairpinMode": "hairpin-veth",
+        "kubeReservedCgroup": "/runtime",
+        "systemReservedCgroup": "/system",
+        "logging": {"verbosity": 2},
+        "protectKernelDefaults": true,
+        "providerID": format!("eks-hybrid:///{}/{}/{}", cluster.region, cluster.name, node.node_name),
+        "readOnlyPort": 0,
+        "serializeImagePulls": false,
+        "serverTLSBootstrap": true,
+        "tlsCipherSuites": [
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305",
+            "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "TLS_RSA_WITH_AES_256_GCM_SHA384",
+            "TLS_RSA_WITH_AES_128_GCM_SHA256"
+        ]
+    });
+    merge_user(&mut cfg, &Value::Object(user.clone()));
+    // serde_json without preserve_order sorts keys: stable output, stable diffs.
+    Ok(serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n")
+}
+
+fn containerd_config(sandbox_image: &str) -> String {
+    format!(
+        r#"# Written by hybridlet init. Local additions belong in /etc/containerd/config.d/*.toml.
+version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+imports = ["/etc/containerd/config.d/*.toml"]
+
+[grpc]
+address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.grpc.v1.cri"]
+sandbox_image = "{sandbox_image}"
+# DRA drivers hand devices to containers as CDI specs.
+enable_cdi = true
+cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
+
+[plugins."io.containerd.grpc.v1.cri".registry]
+# Mirrors live in /etc/containerd/certs.d/<registry>/hosts.toml.
+config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"
+
+[plugins."io.containerd.grpc.v1.cri".containerd]
+default_runtime_name = "runc"
+discard_unpacked_layers = true
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+SystemdCgroup = true
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+bin_dir = "/opt/cni/bin"
+conf_dir = "/etc/cni/net.d"
+"#
+    )
+}
+
+fn toml_str(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn hosts_toml(mirror: &RegistryMirror) -> String {
+    let upstream = match mirror.registry.as_str() {
+        "docker.io" => "https://registry-1.docker.io".to_string(),
+        "_default" => String::new(),
+        other => format!("https://{other}"),
+    };
+    let mut out = String::from("# Written by hybridlet init from spec.registryMirrors.\n");
+    if !upstream.is_empty() {
+        // The upstream stays the fallback when every mirror fails.
+        let _ = writeln!(out, "server = {}\n", toml_str(&upstream));
+    }
+    for endpoint in &mirror.endpoints {
+        let _ = writeln!(out, "[host.{}]", toml_str(endpoint));
+        let _ = writeln!(out, "  capabilities = [\"pull\", \"resolve\"]");
+        if let Some(ca) = &mirror.ca_file {
+            let _ = writeln!(out, "  ca = {}", toml_str(ca));
+        }
+        if mirror.skip_verify {
+            let _ = writeln!(out, "  skip_verify = true");
+        }
+        if mirror.override_path {
+            let _ = writeln!(out, "  override_path = true");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn kubeconfig(cluster: &ClusterCoordinates, node: &NodeIdentity) -> String {
+    let mut env = String::new();
+    if let Some(file) = &node.aws_config_file {
+        let _ = write!(
+            env,
+            "\n      env:\n      - name: AWS_CONFIG_FILE\n        value: {file}\n      - name: AWS_PROFILE\n        value: default"
+        );
+    }
+    format!(
+        r#"# Written by hybridlet init. No secrets: the token comes from `hybridlet token`.
+apiVersion: v1
+kind: Config
+clusters:
+- name: kubernetes
+  cluster:
+    server: {endpoint}
+    certificate-authority: /etc/kubernetes/pki/ca.crt
+contexts:
+- name: kubelet
+  context:
+    cluster: kubernetes
+    user: kubelet
+current-context: kubelet
+users:
+- name: kubelet
+  user:
+    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: /usr/bin/hybridlet
+      args: [token, --cluster-id, {name}, --region, {region}]
+      interactiveMode: Never{env}
+"#,
+        endpoint = cluster.endpoint,
+        name = cluster.name,
+        region = cluster.region,
+    )
+}
+
+fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String {
+    // The kubelet keeps only the last --node-labels flag, so the user's labels are merged
+    // into ours (theirs win per key) instead of replacing the hybrid labels that EKS needs to
+    // approve the node's serving certificates.
+    let mut labels: Vec<(String, String)> = vec![
+        ("eks.amazonaws.com/compute-type".into(), "hybrid".into()),
+        (
+            "eks.amazonaws.com/hybrid-credential-provider".into(),
+            node.credential_provider.clone(),
+        ),
+    ];
+    let mut rest = Vec::new();
+    for flag in user_flags {
+        match flag.strip_prefix("--node-labels=") {
+            Some(list) => {
+                for pair in list.split(',').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    match labels.iter_mut().find(|(key, _)| key == k) {
+                        Some(existing) => existing.1 = v.to_string(),
+                        None => labels.push((k.to_string(), v.to_string())),
+                    }
+                }
+            }
+            None => rest.push(flag.clone()),
+        }
+    }
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut args = vec![
+        "--cloud-provider=".to_string(),
+        format!("--hostname-override={}", node.node_name),
+        format!("--node-labels={}", labels.join(",")),
+        "--config=/etc/kubernetes/kubelet/config.json".to_string(),
+        "--kubeconfig=/var/lib/kubelet/kubeconfig".to_string(),
+    ];
+    // The user's other flags come last so that they win.
+    args.extend(rest);
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| a.replace('\\', "\\\\").replace('"', "\\\""))
+        .collect();
+    format!("NODEADM_KUBELET_ARGS=\"{}\"\n", quoted.join(" "))
+}
+
+fn proxy_dropin(config: &Config) -> Option<String> {
+    let p = &config.agent.proxy;
+    if p.http_proxy.is_none() && p.https_proxy.is_none() {
+        return None;
+    }
+    let mut out = String::from("# Written by hybridlet init from spec.proxy.\n[Service]\n");
+    if let Some(v) = &p.http_proxy {
+        let _ = writeln!(out, "Environment=\"HTTP_PROXY={v}\"");
+    }
+    if let Some(v) = &p.https_proxy {
+        let _ = writeln!(out, "Environment=\"HTTPS_PROXY={v}\"");
+    }
+    if !p.no_proxy.is_empty() {
+        let _ = writeln!(out, "Environment=\"NO_PROXY={}\"", p.no_proxy.join(","));
+    }
+    Some(out)
+}
+
+/// Every file `init` writes for this configuration, cluster and node, sorted by path.
+pub fn render(
+    config: &Config,
+    cluster: &ClusterCoordinates,
+    node: &NodeIdentity,
+    sandbox_image: &str,
+) -> Result<Vec<RenderedFile>, RenderError> {
+    let spec = config.node.as_ref().map(|n| &n.spec);
+    let user_kubelet = spec.map(|s| s.kubelet.config.clone()).unwrap_or_default();
+    let user_flags = spec.map(|s| s.kubelet.flags.clone()).unwrap_or_default();
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(
+            cluster
+                .certificate_authority
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect::<String>(),
+        )
+        .map_err(|e| RenderError::CertificateAuthority(format!("not valid base64: {e}")))?;
+    let mut files = vec![
+        RenderedFile {
+            path: "/etc/containerd/config.toml".into(),
+            mode: 0o644,
+            contents: containerd_config(sandbox_image),
+        },
+        RenderedFile {
+            path: "/etc/kubernetes/pki/ca.crt".into(),
+            mode: 0o644,
+            contents: String::from_utf8_lossy(&ca).into_owned(),
+        },
+        RenderedFile {
+            path: "/etc/kubernetes/kubelet/config.json".into(),
+            mode: 0o644,
+            contents: kubelet_config(cluster, node, &user_kubelet)?,
+        },
+        RenderedFile {
+            path: "/var/lib/kubelet/kubeconfig".into(),
+            mode: 0o644,
+            contents: kubeconfig(cluster, node),
+        },
+        RenderedFile {
+            path: "/etc/eks/kubelet/environment".into(),
+            mode: 0o644,
+            contents: kubelet_env(node, &user_flags),
+        },
+    ];
+    if let Some(user_toml) = spec.map(|s| &s.containerd.config).filter(|c| !c.is_empty()) {
+        files.push(RenderedFile {
+            path: "/etc/containerd/config.d/00-nodeadm.toml".into(),
+            // May hold registry credentials.
+            mode: 0o600,
+            contents: user_toml.clone(),
+        });
+    }
+    for mirror in &config.agent.registry_mirrors {
+        files.push(RenderedFile {
+            path: format!("/etc/containerd/certs.d/{}/hosts.toml", mirror.registry),
+            mode: 0o644,
+            contents: hosts_toml(mirror),
+        });
+    }
+    if let Some(dropin) = proxy_dropin(config) {
+        for unit in ["containerd", "kubelet"] {
+            files.push(RenderedFile {
+                path: format!("/etc/systemd/system/{unit}.service.d/http-proxy.conf"),
+                mode: 0o644,
+                contents: dropin.clone(),
+            });
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_dns_addresses() {
+        assert_eq!(cluster_dns("172.16.0.0/16").unwrap(), "172.16.0.10");
+        assert_eq!(cluster_dns("10.100.0.0/16").unwrap(), "10.100.0.10");
+        assert_eq!(cluster_dns("fd00:10:96::/108").unwrap(), "fd00:10:96::a");
+        assert!(cluster_dns("nope").is_err());
+    }
+
+    #[test]
+    fn user_values_win_and_objects_merge() {
+        let mut base = json!({"a": 1, "evictionHard": {"memory.available": "100Mi", "nodefs.available": "10%"}});
+        merge_user(
+            &mut base,
+            &json!({"a": 2, "evictionHard": {"memory.available": "500Mi"}, "maxPods": 250}),
+        );
+        assert_eq!(
+            base,
+            json!({"a": 2, "evictionHard": {"memory.available": "500Mi", "nodefs.available": "10%"}, "maxPods": 250})
+        );
+    }
+}

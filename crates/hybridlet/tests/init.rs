@@ -1,0 +1,206 @@
+//! `hybridlet init --dry-run`: cluster from the configuration or from EKS DescribeCluster
+//! (a loopback stub reached through the standard AWS_ENDPOINT_URL), node identity from IAM
+//! Roles Anywhere or the SSM registration file, new/changed/unchanged files under --root.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/config/good")
+}
+
+fn run(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
+    cmd.arg("--root")
+        .arg(root)
+        .args(args)
+        .env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_ENDPOINT_URL",
+    ] {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn iam_ra_dry_run_shows_files_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let text = out(&o);
+    assert!(
+        text.contains("node fra1-r12-n07 (iam-ra credentials)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("      new  644  /etc/kubernetes/kubelet/config.json"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"providerID\": \"eks-hybrid:///eu-west-1/prod-hybrid/fra1-r12-n07\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("dry run: 9 files, 9 would be written; nothing was changed"),
+        "{text}"
+    );
+    assert!(
+        std::fs::read_dir(root.path()).unwrap().next().is_none(),
+        "dry run wrote something"
+    );
+
+    // A file already in place with the same contents is "unchanged"; another is "changed".
+    let env_file = root.path().join("etc/eks/kubelet/environment");
+    std::fs::create_dir_all(env_file.parent().unwrap()).unwrap();
+    let rendered = text
+        .split("--- /etc/eks/kubelet/environment ---\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    std::fs::write(&env_file, format!("{rendered}\n")).unwrap();
+    let kubeconfig = root.path().join("var/lib/kubelet/kubeconfig");
+    std::fs::create_dir_all(kubeconfig.parent().unwrap()).unwrap();
+    std::fs::write(&kubeconfig, "old").unwrap();
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let text = out(&o);
+    assert!(
+        text.contains("unchanged  644  /etc/eks/kubelet/environment"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  changed  644  /var/lib/kubelet/kubeconfig"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), "old");
+}
+
+#[test]
+fn without_dry_run_it_says_so_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let o = run(
+        root.path(),
+        &["init", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("not implemented yet beyond --dry-run"),
+        "{}",
+        out(&o)
+    );
+}
+
+/// Answers one DescribeCluster like EKS does.
+fn eks_stub() -> (String, std::thread::JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 16384];
+        let n = s.read(&mut buf).unwrap();
+        let body = r#"{"cluster":{"name":"prod-hybrid","status":"ACTIVE","version":"1.34","endpoint":"https://EXAMPLE.gr7.us-west-2.eks.amazonaws.com","certificateAuthority":{"data":"LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="},"kubernetesNetworkConfig":{"serviceIpv4Cidr":"172.20.0.0/16"},"remoteNetworkConfig":{"remoteNodeNetworks":[{"cidrs":["10.80.0.0/16"]}]}}}"#;
+        write!(s, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    (url, handle)
+}
+
+#[test]
+fn ssm_dry_run_asks_eks_and_reads_the_registration() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("ssm.yaml");
+    // Not registered yet: a clear failure.
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("the SSM agent is not registered yet"),
+        "{}",
+        out(&o)
+    );
+
+    let reg = root.path().join("var/lib/amazon/ssm/registration");
+    std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
+    std::fs::write(
+        &reg,
+        r#"{"ManagedInstanceID":"mi-0123456789abcdef0","Region":"us-west-2"}"#,
+    )
+    .unwrap();
+    // Registered, but no credentials for DescribeCluster: a clear failure.
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("there are no AWS credentials"),
+        "{}",
+        out(&o)
+    );
+
+    let (url, request) = eks_stub();
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_ENDPOINT_URL", &url),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let text = out(&o);
+    assert!(text.contains("API server https://EXAMPLE.gr7.us-west-2.eks.amazonaws.com, node mi-0123456789abcdef0 (ssm credentials)"), "{text}");
+    assert!(
+        text.contains("\"172.20.0.10\""),
+        "cluster DNS from DescribeCluster's service CIDR: {text}"
+    );
+    assert!(
+        text.contains("--hostname-override=mi-0123456789abcdef0"),
+        "{text}"
+    );
+    assert!(
+        request
+            .join()
+            .unwrap()
+            .starts_with("GET /clusters/prod-hybrid ")
+    );
+}
