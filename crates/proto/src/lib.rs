@@ -40,3 +40,30 @@ pub mod csi {
         include!("gen/csi.v1.rs");
     }
 }
+
+/// Kubelet Dynamic Resource Allocation plugin API.
+pub mod dra {
+    /// `k8s.io.kubelet.pkg.apis.dra.v1` (kubelet 1.34+), advertised as `v1.DRAPlugin`.
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms,
+        missing_debug_implementations
+    )]
+    pub mod v1 {
+        include!("gen/k8s.io.kubelet.pkg.apis.dra.v1.rs");
+    }
+    /// `k8s.io.kubelet.pkg.apis.dra.v1beta1` (kubelet 1.32–1.33), advertised as
+    /// `v1beta1.DRAPlugin`.
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms,
+        missing_debug_implementations
+    )]
+    pub mod v1beta1 {
+        include!("gen/k8s.io.kubelet.pkg.apis.dra.v1beta1.rs");
+    }
+}

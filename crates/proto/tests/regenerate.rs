@@ -8,7 +8,12 @@ use std::path::Path;
 #[test]
 fn generated_code_is_up_to_date() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let protos = ["pluginregistration/v1/api.proto", "csi/v1/csi.proto"];
+    let protos = [
+        "pluginregistration/v1/api.proto",
+        "csi/v1/csi.proto",
+        "dra/v1/api.proto",
+        "dra/v1beta1/api.proto",
+    ];
     let fds = protox::compile(protos, [root.join("proto")]).expect("compile .proto files");
     let out = tempfile::tempdir().unwrap();
     tonic_prost_build::configure()
@@ -21,7 +26,12 @@ fn generated_code_is_up_to_date() {
 
     let gen_dir = root.join("src/gen");
     let mut drift = Vec::new();
-    for name in ["pluginregistration.rs", "csi.v1.rs"] {
+    for name in [
+        "pluginregistration.rs",
+        "csi.v1.rs",
+        "k8s.io.kubelet.pkg.apis.dra.v1.rs",
+        "k8s.io.kubelet.pkg.apis.dra.v1beta1.rs",
+    ] {
         let fresh = std::fs::read_to_string(out.path().join(name)).expect("generated file");
         let committed = std::fs::read_to_string(gen_dir.join(name)).unwrap_or_default();
         if fresh != committed {
