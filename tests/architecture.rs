@@ -23,9 +23,9 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-metrics", 2),
     // 3 plugin framework
     ("hybridlet-kubelet-plugin", 3),
+    ("hybridlet-dra", 4),
     // 4 domains
     ("hybridlet-bootstrap", 4),
-    ("hybridlet-dra", 4),
     ("hybridlet-csi", 4),
     ("hybridlet-gpu", 4),
     ("hybridlet-sriov", 4),

@@ -1,0 +1,179 @@
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::resource::v1::ResourceClaim;
+
+/// One allocated device of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// The claim request it satisfies.
+    pub request: String,
+    /// The DRA driver it belongs to.
+    pub driver: String,
+    /// The pool (node) it comes from.
+    pub pool: String,
+    /// The device name.
+    pub device: String,
+}
+
+/// What prepare needs of a ResourceClaim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocatedClaim {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// Allocated devices (all drivers).
+    pub allocations: Vec<Allocation>,
+}
+
+impl AllocatedClaim {
+    /// From the API object.
+    pub fn from_resource_claim(claim: &ResourceClaim) -> Self {
+        let allocations = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .and_then(|a| a.devices.as_ref())
+            .and_then(|d| d.results.as_ref())
+            .map(|results| {
+                results
+                    .iter()
+                    .map(|r| Allocation {
+                        request: r.request.clone(),
+                        driver: r.driver.clone(),
+                        pool: r.pool.clone(),
+                        device: r.device.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            namespace: claim.metadata.namespace.clone().unwrap_or_default(),
+            name: claim.metadata.name.clone().unwrap_or_default(),
+            uid: claim.metadata.uid.clone().unwrap_or_default(),
+            allocations,
+        }
+    }
+}
+
+/// Why a claim could not be fetched.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClaimError {
+    /// The claim does not exist.
+    #[error("ResourceClaim {namespace}/{name} not found")]
+    NotFound {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The API server could not be asked; the kubelet retries.
+    #[error("fetching ResourceClaim {namespace}/{name}: {message} (retryable)")]
+    Unavailable {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Where claims come from.
+#[tonic::async_trait]
+pub trait ClaimSource: Send + Sync + std::fmt::Debug + 'static {
+    /// Fetch one claim.
+    async fn get(&self, namespace: &str, name: &str) -> Result<AllocatedClaim, ClaimError>;
+}
+
+/// Claims from the API server (`resource.k8s.io/v1`).
+#[derive(Clone)]
+pub struct KubeClaims {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClaims")
+    }
+}
+
+impl KubeClaims {
+    /// Over a client.
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+#[tonic::async_trait]
+impl ClaimSource for KubeClaims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<AllocatedClaim, ClaimError> {
+        let api: kube::Api<ResourceClaim> = kube::Api::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(Some(claim)) => Ok(AllocatedClaim::from_resource_claim(&claim)),
+            Ok(None) => Err(ClaimError::NotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }),
+            Err(e) => Err(ClaimError::Unavailable {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Claims held in memory, for tests.
+#[derive(Debug, Default)]
+pub struct FakeClaims {
+    claims: Mutex<HashMap<(String, String), AllocatedClaim>>,
+    unavailable: Mutex<bool>,
+}
+
+impl FakeClaims {
+    /// Add or replace a claim.
+    pub fn put(&self, claim: AllocatedClaim) {
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((claim.namespace.clone(), claim.name.clone()), claim);
+    }
+
+    /// Simulate an API server outage.
+    pub fn set_unavailable(&self, down: bool) {
+        *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = down;
+    }
+}
+
+#[tonic::async_trait]
+impl ClaimSource for FakeClaims {
+    async fn get(&self, namespace: &str, name: &str) -> Result<AllocatedClaim, ClaimError> {
+        if *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Err(ClaimError::Unavailable {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                message: "API server unreachable".into(),
+            });
+        }
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| ClaimError::NotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+    }
+}

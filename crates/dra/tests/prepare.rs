@@ -1,0 +1,328 @@
+//! Prepare/unprepare through the kubelet's gRPC API over a Unix socket, with a fake claim
+//! source and a fake device backend: CDI specs, the checkpoint, idempotency, per-claim
+//! errors, restart after a reboot, a corrupt checkpoint, an API server outage.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hybridlet_dra::{
+    AllocatedClaim, Allocation, ContainerEdits, DeviceBackend, Driver, FakeClaims, V1Service,
+    V1beta1Service,
+};
+use hybridlet_kubelet_plugin::{PluginSocket, connect, serve};
+use hybridlet_proto::dra::{v1, v1beta1};
+use hybridlet_runtime::CancellationToken;
+
+const DRIVER: &str = "gpu.hybridlet.io";
+
+#[derive(Debug)]
+struct Gpus;
+
+impl DeviceBackend for Gpus {
+    fn driver_name(&self) -> &str {
+        DRIVER
+    }
+    fn pool_name(&self) -> &str {
+        "node-a"
+    }
+    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+        let index: u32 = device
+            .strip_prefix("gpu-")
+            .and_then(|i| i.parse().ok())
+            .ok_or(format!("no device {device} on this node"))?;
+        if index > 3 {
+            return Err(format!("no device {device} on this node"));
+        }
+        Ok(ContainerEdits {
+            env: vec![format!("NVIDIA_VISIBLE_DEVICES=GPU-uuid-{index}")],
+            device_nodes: vec![format!("/dev/nvidia{index}"), "/dev/nvidiactl".into()],
+        })
+    }
+}
+
+fn claim(name: &str, uid: &str, allocations: &[(&str, &str, &str, &str)]) -> AllocatedClaim {
+    AllocatedClaim {
+        namespace: "ml".into(),
+        name: name.into(),
+        uid: uid.into(),
+        allocations: allocations
+            .iter()
+            .map(|(request, driver, pool, device)| Allocation {
+                request: request.to_string(),
+                driver: driver.to_string(),
+                pool: pool.to_string(),
+                device: device.to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn v1claim(name: &str, uid: &str) -> v1::Claim {
+    v1::Claim {
+        namespace: "ml".into(),
+        name: name.into(),
+        uid: uid.into(),
+    }
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    claims: Arc<FakeClaims>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            claims: Arc::new(FakeClaims::default()),
+        }
+    }
+    fn checkpoint(&self) -> PathBuf {
+        self.dir.path().join("state/dra-gpu.json")
+    }
+    fn cdi(&self) -> PathBuf {
+        self.dir.path().join("run/cdi")
+    }
+    fn open(&self, boot: &str) -> Arc<Driver> {
+        std::fs::create_dir_all(self.dir.path().join("state")).unwrap();
+        Arc::new(
+            Driver::open(
+                Arc::new(Gpus),
+                self.claims.clone(),
+                &self.checkpoint(),
+                &self.cdi(),
+                boot,
+            )
+            .unwrap(),
+        )
+    }
+    async fn serve(&self, driver: Arc<Driver>) -> (CancellationToken, PathBuf) {
+        let sock = self.dir.path().join(format!(
+            "plugins/{DRIVER}/dra-{}.sock",
+            std::process::id() ^ rand_id()
+        ));
+        let socket = PluginSocket::bind(&sock).unwrap();
+        let router = tonic::transport::Server::builder()
+            .add_service(v1::dra_plugin_server::DraPluginServer::new(V1Service(
+                driver.clone(),
+            )))
+            .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
+                V1beta1Service(driver),
+            ));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(socket, router, stop.clone()));
+        (stop, sock)
+    }
+}
+
+fn rand_id() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+fn spec_path(cdi: &Path, uid: &str) -> PathBuf {
+    cdi.join(format!("gpu_hybridlet_io-{uid}.json"))
+}
+
+#[tokio::test]
+async fn prepare_unprepare_with_per_claim_errors() {
+    let rig = Rig::new();
+    rig.claims.put(claim(
+        "a",
+        "uid-a",
+        &[
+            ("gpu", DRIVER, "node-a", "gpu-0"),
+            ("nic", "sriov.hybridlet.io", "node-a", "vf-1"),
+        ],
+    ));
+    rig.claims.put(claim(
+        "c",
+        "uid-c-new",
+        &[("gpu", DRIVER, "node-a", "gpu-1")],
+    ));
+    rig.claims
+        .put(claim("d", "uid-d", &[("gpu", DRIVER, "node-a", "gpu-0")]));
+    rig.claims.put(claim(
+        "e",
+        "uid-e",
+        &[("nic", "sriov.hybridlet.io", "node-a", "vf-2")],
+    ));
+    rig.claims
+        .put(claim("f", "uid-f", &[("gpu", DRIVER, "node-b", "gpu-2")]));
+    rig.claims
+        .put(claim("g", "uid-g", &[("gpu", DRIVER, "node-a", "gpu-9")]));
+    let driver = rig.open("boot-1");
+    let (stop, sock) = rig.serve(driver.clone()).await;
+    let mut client = v1::dra_plugin_client::DraPluginClient::new(connect(&sock).await.unwrap());
+
+    let resp = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![
+                v1claim("a", "uid-a"),
+                v1claim("b", "uid-b"),
+                v1claim("c", "uid-c-old"),
+                v1claim("d", "uid-d"),
+                v1claim("e", "uid-e"),
+                v1claim("f", "uid-f"),
+                v1claim("g", "uid-g"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.claims.len(), 7, "every claim gets an entry");
+    let a = &resp.claims["uid-a"];
+    assert_eq!(a.error, "");
+    assert_eq!(a.devices.len(), 1, "only our driver's devices");
+    assert_eq!(a.devices[0].device_name, "gpu-0");
+    assert_eq!(a.devices[0].pool_name, "node-a");
+    assert_eq!(a.devices[0].request_names, ["gpu"]);
+    assert_eq!(
+        a.devices[0].cdi_device_ids,
+        ["gpu.hybridlet.io/claim=uid-a-gpu-0"]
+    );
+    let expect = [
+        ("uid-b", "not found"),
+        ("uid-c-old", "has UID uid-c-new"),
+        ("uid-d", "already prepared for claim uid-a"),
+        ("uid-e", "no devices allocated by gpu.hybridlet.io"),
+        ("uid-f", "not this node's pool node-a"),
+        ("uid-g", "no device gpu-9 on this node"),
+    ];
+    for (uid, needle) in expect {
+        assert!(
+            resp.claims[uid].error.contains(needle),
+            "{uid}: {:?}",
+            resp.claims[uid].error
+        );
+        assert!(resp.claims[uid].devices.is_empty());
+        assert!(!spec_path(&rig.cdi(), uid).exists());
+    }
+
+    // The CDI spec and the checkpoint.
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(spec_path(&rig.cdi(), "uid-a")).unwrap())
+            .unwrap();
+    assert_eq!(spec["kind"], "gpu.hybridlet.io/claim");
+    assert_eq!(spec["devices"][0]["name"], "uid-a-gpu-0");
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/nvidia0"
+    );
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["env"][0],
+        "NVIDIA_VISIBLE_DEVICES=GPU-uuid-0"
+    );
+    let cp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.checkpoint()).unwrap()).unwrap();
+    assert_eq!(cp["version"], 1);
+    assert_eq!(cp["bootId"], "boot-1");
+    assert_eq!(cp["claims"]["uid-a"]["devices"][0]["device"], "gpu-0");
+    assert_eq!(cp["claims"].as_object().unwrap().len(), 1);
+
+    // Idempotent, and the spec comes back if it vanished.
+    std::fs::remove_file(spec_path(&rig.cdi(), "uid-a")).unwrap();
+    let again = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![v1claim("a", "uid-a")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.claims["uid-a"], *a);
+    assert!(spec_path(&rig.cdi(), "uid-a").exists());
+
+    // The v1beta1 service serves the same driver.
+    let mut beta = v1beta1::dra_plugin_client::DraPluginClient::new(connect(&sock).await.unwrap());
+    let b = beta
+        .node_prepare_resources(v1beta1::NodePrepareResourcesRequest {
+            claims: vec![v1beta1::Claim {
+                namespace: "ml".into(),
+                name: "a".into(),
+                uid: "uid-a".into(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        b.claims["uid-a"].devices[0].cdi_device_ids,
+        ["gpu.hybridlet.io/claim=uid-a-gpu-0"]
+    );
+
+    // Unprepare: known and unknown both succeed; spec and checkpoint entry are gone.
+    let un = client
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![v1claim("a", "uid-a"), v1claim("z", "uid-z")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(un.claims.len(), 2);
+    assert!(un.claims.values().all(|r| r.error.is_empty()));
+    assert!(!spec_path(&rig.cdi(), "uid-a").exists());
+    assert!(driver.prepared().await.is_empty());
+    // gpu-0 is free again.
+    let d = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![v1claim("d", "uid-d")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.claims["uid-d"].error, "");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn restart_after_reboot_rebuilds_cdi_specs() {
+    let rig = Rig::new();
+    rig.claims
+        .put(claim("a", "uid-a", &[("gpu", DRIVER, "node-a", "gpu-2")]));
+    let driver = rig.open("boot-1");
+    driver.prepare("ml", "a", "uid-a").await.unwrap();
+    drop(driver);
+    // Reboot: /run is empty, the checkpoint in the state directory survives.
+    std::fs::remove_dir_all(rig.cdi()).unwrap();
+    let driver = rig.open("boot-2");
+    assert!(
+        spec_path(&rig.cdi(), "uid-a").exists(),
+        "CDI spec not rebuilt"
+    );
+    let cp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.checkpoint()).unwrap()).unwrap();
+    assert_eq!(cp["bootId"], "boot-2");
+    // The kubelet forgets prepared claims when it restarts and asks again: same answer,
+    // even with the API server gone.
+    rig.claims.set_unavailable(true);
+    let devices = driver.prepare("ml", "a", "uid-a").await.unwrap();
+    assert_eq!(
+        devices[0].cdi_device_ids,
+        ["gpu.hybridlet.io/claim=uid-a-gpu-2"]
+    );
+    // A new claim during the outage fails with a retryable error.
+    let err = driver.prepare("ml", "b", "uid-b").await.unwrap_err();
+    assert!(err.contains("retryable"), "{err}");
+}
+
+#[tokio::test]
+async fn corrupt_checkpoint_is_moved_aside() {
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.checkpoint().parent().unwrap()).unwrap();
+    std::fs::write(rig.checkpoint(), "{ not json").unwrap();
+    let driver = rig.open("boot-1");
+    assert!(driver.prepared().await.is_empty());
+    let aside: Vec<_> = std::fs::read_dir(rig.checkpoint().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // Unknown fields from a newer build are tolerated.
+    std::fs::write(rig.checkpoint(), r#"{"version":2,"bootId":"boot-1","future":true,"claims":{"u":{"namespace":"n","name":"c","devices":[{"pool":"node-a","device":"gpu-1","cdiDeviceIds":["x"],"extra":1}]}}}"#).unwrap();
+    let driver = rig.open("boot-1");
+    assert_eq!(driver.prepared().await["u"].devices[0].device, "gpu-1");
+}
