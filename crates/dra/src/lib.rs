@@ -16,9 +16,13 @@ mod checkpoint;
 mod claims;
 mod driver;
 mod grpc;
+mod slices;
 
 pub use cdi::{ContainerEdits, cdi_device_id};
 pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice};
 pub use claims::{AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims};
 pub use driver::{DeviceBackend, Driver, DriverError};
 pub use grpc::{V1Service, V1beta1Service};
+pub use slices::{
+    Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
+};

@@ -6,6 +6,10 @@
 //! here behind traits by the issues that need it, so domain crates never touch `kube`
 //! directly.
 //!
+//! Clients are built without kube's default retry layer, which retries 503s with backoff for
+//! minutes inside a single call: a DRA prepare has seconds, and the callers back off with
+//! jitter themselves (hybridlet-runtime's `Backoff`).
+//!
 //! What this crate must never do: read AWS credentials, touch the host filesystem beyond
 //! the kubeconfig it is pointed at, or log bearer tokens.
 
@@ -56,12 +60,13 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, KubeError> {
             message: e.to_string(),
         })?;
     let options = kube::config::KubeConfigOptions::default();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| KubeError::Kubeconfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+    config.default_retry = false;
     Client::try_from(config).map_err(|e| KubeError::Build(e.to_string()))
 }
 
@@ -75,6 +80,7 @@ pub fn client_for(server: &str, ca_pem: Option<&[u8]>) -> Result<Client, KubeErr
             message: e.to_string(),
         })?;
     let mut config = kube::Config::new(uri);
+    config.default_retry = false;
     if let Some(pem) = ca_pem {
         config.root_cert = Some(pem_certificates(pem));
     }

@@ -1,0 +1,261 @@
+//! ResourceSlice publication: one pool per driver per node (pool name = node name),
+//! devices in a stable order, chunked into slices of at most 128 devices, owned by the
+//! Node object (so they go away with it), the pool generation bumped whenever the device
+//! set changes, obsolete slices deleted.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::resource::v1::{
+    Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, ListParams, PostParams};
+
+/// The API limit on devices per slice.
+pub const MAX_DEVICES_PER_SLICE: usize = 128;
+
+/// A device attribute value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attr {
+    /// A string.
+    String(String),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A semantic version (`9.0.0`).
+    Version(String),
+}
+
+/// One device to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceDevice {
+    /// Device name, unique in the pool (a DNS label).
+    pub name: String,
+    /// Attributes; names without a domain belong to the driver's domain.
+    pub attributes: BTreeMap<String, Attr>,
+    /// Capacities as Kubernetes quantities (`memory: 141Gi`).
+    pub capacity: BTreeMap<String, String>,
+}
+
+impl SliceDevice {
+    fn to_api(&self) -> Device {
+        let attributes = self
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                let mut a = DeviceAttribute::default();
+                match v {
+                    Attr::String(s) => a.string = Some(s.clone()),
+                    Attr::Int(i) => a.int = Some(*i),
+                    Attr::Bool(b) => a.bool = Some(*b),
+                    Attr::Version(s) => a.version = Some(s.clone()),
+                }
+                (k.clone(), a)
+            })
+            .collect();
+        let capacity = self
+            .capacity
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    DeviceCapacity {
+                        value: Quantity(v.clone()),
+                        ..DeviceCapacity::default()
+                    },
+                )
+            })
+            .collect();
+        Device {
+            name: self.name.clone(),
+            attributes: Some(attributes),
+            capacity: Some(capacity),
+            ..Device::default()
+        }
+    }
+}
+
+/// Publication failures (all retryable).
+#[derive(Debug, thiserror::Error)]
+#[error("publishing ResourceSlices for {driver} on {node}: {message}")]
+pub struct PublishError {
+    driver: String,
+    node: String,
+    message: String,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Slices created.
+    pub created: usize,
+    /// Slices replaced.
+    pub updated: usize,
+    /// Slices deleted.
+    pub deleted: usize,
+    /// The pool generation now.
+    pub generation: i64,
+}
+
+/// Publishes one driver's pool for one node.
+#[derive(Clone)]
+pub struct SlicePublisher {
+    client: kube::Client,
+    driver: String,
+    node: String,
+}
+
+impl std::fmt::Debug for SlicePublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlicePublisher")
+            .field("driver", &self.driver)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+fn slice_name(node: &str, driver: &str, index: usize) -> String {
+    let driver: String = driver
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("{node}-{driver}-{index}")
+}
+
+impl SlicePublisher {
+    /// For `driver` on `node`.
+    pub fn new(client: kube::Client, driver: &str, node: &str) -> Self {
+        Self {
+            client,
+            driver: driver.to_string(),
+            node: node.to_string(),
+        }
+    }
+
+    fn err(&self, message: impl std::fmt::Display) -> PublishError {
+        PublishError {
+            driver: self.driver.clone(),
+            node: self.node.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Make the API server's slices for this pool match `devices`.
+    pub async fn publish(&self, devices: &[SliceDevice]) -> Result<Published, PublishError> {
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        let node = nodes
+            .get(&self.node)
+            .await
+            .map_err(|e| self.err(format!("reading Node {}: {e}", self.node)))?;
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: self.node.clone(),
+            uid: node.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
+        let existing = api
+            .list(&ListParams::default().fields(&format!(
+                "spec.nodeName={},spec.driver={}",
+                self.node, self.driver
+            )))
+            .await
+            .map_err(|e| self.err(format!("listing slices: {e}")))?
+            .items;
+
+        let mut sorted: Vec<&SliceDevice> = devices.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let chunks: Vec<Vec<Device>> = if sorted.is_empty() {
+            vec![Vec::new()]
+        } else {
+            sorted
+                .chunks(MAX_DEVICES_PER_SLICE)
+                .map(|c| c.iter().map(|d| d.to_api()).collect())
+                .collect()
+        };
+        let count = chunks.len() as i64;
+        let current_gen = existing
+            .iter()
+            .map(|s| s.spec.pool.generation)
+            .max()
+            .unwrap_or(0);
+        let by_name: BTreeMap<String, &ResourceSlice> = existing
+            .iter()
+            .filter_map(|s| s.metadata.name.clone().map(|n| (n, s)))
+            .collect();
+        let unchanged = existing.len() == chunks.len()
+            && chunks.iter().enumerate().all(|(i, devs)| {
+                by_name
+                    .get(&slice_name(&self.node, &self.driver, i))
+                    .is_some_and(|s| {
+                        s.spec.devices.clone().unwrap_or_default() == *devs
+                            && s.spec.pool.resource_slice_count == count
+                    })
+            });
+        let generation = if unchanged {
+            current_gen
+        } else {
+            current_gen + 1
+        };
+        let mut done = Published {
+            generation,
+            ..Published::default()
+        };
+        if unchanged {
+            return Ok(done);
+        }
+        for (i, devs) in chunks.into_iter().enumerate() {
+            let name = slice_name(&self.node, &self.driver, i);
+            let mut slice = ResourceSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    owner_references: Some(vec![owner.clone()]),
+                    ..ObjectMeta::default()
+                },
+                spec: ResourceSliceSpec {
+                    driver: self.driver.clone(),
+                    node_name: Some(self.node.clone()),
+                    pool: ResourcePool {
+                        name: self.node.clone(),
+                        generation,
+                        resource_slice_count: count,
+                    },
+                    devices: Some(devs),
+                    ..ResourceSliceSpec::default()
+                },
+            };
+            match by_name.get(&name) {
+                Some(old) => {
+                    slice.metadata.resource_version = old.metadata.resource_version.clone();
+                    api.replace(&name, &PostParams::default(), &slice)
+                        .await
+                        .map_err(|e| self.err(format!("replacing {name}: {e}")))?;
+                    done.updated += 1;
+                }
+                None => {
+                    api.create(&PostParams::default(), &slice)
+                        .await
+                        .map_err(|e| self.err(format!("creating {name}: {e}")))?;
+                    done.created += 1;
+                }
+            }
+        }
+        for name in by_name.keys() {
+            let wanted =
+                (0..count as usize).any(|i| slice_name(&self.node, &self.driver, i) == *name);
+            if !wanted {
+                api.delete(name, &DeleteParams::default())
+                    .await
+                    .map_err(|e| self.err(format!("deleting {name}: {e}")))?;
+                done.deleted += 1;
+            }
+        }
+        tracing::info!(driver = %self.driver, node = %self.node, generation, created = done.created, updated = done.updated, deleted = done.deleted, "ResourceSlices published");
+        Ok(done)
+    }
+}
