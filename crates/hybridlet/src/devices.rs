@@ -53,7 +53,7 @@ impl Placement {
 }
 
 /// One GPU.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuView {
     #[serde(flatten)]

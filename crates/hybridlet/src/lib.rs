@@ -22,6 +22,7 @@ mod cli;
 mod csi;
 mod device_metrics;
 pub mod devices;
+mod dra;
 mod exit;
 mod init;
 mod logging;

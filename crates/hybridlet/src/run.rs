@@ -24,11 +24,6 @@ pub fn check_supported(config: &Config) -> Result<(), Failure> {
     let agent = &config.agent;
     for (field, enabled, what) in [
         (
-            "spec.dra.gpu.enabled",
-            agent.dra.gpu.enabled,
-            "the GPU DRA driver",
-        ),
-        (
             "spec.dra.sriov.enabled",
             agent.dra.sriov.enabled,
             "the SR-IOV DRA driver",
@@ -145,6 +140,30 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         supervisor.spawn("devices", move |ctx| {
             device_metrics.run(sysfs, gpus, interval, ctx)
         });
+    }
+    if config.agent.dra.gpu.enabled {
+        let kubelet_root = root
+            .resolve(&config.agent.kubelet_root_dir)
+            .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
+        let source = crate::devices::gpu_source(args.nvml_fixture.as_deref())?;
+        let report =
+            crate::devices::discover(&hybridlet_sys::Sysfs::new(&root), source.as_deref())?;
+        let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
+            .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
+            .context("reading the kernel boot ID")?;
+        let dra = crate::dra::GpuDra::new(
+            &config.agent.dra.gpu.driver_name,
+            &crate::csi::node_name(&config),
+            kubelet_root.join("kubeconfig"),
+            kubelet_root,
+            state_dir.clone(),
+            root.resolve("/var/run/cdi")
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            boot_id,
+            report,
+            &mut registry,
+        );
+        supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
     }
     let registry = Arc::new(registry);
 

@@ -1,0 +1,203 @@
+//! `hybridlet run` with the GPU DRA driver on, against the in-process fake API server:
+//! the slice is published with the GPUs' attributes, registration advertises v1 before
+//! v1beta1, a claim allocated on this node is prepared into a CDI spec, and unprepared.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hybridlet_fixtures::apiserver::FakeApiServer;
+use hybridlet_proto::dra::v1;
+use hybridlet_proto::pluginregistration::InfoRequest;
+use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
+use serde_json::json;
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn is_socket(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gpu_dra_publishes_prepares_and_unprepares() {
+    let api = FakeApiServer::start().await.unwrap();
+    api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
+
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(root.path(), 0).unwrap();
+    let kubelet = root.path().join("var/lib/kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    std::fs::write(
+        kubelet.join("kubeconfig"),
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+    )
+    .unwrap();
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(&etc).unwrap();
+    // The node name comes from the IAM Roles Anywhere nodeName.
+    let node_config = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "listenAddress: 127.0.0.1:19464",
+        "listenAddress: 127.0.0.1:0",
+    )
+    .replace("      driverName: gpu.example.com", "      enabled: true");
+    std::fs::write(etc.join("config.yaml"), node_config).unwrap();
+
+    let fixture = root.path().join("fake-nvml.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args([
+            "--root",
+            root.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+            "--nvml-fixture",
+            fixture.to_str().unwrap(),
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let reg = kubelet.join("plugins_registry/gpu.hybridlet.io-reg.sock");
+    let dra = kubelet.join("plugins/gpu.hybridlet.io/dra.sock");
+    wait_until("the DRA sockets", || is_socket(&reg) && is_socket(&dra)).await;
+    wait_until("the ResourceSlice", || {
+        !api.list("/apis/resource.k8s.io/v1/resourceslices")
+            .is_empty()
+    })
+    .await;
+
+    let slices = api.list("/apis/resource.k8s.io/v1/resourceslices");
+    assert_eq!(slices.len(), 1);
+    let spec = &slices[0]["spec"];
+    assert_eq!(spec["driver"], "gpu.hybridlet.io");
+    assert_eq!(spec["nodeName"], "fra1-r12-n07");
+    assert_eq!(spec["pool"]["name"], "fra1-r12-n07");
+    let devices = spec["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 8);
+    let gpu3 = devices.iter().find(|d| d["name"] == "gpu-3").unwrap();
+    assert_eq!(
+        gpu3["attributes"]["uuid"]["string"],
+        "GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003"
+    );
+    assert_eq!(
+        gpu3["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
+        "0000:63:00.0"
+    );
+    assert_eq!(
+        gpu3["attributes"]["resource.kubernetes.io/pcieRoot"]["string"],
+        "pci0000:60"
+    );
+    assert_eq!(gpu3["attributes"]["pcieSwitch"]["string"], "0000:61:00.0");
+    assert_eq!(gpu3["attributes"]["numaNode"]["int"], 0);
+    assert_eq!(
+        gpu3["attributes"]["cudaComputeCapability"]["version"],
+        "9.0.0"
+    );
+    assert_eq!(gpu3["capacity"]["memory"]["value"], "150754820096");
+
+    let info = RegistrationClient::new(hybridlet_kubelet_plugin::connect(&reg).await.unwrap())
+        .get_info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, "DRAPlugin");
+    assert_eq!(
+        info.supported_versions,
+        ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+    );
+
+    api.put(
+        "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/train",
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+               "metadata": {"name": "train", "namespace": "ml", "uid": "claim-uid-1"},
+               "spec": {},
+               "status": {"allocation": {"devices": {"results": [
+                   {"request": "gpu", "driver": "gpu.hybridlet.io", "pool": "fra1-r12-n07", "device": "gpu-3"}]}}}}),
+    );
+    let mut client = v1::dra_plugin_client::DraPluginClient::new(
+        hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
+    );
+    let claim = v1::Claim {
+        namespace: "ml".into(),
+        name: "train".into(),
+        uid: "claim-uid-1".into(),
+    };
+    let resp = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![claim.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = &resp.claims["claim-uid-1"];
+    assert_eq!(r.error, "");
+    assert_eq!(
+        r.devices[0].cdi_device_ids,
+        ["gpu.hybridlet.io/claim=claim-uid-1-gpu-3"]
+    );
+    let spec_file = root
+        .path()
+        .join("var/run/cdi/gpu_hybridlet_io-claim-uid-1.json");
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spec_file).unwrap()).unwrap();
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["env"][0],
+        "NVIDIA_VISIBLE_DEVICES=GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003"
+    );
+    assert_eq!(
+        spec["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
+        "/dev/nvidia3"
+    );
+    assert!(
+        root.path()
+            .join("var/lib/hybridlet/dra-gpu.hybridlet.io.json")
+            .exists()
+    );
+
+    client
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![claim],
+        })
+        .await
+        .unwrap();
+    assert!(!spec_file.exists());
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let log = log.join().unwrap().join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!dra.exists() && !reg.exists(), "sockets left behind");
+}
