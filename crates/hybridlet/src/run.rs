@@ -115,25 +115,30 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let mut supervisor = Supervisor::new(readiness.clone());
     // Subscribe before any subsystem starts, so that no readiness change can be missed.
     let mut ready_changes = readiness.subscribe();
+    let kubelet_root = root
+        .resolve(&config.agent.kubelet_root_dir)
+        .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
+    let sysfs = hybridlet_sys::Sysfs::new(&root);
+    // One GPU source (one NVML session) for the metrics sampler and the DRA driver. Without
+    // DRA a broken NVML only costs the GPU metrics; with DRA it stops start-up.
+    let gpus: Option<Arc<dyn hybridlet_gpu::GpuSource>> =
+        match crate::devices::gpu_source(args.nvml_fixture.as_deref()) {
+            Ok(source) => source.map(Arc::from),
+            Err(Failure::Runtime(e))
+                if args.nvml_fixture.is_none() && !config.agent.dra.gpu.enabled =>
+            {
+                tracing::warn!("NVML failed to initialise: {e:#}; GPUs are not reported");
+                None
+            }
+            Err(other) => return Err(other),
+        };
     if config.agent.csi.nfs.enabled {
-        let kubelet_root = root
-            .resolve(&config.agent.kubelet_root_dir)
-            .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
         let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &mut registry);
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
     {
         let device_metrics = crate::device_metrics::DeviceMetrics::register(&mut registry);
-        let sysfs = hybridlet_sys::Sysfs::new(&root);
-        let gpus: Option<Arc<dyn hybridlet_gpu::GpuSource>> =
-            match crate::devices::gpu_source(args.nvml_fixture.as_deref()) {
-                Ok(source) => source.map(Arc::from),
-                Err(Failure::Runtime(e)) if args.nvml_fixture.is_none() => {
-                    tracing::warn!("NVML failed to initialise: {e:#}; GPUs are not reported");
-                    None
-                }
-                Err(other) => return Err(other),
-            };
+        let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
         let interval = args
             .device_sample_interval
             .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL);
@@ -142,12 +147,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         });
     }
     if config.agent.dra.gpu.enabled {
-        let kubelet_root = root
-            .resolve(&config.agent.kubelet_root_dir)
-            .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
-        let source = crate::devices::gpu_source(args.nvml_fixture.as_deref())?;
-        let report =
-            crate::devices::discover(&hybridlet_sys::Sysfs::new(&root), source.as_deref())?;
+        let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
             .context("reading the kernel boot ID")?;
