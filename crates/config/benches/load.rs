@@ -1,6 +1,6 @@
 //! `cargo bench -p hybridlet-config --bench load`: parse, merge and validate a realistic
 //! configuration (NodeConfig with IAM Roles Anywhere plus an AgentConfig), as
-//! `hybridlet check --config-only` does from ExecStartPre= at every start.
+//! `hybridlet check --config-only` does at every `systemctl reload` (and `run` at start).
 //! A plain timing loop (no bench framework dependency); results go to docs/benchmarks.md.
 
 use std::hint::black_box;

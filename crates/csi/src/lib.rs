@@ -21,6 +21,7 @@ mod identity;
 mod metrics;
 mod nfs;
 mod node;
+mod probe;
 mod validate;
 
 pub use error::CsiError;

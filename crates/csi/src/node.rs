@@ -20,6 +20,7 @@ use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmos
 use tonic::{Request, Response, Status};
 
 use crate::guard::VolumeGuard;
+use crate::probe::Probes;
 use crate::{CsiError, CsiMetrics, CsiSettings, nfs, validate};
 
 /// The CSI Node service.
@@ -29,6 +30,7 @@ pub struct NodeService {
     mounter: Arc<dyn Mounter>,
     guard: VolumeGuard,
     metrics: CsiMetrics,
+    probes: Probes,
 }
 
 /// What a capability asks for, once validated.
@@ -91,12 +93,31 @@ fn is_stale(e: &MountError) -> bool {
     }
 }
 
-/// Unmount without following symlinks; detach lazily when the mount is stale.
-fn unmount(mounter: &dyn Mounter, target: &Path) -> Result<(), CsiError> {
+fn is_busy(e: &MountError) -> bool {
+    matches!(e, MountError::UnmountFailed { source, .. } if source.raw_os_error() == Some(16))
+}
+
+/// How long an unmount that got EBUSY waits for the file system to answer before it
+/// concludes the server is gone.
+const BUSY_PROBE: Duration = Duration::from_secs(2);
+
+/// Unmount without following symlinks; detach lazily when the mount is stale, or when it
+/// is busy because its server does not answer (processes blocked in the dead file system,
+/// our own statvfs included, keep it busy until the server returns, possibly never). A
+/// busy mount whose file system answers is a real error and is reported.
+fn unmount(mounter: &Arc<dyn Mounter>, target: &Path, probes: &Probes) -> Result<(), CsiError> {
     match mounter.unmount(target, false) {
         Ok(()) => Ok(()),
         Err(e) if is_stale(&e) => {
             tracing::warn!(target = %target.display(), error = %e, "stale mount; detaching lazily");
+            mounter.unmount(target, true).map_err(CsiError::from)
+        }
+        Err(e)
+            if is_busy(&e)
+                && (probes.is_blocked(target)
+                    || !probes.responds(mounter.clone(), target, BUSY_PROBE)) =>
+        {
+            tracing::warn!(target = %target.display(), "busy mount whose server does not answer; detaching lazily");
             mounter.unmount(target, true).map_err(CsiError::from)
         }
         Err(e) => Err(e.into()),
@@ -118,6 +139,7 @@ impl NodeService {
             mounter,
             guard: VolumeGuard::default(),
             metrics,
+            probes: Probes::default(),
         }
     }
 
@@ -192,13 +214,14 @@ impl NodeService {
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
         let _held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
+        let probes = self.probes.clone();
         blocking(
             self.settings.mount_timeout,
             format!("unstaging volume {volume_id}"),
             move || {
                 // Unmount every layer (a retried stage may have stacked mounts).
                 while mounter.mount_at(&staging)?.is_some() {
-                    unmount(mounter.as_ref(), &staging)?;
+                    unmount(&mounter, &staging, &probes)?;
                 }
                 Ok(())
             },
@@ -302,6 +325,7 @@ impl NodeService {
         let target = validate::host_path("target_path", &req.target_path)?;
         let _held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
+        let probes = self.probes.clone();
         blocking(
             self.settings.mount_timeout,
             format!("unpublishing volume {volume_id}"),
@@ -318,7 +342,7 @@ impl NodeService {
                     _ => {}
                 }
                 while mounter.mount_at(&target)?.is_some() {
-                    unmount(mounter.as_ref(), &target)?;
+                    unmount(&mounter, &target, &probes)?;
                 }
                 match std::fs::remove_dir(&target) {
                     Ok(()) => Ok(()),
@@ -356,13 +380,16 @@ impl NodeService {
             )));
         }
         let mounter = self.mounter.clone();
+        let probes = self.probes.clone();
+        let limit = self.settings.stats_timeout;
         let p = path.clone();
+        // The probe itself bounds the wait; the outer deadline only guards the pool.
         let stats = blocking(
-            self.settings.stats_timeout,
+            limit + Duration::from_secs(5),
             format!("statvfs {}", path.display()),
             move || {
-                mounter
-                    .stats(&p)
+                probes
+                    .statvfs(mounter, &p, limit)
                     .map_err(|e| CsiError::Internal(e.to_string()))
             },
         )

@@ -32,12 +32,13 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with(CsiSettings::new("csi.hybridlet.io", "node-a")).await
+}
+
+async fn start_with(settings: CsiSettings) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mounter = Arc::new(FakeMounter::new());
-    let (identity, node) = services(
-        CsiSettings::new("csi.hybridlet.io", "node-a"),
-        mounter.clone(),
-    );
+    let (identity, node) = services(settings, mounter.clone());
     let sock = dir.path().join("plugins/csi.hybridlet.io/csi.sock");
     let socket = PluginSocket::bind(&sock).unwrap();
     let router = tonic::transport::Server::builder()
@@ -470,6 +471,100 @@ async fn stats_not_found_and_abnormal() {
         "{}",
         cond.message
     );
+    h.stop.cancel();
+}
+
+fn stats_req(id: &str, path: &Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        staging_target_path: String::new(),
+    }
+}
+
+/// A dead NFS server: statvfs blocks and the blocked thread keeps the mount busy (what
+/// the VM suite saw on a real kernel). Stats answers within its deadline, later stats do
+/// not pile up more blocked threads, and unpublish detaches lazily instead of failing
+/// with EBUSY forever. A busy mount whose file system answers is still an error.
+#[tokio::test]
+async fn dead_server_stats_do_not_pile_up_and_busy_unmounts_detach() {
+    let mut settings = CsiSettings::new("csi.hybridlet.io", "node-a");
+    settings.stats_timeout = Duration::from_millis(200);
+    let mut h = start_with(settings).await;
+    let staging = h.staging();
+    let target = h.target("pod-dead");
+    h.node
+        .node_stage_volume(h.stage_req("v1", &staging))
+        .await
+        .unwrap();
+    h.node
+        .node_publish_volume(h.publish_req("v1", &staging, &target, false))
+        .await
+        .unwrap();
+
+    h.mounter.hang_stats(&target);
+    h.mounter.set_busy(&target);
+    for _ in 0..3 {
+        let cond = h
+            .node
+            .node_get_volume_stats(stats_req("v1", &target))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume_condition
+            .unwrap();
+        assert!(cond.abnormal);
+        assert!(cond.message.contains("no answer"), "{}", cond.message);
+    }
+    assert_eq!(
+        h.mounter.stats_calls(),
+        1,
+        "one blocked statvfs per path, not one per call"
+    );
+
+    h.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "v1".into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let calls = h.mounter.calls();
+    assert!(
+        calls.contains(&format!("unmount {} lazy", target.display())),
+        "{calls:?}"
+    );
+    assert!(!target.exists());
+
+    // The server returns: the blocked probe finishes and stats are normal again.
+    h.mounter.release_stats();
+    let target2 = h.target("pod-live");
+    h.node
+        .node_publish_volume(h.publish_req("v1", &staging, &target2, false))
+        .await
+        .unwrap();
+    let cond = h
+        .node
+        .node_get_volume_stats(stats_req("v1", &target2))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+
+    // Busy with a healthy file system: an error, and the mount stays.
+    h.mounter.set_busy(&target2);
+    let err = h
+        .node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "v1".into(),
+            target_path: target2.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{}", err.message());
+    assert!(h.mounter.table().iter().any(|m| m.mount_point == target2));
     h.stop.cancel();
 }
 

@@ -167,6 +167,10 @@ pub struct InitArgs {
     /// every file init would write, marked new, changed or unchanged; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Write the files but do not reload systemd or (re)start containerd and the kubelet
+    /// (implied with --root other than /: another root's services are not ours to run).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub no_start: bool,
 }
 
 #[derive(Debug, Args)]

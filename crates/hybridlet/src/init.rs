@@ -1,16 +1,27 @@
-//! `hybridlet init --dry-run`: resolve the cluster's coordinates and the node's identity,
-//! render every file a join writes (hybridlet-bootstrap), and show each as new, changed or
-//! unchanged against the host (under `--root`). Writing the files, registering
-//! credentials and starting containerd and the kubelet are not in this build, and `init`
-//! without `--dry-run` says so instead of doing half a join.
+//! `hybridlet init`: resolve the cluster's coordinates and the node's identity, render
+//! every file a join writes (hybridlet-bootstrap), and write them as one change
+//! (hybridlet-sys fileset: atomic writes, a backup of every replaced file first, the
+//! written files put back if a later write fails), then reload systemd and enable and
+//! restart containerd and the kubelet where their files changed or they are not running.
+//! A unit that fails to restart rolls the files back and restarts it on the old ones.
+//! Running it again changes nothing and restarts nothing when nothing changed.
+//!
+//! `--dry-run` shows each file as new, changed or unchanged and writes nothing.
+//! Registering SSM credentials is not in this build: an SSM node must be registered with
+//! the SSM agent first (init says so).
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hybridlet_aws::{AwsSettings, describe_cluster, eks_client, resolve_credentials, sdk_config};
-use hybridlet_bootstrap::{ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, render};
+use hybridlet_bootstrap::{
+    ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
+};
 use hybridlet_config::{Config, CredentialProvider, NodeConfig};
 use hybridlet_sys::HostRoot;
+use hybridlet_sys::fileset::{self, DesiredFile, FileState};
+use hybridlet_sys::systemd::{ServiceManager, Systemctl};
+use std::path::{Path, PathBuf};
 
 use crate::cli::{Cli, InitArgs};
 use crate::exit::Failure;
@@ -155,17 +166,12 @@ fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure>
 }
 
 pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
-    if !args.dry_run {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "`hybridlet init` is not implemented yet beyond --dry-run (writing the files, registering credentials and starting containerd and the kubelet); nothing was changed on this host. Run `hybridlet init --dry-run` to see what it would write"
-        )));
-    }
     let loaded = cli.load_config()?;
     let node = node_config(&loaded.config)?;
     let root = cli.host_root();
     let who = identity(node, &root)?;
     let cluster = coordinates(node)?;
-    let files = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
+    let rendered = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
         .map_err(|e| Failure::Runtime(e.into()))?;
     outln!(
         "cluster {} ({}), API server {}, node {} ({} credentials)",
@@ -175,28 +181,388 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
         who.node_name,
         who.credential_provider
     );
-    let mut changes = 0;
-    for f in &files {
-        let path = root.resolve(&f.path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let state = match std::fs::read_to_string(&path) {
-            Ok(existing) if existing == f.contents => "unchanged",
-            Ok(_) => "changed",
-            Err(_) => "new",
-        };
-        if state != "unchanged" {
-            changes += 1;
-        }
-        outln!("{state:>9}  {:o}  {}", f.mode, f.path);
+    let mut files = Vec::with_capacity(rendered.len());
+    for f in &rendered {
+        files.push(DesiredFile {
+            path: root.resolve(&f.path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            mode: f.mode,
+            contents: f.contents.clone().into_bytes(),
+        });
     }
-    for f in files
+    if args.dry_run {
+        return dry_run(&rendered, &files);
+    }
+    let backups = root
+        .resolve(&format!(
+            "{}/init-backups",
+            loaded.config.agent.state_dir.trim_end_matches('/')
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let manage_services = !args.no_start && root.is_system();
+    if !args.no_start && !manage_services {
+        outln!("--root is not /: writing files only; containerd and the kubelet are left alone");
+    }
+    let systemctl = Systemctl::default();
+    let services: Option<&dyn ServiceManager> = manage_services.then_some(&systemctl as _);
+    let report = join(&rendered, &files, &backups, services, SETTLE)?;
+    for (f, state) in rendered.iter().zip(&report.states) {
+        outln!("{:>9}  {:o}  {}", state.as_str(), f.mode, f.path);
+    }
+    for action in &report.actions {
+        outln!("{action}");
+    }
+    match &report.backup {
+        Some(dir) => outln!(
+            "init: {} file(s) written; the previous versions are in {}",
+            report.written(),
+            dir.display()
+        ),
+        None => outln!("init: every file already up to date; nothing written"),
+    }
+    Ok(())
+}
+
+fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Failure> {
+    let states = fileset::plan(files).map_err(|e| Failure::Runtime(e.into()))?;
+    for (f, state) in rendered.iter().zip(&states) {
+        outln!("{:>9}  {:o}  {}", state.as_str(), f.mode, f.path);
+    }
+    for f in rendered
         .iter()
         .filter(|f| !f.path.ends_with("00-nodeadm.toml"))
     {
         outln!("\n--- {} ---\n{}", f.path, f.contents.trim_end());
     }
+    let changes = states
+        .iter()
+        .filter(|s| **s != FileState::Unchanged)
+        .count();
     outln!(
         "\ndry run: {} files, {changes} would be written; nothing was changed",
-        files.len()
+        rendered.len()
     );
     Ok(())
+}
+
+const CONTAINERD: &str = "containerd.service";
+/// How long a restarted unit must stay active to count as started.
+const SETTLE: Duration = Duration::from_secs(3);
+const KUBELET: &str = "kubelet.service";
+
+/// Which unit a file configures (drop-ins and config files alike).
+fn unit_of(path: &str) -> Option<&'static str> {
+    if path.starts_with("/etc/containerd/") || path.contains("/containerd.service.d/") {
+        Some(CONTAINERD)
+    } else if path.starts_with("/etc/kubernetes/")
+        || path.starts_with("/var/lib/kubelet/")
+        || path.starts_with("/etc/eks/kubelet/")
+        || path.contains("/kubelet.service.d/")
+    {
+        Some(KUBELET)
+    } else {
+        None
+    }
+}
+
+/// What [`join`] did.
+#[derive(Debug)]
+pub(crate) struct JoinReport {
+    pub states: Vec<FileState>,
+    pub backup: Option<PathBuf>,
+    pub actions: Vec<String>,
+}
+
+impl JoinReport {
+    fn written(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|s| **s != FileState::Unchanged)
+            .count()
+    }
+}
+
+/// Write the files as one change and bring the services in line with them.
+///
+/// Preflight first, so that a host without containerd or the kubelet is refused before
+/// anything is written. With `services` = `None` only the files are written.
+pub(crate) fn join(
+    rendered: &[RenderedFile],
+    files: &[DesiredFile],
+    backups: &Path,
+    services: Option<&dyn ServiceManager>,
+    settle: Duration,
+) -> Result<JoinReport, Failure> {
+    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+    if let Some(sm) = services {
+        for unit in [CONTAINERD, KUBELET] {
+            let state = sm
+                .state(unit)
+                .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            if !state.exists {
+                return Err(runtime(anyhow::anyhow!(
+                    "{unit} is not installed on this host, so the node cannot join; install containerd and the kubelet for your Kubernetes version first (`hybridlet install` is not in this build; `nodeadm install` lays them out the same way), or run `hybridlet init --no-start` to write the files only. Nothing was changed"
+                )));
+            }
+        }
+    }
+    let applied = fileset::apply(files, backups).map_err(|e| runtime(e.into()))?;
+    let mut report = JoinReport {
+        states: applied.states,
+        backup: applied.backup,
+        actions: Vec::new(),
+    };
+    let Some(sm) = services else {
+        return Ok(report);
+    };
+    let changed = |unit: &str| {
+        rendered
+            .iter()
+            .zip(&report.states)
+            .any(|(f, s)| *s != FileState::Unchanged && unit_of(&f.path) == Some(unit))
+    };
+    let restart_needed: Vec<&str> = [CONTAINERD, KUBELET]
+        .into_iter()
+        .filter(|unit| changed(unit))
+        .collect();
+    let mut plan = Vec::new();
+    for unit in [CONTAINERD, KUBELET] {
+        let active = sm
+            .state(unit)
+            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?
+            .active;
+        if restart_needed.contains(&unit) || !active {
+            plan.push((unit, active));
+        }
+    }
+    if report.backup.is_some() {
+        sm.daemon_reload()
+            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+        report.actions.push("systemd: daemon-reload".into());
+    }
+    let mut restarted = Vec::new();
+    for (unit, was_active) in plan {
+        let result = sm
+            .enable(unit)
+            .and_then(|()| sm.restart(unit))
+            .map_err(|e| e.to_string())
+            .and_then(|()| stays_up(sm, unit, settle));
+        match result {
+            Ok(()) => {
+                report.actions.push(format!(
+                    "systemd: {unit} enabled and {}",
+                    if was_active { "restarted" } else { "started" }
+                ));
+                restarted.push(unit);
+            }
+            Err(e) => {
+                let undo = undo_after_failure(sm, report.backup.as_deref(), &restarted, unit);
+                return Err(runtime(anyhow::anyhow!(
+                    "{unit} did not start with the new configuration: {e}. {undo} See `journalctl -u {unit}`"
+                )));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// A simple-type unit "restarts" successfully even when its process exits a moment later
+/// (a kubelet refusing its config does exactly that), so watch it for `settle`.
+fn stays_up(sm: &dyn ServiceManager, unit: &str, settle: Duration) -> Result<(), String> {
+    let until = std::time::Instant::now() + settle;
+    loop {
+        let state = sm.state(unit).map_err(|e| e.to_string())?;
+        if !state.active {
+            return Err(format!(
+                "it stopped right after starting (not active within {settle:?})"
+            ));
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(());
+        }
+        #[allow(clippy::disallowed_methods)] // a CLI command waiting on systemd, no runtime
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Put the previous files back and restart what was restarted, so the node runs as
+/// before the failed init. Returns a sentence saying what happened.
+fn undo_after_failure(
+    sm: &dyn ServiceManager,
+    backup: Option<&Path>,
+    restarted: &[&str],
+    failed: &str,
+) -> String {
+    let Some(backup) = backup else {
+        return "No file had changed.".into();
+    };
+    if let Err(e) = fileset::rollback(backup) {
+        return format!(
+            "Putting the previous files back failed too ({e}); they are in {}",
+            backup.display()
+        );
+    }
+    let _ = sm.daemon_reload();
+    let mut problems = Vec::new();
+    for unit in restarted.iter().chain(std::iter::once(&failed)) {
+        if let Err(e) = sm.restart(unit) {
+            problems.push(format!("{unit}: {e}"));
+        }
+    }
+    if problems.is_empty() {
+        format!(
+            "The previous files were put back (from {}) and the units restarted on them.",
+            backup.display()
+        )
+    } else {
+        format!(
+            "The previous files were put back (from {}), but restarting on them failed: {}.",
+            backup.display(),
+            problems.join("; ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hybridlet_sys::systemd::FakeServiceManager;
+
+    fn fixture(dir: &Path) -> (Vec<RenderedFile>, Vec<DesiredFile>) {
+        let rendered = vec![
+            RenderedFile {
+                path: "/etc/containerd/config.toml".into(),
+                mode: 0o644,
+                contents: "version = 3\n".into(),
+            },
+            RenderedFile {
+                path: "/etc/kubernetes/kubelet/config.json".into(),
+                mode: 0o644,
+                contents: "{}\n".into(),
+            },
+        ];
+        let files = rendered
+            .iter()
+            .map(|f| DesiredFile {
+                path: dir.join(f.path.trim_start_matches('/')),
+                mode: f.mode,
+                contents: f.contents.clone().into_bytes(),
+            })
+            .collect();
+        (rendered, files)
+    }
+
+    #[test]
+    fn first_join_starts_both_then_a_rerun_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rendered, files) = fixture(dir.path());
+        let sm = FakeServiceManager::with_units(&[CONTAINERD, KUBELET]);
+        let backups = dir.path().join("backups");
+        let first = join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        assert_eq!(first.written(), 2);
+        assert_eq!(
+            sm.calls(),
+            [
+                "daemon-reload",
+                "enable containerd.service",
+                "restart containerd.service",
+                "enable kubelet.service",
+                "restart kubelet.service"
+            ]
+        );
+        let second = join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        assert_eq!(second.written(), 0);
+        assert!(second.actions.is_empty(), "{:?}", second.actions);
+        assert_eq!(sm.calls().len(), 5, "a rerun restarted something");
+
+        // Only the kubelet's file changes: only the kubelet restarts.
+        let mut rendered2 = rendered.clone();
+        rendered2[1].contents = "{\"maxPods\": 110}\n".into();
+        let (_, mut files2) = fixture(dir.path());
+        files2[1].contents = rendered2[1].contents.clone().into_bytes();
+        join(&rendered2, &files2, &backups, Some(&sm), Duration::ZERO).unwrap();
+        assert_eq!(
+            &sm.calls()[5..],
+            [
+                "daemon-reload",
+                "enable kubelet.service",
+                "restart kubelet.service"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_unit_that_exits_right_after_start_counts_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rendered, files) = fixture(dir.path());
+        let sm = FakeServiceManager::with_units(&[CONTAINERD, KUBELET]);
+        sm.exit_after_start(KUBELET);
+        let err = join(
+            &rendered,
+            &files,
+            &dir.path().join("b"),
+            Some(&sm),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("stopped right after starting"), "{text}");
+        assert!(
+            !files[1].path.exists(),
+            "the new kubelet config survived the rollback"
+        );
+    }
+
+    #[test]
+    fn missing_kubelet_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rendered, files) = fixture(dir.path());
+        let sm = FakeServiceManager::with_units(&[CONTAINERD]);
+        let err = join(
+            &rendered,
+            &files,
+            &dir.path().join("b"),
+            Some(&sm),
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("kubelet.service is not installed"), "{text}");
+        assert!(!files[0].path.exists(), "files written despite the refusal");
+    }
+
+    #[test]
+    fn a_unit_that_fails_to_restart_rolls_the_files_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rendered, files) = fixture(dir.path());
+        std::fs::create_dir_all(files[1].path.parent().unwrap()).unwrap();
+        std::fs::write(&files[1].path, "{\"old\": true}\n").unwrap();
+        let sm = FakeServiceManager::with_units(&[CONTAINERD, KUBELET]);
+        sm.fail_restart(KUBELET);
+        let err = join(
+            &rendered,
+            &files,
+            &dir.path().join("b"),
+            Some(&sm),
+            Duration::ZERO,
+        )
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("kubelet.service did not start"), "{text}");
+        assert!(text.contains("previous files were put back"), "{text}");
+        assert_eq!(
+            std::fs::read_to_string(&files[1].path).unwrap(),
+            "{\"old\": true}\n"
+        );
+        assert!(!files[0].path.exists(), "a new file survived the rollback");
+        let calls = sm.calls();
+        assert!(
+            calls.ends_with(&[
+                "daemon-reload".to_string(),
+                "restart containerd.service".to_string(),
+                "restart kubelet.service".to_string()
+            ]),
+            "{calls:?}"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! `hybridlet init --dry-run`: cluster from the configuration or from EKS DescribeCluster
+//! `hybridlet init` and `init --dry-run`: cluster from the configuration or from EKS DescribeCluster
 //! (a loopback stub reached through the standard AWS_ENDPOINT_URL), node identity from IAM
 //! Roles Anywhere or the SSM registration file, new/changed/unchanged files under --root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
@@ -107,21 +107,86 @@ fn iam_ra_dry_run_shows_files_and_changes_nothing() {
     assert_eq!(std::fs::read_to_string(&kubeconfig).unwrap(), "old");
 }
 
+/// A real init under --root: files written with their modes, a backup of what they
+/// replaced, nothing rewritten on a second run, a changed file put back by the next run.
 #[test]
-fn without_dry_run_it_says_so_and_changes_nothing() {
+fn init_writes_files_once_and_backs_up_what_it_replaces() {
+    use std::os::unix::fs::PermissionsExt;
     let root = tempfile::tempdir().unwrap();
     let cfg = fixtures().join("iam-ra-with-agent.yaml");
-    let o = run(
-        root.path(),
-        &["init", "--config", cfg.to_str().unwrap()],
-        &[],
-    );
-    assert_eq!(o.status.code(), Some(1));
+    let args = ["init", "--config", cfg.to_str().unwrap()];
+
+    let kubeconfig = root.path().join("var/lib/kubelet/kubeconfig");
+    std::fs::create_dir_all(kubeconfig.parent().unwrap()).unwrap();
+    std::fs::write(&kubeconfig, "hand-made").unwrap();
+
+    let o = run(root.path(), &args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let text = out(&o);
     assert!(
-        out(&o).contains("not implemented yet beyond --dry-run"),
+        text.contains("--root is not /: writing files only"),
+        "{text}"
+    );
+    assert!(
+        text.contains("      new  644  /etc/kubernetes/kubelet/config.json"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  changed  644  /var/lib/kubelet/kubeconfig"),
+        "{text}"
+    );
+    assert!(text.contains("init: 9 file(s) written"), "{text}");
+    let config = root.path().join("etc/kubernetes/kubelet/config.json");
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("eks-hybrid:///eu-west-1/prod-hybrid/fra1-r12-n07")
+    );
+    assert_eq!(
+        std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // The replaced kubeconfig is in the backup, named by the manifest.
+    let backups: Vec<_> = std::fs::read_dir(root.path().join("var/lib/hybridlet/init-backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let manifest = std::fs::read_to_string(backups[0].join("manifest")).unwrap();
+    assert!(
+        manifest.contains("/var/lib/kubelet/kubeconfig"),
+        "{manifest}"
+    );
+    let saved: Vec<String> = std::fs::read_dir(&backups[0])
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(saved.iter().any(|c| c == "hand-made"), "{saved:?}");
+
+    // Again: nothing to do.
+    let o = run(root.path(), &args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(
+        out(&o).contains("every file already up to date; nothing written"),
         "{}",
         out(&o)
     );
+    assert!(out(&o).contains("unchanged  644  /etc/kubernetes/kubelet/config.json"));
+
+    // Someone edits a file: the next init puts it back, keeping the edit in a backup.
+    std::fs::write(&config, "{}").unwrap();
+    let o = run(root.path(), &args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("init: 1 file(s) written"), "{}", out(&o));
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("providerID")
+    );
+
+    // --dry-run and --no-start do not go together.
+    let o = run(root.path(), &["init", "--dry-run", "--no-start"], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", out(&o));
 }
 
 /// Answers one DescribeCluster like EKS does.

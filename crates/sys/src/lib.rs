@@ -10,10 +10,13 @@
 //! What this crate must never do: parse configuration, talk to the network, or log
 //! secrets. It knows nothing about Kubernetes or AWS.
 
+pub mod fileset;
 mod fsutil;
 pub mod mount;
 pub mod pci;
+pub mod process;
 mod root;
+pub mod systemd;
 
 pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
 pub use pci::{PciAddress, PciDevice, Sysfs, SysfsError, Topology};

@@ -12,11 +12,10 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What went wrong with a mount operation.
 #[derive(Debug, thiserror::Error)]
@@ -170,35 +169,6 @@ impl SystemMounter {
     }
 }
 
-/// Run a command in its own process group; kill the whole group at the deadline.
-fn run_with_deadline(
-    mut cmd: Command,
-    timeout: Duration,
-) -> io::Result<Option<std::process::Output>> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = cmd.spawn()?;
-    let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return child.wait_with_output().map(Some);
-        }
-        if started.elapsed() >= timeout {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        // A blocking helper on a blocking thread: short naps keep latency low.
-        #[allow(clippy::disallowed_methods)]
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 impl Mounter for SystemMounter {
     fn mount(&self, request: &MountRequest) -> Result<(), MountError> {
         let mut cmd = Command::new("mount");
@@ -213,7 +183,7 @@ impl Mounter for SystemMounter {
             target: request.target.clone(),
             message,
         };
-        match run_with_deadline(cmd, request.timeout) {
+        match crate::process::run_with_deadline(cmd, request.timeout) {
             Err(e) => Err(failed(format!("running mount(8): {e}"))),
             Ok(None) => Err(MountError::Timeout {
                 source_spec: request.source.clone(),
@@ -366,6 +336,9 @@ struct FakeState {
     missing_helpers: Vec<String>,
     next_device: u32,
     mount_delay: Duration,
+    hung_stats: std::collections::BTreeSet<PathBuf>,
+    busy: std::collections::BTreeSet<PathBuf>,
+    stats_calls: usize,
 }
 
 impl FakeMounter {
@@ -398,6 +371,27 @@ impl FakeMounter {
     /// Make every `mount` take this long (to exercise concurrency and deadlines).
     pub fn set_mount_delay(&self, delay: Duration) {
         self.lock().mount_delay = delay;
+    }
+
+    /// Make `stats` of this path block until [`FakeMounter::release_stats`], like statvfs
+    /// on a hard NFS mount whose server is gone.
+    pub fn hang_stats(&self, path: &Path) {
+        self.lock().hung_stats.insert(path.to_path_buf());
+    }
+
+    /// How many `stats` calls were made.
+    pub fn stats_calls(&self) -> usize {
+        self.lock().stats_calls
+    }
+
+    /// Let blocked `stats` calls return (the server came back).
+    pub fn release_stats(&self) {
+        self.lock().hung_stats.clear();
+    }
+
+    /// Make a non-lazy unmount of this path fail with EBUSY (a lazy one still detaches).
+    pub fn set_busy(&self, path: &Path) {
+        self.lock().busy.insert(path.to_path_buf());
     }
 
     /// Pretend `mount.<fs_type>` is not installed.
@@ -485,6 +479,12 @@ impl Mounter for FakeMounter {
             target.display(),
             if lazy { " lazy" } else { "" }
         ));
+        if !lazy && s.busy.contains(target) {
+            return Err(MountError::UnmountFailed {
+                target: target.to_path_buf(),
+                source: io::Error::from_raw_os_error(16),
+            });
+        }
         match s.table.remove(target) {
             Some(_) => Ok(()),
             None => Err(MountError::UnmountFailed {
@@ -499,6 +499,11 @@ impl Mounter for FakeMounter {
     }
 
     fn stats(&self, path: &Path) -> Result<FsStats, MountError> {
+        self.lock().stats_calls += 1;
+        while self.lock().hung_stats.contains(path) {
+            #[allow(clippy::disallowed_methods)] // the fake stands in for a blocking syscall
+            std::thread::sleep(Duration::from_millis(10));
+        }
         match self.lock().stats.get(path).cloned() {
             Some(Ok(s)) => Ok(s),
             Some(Err(message)) => Err(MountError::Io {
@@ -549,8 +554,8 @@ mod tests {
     fn helper_timeout_kills_the_process_group() {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg("sleep 30 & sleep 30");
-        let started = Instant::now();
-        let out = run_with_deadline(cmd, Duration::from_millis(200)).unwrap();
+        let started = std::time::Instant::now();
+        let out = crate::process::run_with_deadline(cmd, Duration::from_millis(200)).unwrap();
         assert!(out.is_none());
         assert!(started.elapsed() < Duration::from_secs(5));
     }

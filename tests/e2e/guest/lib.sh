@@ -1,0 +1,96 @@
+# Helpers for the in-guest scenarios (sourced). Every scenario runs under `bash -eu -o
+# pipefail`; a failed check prints what was expected and what was seen, then exits 1.
+share=/mnt/share
+artifacts=$share/artifacts
+scenario_started=$(date +%s.%N)
+
+elapsed() { awk -v s="$scenario_started" -v n="$(date +%s.%N)" 'BEGIN { printf "%.1f", n - s }'; }
+step() { echo "--- [$(elapsed)s] $*"; }
+fail() { echo "FAIL: $*"; exit 1; }
+
+# expect_ok CMD...: the command succeeds; its output is shown.
+expect_ok() {
+  local out rc=0
+  out=$("$@" 2>&1) || rc=$?
+  [ -z "$out" ] || printf '%s\n' "$out" | sed 's/^/    /' | head -n 20
+  [ "$rc" -eq 0 ] || fail "'$*' exited $rc"
+}
+
+# expect_fail CMD...: the command fails.
+expect_fail() {
+  if "$@" >/dev/null 2>&1; then fail "'$*' succeeded; expected a failure"; fi
+}
+
+# expect_eq WHAT EXPECTED ACTUAL
+expect_eq() { [ "$2" = "$3" ] || fail "$1: expected '$2', got '$3'"; echo "    ok: $1 = $3"; }
+
+# wait_for SECONDS DESCRIPTION CMD...: poll until CMD succeeds.
+wait_for() {
+  local limit=$1 what=$2; shift 2
+  local deadline=$(( $(date +%s) + limit ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "$what: not within ${limit}s"
+    sleep 0.5
+  done
+  echo "    ok: $what"
+}
+
+# The kubelet stand-in on hybridlet's CSI socket.
+csi_driver=csi.hybridlet.io
+csi_socket=/var/lib/kubelet/plugins/$csi_driver/csi.sock
+csi_reg_socket=/var/lib/kubelet/plugins_registry/$csi_driver-reg.sock
+kubelet() { "$artifacts/e2e-kubelet" --socket "$csi_socket" "$@"; }
+
+# csi_ok CALL ARGS...: the call returns OK.
+csi_ok() { expect_ok kubelet "$@"; }
+
+# csi_code CODE CALL ARGS...: the call returns exactly this gRPC code.
+csi_code() {
+  local want=$1 out rc=0; shift
+  out=$(kubelet "$@" 2>&1) || rc=$?
+  echo "    $out" | head -c 400; echo
+  case "$out" in
+    "ERR $want "*) echo "    ok: $1 -> $want" ;;
+    *) fail "'$1' expected gRPC $want, got: $out" ;;
+  esac
+}
+
+# install_hybridlet [CONFIG_FILE]: install the .deb of this commit; optionally put an
+# AgentConfig drop-in in place, then start the unit and wait until systemd has READY=1.
+install_hybridlet() {
+  DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
+  if [ $# -gt 0 ]; then
+    mkdir -p /etc/hybridlet/config.d
+    cp "$1" /etc/hybridlet/config.d/50-e2e.yaml
+  fi
+  systemctl restart hybridlet   # the config may have changed under a running unit
+  expect_eq "hybridlet unit" active "$(systemctl is-active hybridlet)"
+}
+
+# remove_hybridlet: stop and purge the package, detach whatever a scenario left mounted
+# under the kubelet's directory, so the next scenario starts from a clean node.
+remove_hybridlet() {
+  DEBIAN_FRONTEND=noninteractive dpkg -P hybridlet >/dev/null 2>&1 || true
+  rm -rf /etc/hybridlet
+  awk '$5 ~ "^/var/lib/kubelet" { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  rm -rf /var/lib/kubelet
+}
+
+main_pid() { systemctl show -p MainPID --value hybridlet; }
+
+# mounts_under PATH: how many mount table entries are at or below PATH.
+mounts_under() { awk -v p="$1" '$5 == p || index($5, p "/") == 1' /proc/self/mountinfo | wc -l; }
+
+metric() { curl -fsS http://127.0.0.1:9464/metrics | awk -v m="$1" '$1 == m { print $2 }'; }
+
+# NFS server inside the VM, exporting /srv/export to 127.0.0.1 only.
+start_nfs_server() {
+  mkdir -p /srv/export
+  chmod 0777 /srv/export
+  echo '/srv/export 127.0.0.1(rw,sync,no_subtree_check,no_root_squash,fsid=1)' > /etc/exports
+  systemctl restart nfs-server
+  exportfs -ra
+  wait_for 30 "NFS server exporting /srv/export" sh -c 'showmount -e 127.0.0.1 | grep -q /srv/export'
+}

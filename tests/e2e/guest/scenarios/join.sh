@@ -1,0 +1,102 @@
+# Scenario: `hybridlet init` under real systemd. containerd and the kubelet are stand-in
+# units (the image has neither binary): the kubelet stand-in refuses to start without its
+# config, or with maxPods 7, so a bad join is visible. init writes the files, reloads
+# systemd, starts both; a rerun restarts nothing; a kubelet-only change restarts only the
+# kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files.
+. /mnt/share/guest/lib.sh
+
+cat > /etc/systemd/system/containerd.service <<'UNIT'
+[Service]
+ExecStart=/bin/sleep infinity
+UNIT
+cat > /usr/local/bin/fake-kubelet <<'SH'
+#!/bin/sh
+# Starts only with a kubeconfig, a CA and a config whose maxPods is not 7.
+test -s /var/lib/kubelet/kubeconfig || { echo "no kubeconfig" >&2; exit 1; }
+test -s /etc/kubernetes/pki/ca.crt || { echo "no CA" >&2; exit 1; }
+if grep -Eq '"maxPods": 7([^0-9]|$)' /etc/kubernetes/kubelet/config.json; then echo "maxPods 7 refused" >&2; exit 1; fi
+exec sleep infinity
+SH
+chmod +x /usr/local/bin/fake-kubelet
+cat > /etc/systemd/system/kubelet.service <<'UNIT'
+[Service]
+EnvironmentFile=-/etc/eks/kubelet/environment
+ExecStart=/usr/local/bin/fake-kubelet
+UNIT
+systemctl daemon-reload
+
+write_config() {
+  mkdir -p /etc/hybridlet
+  cat > /etc/hybridlet/config.yaml <<YAML
+apiVersion: node.eks.aws/v1alpha1
+kind: NodeConfig
+spec:
+  cluster:
+    name: e2e
+    region: eu-west-1
+    apiServerEndpoint: https://127.0.0.1:6443
+    certificateAuthority: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJzekNDQVZtZ0F3SUJBZ0lVWG05amEwTkJabTl5U0hsaWNtbGtiR1YwVkdWemRITXdDZ1lJS29aSXpqMEUKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=
+    cidr: 172.16.0.0/16
+  kubelet:
+    config:
+      maxPods: $1
+  hybrid:
+    iamRolesAnywhere:
+      nodeName: rig-node-1
+      trustAnchorArn: arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/0a1b2c3d-0000-4000-8000-000000000001
+      profileArn: arn:aws:rolesanywhere:eu-west-1:111122223333:profile/0a1b2c3d-0000-4000-8000-000000000002
+      roleArn: arn:aws:iam::111122223333:role/AmazonEKSHybridNodesRole
+YAML
+}
+pid() { systemctl show -p MainPID --value "$1"; }
+
+step "install; init refuses a host without the kubelet unit and changes nothing"
+DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
+write_config 110
+mv /etc/systemd/system/kubelet.service /tmp/kubelet.service
+systemctl daemon-reload
+if out=$(hybridlet init 2>&1); then fail "init succeeded without kubelet.service"; fi
+echo "    $out" | tail -n 1 | head -c 300; echo
+echo "$out" | grep -q 'kubelet.service is not installed' || fail "no clear message: $out"
+[ ! -e /etc/kubernetes/kubelet/config.json ] || fail "files written despite the refusal"
+mv /tmp/kubelet.service /etc/systemd/system/kubelet.service
+systemctl daemon-reload
+
+step "init: files, daemon-reload, containerd and kubelet started"
+expect_ok hybridlet init
+expect_eq "containerd" active "$(systemctl is-active containerd)"
+expect_eq "kubelet" active "$(systemctl is-active kubelet)"
+expect_eq "kubelet enabled" enabled "$(systemctl is-enabled kubelet)"
+grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/rig-node-1"' /etc/kubernetes/kubelet/config.json \
+  || fail "kubelet config lacks the providerID"
+systemctl show -p Environment kubelet | grep -q 'NODEADM_KUBELET_ARGS' || fail "kubelet environment not loaded"
+c_pid=$(pid containerd); k_pid=$(pid kubelet)
+
+step "init again: nothing written, nothing restarted"
+out=$(hybridlet init)
+echo "$out" | grep -q 'nothing written' || fail "rerun wrote something: $out"
+expect_eq "containerd not restarted" "$c_pid" "$(pid containerd)"
+expect_eq "kubelet not restarted" "$k_pid" "$(pid kubelet)"
+
+step "a kubelet-only change restarts only the kubelet"
+write_config 120
+expect_ok hybridlet init
+expect_eq "containerd not restarted" "$c_pid" "$(pid containerd)"
+[ "$(pid kubelet)" != "$k_pid" ] || fail "kubelet was not restarted"
+grep -q '"maxPods": 120' /etc/kubernetes/kubelet/config.json || fail "maxPods not 120"
+k_pid=$(pid kubelet)
+
+step "a change the kubelet refuses is rolled back"
+write_config 7
+if out=$(hybridlet init 2>&1); then fail "init succeeded although the kubelet failed"; fi
+echo "$out" | tail -n 2 | sed 's/^/    /' | head -c 600; echo
+echo "$out" | grep -q 'kubelet.service did not start' || fail "failure not named: $out"
+echo "$out" | grep -q 'previous files were put back' || fail "no rollback reported: $out"
+grep -q '"maxPods": 120' /etc/kubernetes/kubelet/config.json || fail "config.json not rolled back"
+wait_for 20 "kubelet running on the previous files" systemctl is-active -q kubelet
+
+systemctl stop kubelet containerd
+rm -f /etc/systemd/system/kubelet.service /etc/systemd/system/containerd.service
+rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/systemd/system/*.service.d
+systemctl daemon-reload
+remove_hybridlet

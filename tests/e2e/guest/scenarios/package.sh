@@ -1,0 +1,85 @@
+# Scenario 1: the .deb of this commit under real systemd. Install enables but does not
+# start; the unit reaches active through Type=notify; /metrics and /readyz answer; a
+# broken config on reload is refused and the old one keeps running; stop is clean;
+# remove keeps the config, purge removes the state.
+. /mnt/share/guest/lib.sh
+
+step "dpkg -i"
+expect_ok dpkg -i "$artifacts/hybridlet.deb"
+expect_eq "enabled after install" enabled "$(systemctl is-enabled hybridlet)"
+expect_eq "not started by install" inactive "$(systemctl is-active hybridlet || true)"
+expect_ok hybridlet version
+expect_ok hybridlet check --config-only
+
+step "systemctl start (Type=notify: returns once READY=1 was sent)"
+expect_ok systemctl start hybridlet
+expect_eq "active" active "$(systemctl is-active hybridlet)"
+expect_eq "unit type" notify "$(systemctl show -p Type --value hybridlet)"
+status=$(systemctl show -p StatusText --value hybridlet)
+echo "    StatusText: $status"
+[ -n "$status" ] || fail "no STATUS= line from the daemon"
+pid=$(main_pid)
+
+step "/metrics, /healthz, /readyz"
+expect_ok curl -fsS -o /dev/null http://127.0.0.1:9464/readyz
+expect_ok curl -fsS -o /dev/null http://127.0.0.1:9464/healthz
+curl -fsS http://127.0.0.1:9464/metrics > /tmp/metrics
+grep -q '^hybridlet_build_info{' /tmp/metrics || fail "no hybridlet_build_info in /metrics"
+grep -q '^# EOF' /tmp/metrics || fail "/metrics is not OpenMetrics (no # EOF)"
+echo "    ok: $(grep -c '^hybridlet_' /tmp/metrics) hybridlet samples"
+
+step "reload with a broken drop-in: refused, the running config stays"
+mkdir -p /etc/hybridlet/config.d
+cat > /etc/hybridlet/config.d/99-broken.yaml <<'YAML'
+apiVersion: hybridlet.io/v1alpha1
+kind: AgentConfig
+spec:
+  admin:
+    listenAdress: 127.0.0.1:9999
+YAML
+expect_fail systemctl reload hybridlet
+journalctl -u hybridlet --no-pager | grep -q 'spec.admin.listenAdress' \
+  || fail "the journal does not name the bad field"
+echo "    ok: systemctl reload failed and the journal names spec.admin.listenAdress"
+expect_eq "same main PID after a refused reload" "$pid" "$(main_pid)"
+expect_eq "still active" active "$(systemctl is-active hybridlet)"
+# A bare SIGHUP (no pre-check) is refused by the daemon itself.
+kill -HUP "$pid"
+wait_for 20 "SIGHUP with a broken config counted as invalid" sh -c \
+  "curl -fsS http://127.0.0.1:9464/metrics | grep -q 'hybridlet_config_reloads_total{result=\"invalid\"} 1'"
+expect_eq "same main PID after a refused SIGHUP" "$pid" "$(main_pid)"
+expect_ok curl -fsS -o /dev/null http://127.0.0.1:9464/readyz
+rm /etc/hybridlet/config.d/99-broken.yaml
+expect_ok systemctl reload hybridlet
+wait_for 20 "good reload counted" sh -c \
+  "curl -fsS http://127.0.0.1:9464/metrics | grep -q 'hybridlet_config_reloads_total{result=\"ok\"} 1'"
+
+step "a broken config stops a restart (exit 78) without a restart loop"
+printf 'apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  nope: 1\n' > /etc/hybridlet/config.d/99-broken.yaml
+expect_fail systemctl restart hybridlet
+wait_for 20 "unit failed" sh -c '[ "$(systemctl is-active hybridlet)" = failed ]'
+expect_eq "main process exit status" 78 "$(systemctl show -p ExecMainStatus --value hybridlet)"
+sleep 7   # longer than RestartSec=5: a restart loop would show up here
+expect_eq "still failed, no restart loop" failed "$(systemctl is-active hybridlet || true)"
+expect_eq "automatic restarts" 0 "$(systemctl show -p NRestarts --value hybridlet)"
+rm /etc/hybridlet/config.d/99-broken.yaml
+systemctl reset-failed hybridlet
+expect_ok systemctl start hybridlet
+
+step "systemctl stop exits cleanly"
+expect_ok systemctl stop hybridlet
+expect_eq "inactive" inactive "$(systemctl is-active hybridlet || true)"
+expect_eq "result" success "$(systemctl show -p Result --value hybridlet)"
+expect_eq "main exit status" 0 "$(systemctl show -p ExecMainStatus --value hybridlet)"
+
+step "remove keeps the config, purge removes state"
+mkdir -p /var/lib/hybridlet
+expect_ok dpkg -r hybridlet
+[ ! -e /usr/bin/hybridlet ] || fail "binary left after remove"
+[ -f /etc/hybridlet/config.yaml ] || fail "remove deleted /etc/hybridlet/config.yaml"
+[ -d /var/lib/hybridlet ] || fail "remove deleted the state directory"
+echo "    ok: config and state kept"
+expect_ok dpkg -P hybridlet
+[ ! -e /var/lib/hybridlet ] || fail "purge left /var/lib/hybridlet"
+[ ! -e /etc/hybridlet/config.yaml ] || fail "purge left the config"
+echo "    ok: purged"
