@@ -5,26 +5,31 @@ use hybridlet_proto::csi::v1::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, ProbeRequest, ProbeResponse,
 };
-use hybridlet_sys::mount::Mounter;
 use tonic::{Request, Response, Status};
 
-use crate::{CsiError, CsiSettings};
+use crate::{CsiError, CsiSettings, Host};
 
 /// The CSI Identity service.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
     settings: Arc<CsiSettings>,
-    mounter: Arc<dyn Mounter>,
+    host: Host,
 }
 
 impl IdentityService {
-    pub(crate) fn new(settings: Arc<CsiSettings>, mounter: Arc<dyn Mounter>) -> Self {
-        Self { settings, mounter }
+    pub(crate) fn new(settings: Arc<CsiSettings>, host: Host) -> Self {
+        Self { settings, host }
     }
 
     /// Whether the node can serve what is enabled; the reason when it cannot.
     pub fn health(&self) -> Result<(), CsiError> {
-        if self.settings.nfs_enabled && !self.mounter.can_mount("nfs") {
+        if self.settings.iscsi_enabled && !self.host.initiator.available() {
+            return Err(CsiError::FailedPrecondition(
+                "iSCSI is enabled but iscsiadm is not installed; install open-iscsi (Debian, Ubuntu) or iscsi-initiator-utils (RHEL) and start iscsid"
+                    .to_string(),
+            ));
+        }
+        if self.settings.nfs_enabled && !self.host.mounter.can_mount("nfs") {
             return Err(CsiError::FailedPrecondition(
                 "NFS is enabled but mount.nfs is not installed; install nfs-common (Debian, Ubuntu) or nfs-utils (RHEL)"
                     .to_string(),

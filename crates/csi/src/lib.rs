@@ -1,5 +1,6 @@
 //! The CSI node plugin: the Identity and Node services of the Container Storage Interface
-//! for statically provisioned NFS volumes (iSCSI is planned and refused clearly until then).
+//! for statically provisioned NFS volumes and iSCSI LUNs (mount, with format-once, and
+//! raw block access; online expansion).
 //!
 //! Behaviour follows the CSI specification: required fields missing → `INVALID_ARGUMENT`;
 //! a second operation on a volume already in flight → `ABORTED`; a target already holding
@@ -10,7 +11,8 @@
 //! helpers run with a deadline and are killed with their process group when it passes;
 //! `statvfs` for stats runs on a blocking thread with its own deadline.
 //!
-//! All host effects go through [`hybridlet_sys::mount::Mounter`] (real or fake).
+//! All host effects go through [`hybridlet_sys::mount::Mounter`] and
+//! [`hybridlet_sys::iscsi::Initiator`] / [`hybridlet_sys::iscsi::Disks`] (real or fake).
 //!
 //! What this crate must never do: log secrets or mount options, follow a symlink at a
 //! target path, remove anything recursively, or depend on other domain crates.
@@ -18,6 +20,8 @@
 mod error;
 mod guard;
 mod identity;
+mod iscsi;
+mod iscsi_node;
 mod metrics;
 mod nfs;
 mod node;
@@ -32,7 +36,12 @@ pub use node::NodeService;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
+use hybridlet_sys::iscsi::{Disks, Initiator, Iscsiadm, SystemDisks};
 use hybridlet_sys::mount::Mounter;
+
+pub use iscsi::{IscsiVolume, Records, StageRecord};
 
 /// Settings of the node plugin.
 #[derive(Debug, Clone)]
@@ -45,6 +54,10 @@ pub struct CsiSettings {
     pub node_id: String,
     /// NFS volumes are served.
     pub nfs_enabled: bool,
+    /// iSCSI volumes are served.
+    pub iscsi_enabled: bool,
+    /// Where stage records live (`<stateDir>/csi`).
+    pub state_dir: PathBuf,
     /// Deadline for one mount helper run (must stay under the kubelet's 2-minute call
     /// timeout).
     pub mount_timeout: Duration,
@@ -60,18 +73,42 @@ impl CsiSettings {
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
             node_id: node_id.to_string(),
             nfs_enabled: true,
+            iscsi_enabled: false,
+            state_dir: PathBuf::from("/var/lib/hybridlet/csi"),
             mount_timeout: Duration::from_secs(100),
             stats_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Both services over one mounter.
+/// The host effects the plugin uses.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Mounts.
+    pub mounter: Arc<dyn Mounter>,
+    /// The iSCSI initiator.
+    pub initiator: Arc<dyn Initiator>,
+    /// Block devices.
+    pub disks: Arc<dyn Disks>,
+}
+
+impl Host {
+    /// `mounter` with the host's iscsiadm and block device tools.
+    pub fn with_mounter(mounter: Arc<dyn Mounter>) -> Self {
+        Self {
+            mounter,
+            initiator: Arc::new(Iscsiadm::default()),
+            disks: Arc::new(SystemDisks::default()),
+        }
+    }
+}
+
+/// Both services over one mounter (and the host's iSCSI tools).
 pub fn services(
     settings: CsiSettings,
     mounter: Arc<dyn Mounter>,
 ) -> (IdentityService, NodeService) {
-    services_with_metrics(settings, mounter, CsiMetrics::default())
+    services_on(settings, Host::with_mounter(mounter), CsiMetrics::default())
 }
 
 /// Both services, recording call metrics into `metrics`.
@@ -80,9 +117,18 @@ pub fn services_with_metrics(
     mounter: Arc<dyn Mounter>,
     metrics: CsiMetrics,
 ) -> (IdentityService, NodeService) {
+    services_on(settings, Host::with_mounter(mounter), metrics)
+}
+
+/// Both services over `host`.
+pub fn services_on(
+    settings: CsiSettings,
+    host: Host,
+    metrics: CsiMetrics,
+) -> (IdentityService, NodeService) {
     let settings = Arc::new(settings);
     (
-        IdentityService::new(settings.clone(), mounter.clone()),
-        NodeService::new(settings, mounter, metrics),
+        IdentityService::new(settings.clone(), host.clone()),
+        NodeService::new(settings, host, metrics),
     )
 }

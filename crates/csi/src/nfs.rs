@@ -28,11 +28,6 @@ pub fn is_nfs(context: &HashMap<String, String>) -> bool {
     get(context, "server").is_some() || get(context, "share").is_some()
 }
 
-/// Whether the attributes describe an iSCSI volume.
-pub fn is_iscsi(context: &HashMap<String, String>) -> bool {
-    get(context, "targetPortal").is_some() || get(context, "iqn").is_some()
-}
-
 /// Build the mount from the attributes and the capability's mount flags.
 pub fn volume(
     context: &HashMap<String, String>,

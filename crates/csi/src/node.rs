@@ -20,27 +20,31 @@ use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmos
 use tonic::{Request, Response, Status};
 
 use crate::guard::VolumeGuard;
+use crate::iscsi::{self, Records};
 use crate::probe::Probes;
-use crate::{CsiError, CsiMetrics, CsiSettings, nfs, validate};
+use crate::{CsiError, CsiMetrics, CsiSettings, Host, nfs, validate};
 
 /// The CSI Node service.
 #[derive(Debug, Clone)]
 pub struct NodeService {
-    settings: Arc<CsiSettings>,
-    mounter: Arc<dyn Mounter>,
-    guard: VolumeGuard,
+    pub(crate) settings: Arc<CsiSettings>,
+    pub(crate) mounter: Arc<dyn Mounter>,
+    pub(crate) host: Host,
+    pub(crate) guard: VolumeGuard,
     metrics: CsiMetrics,
-    probes: Probes,
+    pub(crate) probes: Probes,
+    pub(crate) records: Records,
 }
 
 /// What a capability asks for, once validated.
-struct Capability {
-    block: bool,
-    mount_flags: Vec<String>,
-    reader_only: bool,
+pub(crate) struct Capability {
+    pub(crate) block: bool,
+    pub(crate) mount_flags: Vec<String>,
+    pub(crate) fs_type: String,
+    pub(crate) reader_only: bool,
 }
 
-fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
+pub(crate) fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
     let cap =
         cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
     let mode = cap
@@ -51,9 +55,9 @@ fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
         .ok_or_else(|| {
             CsiError::InvalidArgument("volume_capability.access_mode is required".into())
         })?;
-    let (block, mount_flags) = match &cap.access_type {
-        Some(AccessType::Block(_)) => (true, Vec::new()),
-        Some(AccessType::Mount(m)) => (false, m.mount_flags.clone()),
+    let (block, mount_flags, fs_type) = match &cap.access_type {
+        Some(AccessType::Block(_)) => (true, Vec::new(), String::new()),
+        Some(AccessType::Mount(m)) => (false, m.mount_flags.clone(), m.fs_type.clone()),
         None => {
             return Err(CsiError::InvalidArgument(
                 "volume_capability.access_type (block or mount) is required".into(),
@@ -63,12 +67,13 @@ fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
     Ok(Capability {
         block,
         mount_flags,
+        fs_type,
         reader_only: matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
     })
 }
 
 /// Run blocking host work off the async executor, bounded by `limit`.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     limit: Duration,
     what: String,
     f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
@@ -105,7 +110,11 @@ const BUSY_PROBE: Duration = Duration::from_secs(2);
 /// is busy because its server does not answer (processes blocked in the dead file system,
 /// our own statvfs included, keep it busy until the server returns, possibly never). A
 /// busy mount whose file system answers is a real error and is reported.
-fn unmount(mounter: &Arc<dyn Mounter>, target: &Path, probes: &Probes) -> Result<(), CsiError> {
+pub(crate) fn unmount(
+    mounter: &Arc<dyn Mounter>,
+    target: &Path,
+    probes: &Probes,
+) -> Result<(), CsiError> {
     match mounter.unmount(target, false) {
         Ok(()) => Ok(()),
         Err(e) if is_stale(&e) => {
@@ -124,19 +133,17 @@ fn unmount(mounter: &Arc<dyn Mounter>, target: &Path, probes: &Probes) -> Result
     }
 }
 
-fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
+pub(crate) fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
     a.device == b.device && a.root == b.root
 }
 
 impl NodeService {
-    pub(crate) fn new(
-        settings: Arc<CsiSettings>,
-        mounter: Arc<dyn Mounter>,
-        metrics: CsiMetrics,
-    ) -> Self {
+    pub(crate) fn new(settings: Arc<CsiSettings>, host: Host, metrics: CsiMetrics) -> Self {
         Self {
+            records: Records::new(settings.state_dir.join("iscsi")),
             settings,
-            mounter,
+            mounter: host.mounter.clone(),
+            host,
             guard: VolumeGuard::default(),
             metrics,
             probes: Probes::default(),
@@ -148,14 +155,9 @@ impl NodeService {
         context: &std::collections::HashMap<String, String>,
         cap: &Capability,
     ) -> Result<nfs::NfsVolume, CsiError> {
-        if nfs::is_iscsi(context) {
-            return Err(CsiError::FailedPrecondition(
-                "iSCSI volumes are not available in this build of hybridlet".into(),
-            ));
-        }
         if !nfs::is_nfs(context) {
             return Err(CsiError::InvalidArgument(
-                "volumeAttributes must describe an NFS volume (server, share)".into(),
+                "volumeAttributes must describe an NFS volume (server, share) or an iSCSI LUN (targetPortal, iqn, lun)".into(),
             ));
         }
         if !self.settings.nfs_enabled {
@@ -175,6 +177,11 @@ impl NodeService {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
+        if iscsi::is_iscsi(&req.volume_context) {
+            return self
+                .stage_iscsi(volume_id, staging, cap, &req.volume_context, &req.secrets)
+                .await;
+        }
         let volume = self.nfs_volume(&req.volume_context, &cap)?;
         let _held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
@@ -215,6 +222,9 @@ impl NodeService {
         let _held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let probes = self.probes.clone();
+        let records = self.records.clone();
+        let host = self.host.clone();
+        let id = volume_id.clone();
         blocking(
             self.settings.mount_timeout,
             format!("unstaging volume {volume_id}"),
@@ -222,6 +232,9 @@ impl NodeService {
                 // Unmount every layer (a retried stage may have stacked mounts).
                 while mounter.mount_at(&staging)?.is_some() {
                     unmount(&mounter, &staging, &probes)?;
+                }
+                if let Some(record) = records.load(&id)? {
+                    crate::iscsi_node::detach(&host, &records, &record)?;
                 }
                 Ok(())
             },
@@ -241,12 +254,10 @@ impl NodeService {
             ));
         }
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
-        if cap.block {
-            return Err(CsiError::InvalidArgument(
-                "NFS volumes support the mount access type only, not block".into(),
-            ));
-        }
         let read_only = req.readonly || cap.reader_only;
+        if cap.block {
+            return self.publish_block(volume_id, target, read_only).await;
+        }
         let _held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let vid = volume_id.clone();
@@ -344,7 +355,12 @@ impl NodeService {
                 while mounter.mount_at(&target)?.is_some() {
                     unmount(&mounter, &target, &probes)?;
                 }
-                match std::fs::remove_dir(&target) {
+                // A raw block volume is published on a file, a filesystem on a directory.
+                let removed = match std::fs::symlink_metadata(&target) {
+                    Ok(meta) if meta.is_file() => std::fs::remove_file(&target),
+                    _ => std::fs::remove_dir(&target),
+                };
+                match removed {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                     Err(e) => Err(CsiError::Internal(format!(
@@ -378,6 +394,9 @@ impl NodeService {
                 "volume {volume_id} is not mounted at {}",
                 path.display()
             )));
+        }
+        if let Some(record) = self.records.load(&volume_id)?.filter(|r| r.block) {
+            return self.block_stats(record).await;
         }
         let mounter = self.mounter.clone();
         let probes = self.probes.clone();
@@ -494,13 +513,14 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _request: Request<NodeExpandVolumeRequest>,
+        request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(CsiError::Unimplemented(
-            "NodeExpandVolume: NFS volumes grow on the server; block-volume expansion (iSCSI) is not in this build"
-                .into(),
-        )
-        .into_status())
+        let started = std::time::Instant::now();
+        let result = self.expand(request.into_inner()).await;
+        self.metrics.observe("NodeExpandVolume", started, &result);
+        result
+            .map(|capacity_bytes| Response::new(NodeExpandVolumeResponse { capacity_bytes }))
+            .map_err(CsiError::into_status)
     }
 
     async fn node_get_capabilities(
@@ -511,6 +531,7 @@ impl Node for NodeService {
             capabilities: vec![
                 cap(rpc::Type::StageUnstageVolume),
                 cap(rpc::Type::GetVolumeStats),
+                cap(rpc::Type::ExpandVolume),
                 cap(rpc::Type::VolumeCondition),
                 cap(rpc::Type::SingleNodeMultiWriter),
             ],

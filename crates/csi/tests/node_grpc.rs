@@ -179,7 +179,7 @@ async fn node_capabilities_and_info() {
                 .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
-    assert_eq!(types, [1, 2, 4, 5]); // STAGE_UNSTAGE, GET_VOLUME_STATS, VOLUME_CONDITION, SINGLE_NODE_MULTI_WRITER
+    assert_eq!(types, [1, 2, 3, 4, 5]); // STAGE_UNSTAGE, GET_VOLUME_STATS, EXPAND_VOLUME, VOLUME_CONDITION, SINGLE_NODE_MULTI_WRITER
     let info = h
         .node
         .node_get_info(NodeGetInfoRequest {})

@@ -119,6 +119,22 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         ));
     }
 
+    if config.agent.csi.iscsi.enabled {
+        use hybridlet_sys::iscsi::Initiator as _;
+        let found = hybridlet_sys::iscsi::Iscsiadm::default().available();
+        out.push((
+            "iSCSI initiator",
+            if found {
+                Outcome::Ok("iscsiadm found".to_string())
+            } else {
+                Outcome::Fail(
+                    "spec.csi.iscsi.enabled is true but iscsiadm is not installed; install open-iscsi (Debian, Ubuntu) or iscsi-initiator-utils (RHEL)"
+                        .to_string(),
+                )
+            },
+        ));
+    }
+
     let sysfs = hybridlet_sys::Sysfs::new(root);
     for (i, pf) in config.agent.sriov.physical_functions.iter().enumerate() {
         let outcome = match crate::run::pf_selector(pf) {

@@ -55,11 +55,14 @@ impl CsiPlugin {
     pub fn new(
         config: &Config,
         kubelet_root: &Path,
+        state_dir: &Path,
         registry: &mut hybridlet_metrics::Registry,
     ) -> Self {
         let driver = &config.agent.csi.driver_name;
         let mut settings = CsiSettings::new(driver, &node_name(config));
         settings.nfs_enabled = config.agent.csi.nfs.enabled;
+        settings.iscsi_enabled = config.agent.csi.iscsi.enabled;
+        settings.state_dir = state_dir.join("csi");
         Self {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),

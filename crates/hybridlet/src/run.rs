@@ -22,18 +22,11 @@ use crate::exit::Failure;
 /// pretend to run them.
 pub fn check_supported(config: &Config) -> Result<(), Failure> {
     let agent = &config.agent;
-    for (field, enabled, what) in [
-        (
-            "spec.dra.sriov.enabled",
-            agent.dra.sriov.enabled,
-            "the SR-IOV DRA driver",
-        ),
-        (
-            "spec.csi.iscsi.enabled",
-            agent.csi.iscsi.enabled,
-            "CSI iSCSI volumes",
-        ),
-    ] {
+    for (field, enabled, what) in [(
+        "spec.dra.sriov.enabled",
+        agent.dra.sriov.enabled,
+        "the SR-IOV DRA driver",
+    )] {
         if enabled {
             return Err(Failure::Unsupported {
                 field,
@@ -132,8 +125,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             }
             Err(other) => return Err(other),
         };
-    if config.agent.csi.nfs.enabled {
-        let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &mut registry);
+    if config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled {
+        let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &state_dir, &mut registry);
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
     {

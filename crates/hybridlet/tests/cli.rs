@@ -187,14 +187,14 @@ fn enabled_but_unavailable_subsystem_is_a_config_error() {
     let path = dir.path().join("c.yaml");
     std::fs::write(
         &path,
-        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  csi:\n    iscsi:\n      enabled: true\n",
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  dra:\n    sriov:\n      enabled: true\n",
     )
     .unwrap();
     for cmd in ["check", "run"] {
         let out = hybridlet(&[cmd, "--config", path.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(78), "{cmd}: {}", text(&out));
         assert!(
-            text(&out).contains("spec.csi.iscsi.enabled: CSI iSCSI volumes is not available"),
+            text(&out).contains("spec.dra.sriov.enabled: the SR-IOV DRA driver is not available"),
             "{}",
             text(&out)
         );

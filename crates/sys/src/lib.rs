@@ -12,6 +12,7 @@
 
 pub mod fileset;
 mod fsutil;
+pub mod iscsi;
 pub mod mount;
 pub mod pci;
 pub mod process;

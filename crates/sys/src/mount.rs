@@ -454,15 +454,32 @@ impl Mounter for FakeMounter {
             target.display(),
             if read_only { " ro" } else { "" }
         ));
-        let base = s
-            .table
-            .get(source)
-            .cloned()
-            .ok_or_else(|| MountError::MountFailed {
-                source_spec: source.display().to_string(),
-                target: target.to_path_buf(),
-                message: "source is not mounted (fake)".into(),
-            })?;
+        let base = match s.table.get(source).cloned() {
+            Some(base) => base,
+            // A device node (raw block publish): the kernel shows the devtmpfs mount with
+            // the node's name as the root.
+            None if source.starts_with("/dev/") => MountEntry {
+                device: "0:5".into(),
+                root: format!(
+                    "/{}",
+                    source
+                        .file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default()
+                ),
+                mount_point: target.to_path_buf(),
+                options: Vec::new(),
+                fs_type: "devtmpfs".into(),
+                source: "udev".into(),
+            },
+            None => {
+                return Err(MountError::MountFailed {
+                    source_spec: source.display().to_string(),
+                    target: target.to_path_buf(),
+                    message: "source is not mounted (fake)".into(),
+                });
+            }
+        };
         let entry = MountEntry {
             mount_point: target.to_path_buf(),
             options: vec![if read_only { "ro" } else { "rw" }.into()],

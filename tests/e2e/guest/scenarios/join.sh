@@ -8,6 +8,8 @@
 cat > /etc/systemd/system/containerd.service <<'UNIT'
 [Service]
 ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
 UNIT
 cat > /usr/local/bin/fake-kubelet <<'SH'
 #!/bin/sh
@@ -22,6 +24,8 @@ cat > /etc/systemd/system/kubelet.service <<'UNIT'
 [Service]
 EnvironmentFile=-/etc/eks/kubelet/environment
 ExecStart=/usr/local/bin/fake-kubelet
+[Install]
+WantedBy=multi-user.target
 UNIT
 systemctl daemon-reload
 
@@ -95,7 +99,7 @@ echo "$out" | grep -q 'previous files were put back' || fail "no rollback report
 grep -q '"maxPods": 120' /etc/kubernetes/kubelet/config.json || fail "config.json not rolled back"
 wait_for 20 "kubelet running on the previous files" systemctl is-active -q kubelet
 
-systemctl stop kubelet containerd
+systemctl disable --now kubelet containerd
 rm -f /etc/systemd/system/kubelet.service /etc/systemd/system/containerd.service
 rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/systemd/system/*.service.d
 systemctl daemon-reload

@@ -1,0 +1,367 @@
+//! The iSCSI half of the node service: stage (login, format once, fsck, mount), raw
+//! block publish, block stats, expansion, and the reference-counted detach.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hybridlet_proto::csi::v1::volume_usage::Unit;
+use hybridlet_proto::csi::v1::{
+    NodeExpandVolumeRequest, NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage,
+};
+use hybridlet_sys::iscsi::{DiskFormat, IscsiError};
+use hybridlet_sys::mount::{MountRequest, topmost};
+
+use crate::iscsi::{self, Records, StageRecord};
+use crate::node::{Capability, NodeService, blocking};
+use crate::{CsiError, Host, validate};
+
+/// How long to wait for the LUN's by-path link after login (udev under load is slow).
+const DEVICE_WAIT: Duration = Duration::from_secs(30);
+
+fn iscsi_error(e: IscsiError) -> CsiError {
+    match &e {
+        IscsiError::Timeout { .. } => CsiError::Timeout(e.to_string()),
+        _ if e.is_auth_failure() => CsiError::FailedPrecondition(format!(
+            "{e}: check the CHAP user and password in the node-stage secret"
+        )),
+        IscsiError::NoDevice { .. } => CsiError::NotFound(format!(
+            "{e}: the target accepted the login but does not present this LUN"
+        )),
+        _ => CsiError::Internal(e.to_string()),
+    }
+}
+
+/// Log out of the record's target unless another staged volume still uses it (then only
+/// this LUN's SCSI disk is removed), and forget the record. Logging out of a target
+/// another volume uses would pull the disk from under it.
+pub(crate) fn detach(host: &Host, records: &Records, record: &StageRecord) -> Result<(), CsiError> {
+    let shared = records
+        .all()
+        .iter()
+        .any(|r| r.volume_id != record.volume_id && r.target == record.target);
+    if shared {
+        if !record.device.as_os_str().is_empty() && record.device.exists() {
+            if let Err(e) = host.disks.remove_scsi_device(&record.device) {
+                tracing::warn!(volume_id = %record.volume_id, error = %e, "could not remove the LUN's SCSI disk; it stays until the target is logged out");
+            }
+        }
+    } else {
+        host.initiator.logout(&record.target).map_err(iscsi_error)?;
+    }
+    records.remove(&record.volume_id)
+}
+
+impl NodeService {
+    pub(crate) async fn stage_iscsi(
+        &self,
+        volume_id: String,
+        staging: PathBuf,
+        cap: Capability,
+        context: &HashMap<String, String>,
+        secrets: &HashMap<String, String>,
+    ) -> Result<(), CsiError> {
+        if !self.settings.iscsi_enabled {
+            return Err(CsiError::FailedPrecondition(
+                "iSCSI volumes are disabled on this node (spec.csi.iscsi.enabled)".into(),
+            ));
+        }
+        let volume = iscsi::volume(context, secrets, &cap.fs_type)?;
+        let mut options = Vec::new();
+        for flag in &cap.mount_flags {
+            options.push(validate::mount_option(flag)?);
+        }
+        let _held = self.guard.acquire(&volume_id)?;
+        let host = self.host.clone();
+        let records = self.records.clone();
+        let timeout = self.settings.mount_timeout;
+        let id = volume_id.clone();
+        let block = cap.block;
+        let read_only = cap.reader_only;
+        blocking(
+            timeout + DEVICE_WAIT + Duration::from_secs(30),
+            format!("staging volume {volume_id}"),
+            move || {
+                let mounted = host.mounter.mount_at(&staging)?;
+                if let Some(existing) = records.load(&id)? {
+                    if existing.target != volume.target
+                        || existing.lun != volume.lun
+                        || existing.block != block
+                    {
+                        return Err(CsiError::AlreadyExists(format!(
+                            "volume {id} is already staged as LUN {} of {} on {} ({} access)",
+                            existing.lun,
+                            existing.target.iqn,
+                            existing.target.portal,
+                            if existing.block { "block" } else { "mount" }
+                        )));
+                    }
+                    let logged_in = host
+                        .initiator
+                        .sessions()
+                        .map_err(iscsi_error)?
+                        .contains(&volume.target);
+                    if logged_in && (block || mounted.is_some()) {
+                        return Ok(()); // already staged
+                    }
+                } else if let Some(m) = &mounted {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "staging path {} already has {} mounted",
+                        staging.display(),
+                        m.source
+                    )));
+                }
+
+                if let Some(chap) = &volume.discovery_chap {
+                    let offered = host
+                        .initiator
+                        .discover(&volume.target.portal, Some(chap))
+                        .map_err(iscsi_error)?;
+                    if !offered.contains(&volume.target) {
+                        return Err(CsiError::NotFound(format!(
+                            "portal {} does not offer target {}",
+                            volume.target.portal, volume.target.iqn
+                        )));
+                    }
+                }
+                host.initiator
+                    .login(&volume.target, volume.session_chap.as_ref())
+                    .map_err(iscsi_error)?;
+                // Recorded before anything else can fail, so unstage logs out even if
+                // this stage never finishes.
+                let mut record = StageRecord {
+                    volume_id: id.clone(),
+                    target: volume.target.clone(),
+                    lun: volume.lun,
+                    fs_type: volume.fs_type.clone(),
+                    block,
+                    device: PathBuf::new(),
+                };
+                records.save(&record)?;
+                let device = host
+                    .disks
+                    .wait_for(&volume.target.by_path(volume.lun), DEVICE_WAIT)
+                    .map_err(iscsi_error)?;
+                record.device = device.clone();
+                records.save(&record)?;
+                if block {
+                    return Ok(());
+                }
+                if mounted.is_some() {
+                    return Ok(()); // mounted, the session had dropped: login was all it took
+                }
+                match host.disks.probe(&device).map_err(iscsi_error)? {
+                    DiskFormat::Blank => {
+                        tracing::info!(volume_id = %id, fs_type = %volume.fs_type, "LUN is blank; formatting it");
+                        host.disks
+                            .format(&device, &volume.fs_type)
+                            .map_err(iscsi_error)?;
+                    }
+                    DiskFormat::Filesystem(fs) if fs == volume.fs_type => {
+                        if !read_only {
+                            host.disks
+                                .check(&device, &fs)
+                                .map_err(|e| CsiError::FailedPrecondition(format!(
+                                    "the {fs} filesystem on LUN {} of {} has errors fsck cannot fix safely: {e}",
+                                    volume.lun, volume.target.iqn
+                                )))?;
+                        }
+                    }
+                    DiskFormat::Filesystem(fs) => {
+                        return Err(CsiError::FailedPrecondition(format!(
+                            "LUN {} of {} holds {fs}, but the volume asks for {}; refusing to reformat it",
+                            volume.lun, volume.target.iqn, volume.fs_type
+                        )));
+                    }
+                    DiskFormat::PartitionTable(pt) => {
+                        return Err(CsiError::FailedPrecondition(format!(
+                            "LUN {} of {} has a {pt} partition table; refusing to format over it",
+                            volume.lun, volume.target.iqn
+                        )));
+                    }
+                }
+                std::fs::create_dir_all(&staging).map_err(|e| {
+                    CsiError::Internal(format!("creating staging path {}: {e}", staging.display()))
+                })?;
+                if read_only {
+                    options.push("ro".into());
+                }
+                host.mounter.mount(&MountRequest {
+                    fs_type: volume.fs_type.clone(),
+                    source: device.display().to_string(),
+                    target: staging.clone(),
+                    options,
+                    timeout,
+                })?;
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, "iSCSI volume staged");
+        Ok(())
+    }
+
+    pub(crate) async fn publish_block(
+        &self,
+        volume_id: String,
+        target: PathBuf,
+        read_only: bool,
+    ) -> Result<(), CsiError> {
+        let record = self
+            .records
+            .load(&volume_id)?
+            .filter(|r| r.block)
+            .ok_or_else(|| {
+                CsiError::FailedPrecondition(format!(
+                    "volume {volume_id} is not staged for block access; NodeStageVolume must succeed first"
+                ))
+            })?;
+        let _held = self.guard.acquire(&volume_id)?;
+        let mounter = self.mounter.clone();
+        blocking(
+            self.settings.mount_timeout,
+            format!("publishing block volume {volume_id}"),
+            move || {
+                let device = &record.device;
+                let node_name = device
+                    .file_name()
+                    .map(|n| format!("/{}", n.to_string_lossy()))
+                    .unwrap_or_default();
+                let table = mounter.mount_table()?;
+                if let Some(existing) = topmost(&table, &target) {
+                    if existing.root == node_name && existing.read_only() == read_only {
+                        return Ok(());
+                    }
+                    return Err(CsiError::AlreadyExists(format!(
+                        "target path {} already has something else bound",
+                        target.display()
+                    )));
+                }
+                let created = match std::fs::symlink_metadata(&target) {
+                    Ok(meta) if meta.file_type().is_symlink() => {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "target path {} is a symlink; refusing to mount through it",
+                            target.display()
+                        )));
+                    }
+                    Ok(meta) if meta.is_file() => false,
+                    Ok(_) => {
+                        return Err(CsiError::AlreadyExists(format!(
+                            "target path {} exists and is not a file (block volumes are published on a file)",
+                            target.display()
+                        )));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&target)
+                            .map_err(|e| {
+                                CsiError::Internal(format!("creating {}: {e}", target.display()))
+                            })?;
+                        true
+                    }
+                    Err(e) => {
+                        return Err(CsiError::Internal(format!(
+                            "inspecting {}: {e}",
+                            target.display()
+                        )));
+                    }
+                };
+                if let Err(e) = mounter.bind(device, &target, read_only) {
+                    if created {
+                        let _ = std::fs::remove_file(&target);
+                    }
+                    return Err(e.into());
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, read_only, "block volume published");
+        Ok(())
+    }
+
+    pub(crate) async fn block_stats(
+        &self,
+        record: StageRecord,
+    ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
+        let disks = self.host.disks.clone();
+        let device = record.device.clone();
+        let size = blocking(
+            Duration::from_secs(10),
+            format!("sizing {}", device.display()),
+            move || disks.size_bytes(&device).map_err(iscsi_error),
+        )
+        .await;
+        Ok(match size {
+            Ok(total) => NodeGetVolumeStatsResponse {
+                usage: vec![VolumeUsage {
+                    available: 0,
+                    total: total as i64,
+                    used: 0,
+                    unit: Unit::Bytes as i32,
+                }],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: false,
+                    message: "volume is healthy".into(),
+                }),
+            },
+            Err(e) => NodeGetVolumeStatsResponse {
+                usage: Vec::new(),
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message: format!("the LUN's device is gone: {e}"),
+                }),
+            },
+        })
+    }
+
+    /// Rescan the LUN and grow its filesystem; the new size in bytes.
+    pub(crate) async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<i64, CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let path = validate::host_path("volume_path", &req.volume_path)?;
+        let _held = self.guard.acquire(&volume_id)?;
+        let host = self.host.clone();
+        let records = self.records.clone();
+        let id = volume_id.clone();
+        let size = blocking(
+            self.settings.mount_timeout,
+            format!("expanding volume {volume_id}"),
+            move || {
+                let mounted = host.mounter.mount_at(&path)?.is_some();
+                let Some(record) = records.load(&id)? else {
+                    if mounted {
+                        // NFS: the export grows on the server; nothing to do here.
+                        return Ok(0);
+                    }
+                    return Err(CsiError::NotFound(format!(
+                        "volume {id} is not staged on this node"
+                    )));
+                };
+                if !mounted {
+                    return Err(CsiError::NotFound(format!(
+                        "volume {id} is not mounted at {}",
+                        path.display()
+                    )));
+                }
+                host.initiator.rescan(&record.target).map_err(iscsi_error)?;
+                if !record.block {
+                    grow(&host, &record, &path)?;
+                }
+                let size = host.disks.size_bytes(&record.device).map_err(iscsi_error)?;
+                Ok(size as i64)
+            },
+        )
+        .await?;
+        tracing::info!(volume_id = %volume_id, size, "volume expanded");
+        Ok(size)
+    }
+}
+
+fn grow(host: &Host, record: &StageRecord, mount_point: &Path) -> Result<(), CsiError> {
+    host.disks
+        .grow(&record.device, &record.fs_type, mount_point)
+        .map_err(iscsi_error)
+}

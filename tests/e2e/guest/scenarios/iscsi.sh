@@ -1,0 +1,119 @@
+# Scenario 3: iSCSI through hybridlet's CSI socket against a LIO target on 127.0.0.1
+# (one process of targetcli: an open target with a loop-backed LUN 0, which can grow,
+# and a file-backed LUN 1; a second target that demands CHAP). Stage formats a blank LUN
+# once; data survives unstage and stage; raw block publish; logout only after the last
+# LUN of a target is unstaged; NodeExpandVolume grows ext4 online; CHAP from secrets.
+. /mnt/share/guest/lib.sh
+
+open_iqn=iqn.2024-01.io.example.rig:open
+chap_iqn=iqn.2024-01.io.example.rig:chap
+by_path() { echo "/dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$1-lun-$2"; }
+session_count() { iscsiadm -m session 2>/dev/null | grep -c " $1 " || true; }
+
+step "LIO target"
+modprobe loop
+truncate -s 256M /var/tmp/lun0.img
+truncate -s 64M /var/tmp/lun1.img
+truncate -s 64M /var/tmp/lun2.img
+loopdev=$(losetup -f --show /var/tmp/lun0.img)
+targetcli >/tmp/targetcli.log 2>&1 <<TCLI
+/backstores/block create name=lun0 dev=$loopdev
+/backstores/fileio create name=lun1 file_or_dev=/var/tmp/lun1.img size=64M
+/backstores/fileio create name=lun2 file_or_dev=/var/tmp/lun2.img size=64M
+/iscsi create $open_iqn
+/iscsi/$open_iqn/tpg1/luns create /backstores/block/lun0
+/iscsi/$open_iqn/tpg1/luns create /backstores/fileio/lun1
+/iscsi/$open_iqn/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+/iscsi create $chap_iqn
+/iscsi/$chap_iqn/tpg1/luns create /backstores/fileio/lun2
+/iscsi/$chap_iqn/tpg1 set attribute authentication=1 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+/iscsi/$chap_iqn/tpg1 set auth userid=rig password=rig-chap-secret
+exit
+TCLI
+tail -n 3 /tmp/targetcli.log | sed 's/^/    /'
+systemctl start iscsid
+
+cat > /tmp/csi.yaml <<'YAML'
+apiVersion: hybridlet.io/v1alpha1
+kind: AgentConfig
+spec:
+  csi:
+    iscsi:
+      enabled: true
+YAML
+install_hybridlet /tmp/csi.yaml
+wait_for 30 "CSI socket" test -S "$csi_socket"
+csi_ok info
+
+base=/var/lib/kubelet/plugins/kubernetes.io/csi/$csi_driver
+pods=/var/lib/kubelet/pods/0b1c2d3e-0000-4000-8000-000000000003
+st0=$base/v0/globalmount; st1=$base/v1/globalmount; st2=$base/v2/globalmount
+mkdir -p "$st0" "$st1" "$st2" "$pods/volumes/kubernetes.io~csi/pv0" "$pods/volumeDevices"
+t0=$pods/volumes/kubernetes.io~csi/pv0/mount
+t1=$pods/volumeDevices/pv1
+lun0=(--attr targetPortal=127.0.0.1 --attr iqn=$open_iqn --attr lun=0 --mode single-writer)
+lun1=(--attr targetPortal=127.0.0.1 --attr iqn=$open_iqn --attr lun=1 --mode single-writer --block)
+
+step "stage formats the blank LUN once (twice: idempotent)"
+csi_ok stage --volume-id v0 --staging "$st0" "${lun0[@]}"
+csi_ok stage --volume-id v0 --staging "$st0" "${lun0[@]}"
+dev0=$(readlink -f "$(by_path $open_iqn 0)")
+expect_eq "filesystem on LUN 0" ext4 "$(blkid -o value -s TYPE "$dev0")"
+expect_eq "one mount at the staging path" 1 "$(awk -v p="$st0" '$5 == p' /proc/self/mountinfo | wc -l)"
+expect_eq "node.startup of the record" manual "$(iscsiadm -m node -T $open_iqn -p 127.0.0.1:3260 | awk '$1 == "node.startup" {print $3}')"
+
+step "publish, write a marker, unpublish, unstage (logs out), stage again: marker kept"
+csi_ok publish --volume-id v0 --staging "$st0" --target "$t0" "${lun0[@]}"
+echo marker-1 > "$t0/marker"; sync
+csi_ok unpublish --volume-id v0 --target "$t0"
+csi_ok unstage --volume-id v0 --staging "$st0"
+csi_ok unstage --volume-id v0 --staging "$st0"
+expect_eq "sessions to the open target after the last unstage" 0 "$(session_count $open_iqn)"
+csi_ok stage --volume-id v0 --staging "$st0" "${lun0[@]}"
+expect_eq "marker survived (not reformatted)" marker-1 "$(cat "$st0/marker")"
+
+step "raw block volume on LUN 1"
+csi_ok stage --volume-id v1 --staging "$st1" "${lun1[@]}"
+expect_eq "block stage mounts nothing" 0 "$(awk -v p="$st1" '$5 == p' /proc/self/mountinfo | wc -l)"
+csi_ok publish --volume-id v1 --staging "$st1" --target "$t1" "${lun1[@]}"
+csi_ok publish --volume-id v1 --staging "$st1" --target "$t1" "${lun1[@]}"
+[ -f "$t1" ] || fail "block target is not a file"
+expect_eq "block device size through the target" 67108864 "$(blockdev --getsize64 "$t1")"
+printf 'raw-block-data' | dd of="$t1" bs=512 conv=fsync status=none
+expect_eq "read back through the device" raw-block-data "$(dd if="$(by_path $open_iqn 1)" bs=14 count=1 status=none)"
+csi_ok stats --volume-id v1 --path "$t1"
+csi_ok unpublish --volume-id v1 --target "$t1"
+[ ! -e "$t1" ] || fail "block target file left behind"
+
+step "unstage LUN 1 keeps the session LUN 0 needs"
+csi_ok unstage --volume-id v1 --staging "$st1"
+expect_eq "sessions to the open target" 1 "$(session_count $open_iqn)"
+[ ! -e "$(by_path $open_iqn 1)" ] || fail "LUN 1's disk is still there"
+echo ok > "$st0/still-writable" || fail "LUN 0 broke when LUN 1 was unstaged"
+echo "    ok: LUN 0 still in use"
+
+step "NodeExpandVolume grows ext4 online"
+before=$(df -B1 --output=size "$st0" | tail -n 1)
+truncate -s 512M /var/tmp/lun0.img
+losetup -c "$loopdev"
+csi_ok expand --volume-id v0 --path "$st0" --required-bytes 536870912
+after=$(df -B1 --output=size "$st0" | tail -n 1)
+echo "    filesystem size: $before -> $after bytes"
+[ "$after" -gt $(( before + 200000000 )) ] || fail "filesystem did not grow"
+csi_ok unstage --volume-id v0 --staging "$st0"
+expect_eq "logged out" 0 "$(session_count $open_iqn)"
+
+step "CHAP from the node-stage secret"
+chap=(--attr targetPortal=127.0.0.1 --attr iqn=$chap_iqn --attr lun=0 --attr sessionCHAPAuth=true --mode single-writer)
+csi_code InvalidArgument stage --volume-id v2 --staging "$st2" "${chap[@]}"
+out=$(kubelet stage --volume-id v2 --staging "$st2" "${chap[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=wrong-password 2>&1) || true
+echo "    $out" | head -c 300; echo
+case "$out" in "ERR FailedPrecondition "*) ;; *) fail "wrong CHAP password: $out" ;; esac
+case "$out" in *wrong-password*) fail "the password was echoed" ;; esac
+if journalctl -u hybridlet --no-pager | grep -q -e wrong-password -e rig-chap-secret; then fail "a CHAP password reached the journal"; fi
+csi_ok stage --volume-id v2 --staging "$st2" "${chap[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=rig-chap-secret
+grep -rq rig-chap-secret /var/lib/hybridlet && fail "the CHAP password was written to the state directory"
+csi_ok unstage --volume-id v2 --staging "$st2"
+expect_eq "no sessions left" 0 "$(iscsiadm -m session 2>/dev/null | wc -l)"
+expect_eq "no mounts left" 0 "$(mounts_under /var/lib/kubelet)"
+remove_hybridlet
