@@ -140,11 +140,11 @@ fn chap_from(
         username_in: None,
         password_in: None,
     };
-    if let Some((u, p)) = mutual {
-        if get(secrets, u).is_some() || get(secrets, p).is_some() {
-            chap.username_in = Some(need(u)?);
-            chap.password_in = Some(need(p)?);
-        }
+    if let Some((u, p)) = mutual
+        && (get(secrets, u).is_some() || get(secrets, p).is_some())
+    {
+        chap.username_in = Some(need(u)?);
+        chap.password_in = Some(need(p)?);
     }
     Ok(chap)
 }

@@ -42,10 +42,11 @@ pub(crate) fn detach(host: &Host, records: &Records, record: &StageRecord) -> Re
         .iter()
         .any(|r| r.volume_id != record.volume_id && r.target == record.target);
     if shared {
-        if !record.device.as_os_str().is_empty() && record.device.exists() {
-            if let Err(e) = host.disks.remove_scsi_device(&record.device) {
-                tracing::warn!(volume_id = %record.volume_id, error = %e, "could not remove the LUN's SCSI disk; it stays until the target is logged out");
-            }
+        if !record.device.as_os_str().is_empty()
+            && record.device.exists()
+            && let Err(e) = host.disks.remove_scsi_device(&record.device)
+        {
+            tracing::warn!(volume_id = %record.volume_id, error = %e, "could not remove the LUN's SCSI disk; it stays until the target is logged out");
         }
     } else {
         host.initiator.logout(&record.target).map_err(iscsi_error)?;

@@ -193,7 +193,7 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
         return dry_run(&rendered, &files);
     }
     let backups = root
-        .resolve(&format!(
+        .resolve(format!(
             "{}/init-backups",
             loaded.config.agent.state_dir.trim_end_matches('/')
         ))

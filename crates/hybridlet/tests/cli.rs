@@ -166,8 +166,7 @@ fn usage_errors_exit_64_and_help_exits_0() {
 #[test]
 fn unimplemented_commands_say_so_and_fail() {
     for args in [
-        &["init"][..],
-        &["install", "1.34"],
+        &["install", "1.34"][..],
         &["upgrade", "1.34"],
         &["uninstall"],
     ] {
@@ -199,6 +198,17 @@ fn enabled_but_unavailable_subsystem_is_a_config_error() {
             text(&out)
         );
     }
+}
+
+/// `init` on the embedded default configuration (no NodeConfig): a configuration error
+/// that says what is missing, nothing written.
+#[test]
+fn init_without_a_node_config_is_a_config_error() {
+    let root = tempfile::tempdir().unwrap();
+    let out = hybridlet(&["--root", root.path().to_str().unwrap(), "init"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("NodeConfig"), "{}", text(&out));
+    assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
 }
 
 #[test]

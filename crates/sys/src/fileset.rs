@@ -84,7 +84,7 @@ pub enum FileSetError {
         /// The file whose write failed.
         path: PathBuf,
         /// Why.
-        write: AtomicWriteError,
+        write: Box<AtomicWriteError>,
         /// The file that could not be put back.
         restore_path: PathBuf,
         /// Why.
@@ -225,7 +225,7 @@ pub fn apply(files: &[DesiredFile], backup_root: &Path) -> Result<Applied, FileS
                 if let Err(restore) = restore(done) {
                     return Err(FileSetError::RestoreFailed {
                         path: f.path.clone(),
-                        write,
+                        write: Box::new(write),
                         restore_path: done.path.clone(),
                         restore,
                         backup,

@@ -683,14 +683,14 @@ impl Initiator for FakeIscsi {
                 message: "connection timed out".into(),
             });
         }
-        if let Some((u, p)) = s.chap.get(&target.iqn) {
-            if chap.is_none_or(|c| &c.username != u || &c.password != p) {
-                return Err(IscsiError::Failed {
-                    what: format!("logging in to {} on {}", target.iqn, target.portal),
-                    code: 24,
-                    message: "iSCSI login failed due to authorization failure".into(),
-                });
-            }
+        if let Some((u, p)) = s.chap.get(&target.iqn)
+            && chap.is_none_or(|c| &c.username != u || &c.password != p)
+        {
+            return Err(IscsiError::Failed {
+                what: format!("logging in to {} on {}", target.iqn, target.portal),
+                code: 24,
+                message: "iSCSI login failed due to authorization failure".into(),
+            });
         }
         s.sessions.insert(target.clone());
         Ok(())

@@ -77,7 +77,7 @@ csi_ok stage --volume-id v1 --staging "$st1" "${lun1[@]}"
 expect_eq "block stage mounts nothing" 0 "$(awk -v p="$st1" '$5 == p' /proc/self/mountinfo | wc -l)"
 csi_ok publish --volume-id v1 --staging "$st1" --target "$t1" "${lun1[@]}"
 csi_ok publish --volume-id v1 --staging "$st1" --target "$t1" "${lun1[@]}"
-[ -f "$t1" ] || fail "block target is not a file"
+[ -b "$t1" ] || fail "the published block target is not the device"
 expect_eq "block device size through the target" 67108864 "$(blockdev --getsize64 "$t1")"
 printf 'raw-block-data' | dd of="$t1" bs=512 conv=fsync status=none
 expect_eq "read back through the device" raw-block-data "$(dd if="$(by_path $open_iqn 1)" bs=14 count=1 status=none)"

@@ -73,7 +73,8 @@ expect_eq "kubelet" active "$(systemctl is-active kubelet)"
 expect_eq "kubelet enabled" enabled "$(systemctl is-enabled kubelet)"
 grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/rig-node-1"' /etc/kubernetes/kubelet/config.json \
   || fail "kubelet config lacks the providerID"
-systemctl show -p Environment kubelet | grep -q 'NODEADM_KUBELET_ARGS' || fail "kubelet environment not loaded"
+tr '\0' '\n' < "/proc/$(systemctl show -p MainPID --value kubelet)/environ" | grep -q '^NODEADM_KUBELET_ARGS=' \
+  || fail "the kubelet did not get /etc/eks/kubelet/environment"
 c_pid=$(pid containerd); k_pid=$(pid kubelet)
 
 step "init again: nothing written, nothing restarted"
