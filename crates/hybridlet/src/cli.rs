@@ -103,7 +103,9 @@ pub enum Command {
     Install(VersionArg),
     /// Upgrade the node's Kubernetes components to another version.
     Upgrade(VersionArg),
-    /// Remove what install and init put on this node.
+    /// Undo the join: stop and disable the kubelet, restore every file init replaced and
+    /// delete the ones it created, remove the kubelet's directory. Refuses, changing
+    /// nothing, while any mount point is inside the kubelet's directory.
     Uninstall,
     /// Print an EKS token as a kubeconfig exec credential (client.authentication.k8s.io/v1beta1),
     /// signed with this node's AWS credentials; the kubelet's kubeconfig runs this.
@@ -264,7 +266,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Init(args) => crate::init::init(&cli, args),
         Command::Install(_) => not_implemented("install", "installing Kubernetes components"),
         Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),
-        Command::Uninstall => not_implemented("uninstall", "removing Kubernetes components"),
+        Command::Uninstall => crate::uninstall::uninstall(&cli),
     }
 }
 

@@ -29,6 +29,7 @@ mod logging;
 mod run;
 pub mod tls;
 mod token;
+mod uninstall;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

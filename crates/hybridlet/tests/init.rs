@@ -189,6 +189,127 @@ fn init_writes_files_once_and_backs_up_what_it_replaces() {
     assert_eq!(o.status.code(), Some(64), "{}", out(&o));
 }
 
+/// init, then uninstall: the host ends as it was before the first join (a replaced file
+/// restored, created files deleted), the kubelet's directory and init's backups gone;
+/// uninstall again is a no-op.
+#[test]
+fn uninstall_puts_the_host_back_as_before_init() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let containerd = root.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(containerd.parent().unwrap()).unwrap();
+    std::fs::write(&containerd, "# the operator's own containerd config\n").unwrap();
+    let o = run(
+        root.path(),
+        &["init", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_ne!(
+        std::fs::read_to_string(&containerd).unwrap(),
+        "# the operator's own containerd config\n"
+    );
+    // A second init with a change, so two backups are undone in order.
+    let env = root.path().join("etc/eks/kubelet/environment");
+    std::fs::write(&env, "edited").unwrap();
+    let o = run(
+        root.path(),
+        &["init", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("from 2 init run(s) undone"), "{}", out(&o));
+    assert_eq!(
+        std::fs::read_to_string(&containerd).unwrap(),
+        "# the operator's own containerd config\n"
+    );
+    for gone in [
+        "etc/eks/kubelet/environment",
+        "etc/kubernetes/kubelet/config.json",
+        "etc/kubernetes/pki/ca.crt",
+        "etc/containerd/certs.d/docker.io/hosts.toml",
+        "var/lib/kubelet",
+        "var/lib/hybridlet/init-backups",
+    ] {
+        assert!(!root.path().join(gone).exists(), "{gone} is still there");
+    }
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(
+        out(&o).contains("0 change(s) from 0 init run(s)"),
+        "{}",
+        out(&o)
+    );
+}
+
+/// Root tier: a host directory bind-mounted under the kubelet's directory (the
+/// aws/eks-hybrid #664 case) stops uninstall before it changes anything.
+#[test]
+#[ignore = "root tier: needs CAP_SYS_ADMIN; run with --run-ignored only"]
+fn uninstall_refuses_while_a_bind_mount_is_under_the_kubelet_dir() {
+    use hybridlet_sys::mount::{Mounter, SystemMounter};
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let o = run(
+        root.path(),
+        &["init", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let host_etc = root.path().join("host-etc");
+    std::fs::create_dir_all(&host_etc).unwrap();
+    std::fs::write(host_etc.join("shadow"), "precious").unwrap();
+    let volume = root
+        .path()
+        .join("var/lib/kubelet/pods/p1/volumes/kubernetes.io~host-path/etc");
+    std::fs::create_dir_all(&volume).unwrap();
+    let mounter = SystemMounter::new();
+    mounter.bind(&host_etc, &volume, false).unwrap();
+
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let text = out(&o);
+    mounter.unmount(&volume, false).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("mount point(s) are still inside"), "{text}");
+    assert!(text.contains("Nothing was changed"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(host_etc.join("shadow")).unwrap(),
+        "precious"
+    );
+    assert!(
+        root.path()
+            .join("etc/kubernetes/kubelet/config.json")
+            .exists()
+    );
+    assert!(root.path().join("var/lib/hybridlet/init-backups").exists());
+
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert_eq!(
+        std::fs::read_to_string(host_etc.join("shadow")).unwrap(),
+        "precious"
+    );
+}
+
 /// Answers one DescribeCluster like EKS does.
 fn eks_stub() -> (String, std::thread::JoinHandle<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -18,6 +18,7 @@ pub mod pci;
 pub mod process;
 mod root;
 pub mod systemd;
+pub mod tree;
 
 pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
 pub use pci::{PciAddress, PciDevice, Sysfs, SysfsError, Topology};

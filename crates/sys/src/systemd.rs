@@ -60,6 +60,10 @@ pub trait ServiceManager: Send + Sync {
     fn enable(&self, unit: &str) -> Result<(), ServiceError>;
     /// `systemctl restart unit` (starts it when stopped).
     fn restart(&self, unit: &str) -> Result<(), ServiceError>;
+    /// `systemctl stop unit`.
+    fn stop(&self, unit: &str) -> Result<(), ServiceError>;
+    /// `systemctl disable unit`.
+    fn disable(&self, unit: &str) -> Result<(), ServiceError>;
 }
 
 /// The real one: systemctl(1) with a deadline per call.
@@ -140,6 +144,14 @@ impl ServiceManager for Systemctl {
 
     fn restart(&self, unit: &str) -> Result<(), ServiceError> {
         self.run(&["restart", "--", unit]).map(drop)
+    }
+
+    fn stop(&self, unit: &str) -> Result<(), ServiceError> {
+        self.run(&["stop", "--", unit]).map(drop)
+    }
+
+    fn disable(&self, unit: &str) -> Result<(), ServiceError> {
+        self.run(&["disable", "--", unit]).map(drop)
     }
 }
 
@@ -243,6 +255,20 @@ impl ServiceManager for FakeServiceManager {
                 message: format!("Unit {unit} not found."),
             }),
         }
+    }
+
+    fn stop(&self, unit: &str) -> Result<(), ServiceError> {
+        let mut s = self.lock();
+        s.calls.push(format!("stop {unit}"));
+        if let Some(u) = s.units.get_mut(unit) {
+            u.active = false;
+        }
+        Ok(())
+    }
+
+    fn disable(&self, unit: &str) -> Result<(), ServiceError> {
+        self.lock().calls.push(format!("disable {unit}"));
+        Ok(())
     }
 }
 

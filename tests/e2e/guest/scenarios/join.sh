@@ -2,7 +2,8 @@
 # units (the image has neither binary): the kubelet stand-in refuses to start without its
 # config, or with maxPods 7, so a bad join is visible. init writes the files, reloads
 # systemd, starts both; a rerun restarts nothing; a kubelet-only change restarts only the
-# kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files.
+# kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files;
+# uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
 . /mnt/share/guest/lib.sh
 
 cat > /etc/systemd/system/containerd.service <<'UNIT'
@@ -99,6 +100,27 @@ echo "$out" | grep -q 'kubelet.service did not start' || fail "failure not named
 echo "$out" | grep -q 'previous files were put back' || fail "no rollback reported: $out"
 grep -q '"maxPods": 120' /etc/kubernetes/kubelet/config.json || fail "config.json not rolled back"
 wait_for 20 "kubelet running on the previous files" systemctl is-active -q kubelet
+
+step "uninstall refuses while /etc is bind-mounted under the kubelet's directory (eks-hybrid #664)"
+vol=/var/lib/kubelet/pods/p1/volumes/kubernetes.io~host-path/etc
+mkdir -p "$vol"
+mount --bind /etc "$vol"
+if out=$(hybridlet uninstall 2>&1); then umount "$vol"; fail "uninstall went ahead over a bind mount"; fi
+umount "$vol"
+echo "$out" | tail -n 1 | head -c 300 | sed 's/^/    /'; echo
+echo "$out" | grep -q 'mount point(s) are still inside' || fail "refusal not explained: $out"
+[ -s /etc/passwd ] && [ -f /etc/kubernetes/kubelet/config.json ] || fail "something was deleted"
+expect_eq "kubelet untouched by the refusal" active "$(systemctl is-active kubelet)"
+
+step "uninstall: kubelet stopped and disabled, files gone, containerd left alone"
+expect_ok hybridlet uninstall
+expect_eq "kubelet" inactive "$(systemctl is-active kubelet || true)"
+expect_eq "kubelet enabled" disabled "$(systemctl is-enabled kubelet || true)"
+for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml; do
+  [ ! -e "$f" ] || fail "$f is still there"
+done
+expect_eq "containerd left running" active "$(systemctl is-active containerd)"
+[ -s /etc/passwd ] || fail "/etc/passwd is gone"
 
 systemctl disable --now kubelet containerd
 rm -f /etc/systemd/system/kubelet.service /etc/systemd/system/containerd.service

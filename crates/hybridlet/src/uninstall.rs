@@ -1,0 +1,109 @@
+//! `hybridlet uninstall`: undo the join. Refuses before changing anything while any mount
+//! point (a pod volume, a CSI staging mount, a host bind mount) is inside the kubelet's
+//! directory; then stops and disables the kubelet, puts back every file `init` replaced
+//! and deletes every file it created (from init's backups, newest first, so the host ends
+//! as it was before the first join), and removes the kubelet's directory without ever
+//! crossing a mount point (hybridlet-sys `tree`). containerd is left installed and running:
+//! hybridlet never installed it.
+
+use std::path::{Path, PathBuf};
+
+use hybridlet_sys::fileset;
+use hybridlet_sys::systemd::{ServiceManager, Systemctl};
+use hybridlet_sys::tree::{mount_points_under, remove_tree_on_one_fs};
+
+use crate::cli::Cli;
+use crate::exit::Failure;
+
+const KUBELET: &str = "kubelet.service";
+
+/// Backup directories (`<secs>-<n>`) under `dir`, newest first.
+fn backups_newest_first(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<((u64, u64), PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (secs, n) = name.split_once('-')?;
+            Some(((secs.parse().ok()?, n.parse().ok()?), e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
+    let loaded = cli.load_config()?;
+    let agent = &loaded.config.agent;
+    let root = cli.host_root();
+    let resolve = |p: &str| {
+        root.resolve(p)
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
+    };
+    let kubelet_dir = resolve(&agent.kubelet_root_dir)?;
+    let backups = resolve(&format!(
+        "{}/init-backups",
+        agent.state_dir.trim_end_matches('/')
+    ))?;
+
+    let mounts = mount_points_under(&kubelet_dir).map_err(|e| Failure::Runtime(e.into()))?;
+    if !mounts.is_empty() {
+        let shown: Vec<String> = mounts
+            .iter()
+            .take(5)
+            .map(|m| m.display().to_string())
+            .collect();
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{} mount point(s) are still inside {} ({}{}): pods or volumes are still on this node. Drain it (kubectl drain), make sure the volumes are unmounted, and run uninstall again. Nothing was changed",
+            mounts.len(),
+            kubelet_dir.display(),
+            shown.join(", "),
+            if mounts.len() > 5 { ", ..." } else { "" }
+        )));
+    }
+
+    let systemctl = Systemctl::default();
+    let services: Option<&dyn ServiceManager> = root.is_system().then_some(&systemctl as _);
+    undo(services, &backups, &kubelet_dir)
+}
+
+/// Everything after the mount check; `services` is `None` under `--root`.
+pub(crate) fn undo(
+    services: Option<&dyn ServiceManager>,
+    backups: &Path,
+    kubelet_dir: &Path,
+) -> Result<(), Failure> {
+    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+    if let Some(sm) = services {
+        let state = sm.state(KUBELET).map_err(|e| runtime(e.into()))?;
+        if state.exists {
+            sm.stop(KUBELET).map_err(|e| runtime(e.into()))?;
+            sm.disable(KUBELET).map_err(|e| runtime(e.into()))?;
+            outln!("systemd: {KUBELET} stopped and disabled");
+        }
+    }
+    let dirs = backups_newest_first(backups);
+    let mut restored = 0;
+    for dir in &dirs {
+        restored += fileset::rollback(dir).map_err(|e| {
+            runtime(anyhow::anyhow!(
+                "{e}; the backups not yet applied are still in {}",
+                backups.display()
+            ))
+        })?;
+    }
+    outln!(
+        "files: {restored} change(s) from {} init run(s) undone (replaced files restored, created files deleted)",
+        dirs.len()
+    );
+    remove_tree_on_one_fs(backups).map_err(|e| runtime(e.into()))?;
+    if let Some(sm) = services {
+        sm.daemon_reload().map_err(|e| runtime(e.into()))?;
+    }
+    let removed = remove_tree_on_one_fs(kubelet_dir).map_err(|e| runtime(e.into()))?;
+    outln!("{}: removed ({removed} entries)", kubelet_dir.display());
+    outln!("uninstall: done; containerd was left as it is");
+    Ok(())
+}
