@@ -309,13 +309,16 @@ impl NodeService {
                     message: "volume is healthy".into(),
                 }),
             },
-            Err(e) => NodeGetVolumeStatsResponse {
-                usage: Vec::new(),
-                volume_condition: Some(VolumeCondition {
-                    abnormal: true,
-                    message: format!("the LUN's device is gone: {e}"),
-                }),
-            },
+            Err(e) => {
+                self.metrics.abnormal();
+                NodeGetVolumeStatsResponse {
+                    usage: Vec::new(),
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message: format!("the LUN's device is gone: {e}"),
+                    }),
+                }
+            }
         })
     }
 

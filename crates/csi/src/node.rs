@@ -31,7 +31,7 @@ pub struct NodeService {
     pub(crate) mounter: Arc<dyn Mounter>,
     pub(crate) host: Host,
     pub(crate) guard: VolumeGuard,
-    metrics: CsiMetrics,
+    pub(crate) metrics: CsiMetrics,
     pub(crate) probes: Probes,
     pub(crate) records: Records,
 }
@@ -435,6 +435,7 @@ impl NodeService {
                 }),
             },
             Err(e) => {
+                self.metrics.abnormal();
                 tracing::warn!(volume_id = %volume_id, error = %e, "volume is abnormal");
                 NodeGetVolumeStatsResponse {
                     usage: Vec::new(),

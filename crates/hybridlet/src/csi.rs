@@ -28,9 +28,14 @@ pub struct CsiPlugin {
     settings: CsiSettings,
     csi_socket: PathBuf,
     registration_socket: PathBuf,
+    kubelet_root: PathBuf,
     metrics: RegistrationMetrics,
     csi_metrics: CsiMetrics,
 }
+
+/// How often the volume gauges are sampled (the mount table and, with iSCSI, iscsiadm):
+/// on a timer, never per scrape, so a scrape cannot block on the host.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The Kubernetes node name: IAM Roles Anywhere's `nodeName` when set, else the host name.
 pub fn node_name(config: &Config) -> String {
@@ -66,6 +71,7 @@ impl CsiPlugin {
         Self {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),
+            kubelet_root: kubelet_root.to_path_buf(),
             metrics: RegistrationMetrics::register(registry),
             csi_metrics: CsiMetrics::register(registry),
             settings,
@@ -77,8 +83,15 @@ impl CsiPlugin {
         let (identity, node) = services_with_metrics(
             self.settings.clone(),
             Arc::new(SystemMounter::new()),
-            self.csi_metrics,
+            self.csi_metrics.clone(),
         );
+        tokio::spawn(sample_volumes(
+            self.csi_metrics,
+            self.kubelet_root.clone(),
+            self.settings.driver_name.clone(),
+            self.settings.iscsi_enabled,
+            ctx.shutdown.clone(),
+        ));
         if let Err(e) = identity.health() {
             // Probe reports it to the kubelet and `hybridlet check` to the operator; the
             // other volume types and the sockets still work.
@@ -119,5 +132,42 @@ impl CsiPlugin {
         a?;
         b?;
         Ok(())
+    }
+}
+
+/// Keep the volume gauges current until shutdown.
+async fn sample_volumes(
+    metrics: CsiMetrics,
+    kubelet_root: PathBuf,
+    driver: String,
+    iscsi: bool,
+    shutdown: hybridlet_runtime::CancellationToken,
+) {
+    use hybridlet_sys::iscsi::{Initiator as _, Iscsiadm};
+    use hybridlet_sys::mount::Mounter as _;
+    let mounter = SystemMounter::new();
+    let initiator = Iscsiadm::new("iscsiadm", std::time::Duration::from_secs(5));
+    loop {
+        let (m, root, d, mounter, initiator) = (
+            metrics.clone(),
+            kubelet_root.clone(),
+            driver.clone(),
+            mounter.clone(),
+            initiator.clone(),
+        );
+        let sampled = tokio::task::spawn_blocking(move || {
+            let table = mounter.mount_table().unwrap_or_default();
+            let sessions = iscsi
+                .then(|| initiator.sessions().map(|s| s.len()).ok())
+                .flatten();
+            m.set_volumes(&table, &root, &d, sessions);
+        });
+        if let Err(e) = sampled.await {
+            tracing::warn!(error = %e, "CSI volume sampling failed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(SAMPLE_EVERY) => {}
+        }
     }
 }

@@ -102,9 +102,30 @@ impl PluginSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("inspecting", path)(e)),
         }
-        let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("setting permissions on", path))?;
+        // bind(2) creates the file before listen(2) runs, and a client dialing in between
+        // (the kubelet's plugin watcher reacts to the file) gets ECONNREFUSED. So bind and
+        // listen under a temporary name, set the mode, then rename: the socket appears
+        // complete, listening and 0600, in one step.
+        let tmp = path.with_file_name(format!(".{}.sock", std::process::id()));
+        let listener = if tmp.as_os_str().len() <= 107 {
+            let _ = std::fs::remove_file(&tmp);
+            let listener = UnixListener::bind(&tmp).map_err(io_err("binding", &tmp))?;
+            let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err("setting permissions on", &tmp))
+                .and_then(|()| {
+                    std::fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
+                });
+            if let Err(e) = placed {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            listener
+        } else {
+            let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err("setting permissions on", path))?;
+            listener
+        };
         Ok(Self {
             path: path.to_path_buf(),
             listener,
