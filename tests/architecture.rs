@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-fixtures", 0),
     // 2 adapters
     ("hybridlet-aws", 2),
+    ("hybridlet-artifacts", 2),
     ("hybridlet-kube", 2),
     ("hybridlet-proto", 2),
     ("hybridlet-metrics", 2),

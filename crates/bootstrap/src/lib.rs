@@ -15,14 +15,18 @@
 //! | `/etc/eks/kubelet/environment` | `NODEADM_KUBELET_ARGS`: our flags, then the user's `spec.kubelet.flags` (they win) |
 //! | `/etc/systemd/system/{containerd,kubelet}.service.d/http-proxy.conf` | from `spec.proxy` |
 //!
+//! `hybridlet install` adds `/etc/systemd/system/kubelet.service` ([`kubelet_unit`]).
+//!
 //! What this crate must never do: touch the host, call AWS, or overwrite a value the user
 //! set with a computed one.
 
 mod render;
+mod units;
 
 pub use render::{
     ClusterCoordinates, NodeIdentity, RenderError, RenderedFile, cluster_dns, render,
 };
+pub use units::kubelet_unit;
 
 /// The pause image nodeadm uses when the ECR account for the region is unknown.
 pub const DEFAULT_SANDBOX_IMAGE: &str =

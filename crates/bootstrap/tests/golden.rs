@@ -21,6 +21,10 @@ fn check(case: &str, config_file: &str, cluster: ClusterCoordinates, node: NodeI
     })
     .unwrap();
     let files = render(&loaded.config, &cluster, &node, DEFAULT_SANDBOX_IMAGE).unwrap();
+    compare(case, &files);
+}
+
+fn compare(case: &str, files: &[hybridlet_bootstrap::RenderedFile]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(case);
@@ -30,7 +34,7 @@ fn check(case: &str, config_file: &str, cluster: ClusterCoordinates, node: NodeI
         std::fs::create_dir_all(&dir).unwrap();
     }
     let mut names = Vec::new();
-    for f in &files {
+    for f in files {
         let name = f.path.trim_start_matches('/').replace('/', "__");
         let golden = dir.join(&name);
         let text = format!("# mode {:o}\n{}", f.mode, f.contents);
@@ -95,4 +99,9 @@ fn ssm_with_defaults() {
             aws_config_file: None,
         },
     );
+}
+
+#[test]
+fn kubelet_unit_for_install() {
+    compare("install", &[hybridlet_bootstrap::kubelet_unit()]);
 }

@@ -100,7 +100,7 @@ pub enum Command {
     /// `--dry-run` is available: it resolves the cluster and shows every file init would write.
     Init(InitArgs),
     /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
-    Install(VersionArg),
+    Install(InstallArgs),
     /// Upgrade the node's Kubernetes components to another version.
     Upgrade(VersionArg),
     /// Undo the join: stop and disable the kubelet, restore every file init replaced and
@@ -161,6 +161,21 @@ pub struct CheckArgs {
 pub struct VersionArg {
     /// Kubernetes version, e.g. 1.34 or 1.34.2.
     pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Kubernetes version: 1.34 (its latest patch) or 1.34.2.
+    pub kubernetes_version: String,
+    /// The release manifest: https://, http:// (a mirror) or file:// (air-gapped).
+    #[arg(long, value_name = "URL", default_value = hybridlet_artifacts::DEFAULT_MANIFEST, env = "HYBRIDLET_MANIFEST")]
+    pub manifest: String,
+    /// Also install the credential tool for this provider [default: from spec.hybrid].
+    #[arg(long, value_name = "ssm|iam-ra", value_parser = ["ssm", "iam-ra"])]
+    pub credential_provider: Option<String>,
+    /// Print what would be downloaded and where; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -264,7 +279,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Devices(args) => crate::devices::devices(&cli, args),
         Command::Init(args) => crate::init::init(&cli, args),
-        Command::Install(_) => not_implemented("install", "installing Kubernetes components"),
+        Command::Install(args) => crate::install::install(&cli, args),
         Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),
         Command::Uninstall => crate::uninstall::uninstall(&cli),
     }

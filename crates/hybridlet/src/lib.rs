@@ -25,6 +25,7 @@ pub mod devices;
 mod dra;
 mod exit;
 mod init;
+mod install;
 mod logging;
 mod run;
 pub mod tls;

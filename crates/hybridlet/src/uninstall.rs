@@ -3,8 +3,10 @@
 //! directory; then stops and disables the kubelet, puts back every file `init` replaced
 //! and deletes every file it created (from init's backups, newest first, so the host ends
 //! as it was before the first join), and removes the kubelet's directory without ever
-//! crossing a mount point (hybridlet-sys `tree`). containerd is left installed and running:
-//! hybridlet never installed it.
+//! crossing a mount point (hybridlet-sys `tree`). What `install` placed goes too: the
+//! kubelet unit (restored if it replaced one), and the binaries it recorded, each only if
+//! it still has the bytes install put there. containerd is left installed and running:
+//! hybridlet never installs it.
 
 use std::path::{Path, PathBuf};
 
@@ -43,10 +45,8 @@ pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
     };
     let kubelet_dir = resolve(&agent.kubelet_root_dir)?;
-    let backups = resolve(&format!(
-        "{}/init-backups",
-        agent.state_dir.trim_end_matches('/')
-    ))?;
+    let state_dir = resolve(&agent.state_dir)?;
+    let backups = state_dir.join("init-backups");
 
     let mounts = mount_points_under(&kubelet_dir).map_err(|e| Failure::Runtime(e.into()))?;
     if !mounts.is_empty() {
@@ -66,7 +66,47 @@ pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
 
     let systemctl = Systemctl::default();
     let services: Option<&dyn ServiceManager> = root.is_system().then_some(&systemctl as _);
-    undo(services, &backups, &kubelet_dir)
+    undo(services, &backups, &kubelet_dir)?;
+    remove_installed(&root, &state_dir)?;
+    outln!("uninstall: done; containerd was left as it is");
+    Ok(())
+}
+
+/// Undo `install`: its unit (restored from the backup if it replaced one, else deleted)
+/// and the binaries it recorded, each only while it still has the bytes install placed.
+fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<(), Failure> {
+    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+    let unit_backups = state_dir.join("install-backups");
+    for dir in backups_newest_first(&unit_backups) {
+        fileset::rollback(&dir).map_err(|e| runtime(e.into()))?;
+    }
+    remove_tree_on_one_fs(&unit_backups).map_err(|e| runtime(e.into()))?;
+    let Some(installed) = crate::install::read_tracker(state_dir)? else {
+        return Ok(());
+    };
+    let unit = hybridlet_bootstrap::kubelet_unit().path;
+    for f in installed.files.iter().filter(|f| f.path != unit) {
+        let path = root
+            .resolve(&f.path)
+            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+        match hybridlet_artifacts::sha256_file(&path) {
+            Ok(sum) if sum == f.sha256 => {
+                std::fs::remove_file(&path)
+                    .map_err(|e| runtime(anyhow::anyhow!("removing {}: {e}", path.display())))?;
+                outln!("{:>9}  {}", "removed", f.path);
+            }
+            Ok(_) => outln!(
+                "{:>9}  {} (changed since install; left in place)",
+                "kept",
+                f.path
+            ),
+            Err(_) => {}
+        }
+    }
+    std::fs::remove_file(crate::install::tracker_path(state_dir))
+        .map_err(|e| runtime(anyhow::anyhow!("removing the install record: {e}")))?;
+    outln!("Kubernetes {} components removed", installed.version);
+    Ok(())
 }
 
 /// Everything after the mount check; `services` is `None` under `--root`.
@@ -104,6 +144,5 @@ pub(crate) fn undo(
     }
     let removed = remove_tree_on_one_fs(kubelet_dir).map_err(|e| runtime(e.into()))?;
     outln!("{}: removed ({removed} entries)", kubelet_dir.display());
-    outln!("uninstall: done; containerd was left as it is");
     Ok(())
 }

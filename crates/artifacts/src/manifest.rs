@@ -1,0 +1,195 @@
+//! The release manifest: supported EKS minor versions, their patch releases and the
+//! artifacts (URI and checksum URI) of each, per OS and architecture.
+
+use serde::Deserialize;
+
+use crate::ArtifactError;
+
+/// The manifest (fields hybridlet uses; unknown fields are ignored, the format grows).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    /// Kubernetes minors and their patches.
+    #[serde(default)]
+    pub supported_eks_releases: Vec<SupportedEksRelease>,
+    /// The IAM Roles Anywhere signing helper releases.
+    #[serde(default)]
+    pub iam_roles_anywhere_releases: Vec<ToolRelease>,
+}
+
+/// One Kubernetes minor version.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SupportedEksRelease {
+    /// `1.31`.
+    pub major_minor_version: String,
+    /// The newest patch number, e.g. `"7"`.
+    pub latest_patch_version: String,
+    /// Every patch release.
+    #[serde(default)]
+    pub patch_releases: Vec<EksPatchRelease>,
+}
+
+/// One patch release.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EksPatchRelease {
+    /// `1.31.7`.
+    pub version: String,
+    /// `"7"`.
+    pub patch_version: String,
+    /// Release date.
+    #[serde(default)]
+    pub release_date: String,
+    /// Its files.
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// A tool release (signing helper).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolRelease {
+    /// Version.
+    pub version: String,
+    /// Its files.
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// One downloadable file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    /// `kubelet`, `kubectl`, `cni-plugins`, `aws_signing_helper`, ...
+    pub name: String,
+    /// `amd64` or `arm64`.
+    pub arch: String,
+    /// `linux`.
+    pub os: String,
+    /// Where the file is.
+    pub uri: String,
+    /// Where its SHA-256 is.
+    #[serde(default)]
+    pub checksum_uri: String,
+}
+
+impl Manifest {
+    /// Parse a manifest fetched from `url`.
+    pub fn parse(url: &str, text: &str) -> Result<Self, ArtifactError> {
+        serde_saphyr::from_str(text).map_err(|e| ArtifactError::Manifest {
+            url: url.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `1.31` → its latest patch; `1.31.4` → exactly that one.
+    pub fn release(&self, version: &str) -> Result<&EksPatchRelease, ArtifactError> {
+        let version = version.trim_start_matches('v');
+        let parts: Vec<&str> = version.split('.').collect();
+        let minor = parts.iter().take(2).copied().collect::<Vec<_>>().join(".");
+        let unknown = || ArtifactError::UnknownVersion {
+            version: version.to_string(),
+            available: self
+                .supported_eks_releases
+                .iter()
+                .map(|r| r.major_minor_version.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.parse::<u32>().is_err()) {
+            return Err(unknown());
+        }
+        let supported = self
+            .supported_eks_releases
+            .iter()
+            .find(|r| r.major_minor_version == minor)
+            .ok_or_else(unknown)?;
+        let patch = parts
+            .get(2)
+            .copied()
+            .unwrap_or(&supported.latest_patch_version);
+        supported
+            .patch_releases
+            .iter()
+            .find(|p| p.patch_version == patch)
+            .ok_or_else(|| ArtifactError::UnknownVersion {
+                version: version.to_string(),
+                available: supported
+                    .patch_releases
+                    .iter()
+                    .map(|p| p.version.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The newest signing helper for `arch`.
+    pub fn signing_helper(&self, arch: &str) -> Option<&Artifact> {
+        self.iam_roles_anywhere_releases
+            .last()?
+            .artifacts
+            .iter()
+            .find(|a| a.arch == arch && a.os == "linux")
+    }
+}
+
+impl EksPatchRelease {
+    /// The artifact `name` for linux/`arch`.
+    pub fn artifact(&self, name: &str, arch: &str) -> Result<&Artifact, ArtifactError> {
+        self.artifacts
+            .iter()
+            .find(|a| a.name == name && a.arch == arch && a.os == "linux")
+            .ok_or_else(|| ArtifactError::MissingArtifact {
+                version: self.version.clone(),
+                name: name.to_string(),
+                arch: arch.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const TEXT: &str = r#"
+supported_eks_releases:
+- major_minor_version: "1.31"
+  latest_patch_version: "7"
+  patch_releases:
+  - version: 1.31.3
+    patch_version: "3"
+    release_date: "2025-01-10"
+    artifacts:
+    - {name: kubelet, arch: amd64, os: linux, uri: "https://a/1.31.3/kubelet", checksum_uri: "https://a/1.31.3/kubelet.sha256"}
+  - version: 1.31.7
+    patch_version: "7"
+    release_date: "2025-04-01"
+    artifacts:
+    - {name: kubelet, arch: amd64, os: linux, uri: "https://a/1.31.7/kubelet", checksum_uri: "https://a/1.31.7/kubelet.sha256"}
+    - {name: kubelet, arch: arm64, os: linux, uri: "https://a/1.31.7/arm64/kubelet", checksum_uri: "https://a/1.31.7/arm64/kubelet.sha256"}
+region_config:
+  us-west-2: {partition: aws, ecr_account_id: "602401143452", cred_providers: {ssm: true, iam-ra: true}}
+ssm_releases: null
+"#;
+
+    #[test]
+    fn resolves_minor_to_latest_patch_and_exact_patches() {
+        let m = Manifest::parse("test", TEXT).unwrap();
+        assert_eq!(m.release("1.31").unwrap().version, "1.31.7");
+        assert_eq!(m.release("v1.31.3").unwrap().version, "1.31.3");
+        let err = m.release("1.30").unwrap_err();
+        assert!(err.to_string().contains("available: 1.31"), "{err}");
+        let err = m.release("1.31.5").unwrap_err();
+        assert!(err.to_string().contains("1.31.3, 1.31.7"), "{err}");
+        assert!(m.release("latest").is_err());
+        let r = m.release("1.31").unwrap();
+        assert_eq!(
+            r.artifact("kubelet", "arm64").unwrap().uri,
+            "https://a/1.31.7/arm64/kubelet"
+        );
+        assert!(
+            r.artifact("kubectl", "amd64")
+                .unwrap_err()
+                .to_string()
+                .contains("no kubectl")
+        );
+        assert!(Manifest::parse("u", "supported_eks_releases: 7").is_err());
+    }
+}

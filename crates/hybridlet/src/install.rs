@@ -1,0 +1,274 @@
+//! `hybridlet install <k8s-version>`: the kubelet, kubectl and (IAM Roles Anywhere) the
+//! signing helper from the EKS hybrid release manifest (or a mirror of it), each verified
+//! against its published SHA-256 before it is placed, resumable and atomic
+//! (hybridlet-artifacts); the kubelet's unit (hybridlet-bootstrap); a record of what was
+//! installed (`<stateDir>/install.json`) that `uninstall` reads. containerd is found, not
+//! installed: a containerd the operator or the distribution manages is never taken over.
+//! Registering SSM (the SSM agent) is not in this build.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hybridlet_artifacts::{Downloaded, Fetcher, Manifest, Progress};
+use hybridlet_config::CredentialProvider;
+use hybridlet_sys::fileset::{self, DesiredFile};
+use hybridlet_sys::systemd::{ServiceManager, Systemctl};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{Cli, InstallArgs};
+use crate::exit::Failure;
+
+/// Where each artifact goes (nodeadm's layout).
+const PLACES: &[(&str, &str, bool)] = &[
+    ("kubelet", "/usr/bin/kubelet", true),
+    ("kubectl", "/usr/local/bin/kubectl", false),
+];
+const SIGNING_HELPER: &str = "/usr/local/bin/aws_signing_helper";
+const TRACKER: &str = "install.json";
+
+/// What `install` placed, for `uninstall` (and a later `upgrade`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Installed {
+    /// The Kubernetes version.
+    pub version: String,
+    /// Host paths and the SHA-256 each had when placed.
+    pub files: Vec<InstalledFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct InstalledFile {
+    pub path: String,
+    pub sha256: String,
+}
+
+pub(crate) fn tracker_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(TRACKER)
+}
+
+pub(crate) fn read_tracker(state_dir: &Path) -> Result<Option<Installed>, Failure> {
+    let path = tracker_path(state_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            Failure::Runtime(anyhow::anyhow!(
+                "{} is not a valid install record: {e}; move it aside to continue",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "reading {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+/// A progress bar on a terminal, one line per file otherwise.
+struct Bar {
+    tty: bool,
+    name: String,
+    total: Option<u64>,
+    started: Option<Instant>,
+    last_percent: u64,
+}
+
+impl Progress for Bar {
+    fn started(&mut self, name: &str, offset: u64, total: Option<u64>) {
+        self.name = name.to_string();
+        self.total = total;
+        self.started = Some(Instant::now());
+        self.last_percent = u64::MAX;
+        if offset > 0 {
+            eprintln!("{name}: resuming at {} MiB", offset >> 20);
+        }
+    }
+
+    fn advanced(&mut self, done: u64) {
+        if !self.tty {
+            return;
+        }
+        let percent = self.total.map(|t| done * 100 / t.max(1)).unwrap_or(0);
+        if percent != self.last_percent {
+            self.last_percent = percent;
+            let filled = (percent / 5) as usize;
+            eprint!(
+                "\r{:<20} [{}{}] {:>3}% {} MiB",
+                self.name,
+                "#".repeat(filled),
+                " ".repeat(20 - filled.min(20)),
+                percent,
+                done >> 20
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    fn finished(&mut self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
+    let loaded = cli.load_config()?;
+    let root = cli.host_root();
+    let resolve = |p: &str| {
+        root.resolve(p)
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
+    };
+    let state_dir = resolve(&loaded.config.agent.state_dir)?;
+    let provider = match args.credential_provider.as_deref() {
+        Some("iam-ra") => Some(CredentialProvider::IamRolesAnywhere),
+        Some(_) => Some(CredentialProvider::Ssm),
+        None => loaded
+            .config
+            .node
+            .as_ref()
+            .and_then(|n| n.spec.hybrid.as_ref())
+            .and_then(|h| h.credential_provider()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let arch = arch();
+    runtime.block_on(async {
+        let fetcher = Fetcher::new().map_err(|e| Failure::Runtime(e.into()))?;
+        let text = fetcher
+            .get_bytes(&args.manifest, 16 << 20)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let manifest = Manifest::parse(&args.manifest, &String::from_utf8_lossy(&text))
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        let release = manifest
+            .release(&args.kubernetes_version)
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        outln!(
+            "Kubernetes {} (released {}) for linux/{arch} from {}",
+            release.version,
+            release.release_date,
+            args.manifest
+        );
+        let mut plan = Vec::new();
+        for (name, dest, required) in PLACES {
+            match release.artifact(name, arch) {
+                Ok(a) => plan.push((a.clone(), *dest)),
+                Err(e) if *required => return Err(Failure::Runtime(e.into())),
+                Err(_) => outln!("{name}: not in this release; skipped"),
+            }
+        }
+        match provider {
+            Some(CredentialProvider::IamRolesAnywhere) => match manifest.signing_helper(arch) {
+                Some(a) => plan.push((a.clone(), SIGNING_HELPER)),
+                None => {
+                    return Err(Failure::Runtime(anyhow::anyhow!(
+                        "the release manifest has no IAM Roles Anywhere signing helper for linux/{arch}"
+                    )));
+                }
+            },
+            Some(CredentialProvider::Ssm) => outln!(
+                "ssm: installing and registering the SSM agent is not in this build; install amazon-ssm-agent from your distribution or AWS, and register it with your hybrid activation"
+            ),
+            None => {}
+        }
+        if args.dry_run {
+            for (a, dest) in &plan {
+                outln!("would install {} → {dest} (from {})", a.name, a.uri);
+            }
+            outln!("dry run: nothing was changed");
+            return Ok(());
+        }
+
+        let tty = std::io::stderr().is_terminal();
+        let mut installed = Installed {
+            version: release.version.clone(),
+            files: Vec::new(),
+        };
+        for (artifact, dest) in &plan {
+            if artifact.checksum_uri.is_empty() {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{} {} has no checksum_uri in the manifest; refusing to install an unverifiable file",
+                    artifact.name,
+                    release.version
+                )));
+            }
+            let sum = fetcher
+                .checksum(&artifact.checksum_uri)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            let target = resolve(dest)?;
+            let mut bar = Bar {
+                tty,
+                name: artifact.name.clone(),
+                total: None,
+                started: None,
+                last_percent: u64::MAX,
+            };
+            let got = fetcher
+                .download(&artifact.uri, &sum, &target, 0o755, &mut bar)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            match got {
+                Downloaded::AlreadyPresent => outln!("{:>9}  {dest} (already this version)", "unchanged"),
+                Downloaded::Fetched { bytes, resumed } => outln!(
+                    "{:>9}  {dest} ({} MiB{}, SHA-256 verified)",
+                    "installed",
+                    bytes >> 20,
+                    if resumed { ", resumed" } else { "" }
+                ),
+            }
+            installed.files.push(InstalledFile {
+                path: (*dest).to_string(),
+                sha256: sum,
+            });
+        }
+
+        let unit = hybridlet_bootstrap::kubelet_unit();
+        let unit_path = resolve(&unit.path)?;
+        let applied = fileset::apply(
+            &[DesiredFile {
+                path: unit_path.clone(),
+                mode: unit.mode,
+                contents: unit.contents.clone().into_bytes(),
+            }],
+            &state_dir.join("install-backups"),
+        )
+        .map_err(|e| Failure::Runtime(e.into()))?;
+        outln!("{:>9}  {}", applied.states[0].as_str(), unit.path);
+        installed.files.push(InstalledFile {
+            path: unit.path.clone(),
+            sha256: hybridlet_artifacts::sha256_file(&unit_path)
+                .map_err(|e| Failure::Runtime(e.into()))?,
+        });
+
+        hybridlet_sys::ensure_dir(&state_dir, 0o700).map_err(|e| Failure::Runtime(e.into()))?;
+        let json = serde_json::to_vec_pretty(&installed).map_err(|e| Failure::Runtime(e.into()))?;
+        hybridlet_sys::atomic_write(&tracker_path(&state_dir), &json, 0o600)
+            .map_err(|e| Failure::Runtime(e.into()))?;
+
+        if root.is_system() {
+            let sm = Systemctl::default();
+            sm.daemon_reload().map_err(|e| Failure::Runtime(e.into()))?;
+            let containerd = sm
+                .state("containerd.service")
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            if containerd.exists {
+                outln!("containerd: found (managed by your distribution or by you; left as it is)");
+            } else {
+                outln!(
+                    "containerd: not installed. Install your distribution's package (apt-get install containerd, dnf install containerd) before `hybridlet init`; hybridlet does not install it"
+                );
+            }
+        }
+        outln!("install: Kubernetes {} ready; next: hybridlet init", release.version);
+        Ok(())
+    })
+}
