@@ -385,6 +385,9 @@ pub struct CsiSpec {
     pub nfs: Toggle,
     /// iSCSI volumes. Default off.
     pub iscsi: Toggle,
+    /// Topology segments NodeGetInfo reports, e.g. `topology.hybridlet.io/site: fra1`, so
+    /// PVs can carry node affinity to the site whose storage they live on. Default none.
+    pub topology: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for CsiSpec {
@@ -393,6 +396,7 @@ impl Default for CsiSpec {
             driver_name: DEFAULT_CSI_DRIVER_NAME.to_string(),
             nfs: Toggle::default(),
             iscsi: Toggle::default(),
+            topology: std::collections::BTreeMap::new(),
         }
     }
 }

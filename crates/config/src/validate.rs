@@ -267,6 +267,21 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    for (key, value) in &agent.csi.topology {
+        let path = format!("spec.csi.topology[{key:?}]");
+        if !is_label_key(key) {
+            r.error(
+                path.clone(),
+                "is not a label key (an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.'), e.g. topology.hybridlet.io/site",
+            );
+        }
+        if !is_label_value(value) {
+            r.error(
+                path,
+                format!("{value:?} is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"),
+            );
+        }
+    }
     let mut seen_pfs = std::collections::BTreeSet::new();
     for (i, pf) in agent.sriov.physical_functions.iter().enumerate() {
         let base = format!("spec.sriov.physicalFunctions[{i}]");
@@ -400,6 +415,25 @@ fn is_dns_subdomain(name: &str) -> bool {
 
 /// CSI spec: at most 63 characters, begin and end with an alphanumeric character, with
 /// dashes, dots and alphanumerics between.
+fn is_label_value(v: &str) -> bool {
+    v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && (v.is_empty()
+            || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.ends_with(|c: char| c.is_ascii_alphanumeric())))
+}
+
+fn is_label_key(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    prefix.is_none_or(|p| p.len() <= 253 && is_dns_subdomain(p))
+        && !name.is_empty()
+        && is_label_value(name)
+}
+
 fn is_csi_driver_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -549,6 +583,9 @@ mod tests {
         assert!(!is_arn("arn:aws:iam"));
         assert!(is_dns_subdomain("fra1-r12-n07") && !is_dns_subdomain("Fra1"));
         assert!(is_csi_driver_name("csi.hybridlet.io") && !is_csi_driver_name("csi."));
+        assert!(is_label_key("topology.hybridlet.io/site") && is_label_key("site"));
+        assert!(!is_label_key("Bad_Prefix/site") && !is_label_key("a/") && !is_label_key("x/y/z"));
+        assert!(is_label_value("fra1") && !is_label_value("-fra1") && !is_label_value("a b"));
         assert!(is_host_port("registry.example.com:5000") && !is_host_port("a b"));
         assert!(check_cidr("10.100.0.0/16").is_ok());
         assert!(

@@ -37,6 +37,14 @@ fn iscsi_error(e: IscsiError) -> CsiError {
 /// this LUN's SCSI disk is removed), and forget the record. Logging out of a target
 /// another volume uses would pull the disk from under it.
 pub(crate) fn detach(host: &Host, records: &Records, record: &StageRecord) -> Result<(), CsiError> {
+    // Unmounted already; write out what the block layer still buffers (raw block users
+    // write through it) before the disk goes away.
+    if !record.device.as_os_str().is_empty()
+        && record.device.exists()
+        && let Err(e) = host.disks.flush(&record.device)
+    {
+        tracing::warn!(volume_id = %record.volume_id, error = %e, "flushing the LUN's buffers failed");
+    }
     let shared = records
         .all()
         .iter()

@@ -58,6 +58,8 @@ pub struct CsiSettings {
     pub iscsi_enabled: bool,
     /// Where stage records live (`<stateDir>/csi`).
     pub state_dir: PathBuf,
+    /// Topology segments reported by NodeGetInfo (empty: none).
+    pub topology: std::collections::HashMap<String, String>,
     /// Deadline for one mount helper run (must stay under the kubelet's 2-minute call
     /// timeout).
     pub mount_timeout: Duration,
@@ -75,6 +77,7 @@ impl CsiSettings {
             nfs_enabled: true,
             iscsi_enabled: false,
             state_dir: PathBuf::from("/var/lib/hybridlet/csi"),
+            topology: std::collections::HashMap::new(),
             mount_timeout: Duration::from_secs(100),
             stats_timeout: Duration::from_secs(10),
         }

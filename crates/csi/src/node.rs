@@ -13,8 +13,8 @@ use hybridlet_proto::csi::v1::{
     NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
     NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
     NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
-    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, VolumeCapability, VolumeCondition,
-    VolumeUsage, node_service_capability,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCapability,
+    VolumeCondition, VolumeUsage, node_service_capability,
 };
 use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmost};
 use tonic::{Request, Response, Status};
@@ -546,7 +546,9 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.settings.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: None,
+            accessible_topology: (!self.settings.topology.is_empty()).then(|| Topology {
+                segments: self.settings.topology.clone(),
+            }),
         }))
     }
 }

@@ -569,6 +569,24 @@ async fn dead_server_stats_do_not_pile_up_and_busy_unmounts_detach() {
 }
 
 #[tokio::test]
+async fn node_get_info_reports_the_configured_topology() {
+    let mut settings = CsiSettings::new("csi.hybridlet.io", "node-a");
+    settings
+        .topology
+        .insert("topology.hybridlet.io/site".into(), "fra1".into());
+    let mut h = start_with(settings).await;
+    let info = h
+        .node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let segments = info.accessible_topology.unwrap().segments;
+    assert_eq!(segments["topology.hybridlet.io/site"], "fra1");
+    h.stop.cancel();
+}
+
+#[tokio::test]
 async fn concurrent_operations_on_one_volume_are_aborted() {
     let h = start().await;
     h.mounter.set_mount_delay(Duration::from_millis(500));

@@ -68,6 +68,7 @@ impl CsiPlugin {
         settings.nfs_enabled = config.agent.csi.nfs.enabled;
         settings.iscsi_enabled = config.agent.csi.iscsi.enabled;
         settings.state_dir = state_dir.join("csi");
+        settings.topology = config.agent.csi.topology.clone().into_iter().collect();
         Self {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),

@@ -167,7 +167,11 @@ fn usage_errors_exit_64_and_help_exits_0() {
 fn unimplemented_upgrade_says_so_and_fails() {
     let out = hybridlet(&["upgrade", "1.34"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("is not implemented yet"), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not implemented yet"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

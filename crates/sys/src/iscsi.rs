@@ -168,6 +168,8 @@ pub trait Disks: Send + Sync + std::fmt::Debug {
     fn size_bytes(&self, device: &Path) -> Result<u64, IscsiError>;
     /// Remove a SCSI disk the kernel still has (before logging out would take others).
     fn remove_scsi_device(&self, device: &Path) -> Result<(), IscsiError>;
+    /// Write the device's buffered blocks out (`blockdev --flushbufs`) before it goes.
+    fn flush(&self, device: &Path) -> Result<(), IscsiError>;
 }
 
 fn run(
@@ -564,6 +566,23 @@ impl Disks for SystemDisks {
             })
     }
 
+    fn flush(&self, device: &Path) -> Result<(), IscsiError> {
+        let dev = device.to_string_lossy();
+        let what = format!("blockdev --flushbufs {dev}");
+        check_ok(
+            &what,
+            run(
+                "blockdev",
+                &["--flushbufs", &dev],
+                &what,
+                Duration::from_secs(60),
+                &[],
+            )?,
+            &[],
+        )
+        .map(drop)
+    }
+
     fn remove_scsi_device(&self, device: &Path) -> Result<(), IscsiError> {
         let name = device
             .file_name()
@@ -771,6 +790,13 @@ impl Disks for FakeIscsi {
         self.lock()
             .calls
             .push(format!("remove-device {}", device.display()));
+        Ok(())
+    }
+
+    fn flush(&self, device: &Path) -> Result<(), IscsiError> {
+        self.lock()
+            .calls
+            .push(format!("flush {}", device.display()));
         Ok(())
     }
 }

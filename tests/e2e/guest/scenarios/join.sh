@@ -1,6 +1,7 @@
-# Scenario: `hybridlet init` under real systemd. containerd and the kubelet are stand-in
-# units (the image has neither binary): the kubelet stand-in refuses to start without its
-# config, or with maxPods 7, so a bad join is visible. init writes the files, reloads
+# Scenario: `hybridlet install`, `init` and `uninstall` under real systemd. containerd is a
+# stand-in unit and the kubelet a stand-in binary installed by `hybridlet install` from a
+# file:// mirror with its real unit (the image has neither); the stand-in refuses to start
+# without init's arguments and files, or with maxPods 7, so a bad join is visible. init writes the files, reloads
 # systemd, starts both; a rerun restarts nothing; a kubelet-only change restarts only the
 # kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files;
 # uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
@@ -12,22 +13,30 @@ ExecStart=/bin/sleep infinity
 [Install]
 WantedBy=multi-user.target
 UNIT
-cat > /usr/local/bin/fake-kubelet <<'SH'
+# A release mirror on file:// with a stand-in kubelet binary; `hybridlet install` places
+# it and its real unit. The stand-in starts only with the arguments init writes
+# (--config, --kubeconfig), a kubeconfig, a CA, and a config whose maxPods is not 7.
+mkdir -p /tmp/mirror
+cat > /tmp/mirror/kubelet <<'SH'
 #!/bin/sh
-# Starts only with a kubeconfig, a CA and a config whose maxPods is not 7.
+case "$*" in *--config=/etc/kubernetes/kubelet/config.json*--kubeconfig=/var/lib/kubelet/kubeconfig*) ;; *) echo "bad args: $*" >&2; exit 1;; esac
 test -s /var/lib/kubelet/kubeconfig || { echo "no kubeconfig" >&2; exit 1; }
 test -s /etc/kubernetes/pki/ca.crt || { echo "no CA" >&2; exit 1; }
 if grep -Eq '"maxPods": 7([^0-9]|$)' /etc/kubernetes/kubelet/config.json; then echo "maxPods 7 refused" >&2; exit 1; fi
 exec sleep infinity
 SH
-chmod +x /usr/local/bin/fake-kubelet
-cat > /etc/systemd/system/kubelet.service <<'UNIT'
-[Service]
-EnvironmentFile=-/etc/eks/kubelet/environment
-ExecStart=/usr/local/bin/fake-kubelet
-[Install]
-WantedBy=multi-user.target
-UNIT
+(cd /tmp/mirror && sha256sum kubelet > kubelet.sha256)
+cat > /tmp/mirror/manifest.yaml <<'YAML'
+supported_eks_releases:
+- major_minor_version: "1.31"
+  latest_patch_version: "3"
+  patch_releases:
+  - version: 1.31.3
+    patch_version: "3"
+    release_date: "2025-02-01"
+    artifacts:
+    - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/kubelet", checksum_uri: "file:///tmp/mirror/kubelet.sha256"}
+YAML
 systemctl daemon-reload
 
 write_config() {
@@ -55,17 +64,28 @@ YAML
 }
 pid() { systemctl show -p MainPID --value "$1"; }
 
-step "install; init refuses a host without the kubelet unit and changes nothing"
+step "init before install: refused, nothing changed"
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
 write_config 110
-mv /etc/systemd/system/kubelet.service /tmp/kubelet.service
-systemctl daemon-reload
 if out=$(hybridlet init 2>&1); then fail "init succeeded without kubelet.service"; fi
 echo "    $out" | tail -n 1 | head -c 300; echo
 echo "$out" | grep -q 'kubelet.service is not installed' || fail "no clear message: $out"
 [ ! -e /etc/kubernetes/kubelet/config.json ] || fail "files written despite the refusal"
-mv /tmp/kubelet.service /etc/systemd/system/kubelet.service
-systemctl daemon-reload
+
+step "hybridlet install from a file:// mirror: verified kubelet and its unit"
+expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
+cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet not placed"
+expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
+systemctl cat kubelet.service | grep -q 'ExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS' || fail "kubelet unit not installed"
+echo "tampered" >> /tmp/mirror/kubelet
+if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then true; fi
+echo "$out" | grep -q 'already this version' || fail "rerun did not see the installed kubelet: $out"
+rm -f /usr/bin/kubelet
+if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then fail "a tampered kubelet was installed"; fi
+echo "$out" | grep -q 'does not match the published' || fail "no checksum error: $out"
+[ ! -e /usr/bin/kubelet ] || fail "the tampered kubelet was placed"
+sed -i '$ d' /tmp/mirror/kubelet
+expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
 
 step "init: files, daemon-reload, containerd and kubelet started"
 expect_ok hybridlet init
@@ -116,14 +136,15 @@ step "uninstall: kubelet stopped and disabled, files gone, containerd left alone
 expect_ok hybridlet uninstall
 expect_eq "kubelet" inactive "$(systemctl is-active kubelet || true)"
 expect_eq "kubelet enabled" disabled "$(systemctl is-enabled kubelet || true)"
-for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml; do
+for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml \
+         /usr/bin/kubelet /etc/systemd/system/kubelet.service; do
   [ ! -e "$f" ] || fail "$f is still there"
 done
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"
 [ -s /etc/passwd ] || fail "/etc/passwd is gone"
 
 systemctl disable --now kubelet containerd
-rm -f /etc/systemd/system/kubelet.service /etc/systemd/system/containerd.service
+rm -f /etc/systemd/system/containerd.service
 rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/systemd/system/*.service.d
 systemctl daemon-reload
 remove_hybridlet
