@@ -14,6 +14,31 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     fn pool_name(&self) -> &str;
     /// The container edits for one device, or why it cannot be used (unknown, unhealthy).
     fn edits(&self, device: &str) -> Result<ContainerEdits, String>;
+    /// Host changes a device needs before a container can use it (an SR-IOV VF moved to
+    /// vfio-pci). Must be idempotent: it runs again when the kubelet repeats a prepare,
+    /// e.g. after a reboot. Default: nothing to do (GPUs).
+    fn attach(&self, _device: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// Undo [`DeviceBackend::attach`]; idempotent. Default: nothing to do.
+    fn release(&self, _device: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Attach every device, or none: on a failure the ones attached are released again.
+fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result<(), String> {
+    for (i, d) in devices.iter().enumerate() {
+        if let Err(e) = backend.attach(&d.device) {
+            for done in devices[..i].iter().rev() {
+                if let Err(undo) = backend.release(&done.device) {
+                    tracing::error!(device = %done.device, "releasing after a failed prepare: {undo}");
+                }
+            }
+            return Err(format!("device {}: {e}", d.device));
+        }
+    }
+    Ok(())
 }
 
 /// Start-up failures.
@@ -110,7 +135,9 @@ impl Driver {
         {
             let state = self.state.lock().await;
             if let Some(done) = state.claims.get(uid) {
-                // Idempotent: same devices, same CDI IDs; restore the spec if it vanished.
+                // Idempotent: same devices, same CDI IDs; restore the spec if it vanished
+                // and the host state if it was lost (a reboot, a crash before attaching).
+                attach_all(self.backend.as_ref(), &done.devices)?;
                 let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
                 if !spec.exists() {
                     self.write_cdi(uid, &done.devices)?;
@@ -179,7 +206,13 @@ impl Driver {
                 ));
             }
         }
-        self.write_cdi(uid, &devices)?;
+        attach_all(self.backend.as_ref(), &devices)?;
+        if let Err(e) = self.write_cdi(uid, &devices) {
+            for d in &devices {
+                let _ = self.backend.release(&d.device);
+            }
+            return Err(e);
+        }
         let mut next = state.clone();
         next.claims.insert(
             uid.to_string(),
@@ -190,8 +223,11 @@ impl Driver {
             },
         );
         if let Err(e) = next.save(&self.checkpoint_path) {
-            // Not recorded, so not prepared: remove the spec we wrote.
+            // Not recorded, so not prepared: remove the spec we wrote, release the devices.
             let _ = std::fs::remove_file(cdi::spec_file(&self.cdi_dir, driver, uid));
+            for d in &devices {
+                let _ = self.backend.release(&d.device);
+            }
             return Err(e.to_string());
         }
         *state = next;
@@ -210,6 +246,15 @@ impl Driver {
                 uid,
             ));
             return Ok(());
+        }
+        // Release first: a failure keeps the claim recorded, so the kubelet's retry (or
+        // the next start) can still release it.
+        if let Some(claim) = state.claims.get(uid) {
+            for d in &claim.devices {
+                self.backend
+                    .release(&d.device)
+                    .map_err(|e| format!("device {}: {e}", d.device))?;
+            }
         }
         let mut next = state.clone();
         next.claims.remove(uid);

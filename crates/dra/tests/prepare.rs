@@ -326,3 +326,98 @@ async fn corrupt_checkpoint_is_moved_aside() {
     let driver = rig.open("boot-1");
     assert_eq!(driver.prepared().await["u"].devices[0].device, "gpu-1");
 }
+
+/// A backend whose devices need host changes (like SR-IOV VFs moved to vfio-pci).
+#[derive(Debug, Default)]
+struct Vfs {
+    log: std::sync::Mutex<Vec<String>>,
+    fail_release: std::sync::atomic::AtomicBool,
+}
+
+impl DeviceBackend for Vfs {
+    fn driver_name(&self) -> &str {
+        "sriov.hybridlet.io"
+    }
+    fn pool_name(&self) -> &str {
+        "node-a"
+    }
+    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+        Ok(ContainerEdits {
+            env: vec![format!("PCIDEVICE={device}")],
+            device_nodes: vec!["/dev/vfio/vfio".into()],
+        })
+    }
+    fn attach(&self, device: &str) -> Result<(), String> {
+        self.log.lock().unwrap().push(format!("attach {device}"));
+        if device == "vf-bad" {
+            return Err("the kernel refused vfio-pci".into());
+        }
+        Ok(())
+    }
+    fn release(&self, device: &str) -> Result<(), String> {
+        self.log.lock().unwrap().push(format!("release {device}"));
+        if self.fail_release.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("device busy".into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = Arc::new(FakeClaims::default());
+    let backend = Arc::new(Vfs::default());
+    let d = "sriov.hybridlet.io";
+    claims.put(claim(
+        "mixed",
+        "uid-mixed",
+        &[("a", d, "node-a", "vf-0"), ("b", d, "node-a", "vf-bad")],
+    ));
+    claims.put(claim("good", "uid-good", &[("a", d, "node-a", "vf-0")]));
+    let driver = Driver::open(
+        backend.clone(),
+        claims,
+        &dir.path().join("dra.json"),
+        &dir.path().join("cdi"),
+        "boot-1",
+    )
+    .unwrap();
+
+    let err = driver
+        .prepare("ml", "mixed", "uid-mixed")
+        .await
+        .unwrap_err();
+    assert!(err.contains("vf-bad") && err.contains("refused"), "{err}");
+    assert_eq!(
+        backend.log.lock().unwrap().clone(),
+        ["attach vf-0", "attach vf-bad", "release vf-0"],
+        "a failed prepare must release what it attached"
+    );
+    assert!(driver.prepared().await.is_empty());
+
+    driver.prepare("ml", "good", "uid-good").await.unwrap();
+    driver.prepare("ml", "good", "uid-good").await.unwrap();
+    let log = backend.log.lock().unwrap().clone();
+    assert_eq!(
+        log[3..],
+        ["attach vf-0", "attach vf-0"],
+        "a repeated prepare re-attaches (idempotent)"
+    );
+
+    backend
+        .fail_release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = driver.unprepare("uid-good").await.unwrap_err();
+    assert!(err.contains("busy"), "{err}");
+    assert!(
+        driver.prepared().await.contains_key("uid-good"),
+        "claim forgotten before its release"
+    );
+    backend
+        .fail_release
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    driver.unprepare("uid-good").await.unwrap();
+    assert!(driver.prepared().await.is_empty());
+    assert_eq!(backend.log.lock().unwrap().last().unwrap(), "release vf-0");
+}

@@ -25,7 +25,6 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
     for warning in &loaded.warnings {
         outln!("warning: {warning}");
     }
-    crate::run::check_supported(config)?;
     if args.config_only {
         return Ok(());
     }

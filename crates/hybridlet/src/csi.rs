@@ -61,6 +61,7 @@ impl CsiPlugin {
         config: &Config,
         kubelet_root: &Path,
         state_dir: &Path,
+        registrations: RegistrationMetrics,
         registry: &mut hybridlet_metrics::Registry,
     ) -> Self {
         let driver = &config.agent.csi.driver_name;
@@ -73,7 +74,7 @@ impl CsiPlugin {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),
             kubelet_root: kubelet_root.to_path_buf(),
-            metrics: RegistrationMetrics::register(registry),
+            metrics: registrations,
             csi_metrics: CsiMetrics::register(registry),
             settings,
         }

@@ -1,8 +1,10 @@
-//! Wiring of the GPU DRA driver into `hybridlet run`: GPUs from discovery (NVML, or a
-//! fixture) become devices of a ResourceSlice pool named after the node; the kubelet
-//! prepares claims through `<kubelet-root>/plugins/<driver>/dra.sock` (v1 and v1beta1),
-//! registered as a `DRAPlugin` in `plugins_registry`. CDI specs go to `/var/run/cdi`, the
-//! checkpoint to the state directory.
+//! Wiring of the DRA drivers into `hybridlet run`: GPUs from discovery (NVML, or a
+//! fixture) and SR-IOV VFs (sysfs) become devices of a ResourceSlice pool named after the
+//! node, one driver each (`gpu.hybridlet.io`, `sriov.hybridlet.io`); the kubelet prepares
+//! claims through `<kubelet-root>/plugins/<driver>/dra.sock` (v1 and v1beta1), registered
+//! as a `DRAPlugin` in `plugins_registry`. CDI specs go to `/var/run/cdi`, the checkpoint
+//! to the state directory. A prepared VF is moved to vfio-pci (and back at unprepare), and
+//! its container gets `/dev/vfio/vfio` and its IOMMU group's device.
 //!
 //! Readiness means "sockets serve": publication retries in the background with jittered
 //! backoff (the API server may be unreachable when the node boots), then reconciles every
@@ -24,8 +26,10 @@ use hybridlet_kubelet_plugin::{
 use hybridlet_proto::dra::{v1, v1beta1};
 use hybridlet_proto::pluginregistration::{DRA_PLUGIN, PluginInfo};
 use hybridlet_runtime::{Backoff, BoxError, SubsystemContext};
+use hybridlet_sys::PciAddress;
+use hybridlet_sys::binding::DriverBinding;
 
-use crate::devices::{GpuView, Report};
+use crate::devices::{GpuView, Report, VfView};
 
 /// How often slices are reconciled after the first publication.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
@@ -129,9 +133,133 @@ fn slice_device(g: &GpuView) -> SliceDevice {
     }
 }
 
-/// The GPU DRA subsystem, configured.
+/// The kernel driver a prepared VF is handed to.
+const VFIO: &str = "vfio-pci";
+
+/// SR-IOV VFs as DRA devices; prepare moves a VF to vfio-pci.
 #[derive(Debug)]
-pub struct GpuDra {
+struct SriovBackend {
+    driver: String,
+    node: String,
+    vfs: BTreeMap<String, VfInfo>,
+    binding: Arc<dyn DriverBinding>,
+}
+
+#[derive(Debug, Clone)]
+struct VfInfo {
+    address: PciAddress,
+    iommu_group: Option<u32>,
+}
+
+/// `0000:81:00.2` → `vf-0000-81-00-2` (DRA device names are DNS labels).
+fn vf_device_name(address: &str) -> String {
+    format!("vf-{}", address.replace([':', '.'], "-"))
+}
+
+impl SriovBackend {
+    fn vf(&self, device: &str) -> Result<&VfInfo, String> {
+        self.vfs
+            .get(device)
+            .ok_or_else(|| format!("no VF {device} on this node (was the slice stale?)"))
+    }
+}
+
+impl DeviceBackend for SriovBackend {
+    fn driver_name(&self) -> &str {
+        &self.driver
+    }
+
+    fn pool_name(&self) -> &str {
+        &self.node
+    }
+
+    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+        let vf = self.vf(device)?;
+        let group = vf.iommu_group.ok_or_else(|| {
+            format!("VF {} has no IOMMU group: turn the IOMMU on (intel_iommu=on or amd_iommu=on) to hand VFs to containers", vf.address)
+        })?;
+        Ok(ContainerEdits {
+            // The name SR-IOV network device plugin users already read.
+            env: vec![format!("PCIDEVICE_SRIOV_HYBRIDLET_IO={}", vf.address)],
+            device_nodes: vec!["/dev/vfio/vfio".into(), format!("/dev/vfio/{group}")],
+        })
+    }
+
+    fn attach(&self, device: &str) -> Result<(), String> {
+        let vf = self.vf(device)?;
+        if vf.iommu_group.is_none() {
+            return Err(format!(
+                "VF {} has no IOMMU group: turn the IOMMU on to use vfio-pci",
+                vf.address
+            ));
+        }
+        self.binding
+            .bind(&vf.address, VFIO)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(device, pci = %vf.address, "VF bound to vfio-pci");
+        Ok(())
+    }
+
+    fn release(&self, device: &str) -> Result<(), String> {
+        let vf = self.vf(device)?;
+        if self.binding.driver(&vf.address).as_deref() != Some(VFIO) {
+            return Ok(()); // never attached, or already given back
+        }
+        self.binding
+            .release(&vf.address)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(device, pci = %vf.address, driver = ?self.binding.driver(&vf.address), "VF given back to its driver");
+        Ok(())
+    }
+}
+
+fn vf_slice_device(pf: &crate::devices::PfView, vf: &VfView) -> SliceDevice {
+    let mut attributes = BTreeMap::from([
+        ("type".to_string(), Attr::String("vf".into())),
+        (
+            "pciAddress".to_string(),
+            Attr::String(vf.pci_address.clone()),
+        ),
+        ("vendorId".to_string(), Attr::String(vf.vendor_id.clone())),
+        ("deviceId".to_string(), Attr::String(vf.device_id.clone())),
+        ("vfIndex".to_string(), Attr::Int(i64::from(vf.index))),
+        (
+            "pfPciAddress".to_string(),
+            Attr::String(pf.pci_address.clone()),
+        ),
+    ]);
+    if let Some(name) = &pf.netdev {
+        attributes.insert("pfName".into(), Attr::String(name.clone()));
+    }
+    if let Some(driver) = &pf.driver {
+        attributes.insert("pfDriver".into(), Attr::String(driver.clone()));
+    }
+    if let Some(speed) = pf.link_speed_mbps {
+        attributes.insert("linkSpeedMbps".into(), Attr::Int(i64::from(speed)));
+    }
+    if let Some(root) = &vf.placement.pcie_root {
+        attributes.insert(
+            "resource.kubernetes.io/pcieRoot".into(),
+            Attr::String(root.clone()),
+        );
+    }
+    if let Some(switch) = &vf.placement.pcie_switch {
+        attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
+    }
+    if let Some(numa) = vf.placement.numa_node {
+        attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));
+    }
+    SliceDevice {
+        name: vf_device_name(&vf.pci_address),
+        attributes,
+        capacity: BTreeMap::new(),
+    }
+}
+
+/// A DRA driver subsystem (GPU or SR-IOV), configured.
+#[derive(Debug)]
+pub struct DraPlugin {
+    label: &'static str,
     driver: String,
     node: String,
     kubeconfig: PathBuf,
@@ -139,60 +267,122 @@ pub struct GpuDra {
     checkpoint: PathBuf,
     cdi_dir: PathBuf,
     boot_id: String,
-    report: Report,
+    backend: Arc<dyn DeviceBackend>,
+    devices: Vec<SliceDevice>,
     metrics: RegistrationMetrics,
 }
 
-impl GpuDra {
-    /// Everything the subsystem needs, resolved under the host root.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
+/// Where a DRA driver lives on the host (resolved under `--root`).
+#[derive(Debug, Clone)]
+pub struct DraPaths {
+    /// The kubelet's kubeconfig (the driver reads claims as the node).
+    pub kubeconfig: PathBuf,
+    /// The kubelet's root directory.
+    pub kubelet_root: PathBuf,
+    /// hybridlet's state directory (checkpoints).
+    pub state_dir: PathBuf,
+    /// The CDI spec directory.
+    pub cdi_dir: PathBuf,
+    /// The kernel boot ID.
+    pub boot_id: String,
+}
+
+impl DraPlugin {
+    fn new(
+        label: &'static str,
         driver: &str,
         node: &str,
-        kubeconfig: PathBuf,
-        kubelet_root: PathBuf,
-        state_dir: PathBuf,
-        cdi_dir: PathBuf,
-        boot_id: String,
-        report: Report,
-        registry: &mut hybridlet_metrics::Registry,
+        paths: DraPaths,
+        backend: Arc<dyn DeviceBackend>,
+        devices: Vec<SliceDevice>,
+        metrics: RegistrationMetrics,
     ) -> Self {
         Self {
-            checkpoint: state_dir.join(format!("dra-{driver}.json")),
+            label,
+            checkpoint: paths.state_dir.join(format!("dra-{driver}.json")),
             driver: driver.to_string(),
             node: node.to_string(),
-            kubeconfig,
-            kubelet_root,
-            cdi_dir,
-            boot_id,
-            report,
-            metrics: RegistrationMetrics::register(registry),
+            kubeconfig: paths.kubeconfig,
+            kubelet_root: paths.kubelet_root,
+            cdi_dir: paths.cdi_dir,
+            boot_id: paths.boot_id,
+            backend,
+            devices,
+            metrics,
         }
     }
 
-    /// Serve until shutdown.
-    pub async fn run(self, ctx: SubsystemContext) -> Result<(), BoxError> {
-        let client = hybridlet_kube::client_from_kubeconfig(&self.kubeconfig)
-            .await
-            .map_err(|e| {
-                format!(
-                    "the GPU DRA driver talks to the API server with the kubelet's kubeconfig: {e}"
-                )
-            })?;
-        let gpus: BTreeMap<String, GpuView> = self
-            .report
+    /// The GPU driver over the GPUs of `report`.
+    pub fn gpu(
+        driver: &str,
+        node: &str,
+        paths: DraPaths,
+        report: Report,
+        metrics: RegistrationMetrics,
+    ) -> Self {
+        let gpus: BTreeMap<String, GpuView> = report
             .gpus
             .into_iter()
             .map(|g| (device_name(&g), g))
             .collect();
         let devices: Vec<SliceDevice> = gpus.values().map(slice_device).collect();
         let backend = Arc::new(GpuBackend {
-            driver: self.driver.clone(),
-            node: self.node.clone(),
+            driver: driver.to_string(),
+            node: node.to_string(),
             gpus,
         });
+        Self::new("GPU", driver, node, paths, backend, devices, metrics)
+    }
+
+    /// The SR-IOV driver over the VFs of `report`.
+    pub fn sriov(
+        driver: &str,
+        node: &str,
+        paths: DraPaths,
+        report: &Report,
+        binding: Arc<dyn DriverBinding>,
+        metrics: RegistrationMetrics,
+    ) -> Self {
+        let mut vfs = BTreeMap::new();
+        let mut devices = Vec::new();
+        for pf in &report.physical_functions {
+            for vf in &pf.vfs {
+                let Some(address) = PciAddress::parse(&vf.pci_address) else {
+                    continue;
+                };
+                let name = vf_device_name(&vf.pci_address);
+                vfs.insert(
+                    name,
+                    VfInfo {
+                        address,
+                        iommu_group: vf.iommu_group,
+                    },
+                );
+                devices.push(vf_slice_device(pf, vf));
+            }
+        }
+        let backend = Arc::new(SriovBackend {
+            driver: driver.to_string(),
+            node: node.to_string(),
+            vfs,
+            binding,
+        });
+        Self::new("SR-IOV", driver, node, paths, backend, devices, metrics)
+    }
+
+    /// Serve until shutdown.
+    pub async fn run(self, ctx: SubsystemContext) -> Result<(), BoxError> {
+        let label = self.label;
+        let client = hybridlet_kube::client_from_kubeconfig(&self.kubeconfig)
+            .await
+            .map_err(|e| {
+                format!(
+                    "the {label} DRA driver talks to the API server with the kubelet's kubeconfig: {e}"
+                )
+            })?;
+        let devices = self.devices;
         let driver = Arc::new(Driver::open(
-            backend,
+            self.backend,
             Arc::new(KubeClaims::new(client.clone())),
             &self.checkpoint,
             &self.cdi_dir,
@@ -221,7 +411,7 @@ impl GpuDra {
             ));
         let reg_router =
             tonic::transport::Server::builder().add_service(registration.into_server());
-        tracing::info!(driver = %self.driver, node = %self.node, devices = devices.len(), socket = %dra_path.display(), "GPU DRA driver serving");
+        tracing::info!(kind = label, driver = %self.driver, node = %self.node, devices = devices.len(), socket = %dra_path.display(), "DRA driver serving");
         ctx.ready.set_ready();
 
         let publisher = SlicePublisher::new(client, &self.driver, &self.node);

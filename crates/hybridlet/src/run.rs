@@ -18,28 +18,6 @@ use sd_notify::NotifyState;
 use crate::cli::{Cli, RunArgs};
 use crate::exit::Failure;
 
-/// Refuse configurations that ask for subsystems this build does not have, rather than
-/// pretend to run them.
-pub fn check_supported(config: &Config) -> Result<(), Failure> {
-    let agent = &config.agent;
-    for (field, enabled, what) in [(
-        "spec.dra.sriov.enabled",
-        agent.dra.sriov.enabled,
-        "the SR-IOV DRA driver",
-    )] {
-        if enabled {
-            return Err(Failure::Unsupported {
-                field,
-                message: format!(
-                    "{what} is not available in this build of hybridlet {}; set it to false",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 enum Stop {
     Signal(Signal),
     Failed(SubsystemExit),
@@ -58,7 +36,6 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
 async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let mut signals = Signals::install().context("installing signal handlers")?;
     let loaded = cli.load_config()?;
-    check_supported(&loaded.config)?;
     let config = loaded.config.clone();
     let root = cli.host_root();
     let mode = config.mode();
@@ -125,8 +102,16 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             }
             Err(other) => return Err(other),
         };
+    // One family for every plugin's registration verdicts (labelled by plugin).
+    let registrations = hybridlet_kubelet_plugin::RegistrationMetrics::register(&mut registry);
     if config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled {
-        let plugin = crate::csi::CsiPlugin::new(&config, &kubelet_root, &state_dir, &mut registry);
+        let plugin = crate::csi::CsiPlugin::new(
+            &config,
+            &kubelet_root,
+            &state_dir,
+            registrations.clone(),
+            &mut registry,
+        );
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
     {
@@ -139,24 +124,42 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             device_metrics.run(sysfs, gpus, interval, ctx)
         });
     }
-    if config.agent.dra.gpu.enabled {
+    if config.agent.dra.gpu.enabled || config.agent.dra.sriov.enabled {
         let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
             .context("reading the kernel boot ID")?;
-        let dra = crate::dra::GpuDra::new(
-            &config.agent.dra.gpu.driver_name,
-            &crate::csi::node_name(&config),
-            kubelet_root.join("kubeconfig"),
-            kubelet_root,
-            state_dir.clone(),
-            root.resolve("/var/run/cdi")
+        let paths = crate::dra::DraPaths {
+            kubeconfig: kubelet_root.join("kubeconfig"),
+            kubelet_root: kubelet_root.clone(),
+            state_dir: state_dir.clone(),
+            cdi_dir: root
+                .resolve("/var/run/cdi")
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             boot_id,
-            report,
-            &mut registry,
-        );
-        supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
+        };
+        let node = crate::csi::node_name(&config);
+        if config.agent.dra.sriov.enabled {
+            let dra = crate::dra::DraPlugin::sriov(
+                &config.agent.dra.sriov.driver_name,
+                &node,
+                paths.clone(),
+                &report,
+                Arc::new(sysfs.clone()),
+                registrations.clone(),
+            );
+            supervisor.spawn("dra-sriov", move |ctx| dra.run(ctx));
+        }
+        if config.agent.dra.gpu.enabled {
+            let dra = crate::dra::DraPlugin::gpu(
+                &config.agent.dra.gpu.driver_name,
+                &node,
+                paths,
+                report,
+                registrations.clone(),
+            );
+            supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
+        }
     }
     let registry = Arc::new(registry);
 
@@ -341,10 +344,7 @@ fn status_line(readiness: &Readiness, mode: &str) -> String {
 /// the running one is kept; a valid, different one is recorded, and takes effect for
 /// subsystems as they learn to reconfigure (none does yet, so it says so).
 fn reload(cli: &Cli, running: &mut Config, metrics: &AgentMetrics) {
-    match cli
-        .load_config()
-        .and_then(|loaded| check_supported(&loaded.config).map(|()| loaded))
-    {
+    match cli.load_config() {
         Err(failure) => {
             metrics.config_reloaded(false);
             let why = match failure {

@@ -175,28 +175,6 @@ fn unimplemented_upgrade_says_so_and_fails() {
 }
 
 #[test]
-fn enabled_but_unavailable_subsystem_is_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  dra:\n    sriov:\n      enabled: true\n",
-    )
-    .unwrap();
-    for cmd in ["check", "run"] {
-        let out = hybridlet(&[cmd, "--config", path.to_str().unwrap()]);
-        assert_eq!(out.status.code(), Some(78), "{cmd}: {}", text(&out));
-        assert!(
-            text(&out).contains("spec.dra.sriov.enabled: the SR-IOV DRA driver is not available"),
-            "{}",
-            text(&out)
-        );
-    }
-}
-
-/// `init` on the embedded default configuration (no NodeConfig): a configuration error
-/// that says what is missing, nothing written.
-#[test]
 fn init_without_a_node_config_is_a_config_error() {
     let root = tempfile::tempdir().unwrap();
     let out = hybridlet(&["--root", root.path().to_str().unwrap(), "init"]);

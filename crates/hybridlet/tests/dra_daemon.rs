@@ -201,3 +201,159 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(!dra.exists() && !reg.exists(), "sockets left behind");
 }
+
+/// The SR-IOV driver on the E810 fixture: 64 VFs in the slice with their topology; a claim
+/// for a VF already on vfio-pci is prepared into a CDI spec with its IOMMU group's device;
+/// a claim for a VF the kernel will not move (the fixture has no kernel behind it) fails
+/// for that claim only, naming the VF, and its driver override is cleared again.
+#[tokio::test(flavor = "multi_thread")]
+async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
+    let api = FakeApiServer::start().await.unwrap();
+    api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::e810_server(root.path()).unwrap();
+    let kubelet = root.path().join("var/lib/kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    std::fs::write(
+        kubelet.join("kubeconfig"),
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+    )
+    .unwrap();
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "listenAddress: 127.0.0.1:19464",
+        "listenAddress: 127.0.0.1:0",
+    )
+    .replace(
+        "    gpu:\n      driverName: gpu.example.com",
+        "    sriov:\n      enabled: true",
+    );
+    assert!(
+        config.contains("sriov:\n      enabled: true"),
+        "fixture changed"
+    );
+    std::fs::write(etc.join("config.yaml"), config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args([
+            "--root",
+            root.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let dra = kubelet.join("plugins/sriov.hybridlet.io/dra.sock");
+    wait_until("the SR-IOV DRA socket", || is_socket(&dra)).await;
+    wait_until("the ResourceSlice", || {
+        !api.list("/apis/resource.k8s.io/v1/resourceslices")
+            .is_empty()
+    })
+    .await;
+    let slices = api.list("/apis/resource.k8s.io/v1/resourceslices");
+    let spec = &slices[0]["spec"];
+    assert_eq!(spec["driver"], "sriov.hybridlet.io");
+    let devices = spec["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 64);
+    let vf = devices
+        .iter()
+        .find(|d| d["name"] == "vf-0000-81-08-1")
+        .unwrap();
+    assert_eq!(vf["attributes"]["pciAddress"]["string"], "0000:81:08.1");
+    assert_eq!(vf["attributes"]["pfName"]["string"], "ens2f0");
+    assert_eq!(
+        vf["attributes"]["resource.kubernetes.io/pcieRoot"]["string"],
+        "pci0000:80"
+    );
+    assert_eq!(vf["attributes"]["numaNode"]["int"], 1);
+    assert_eq!(vf["attributes"]["linkSpeedMbps"]["int"], 100000);
+
+    for (name, uid, device) in [
+        ("dpdk", "uid-vfio", "vf-0000-81-08-1"),
+        ("moved", "uid-iavf", "vf-0000-81-00-2"),
+    ] {
+        api.put(
+            &format!("/apis/resource.k8s.io/v1/namespaces/net/resourceclaims/{name}"),
+            json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                   "metadata": {"name": name, "namespace": "net", "uid": uid},
+                   "spec": {},
+                   "status": {"allocation": {"devices": {"results": [
+                       {"request": "vf", "driver": "sriov.hybridlet.io", "pool": "fra1-r12-n07", "device": device}]}}}}),
+        );
+    }
+    let mut client = v1::dra_plugin_client::DraPluginClient::new(
+        hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
+    );
+    let claim = |name: &str, uid: &str| v1::Claim {
+        namespace: "net".into(),
+        name: name.into(),
+        uid: uid.into(),
+    };
+    let resp = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![claim("dpdk", "uid-vfio"), claim("moved", "uid-iavf")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.claims["uid-vfio"].error, "");
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.path()
+                .join("var/run/cdi/sriov_hybridlet_io-uid-vfio.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let edits = &spec["devices"][0]["containerEdits"];
+    assert_eq!(edits["env"][0], "PCIDEVICE_SRIOV_HYBRIDLET_IO=0000:81:08.1");
+    assert_eq!(edits["deviceNodes"][0]["path"], "/dev/vfio/vfio");
+    assert!(
+        edits["deviceNodes"][1]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/vfio/")
+    );
+    let err = &resp.claims["uid-iavf"].error;
+    assert!(
+        err.contains("0000:81:00.2") && err.contains("still bound to iavf"),
+        "{err}"
+    );
+    let vf_dir = root.path().join("sys/bus/pci/devices/0000:81:00.2");
+    assert_eq!(
+        std::fs::read_to_string(vf_dir.join("driver_override")).unwrap(),
+        "\n",
+        "override left behind"
+    );
+
+    client
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![claim("dpdk", "uid-vfio")],
+        })
+        .await
+        .unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let log = log.join().unwrap().join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+}

@@ -10,6 +10,7 @@
 //! What this crate must never do: parse configuration, talk to the network, or log
 //! secrets. It knows nothing about Kubernetes or AWS.
 
+pub mod binding;
 pub mod fileset;
 mod fsutil;
 pub mod iscsi;
