@@ -1,5 +1,5 @@
 //! `e2e-kubelet`: a stand-in for the kubelet in the VM end-to-end suite. It makes one gRPC
-//! call on a plugin's Unix socket (registration, CSI Identity or CSI Node), prints the
+//! call on a plugin's Unix socket (registration, CSI Identity or Node, DRA v1), prints the
 //! answer on one line and reports the outcome through its exit status, so shell scenarios
 //! can assert exact status codes:
 //!   0 = OK, 3 = the call returned a gRPC error (printed as `ERR <Code> <message>`),
@@ -18,6 +18,7 @@ use hybridlet_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
 use hybridlet_proto::csi::v1::*;
+use hybridlet_proto::dra::v1 as dra;
 use hybridlet_proto::pluginregistration::InfoRequest;
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 
@@ -107,6 +108,24 @@ enum Call {
         path: String,
         #[arg(long)]
         required_bytes: i64,
+    },
+    /// DRA NodePrepareResources (v1) for one claim.
+    DraPrepare {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        uid: String,
+    },
+    /// DRA NodeUnprepareResources (v1) for one claim.
+    DraUnprepare {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        uid: String,
     },
 }
 
@@ -234,6 +253,56 @@ async fn call(args: Args) -> Result<String, CallError> {
                 ..Default::default()
             };
             format!("{:?}", node.node_expand_volume(req).await?.into_inner())
+        }
+        Call::DraPrepare {
+            namespace,
+            name,
+            uid,
+        } => {
+            let resp = dra::dra_plugin_client::DraPluginClient::new(channel)
+                .node_prepare_resources(dra::NodePrepareResourcesRequest {
+                    claims: vec![dra::Claim {
+                        namespace,
+                        name,
+                        uid: uid.clone(),
+                    }],
+                })
+                .await?
+                .into_inner();
+            // A per-claim error is the DRA API's way to fail; report it like a status.
+            match resp.claims.get(&uid) {
+                Some(r) if !r.error.is_empty() => {
+                    return Err(CallError::Status(tonic::Status::unknown(r.error.clone())));
+                }
+                Some(r) => format!("{:?}", r.devices),
+                None => {
+                    return Err(CallError::Status(tonic::Status::unknown(
+                        "no result for the claim",
+                    )));
+                }
+            }
+        }
+        Call::DraUnprepare {
+            namespace,
+            name,
+            uid,
+        } => {
+            let resp = dra::dra_plugin_client::DraPluginClient::new(channel)
+                .node_unprepare_resources(dra::NodeUnprepareResourcesRequest {
+                    claims: vec![dra::Claim {
+                        namespace,
+                        name,
+                        uid: uid.clone(),
+                    }],
+                })
+                .await?
+                .into_inner();
+            match resp.claims.get(&uid) {
+                Some(r) if !r.error.is_empty() => {
+                    return Err(CallError::Status(tonic::Status::unknown(r.error.clone())));
+                }
+                _ => "unprepared".to_string(),
+            }
         }
     };
     Ok(answer)

@@ -1,6 +1,7 @@
-# Scenario 5: SR-IOV on an emulated igb NIC (QEMU >= 8): hybridlet's numVfs setting
-# creates the VFs at start-up, and `hybridlet devices` sees the PF, its VFs (bound to
-# igbvf, with netdevs) and their PCIe topology.
+# Scenario 5: SR-IOV on an emulated igb NIC (QEMU >= 8, behind an emulated Intel IOMMU):
+# hybridlet's numVfs setting creates the VFs at start-up; `hybridlet devices` sees the PF,
+# its VFs (bound to igbvf) and their PCIe topology; the SR-IOV DRA driver publishes them to
+# a fake API server, and a prepared VF moves to vfio-pci (and back at unprepare).
 . /mnt/share/guest/lib.sh
 
 pf=""
@@ -39,6 +40,54 @@ grep -q '"pcieRoot": *"pci0000:00"' /tmp/devices.json || fail "no pcieRoot pci00
 grep -q '"driver": *"igbvf"' /tmp/devices.json || fail "VF driver igbvf not reported"
 echo "    ok: PF, 2 VFs, igbvf, pcieRoot"
 hybridlet devices | tail -n 1 | grep -q '1 SR-IOV PFs, 2 VFs' || fail "summary line: $(hybridlet devices | tail -n 1)"
+
+step "SR-IOV DRA: VFs in a ResourceSlice; prepare moves a VF to vfio-pci, unprepare gives it back"
+modprobe vfio-pci
+"$artifacts/fake-apiserver" > /tmp/api.url 2>/tmp/api.err &
+wait_for 10 "fake API server" test -s /tmp/api.url
+api=$(head -n 1 /tmp/api.url)
+curl -fsS -X POST -H 'Content-Type: application/json' \
+  -d '{"apiVersion":"v1","kind":"Node","metadata":{"name":"rig"}}' "$api/api/v1/nodes" >/dev/null
+mkdir -p /var/lib/kubelet
+cat > /var/lib/kubelet/kubeconfig <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "$api"}}]
+contexts: [{name: k, context: {cluster: c, user: u}}]
+current-context: k
+users: [{name: u, user: {token: node-token}}]
+KC
+cat >> /etc/hybridlet/config.d/50-e2e.yaml <<'YAML'
+  dra:
+    sriov:
+      enabled: true
+YAML
+expect_ok hybridlet check --config-only
+expect_ok systemctl restart hybridlet
+wait_for 60 "a ResourceSlice with both VFs" sh -c \
+  "[ \$(curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -o '\"name\":\"vf-' | wc -l) -ge 2 ]"
+slices=$(curl -fsS "$api/apis/resource.k8s.io/v1/resourceslices")
+echo "$slices" | grep -q '"driver":"sriov.hybridlet.io"' || fail "slice driver: $slices"
+echo "$slices" | grep -q "\"pfPciAddress\":{\"string\":\"$pf\"}" || fail "no pfPciAddress $pf in the slice: $slices"
+echo "$slices" | grep -q '"resource.kubernetes.io/pcieRoot":{"string":"pci0000:00"}' || fail "no pcieRoot in the slice"
+vf=$(basename "$(readlink -f /sys/bus/pci/devices/$pf/virtfn0)")
+device="vf-$(echo "$vf" | tr ':.' '--')"
+echo "    ok: slice lists $device (PF $pf)"
+claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"dpdk\",\"namespace\":\"net\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"vf\",\"driver\":\"sriov.hybridlet.io\",\"pool\":\"rig\",\"device\":\"$device\"}]}}}}" \
+  "$api/apis/resource.k8s.io/v1/namespaces/net/resourceclaims")
+uid=$(echo "$claim" | grep -o '"uid":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+dra_sock=/var/lib/kubelet/plugins/sriov.hybridlet.io/dra.sock
+expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name dpdk --uid "$uid"
+expect_eq "VF driver after prepare" vfio-pci "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
+group=$(basename "$(readlink /sys/bus/pci/devices/$vf/iommu_group)")
+[ -c "/dev/vfio/$group" ] || fail "/dev/vfio/$group does not exist"
+grep -q "/dev/vfio/$group" "/var/run/cdi/sriov_hybridlet_io-$uid.json" || fail "CDI spec lacks /dev/vfio/$group"
+echo "    ok: /dev/vfio/$group in the CDI spec"
+expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name dpdk --uid "$uid"
+expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name dpdk --uid "$uid"
+wait_for 10 "VF back on igbvf" sh -c "[ \"\$(basename \"\$(readlink /sys/bus/pci/devices/$vf/driver)\")\" = igbvf ]"
+[ ! -e "/var/run/cdi/sriov_hybridlet_io-$uid.json" ] || fail "CDI spec left after unprepare"
+kill %1 2>/dev/null || true
 
 step "a restart with the same setting keeps the VFs (no 0 -> N churn)"
 vf0=$(readlink -f /sys/bus/pci/devices/$pf/virtfn0)
