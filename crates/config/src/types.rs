@@ -308,12 +308,26 @@ pub struct AdminSpec {
     /// `IP:PORT` to listen on. Default `127.0.0.1:9464` (loopback only).
     #[serde(deserialize_with = "socket_addr")]
     pub listen_address: SocketAddr,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP. Default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<AdminTls>,
+}
+
+/// `spec.admin.tls`: PEM files (the chain leaf first; the key PKCS#8, PKCS#1 or SEC1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminTls {
+    /// Absolute path of the certificate chain.
+    pub cert_file: String,
+    /// Absolute path of the private key.
+    pub key_file: String,
 }
 
 impl Default for AdminSpec {
     fn default() -> Self {
         Self {
             listen_address: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            tls: None,
         }
     }
 }

@@ -226,6 +226,16 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             r.error(field, why);
         }
     }
+    if let Some(tls) = &agent.admin.tls {
+        for (field, value) in [
+            ("spec.admin.tls.certFile", &tls.cert_file),
+            ("spec.admin.tls.keyFile", &tls.key_file),
+        ] {
+            if let Err(why) = check_host_path(value) {
+                r.error(field, why);
+            }
+        }
+    }
     let grace = agent.shutdown_grace_period.get();
     if grace.is_zero() || grace > std::time::Duration::from_secs(3600) {
         r.error(

@@ -118,6 +118,24 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         ));
     }
 
+    if let Some(tls) = &config.agent.admin.tls {
+        let loaded = root
+            .resolve(&tls.cert_file)
+            .and_then(|c| root.resolve(&tls.key_file).map(|k| (c, k)))
+            .map_err(|e| e.to_string())
+            .and_then(|(c, k)| hybridlet_metrics::tls_config(&c, &k).map_err(|e| e.to_string()));
+        out.push((
+            "admin TLS certificate",
+            match loaded {
+                Ok(_) => Outcome::Ok(format!(
+                    "{} and {} form a usable pair",
+                    tls.cert_file, tls.key_file
+                )),
+                Err(e) => Outcome::Fail(e),
+            },
+        ));
+    }
+
     if config.agent.csi.iscsi.enabled {
         use hybridlet_sys::iscsi::Initiator as _;
         let found = hybridlet_sys::iscsi::Iscsiadm::default().available();

@@ -165,11 +165,32 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
 
     let listen = config.agent.admin.listen_address;
     let startup_delay = args.startup_delay;
+    let admin_tls = match &config.agent.admin.tls {
+        Some(tls) => {
+            let resolve = |p: &str| root.resolve(p).map_err(|e| anyhow::anyhow!("{e}"));
+            let config =
+                hybridlet_metrics::tls_config(&resolve(&tls.cert_file)?, &resolve(&tls.key_file)?)
+                    .map_err(|e| match e {
+                        hybridlet_metrics::AdminServerError::Tls { message } => {
+                            Failure::Unsupported {
+                                field: "spec.admin.tls",
+                                message,
+                            }
+                        }
+                        other => Failure::Runtime(other.into()),
+                    })?;
+            Some(config)
+        }
+        None => None,
+    };
     {
         let (registry, readiness, metrics) = (registry.clone(), readiness.clone(), metrics.clone());
         supervisor.spawn("admin", move |ctx| async move {
-            let server = AdminServer::bind(listen, registry, readiness, metrics).await?;
-            tracing::info!(address = %server.local_addr(), "admin server listening (/metrics, /healthz, /readyz)");
+            let mut server = AdminServer::bind(listen, registry, readiness, metrics).await?;
+            if let Some(tls) = admin_tls {
+                server = server.with_tls(tls);
+            }
+            tracing::info!(address = %server.local_addr(), tls = server.is_tls(), "admin server listening (/metrics, /healthz, /readyz)");
             let serve = tokio::spawn(server.serve(ctx.shutdown.clone()));
             if let Some(delay) = startup_delay {
                 tracing::warn!(?delay, "start-up delay requested (testing aid)");

@@ -183,6 +183,32 @@ fn init_without_a_node_config_is_a_config_error() {
     assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
 }
 
+/// TLS files that do not exist or do not pair: `run` stops with 78 naming spec.admin.tls.
+#[test]
+fn unusable_admin_tls_files_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:0\n    tls:\n      certFile: /nonexistent/cert.pem\n      keyFile: /nonexistent/key.pem\n",
+    )
+    .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = hybridlet(&[
+        "--root",
+        root.path().to_str().unwrap(),
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains("spec.admin.tls: certFile"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn version_prints_text_and_json() {
     let out = hybridlet(&["version"]);

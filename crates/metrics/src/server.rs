@@ -35,6 +35,12 @@ pub enum AdminServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be used.
+    #[error("spec.admin.tls: {message}")]
+    Tls {
+        /// What is wrong (file and reason).
+        message: String,
+    },
     /// Accepting connections failed.
     #[error("accepting admin connections on {addr}: {source}")]
     Accept {
@@ -54,11 +60,59 @@ struct Shared {
 }
 
 /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
-#[derive(Debug)]
 pub struct AdminServer {
     listener: TcpListener,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A TLS handshake that takes longer than this is dropped (a stuck client must not hold
+/// a connection slot).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A rustls server configuration from PEM files: the certificate chain (leaf first) and
+/// its private key (PKCS#8, PKCS#1 or SEC1).
+pub fn tls_config(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, AdminServerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |message: String| AdminServerError::Tls { message };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| tls(format!("certFile {}: {e}", cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(tls(format!(
+            "certFile {}: no certificate in it",
+            cert_file.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| tls(format!("keyFile {}: {e}", key_file.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| {
+        tls(format!(
+            "certFile and keyFile do not form a usable pair: {e}"
+        ))
+    })?;
+    Ok(Arc::new(config))
 }
 
 impl AdminServer {
@@ -83,7 +137,19 @@ impl AdminServer {
                 readiness,
                 metrics,
             }),
+            tls: None,
         })
+    }
+
+    /// Serve HTTPS with `config` instead of plain HTTP.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The bound address (useful with port 0).
@@ -111,25 +177,17 @@ impl AdminServer {
                     };
                     let shared = self.shared.clone();
                     let stop = shutdown.clone();
+                    let tls = self.tls.clone();
                     connections.spawn(async move {
-                        let service = service_fn(move |req| {
-                            let shared = shared.clone();
-                            async move { Ok::<_, Infallible>(route(&shared, &req)) }
-                        });
-                        let conn = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_READ_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            r = conn.as_mut() => r,
-                            () = stop.cancelled() => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
+                        match tls {
+                            None => serve_connection(stream, shared, stop, peer).await,
+                            Some(acceptor) => {
+                                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, shared, stop, peer).await,
+                                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                                }
                             }
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "admin connection ended with an error");
                         }
                     });
                 }
@@ -146,6 +204,36 @@ impl AdminServer {
             connections.abort_all();
         }
         Ok(())
+    }
+}
+
+/// One HTTP/1.1 connection (plain or TLS) until it ends or shutdown asks it to.
+async fn serve_connection<IO>(
+    io: IO,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(&shared, &req)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "admin connection ended with an error");
     }
 }
 

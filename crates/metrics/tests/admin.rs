@@ -154,3 +154,75 @@ fn docs_list_exactly_the_registered_metrics() {
         );
     }
 }
+
+/// HTTPS with a certificate from PEM files: a client that trusts the certificate gets
+/// /metrics over TLS; a plain-HTTP client gets nothing; a key that does not match the
+/// certificate is refused at start-up, naming the files.
+#[tokio::test]
+async fn serves_over_tls_from_pem_files() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config =
+        hybridlet_metrics::tls_config(&fixtures.join("cert.pem"), &fixtures.join("key.pem"))
+            .unwrap();
+    let readiness = Readiness::new();
+    let mut registry = new_registry();
+    let build = BuildInfo {
+        version: "1.2.3".into(),
+        commit: "abc".into(),
+    };
+    let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
+    let server = AdminServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(registry),
+        readiness,
+        metrics,
+    )
+    .await
+    .unwrap()
+    .with_tls(config);
+    let addr = server.local_addr();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.serve(stop.clone()));
+
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(fixtures.join("cert.pem")).unwrap()
+    {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    tls.read_to_string(&mut buf).await.unwrap();
+    assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
+    assert!(buf.contains("hybridlet_build_info"), "{buf}");
+
+    // Plain HTTP on the TLS port: the handshake fails, no metrics leak.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("hybridlet_build_info"));
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let err = hybridlet_metrics::tls_config(&fixtures.join("cert.pem"), &fixtures.join("cert.pem"))
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.admin.tls: keyFile"), "{err}");
+}
