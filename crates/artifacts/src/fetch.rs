@@ -51,6 +51,9 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Byt
 #[derive(Clone)]
 pub struct Fetcher {
     client: HttpsClient,
+    /// Why the system's trust roots could not be loaded (https is then refused with this;
+    /// http:// and file:// mirrors still work, e.g. on a minimal host without CA files).
+    roots_error: Option<String>,
     /// Deadline for the response headers, and for each gap between body chunks.
     pub timeout: Duration,
     /// Attempts per file (a failed attempt resumes from what it wrote).
@@ -121,17 +124,33 @@ fn part_path(dest: &Path) -> PathBuf {
 impl Fetcher {
     /// A fetcher trusting the system's root certificates.
     pub fn new() -> Result<Self, ArtifactError> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let (builder, roots_error) = match hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
-            .map_err(|e| ArtifactError::Fetch {
-                url: "(trust roots)".into(),
-                message: format!("loading the system's root certificates: {e}"),
-            })?
-            .https_or_http()
-            .enable_http1()
-            .build();
+        {
+            Ok(b) => (b, None),
+            Err(e) => {
+                let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| ArtifactError::Fetch {
+                    url: "(TLS)".into(),
+                    message: e.to_string(),
+                })?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                (
+                    hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config),
+                    Some(format!(
+                        "the system has no usable root certificates ({e}); install ca-certificates, or use an http:// or file:// mirror"
+                    )),
+                )
+            }
+        };
+        let https = builder.https_or_http().enable_http1().build();
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
+            roots_error,
             timeout: Duration::from_secs(60),
             attempts: 3,
         })
@@ -143,6 +162,14 @@ impl Fetcher {
         url: &str,
         offset: u64,
     ) -> Result<(u16, http::HeaderMap, hyper::body::Incoming, String), ArtifactError> {
+        if url.starts_with("https://")
+            && let Some(why) = &self.roots_error
+        {
+            return Err(ArtifactError::Fetch {
+                url: url.into(),
+                message: why.clone(),
+            });
+        }
         let mut current = url.to_string();
         for _ in 0..6 {
             let fetch_err = |message: String| ArtifactError::Fetch {
