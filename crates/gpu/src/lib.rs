@@ -82,30 +82,85 @@ pub enum GpuError {
     },
 }
 
+/// One GPU's telemetry at one moment. A field NVML cannot read on this GPU (unsupported,
+/// no permission) is `None` and its series is left out rather than reported as 0.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GpuSample {
+    /// NVML index.
+    pub index: u32,
+    /// `GPU-…` UUID.
+    pub uuid: String,
+    /// GPU utilization, percent over the last sample period (DCGM_FI_DEV_GPU_UTIL).
+    #[serde(default)]
+    pub utilization_percent: Option<u32>,
+    /// Framebuffer memory in use (DCGM_FI_DEV_FB_USED, in bytes here).
+    #[serde(default)]
+    pub memory_used_bytes: Option<u64>,
+    /// Core temperature (DCGM_FI_DEV_GPU_TEMP).
+    #[serde(default)]
+    pub temperature_celsius: Option<u32>,
+    /// Power draw in milliwatts (DCGM_FI_DEV_POWER_USAGE, in watts there).
+    #[serde(default)]
+    pub power_milliwatts: Option<u32>,
+    /// Enforced power limit in milliwatts (DCGM_FI_DEV_ENFORCED_POWER_LIMIT).
+    #[serde(default)]
+    pub power_limit_milliwatts: Option<u32>,
+    /// SM clock in MHz (DCGM_FI_DEV_SM_CLOCK).
+    #[serde(default)]
+    pub sm_clock_mhz: Option<u32>,
+    /// Volatile corrected ECC errors (DCGM_FI_DEV_ECC_SBE_VOL_TOTAL).
+    #[serde(default)]
+    pub ecc_corrected: Option<u64>,
+    /// Volatile uncorrected ECC errors (DCGM_FI_DEV_ECC_DBE_VOL_TOTAL).
+    #[serde(default)]
+    pub ecc_uncorrected: Option<u64>,
+    /// PCIe replays since the driver loaded (DCGM_FI_DEV_PCIE_REPLAY_COUNTER).
+    #[serde(default)]
+    pub pcie_replays: Option<u32>,
+    /// Clock throttle reasons bitmask (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS).
+    #[serde(default)]
+    pub throttle_reasons: Option<u64>,
+}
+
 /// Something that lists GPUs.
 pub trait GpuSource: Send + Sync {
     /// Which source this is (`nvml`, `fake`), for logs.
     fn kind(&self) -> &'static str;
     /// All GPUs, in index order.
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError>;
+    /// Telemetry of every GPU, in index order.
+    fn sample(&self) -> Result<Vec<GpuSample>, GpuError>;
 }
 
 /// GPUs described in data.
 #[derive(Debug, Clone, Default)]
 pub struct FakeSource {
     gpus: Vec<GpuInfo>,
+    samples: Vec<GpuSample>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FixtureFile {
     gpus: Vec<GpuInfo>,
+    #[serde(default)]
+    samples: Vec<GpuSample>,
 }
 
 impl FakeSource {
     /// These GPUs.
     pub fn new(gpus: Vec<GpuInfo>) -> Self {
-        Self { gpus }
+        Self {
+            gpus,
+            samples: Vec::new(),
+        }
+    }
+
+    /// These GPUs, reporting this telemetry.
+    pub fn with_samples(mut self, samples: Vec<GpuSample>) -> Self {
+        self.samples = samples;
+        self
     }
 
     /// Read `{"gpus": [...]}` from a JSON file.
@@ -117,7 +172,10 @@ impl FakeSource {
         let text = std::fs::read_to_string(path).map_err(|e| fixture_err(e.to_string()))?;
         let file: FixtureFile =
             serde_json::from_str(&text).map_err(|e| fixture_err(e.to_string()))?;
-        Ok(Self { gpus: file.gpus })
+        Ok(Self {
+            gpus: file.gpus,
+            samples: file.samples,
+        })
     }
 }
 
@@ -128,6 +186,10 @@ impl GpuSource for FakeSource {
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError> {
         Ok(self.gpus.clone())
+    }
+
+    fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
+        Ok(self.samples.clone())
     }
 }
 

@@ -1,7 +1,7 @@
 use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
 
-use crate::{ComputeCapability, GpuError, GpuInfo, GpuSource};
+use crate::{ComputeCapability, GpuError, GpuInfo, GpuSample, GpuSource};
 
 /// GPUs through NVML: one session, opened once.
 pub struct NvmlSource {
@@ -42,6 +42,44 @@ impl NvmlSource {
 impl GpuSource for NvmlSource {
     fn kind(&self) -> &'static str {
         "nvml"
+    }
+
+    fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
+        use nvml_wrapper::enum_wrappers::device::{
+            Clock, EccCounter, MemoryError, TemperatureSensor,
+        };
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(nvml_err("nvmlDeviceGetCount"))?;
+        let mut out = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let device = self
+                .nvml
+                .device_by_index(index)
+                .map_err(nvml_err(format!("nvmlDeviceGetHandleByIndex({index})")))?;
+            // Each reading on its own: a GPU without ECC or power readings still reports
+            // the rest.
+            out.push(GpuSample {
+                index,
+                uuid: device.uuid().map_err(nvml_err("nvmlDeviceGetUUID"))?,
+                utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+                memory_used_bytes: device.memory_info().ok().map(|m| m.used),
+                temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
+                power_milliwatts: device.power_usage().ok(),
+                power_limit_milliwatts: device.enforced_power_limit().ok(),
+                sm_clock_mhz: device.clock_info(Clock::SM).ok(),
+                ecc_corrected: device
+                    .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+                    .ok(),
+                ecc_uncorrected: device
+                    .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                    .ok(),
+                pcie_replays: device.pcie_replay_counter().ok(),
+                throttle_reasons: device.current_throttle_reasons().ok().map(|r| r.bits()),
+            });
+        }
+        Ok(out)
     }
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError> {

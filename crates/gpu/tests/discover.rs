@@ -93,3 +93,32 @@ fn nvml_path_runs_here() {
         }
     }
 }
+
+/// The fixture's telemetry: every reading where the "GPU" gives one, none where it does
+/// not (GPU 7 has no power or ECC readings), and unknown fields refused.
+#[test]
+fn fake_source_reports_telemetry_and_leaves_out_unsupported_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(dir.path(), 0).unwrap();
+    let source = hybridlet_gpu::FakeSource::from_file(&dir.path().join("fake-nvml.json")).unwrap();
+    use hybridlet_gpu::GpuSource as _;
+    let samples = source.sample().unwrap();
+    assert_eq!(samples.len(), 8);
+    assert_eq!(samples[3].utilization_percent, Some(93));
+    assert_eq!(samples[3].throttle_reasons, Some(0x20));
+    assert_eq!(samples[3].power_milliwatts, Some(553_000));
+    assert_eq!(samples[7].power_milliwatts, None);
+    assert_eq!(samples[7].ecc_uncorrected, None);
+    let gpus = source.gpus().unwrap();
+    assert_eq!(
+        samples[5].uuid, gpus[5].uuid,
+        "samples and GPUs join on the UUID"
+    );
+
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"gpus": [], "samples": [{"index": 0, "uuid": "GPU-x", "fanSpeed": 3}]}"#,
+    )
+    .unwrap();
+    assert!(hybridlet_gpu::FakeSource::from_file(&dir.path().join("bad.json")).is_err());
+}

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hybridlet_gpu::GpuSource;
+use hybridlet_gpu::{GpuSample, GpuSource};
 use hybridlet_metrics::prometheus_client::collector::Collector;
 use hybridlet_metrics::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use hybridlet_metrics::prometheus_client::metrics::MetricType;
@@ -25,6 +25,7 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 struct Snapshot {
     report: Option<Report>,
+    samples: Vec<GpuSample>,
     duration: Duration,
     last_success: Option<SystemTime>,
 }
@@ -43,12 +44,13 @@ impl DeviceMetrics {
         metrics
     }
 
-    fn store(&self, report: Report, duration: Duration) {
+    fn store(&self, report: Report, samples: Vec<GpuSample>, duration: Duration) {
         let mut s = self
             .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.report = Some(report);
+        s.samples = samples;
         s.duration = duration;
         s.last_success = Some(SystemTime::now());
     }
@@ -69,11 +71,23 @@ impl DeviceMetrics {
             }
             let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
             let started = Instant::now();
-            let result =
-                tokio::task::spawn_blocking(move || discover(&sysfs, gpus.as_deref())).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let report = discover(&sysfs, gpus.as_deref())?;
+                // Telemetry failing (a GPU fell off the bus) must not hide the inventory.
+                let samples = match gpus.as_deref().map(|g| g.sample()) {
+                    Some(Ok(samples)) => samples,
+                    Some(Err(e)) => {
+                        tracing::warn!("GPU telemetry sampling failed: {e}");
+                        Vec::new()
+                    }
+                    None => Vec::new(),
+                };
+                Ok::<_, crate::exit::Failure>((report, samples))
+            })
+            .await;
             match result {
-                Ok(Ok(report)) => {
-                    self.store(report, started.elapsed());
+                Ok(Ok((report, samples))) => {
+                    self.store(report, samples, started.elapsed());
                     ctx.ready.set_ready();
                 }
                 Ok(Err(failure)) => {
@@ -86,6 +100,8 @@ impl DeviceMetrics {
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
+/// Name, help, unit and rows of one gauge family.
+type GaugeFamily<'a> = (&'static str, &'static str, Option<Unit>, Vec<(Labels<'a>, f64)>);
 
 fn gauge_family(
     encoder: &mut DescriptorEncoder<'_>,
@@ -199,6 +215,8 @@ impl Collector for DeviceMetrics {
             &mem_rows,
         )?;
 
+        encode_gpu_samples(&mut encoder, report, &s.samples)?;
+
         fn pf_labels(pf: &crate::devices::PfView) -> Labels<'_> {
             vec![
                 ("pf", pf.pci_address.as_str()),
@@ -244,4 +262,101 @@ impl Collector for DeviceMetrics {
         )?;
         Ok(())
     }
+}
+
+/// GPU telemetry families, labelled like dcgm-exporter (`gpu`, `UUID`, `pci_bus_id`,
+/// `modelName`) so existing dashboards join; a reading the GPU did not give is left out.
+fn encode_gpu_samples(
+    encoder: &mut DescriptorEncoder<'_>,
+    report: &Report,
+    samples: &[GpuSample],
+) -> Result<(), std::fmt::Error> {
+    let indices: Vec<String> = samples.iter().map(|s| s.index.to_string()).collect();
+    let labels = |i: usize| -> Labels<'_> {
+        let s = &samples[i];
+        let info = report.gpus.iter().find(|g| g.info.uuid == s.uuid);
+        vec![
+            ("gpu", indices[i].as_str()),
+            ("UUID", s.uuid.as_str()),
+            (
+                "pci_bus_id",
+                info.map_or("", |g| g.info.pci_bus_id.as_str()),
+            ),
+            ("modelName", info.map_or("", |g| g.info.name.as_str())),
+        ]
+    };
+    let rows = |f: &dyn Fn(&GpuSample) -> Option<f64>| -> Vec<(Labels<'_>, f64)> {
+        (0..samples.len())
+            .filter_map(|i| f(&samples[i]).map(|v| (labels(i), v)))
+            .collect()
+    };
+    let families: [GaugeFamily<'_>; 9] = [
+        (
+            "gpu_utilization",
+            "GPU utilization over NVML's last sample period (DCGM_FI_DEV_GPU_UTIL / 100)",
+            Some(Unit::Other("ratio".into())),
+            rows(&|s| s.utilization_percent.map(|p| f64::from(p) / 100.0)),
+        ),
+        (
+            "gpu_memory_used",
+            "Framebuffer memory in use (DCGM_FI_DEV_FB_USED, in bytes)",
+            Some(Unit::Bytes),
+            rows(&|s| s.memory_used_bytes.map(|b| b as f64)),
+        ),
+        (
+            "gpu_temperature",
+            "GPU core temperature (DCGM_FI_DEV_GPU_TEMP)",
+            Some(Unit::Celsius),
+            rows(&|s| s.temperature_celsius.map(f64::from)),
+        ),
+        (
+            "gpu_power",
+            "Power draw (DCGM_FI_DEV_POWER_USAGE)",
+            Some(Unit::Other("watts".into())),
+            rows(&|s| s.power_milliwatts.map(|mw| f64::from(mw) / 1000.0)),
+        ),
+        (
+            "gpu_power_limit",
+            "Enforced power limit (DCGM_FI_DEV_ENFORCED_POWER_LIMIT)",
+            Some(Unit::Other("watts".into())),
+            rows(&|s| s.power_limit_milliwatts.map(|mw| f64::from(mw) / 1000.0)),
+        ),
+        (
+            "gpu_sm_clock",
+            "SM clock (DCGM_FI_DEV_SM_CLOCK, in hertz)",
+            Some(Unit::Other("hertz".into())),
+            rows(&|s| s.sm_clock_mhz.map(|m| f64::from(m) * 1e6)),
+        ),
+        (
+            "gpu_ecc_errors",
+            "Volatile ECC errors since the driver loaded, corrected and uncorrected summed (DCGM_FI_DEV_ECC_SBE_VOL_TOTAL + DCGM_FI_DEV_ECC_DBE_VOL_TOTAL); see gpu_ecc_uncorrected_errors",
+            None,
+            rows(&|s| match (s.ecc_corrected, s.ecc_uncorrected) {
+                (Some(c), Some(u)) => Some((c + u) as f64),
+                _ => None,
+            }),
+        ),
+        (
+            "gpu_ecc_uncorrected_errors",
+            "Volatile uncorrected ECC errors since the driver loaded (DCGM_FI_DEV_ECC_DBE_VOL_TOTAL)",
+            None,
+            rows(&|s| s.ecc_uncorrected.map(|u| u as f64)),
+        ),
+        (
+            "gpu_pcie_replays",
+            "PCIe replays since the driver loaded (DCGM_FI_DEV_PCIE_REPLAY_COUNTER)",
+            None,
+            rows(&|s| s.pcie_replays.map(f64::from)),
+        ),
+    ];
+    for (name, help, unit, rows) in &families {
+        gauge_family(encoder, name, help, unit.as_ref(), rows)?;
+    }
+    gauge_family(
+        encoder,
+        "gpu_throttle_reasons",
+        "Clock throttle reasons bitmask (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS; 0 = not throttled)",
+        None,
+        &rows(&|s| s.throttle_reasons.map(|r| r as f64)),
+    )
 }
