@@ -101,7 +101,12 @@ impl DeviceMetrics {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 /// Name, help, unit and rows of one gauge family.
-type GaugeFamily<'a> = (&'static str, &'static str, Option<Unit>, Vec<(Labels<'a>, f64)>);
+type GaugeFamily<'a> = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    Vec<(Labels<'a>, f64)>,
+);
 
 fn gauge_family(
     encoder: &mut DescriptorEncoder<'_>,

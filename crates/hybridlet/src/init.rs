@@ -299,8 +299,13 @@ pub(crate) fn join(
                 .state(unit)
                 .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
             if !state.exists {
+                let how = if unit == KUBELET {
+                    "run `hybridlet install <kubernetes-version>` first"
+                } else {
+                    "install your distribution's containerd package first"
+                };
                 return Err(runtime(anyhow::anyhow!(
-                    "{unit} is not installed on this host, so the node cannot join; install containerd and the kubelet for your Kubernetes version first (`hybridlet install` is not in this build; `nodeadm install` lays them out the same way), or run `hybridlet init --no-start` to write the files only. Nothing was changed"
+                    "{unit} is not installed on this host, so the node cannot join: {how}, or run `hybridlet init --no-start` to write the files only. Nothing was changed"
                 )));
             }
         }

@@ -25,7 +25,8 @@ test -s /etc/kubernetes/pki/ca.crt || { echo "no CA" >&2; exit 1; }
 if grep -Eq '"maxPods": 7([^0-9]|$)' /etc/kubernetes/kubelet/config.json; then echo "maxPods 7 refused" >&2; exit 1; fi
 exec sleep infinity
 SH
-(cd /tmp/mirror && sha256sum kubelet > kubelet.sha256)
+printf '#!/bin/sh\necho aws_signing_helper stand-in\n' > /tmp/mirror/aws_signing_helper
+(cd /tmp/mirror && sha256sum kubelet > kubelet.sha256 && sha256sum aws_signing_helper > aws_signing_helper.sha256)
 cat > /tmp/mirror/manifest.yaml <<'YAML'
 supported_eks_releases:
 - major_minor_version: "1.31"
@@ -36,6 +37,10 @@ supported_eks_releases:
     release_date: "2025-02-01"
     artifacts:
     - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/kubelet", checksum_uri: "file:///tmp/mirror/kubelet.sha256"}
+iam_roles_anywhere_releases:
+- version: 1.4.0
+  artifacts:
+  - {name: aws_signing_helper, arch: amd64, os: linux, uri: "file:///tmp/mirror/aws_signing_helper", checksum_uri: "file:///tmp/mirror/aws_signing_helper.sha256"}
 YAML
 systemctl daemon-reload
 
@@ -76,6 +81,7 @@ step "hybridlet install from a file:// mirror: verified kubelet and its unit"
 expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
 cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet not placed"
 expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
+[ -x /usr/local/bin/aws_signing_helper ] || fail "the IAM Roles Anywhere signing helper was not installed"
 systemctl cat kubelet.service | grep -q 'ExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS' || fail "kubelet unit not installed"
 echo "tampered" >> /tmp/mirror/kubelet
 if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then true; fi
@@ -137,7 +143,7 @@ expect_ok hybridlet uninstall
 expect_eq "kubelet" inactive "$(systemctl is-active kubelet || true)"
 expect_eq "kubelet enabled" disabled "$(systemctl is-enabled kubelet || true)"
 for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml \
-         /usr/bin/kubelet /etc/systemd/system/kubelet.service; do
+         /usr/bin/kubelet /usr/local/bin/aws_signing_helper /etc/systemd/system/kubelet.service; do
   [ ! -e "$f" ] || fail "$f is still there"
 done
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"
