@@ -179,7 +179,7 @@ fn run(
     timeout: Duration,
     secrets: &[&str],
 ) -> Result<(i32, String), IscsiError> {
-    let mut cmd = Command::new(program);
+    let mut cmd = Command::new(locate(program));
     cmd.args(args);
     let scrub = |text: &str| {
         let mut t = text.trim().to_string();
@@ -405,6 +405,20 @@ impl Initiator for Iscsiadm {
         let what = format!("rescanning {} on {}", t.iqn, t.portal);
         check_ok(&what, self.node(t, &["-R"], &what, &[])?, &[]).map(drop)
     }
+}
+
+/// `program` as found on PATH, else in the sbin directories (where blkid, mkfs and
+/// iscsiadm live; a non-root PATH often lacks them); the bare name when nowhere.
+fn locate(program: &str) -> std::ffi::OsString {
+    if program.contains('/') {
+        return program.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .map_or_else(|| program.into(), PathBuf::into_os_string)
 }
 
 fn which(program: &str) -> bool {
