@@ -44,6 +44,21 @@ impl DeviceMetrics {
         metrics
     }
 
+    /// `8 GPUs, 2 SR-IOV PFs, 64 VFs` from the last sample, for systemd's STATUS line.
+    pub fn summary(&self) -> Option<String> {
+        let s = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let r = s.report.as_ref()?;
+        let vfs: usize = r.physical_functions.iter().map(|p| p.vfs.len()).sum();
+        Some(format!(
+            "{} GPUs, {} SR-IOV PFs, {vfs} VFs",
+            r.gpus.len(),
+            r.physical_functions.len()
+        ))
+    }
+
     fn store(&self, report: Report, samples: Vec<GpuSample>, duration: Duration) {
         let mut s = self
             .latest

@@ -114,8 +114,9 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         );
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
+    let devices_summary = crate::device_metrics::DeviceMetrics::register(&mut registry);
     {
-        let device_metrics = crate::device_metrics::DeviceMetrics::register(&mut registry);
+        let device_metrics = devices_summary.clone();
         let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
         let interval = args
             .device_sample_interval
@@ -229,11 +230,11 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 let ready = readiness.is_ready();
                 if ready && !announced_ready {
                     announced_ready = true;
-                    let status = status_line(&readiness, mode.as_str());
+                    let status = status_line(&readiness, mode.as_str(), &devices_summary);
                     tracing::info!(status = %status, "ready");
                     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 } else if !ready && announced_ready {
-                    let status = status_line(&readiness, mode.as_str());
+                    let status = status_line(&readiness, mode.as_str(), &devices_summary);
                     tracing::warn!(status = %status, "not ready");
                     notify(&[NotifyState::Status(&status)]);
                 }
@@ -346,10 +347,21 @@ fn describe_files(loaded: &LoadedConfig) -> String {
     }
 }
 
-fn status_line(readiness: &Readiness, mode: &str) -> String {
+/// systemd's STATUS=: mode, devices, readiness, e.g.
+/// `joined; 8 GPUs, 2 SR-IOV PFs, 64 VFs; 5/5 subsystems ready`.
+fn status_line(
+    readiness: &Readiness,
+    mode: &str,
+    devices: &crate::device_metrics::DeviceMetrics,
+) -> String {
     let snapshot = readiness.snapshot();
     let ready = snapshot.iter().filter(|c| c.ready).count();
-    let mut line = format!("{mode}; {ready}/{} subsystems ready", snapshot.len());
+    let mut line = format!("{mode}; ");
+    if let Some(summary) = devices.summary() {
+        line.push_str(&summary);
+        line.push_str("; ");
+    }
+    line.push_str(&format!("{ready}/{} subsystems ready", snapshot.len()));
     let waiting: Vec<&str> = snapshot
         .iter()
         .filter(|c| !c.ready)

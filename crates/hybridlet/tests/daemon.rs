@@ -251,7 +251,7 @@ fn sd_notify_ready_watchdog_and_stopping() {
     recv_until("READY=1", &mut got);
     let ready = got.iter().find(|m| m.contains("READY=1")).unwrap();
     assert!(
-        ready.contains("STATUS=standalone; 2/2 subsystems ready"),
+        ready.contains("STATUS=standalone; 0 GPUs, 0 SR-IOV PFs, 0 VFs; 2/2 subsystems ready"),
         "{ready}"
     );
     recv_until("WATCHDOG=1", &mut got);
