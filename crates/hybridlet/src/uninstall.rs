@@ -68,6 +68,11 @@ pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
     let services: Option<&dyn ServiceManager> = root.is_system().then_some(&systemctl as _);
     undo(services, &backups, &kubelet_dir)?;
     remove_installed(&root, &state_dir)?;
+    if let Some(sm) = services {
+        // install's unit is gone too: systemd must forget it.
+        sm.daemon_reload()
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))?;
+    }
     outln!("uninstall: done; containerd was left as it is");
     Ok(())
 }
