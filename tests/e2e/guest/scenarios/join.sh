@@ -150,7 +150,7 @@ done
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"
 [ -s /etc/passwd ] || fail "/etc/passwd is gone"
 
-systemctl disable --now kubelet containerd
+systemctl disable --now containerd  # kubelet.service went with uninstall
 rm -f /etc/systemd/system/containerd.service
 rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/systemd/system/*.service.d
 systemctl daemon-reload
