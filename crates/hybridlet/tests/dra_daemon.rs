@@ -27,59 +27,110 @@ fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
+/// `hybridlet run` under a fresh `--root` with a fake API server: `fixture` writes the
+/// sysfs tree, `config` edits the IAM Roles Anywhere fixture config (node fra1-r12-n07).
+struct Daemon {
+    api: FakeApiServer,
+    root: tempfile::TempDir,
+    kubelet: std::path::PathBuf,
+    child: std::process::Child,
+    log: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Daemon {
+    async fn start(
+        fixture: impl FnOnce(&Path),
+        config: impl FnOnce(String) -> String,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
+        let api = FakeApiServer::start().await.unwrap();
+        api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
+        let root = tempfile::tempdir().unwrap();
+        fixture(root.path());
+        let kubelet = root.path().join("var/lib/kubelet");
+        std::fs::create_dir_all(&kubelet).unwrap();
+        std::fs::write(
+            kubelet.join("kubeconfig"),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+        )
+        .unwrap();
+        let etc = root.path().join("etc/hybridlet");
+        std::fs::create_dir_all(&etc).unwrap();
+        // The node name comes from the IAM Roles Anywhere nodeName.
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
+        )
+        .unwrap()
+        .replace(
+            "listenAddress: 127.0.0.1:19464",
+            "listenAddress: 127.0.0.1:0",
+        );
+        std::fs::write(etc.join("config.yaml"), config(text)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+            .args([
+                "--root",
+                root.path().to_str().unwrap(),
+                "--log-format",
+                "json",
+                "run",
+            ])
+            .args(extra_args(root.path()))
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        Self {
+            api,
+            root,
+            kubelet,
+            child,
+            log,
+        }
+    }
+
+    /// SIGTERM, wait up to 15 s; the exit status and the log.
+    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (status, self.log.join().unwrap().join("\n"))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn gpu_dra_publishes_prepares_and_unprepares() {
-    let api = FakeApiServer::start().await.unwrap();
-    api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
-
-    let root = tempfile::tempdir().unwrap();
-    hybridlet_fixtures::dgx_h200(root.path(), 0).unwrap();
-    let kubelet = root.path().join("var/lib/kubelet");
-    std::fs::create_dir_all(&kubelet).unwrap();
-    std::fs::write(
-        kubelet.join("kubeconfig"),
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+    let d = Daemon::start(
+        |root| {
+            hybridlet_fixtures::dgx_h200(root, 0).unwrap();
+        },
+        |config| config.replace("      driverName: gpu.example.com", "      enabled: true"),
+        |root| {
+            vec![
+                "--nvml-fixture".into(),
+                root.join("fake-nvml.json").display().to_string(),
+            ]
+        },
     )
-    .unwrap();
-    let etc = root.path().join("etc/hybridlet");
-    std::fs::create_dir_all(&etc).unwrap();
-    // The node name comes from the IAM Roles Anywhere nodeName.
-    let node_config = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
-    )
-    .unwrap()
-    .replace(
-        "listenAddress: 127.0.0.1:19464",
-        "listenAddress: 127.0.0.1:0",
-    )
-    .replace("      driverName: gpu.example.com", "      enabled: true");
-    std::fs::write(etc.join("config.yaml"), node_config).unwrap();
-
-    let fixture = root.path().join("fake-nvml.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-        .args([
-            "--root",
-            root.path().to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-            "--nvml-fixture",
-            fixture.to_str().unwrap(),
-        ])
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-
+    .await;
+    let (api, root, kubelet) = (&d.api, &d.root, &d.kubelet);
     let reg = kubelet.join("plugins_registry/gpu.hybridlet.io-reg.sock");
     let dra = kubelet.join("plugins/gpu.hybridlet.io/dra.sock");
     wait_until("the DRA sockets", || is_socket(&reg) && is_socket(&dra)).await;
@@ -185,19 +236,7 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         .unwrap();
     assert!(!spec_file.exists());
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let log = log.join().unwrap().join("\n");
+    let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(!dra.exists() && !reg.exists(), "sockets left behind");
 }
@@ -208,58 +247,23 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
 /// for that claim only, naming the VF, and its driver override is cleared again.
 #[tokio::test(flavor = "multi_thread")]
 async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
-    let api = FakeApiServer::start().await.unwrap();
-    api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
-    let root = tempfile::tempdir().unwrap();
-    hybridlet_fixtures::e810_server(root.path()).unwrap();
-    let kubelet = root.path().join("var/lib/kubelet");
-    std::fs::create_dir_all(&kubelet).unwrap();
-    std::fs::write(
-        kubelet.join("kubeconfig"),
-        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+    let d = Daemon::start(
+        |root| hybridlet_fixtures::e810_server(root).unwrap(),
+        |config| {
+            let config = config.replace(
+                "    gpu:\n      driverName: gpu.example.com",
+                "    sriov:\n      enabled: true",
+            );
+            assert!(
+                config.contains("sriov:\n      enabled: true"),
+                "fixture changed"
+            );
+            config
+        },
+        |_| Vec::new(),
     )
-    .unwrap();
-    let etc = root.path().join("etc/hybridlet");
-    std::fs::create_dir_all(&etc).unwrap();
-    let config = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
-    )
-    .unwrap()
-    .replace(
-        "listenAddress: 127.0.0.1:19464",
-        "listenAddress: 127.0.0.1:0",
-    )
-    .replace(
-        "    gpu:\n      driverName: gpu.example.com",
-        "    sriov:\n      enabled: true",
-    );
-    assert!(
-        config.contains("sriov:\n      enabled: true"),
-        "fixture changed"
-    );
-    std::fs::write(etc.join("config.yaml"), config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-        .args([
-            "--root",
-            root.path().to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-        ])
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-
+    .await;
+    let (api, root, kubelet) = (&d.api, &d.root, &d.kubelet);
     let dra = kubelet.join("plugins/sriov.hybridlet.io/dra.sock");
     wait_until("the SR-IOV DRA socket", || is_socket(&dra)).await;
     wait_until("the ResourceSlice", || {
@@ -349,11 +353,6 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
         })
         .await
         .unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    let log = log.join().unwrap().join("\n");
+    let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
 }

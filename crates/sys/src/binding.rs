@@ -57,6 +57,19 @@ impl Sysfs {
         })
     }
 
+    /// The driver_override protocol: set the override, unbind from the current driver,
+    /// ask the kernel to probe the function again.
+    fn reprobe(&self, address: &PciAddress, driver_override: &str) -> Result<(), BindError> {
+        let dev = self.dir().join("bus/pci/devices").join(address.as_str());
+        self.write(address, dev.join("driver_override"), driver_override)?;
+        self.unbind_current(address)?;
+        self.write(
+            address,
+            self.dir().join("bus/pci/drivers_probe"),
+            address.as_str(),
+        )
+    }
+
     fn unbind_current(&self, address: &PciAddress) -> Result<(), BindError> {
         let dev = self.dir().join("bus/pci/devices").join(address.as_str());
         if dev.join("driver").exists() {
@@ -95,14 +108,7 @@ impl DriverBinding for Sysfs {
         if self.driver(address).as_deref() == Some(driver) {
             return Ok(());
         }
-        let dev = self.dir().join("bus/pci/devices").join(address.as_str());
-        self.write(address, dev.join("driver_override"), driver)?;
-        self.unbind_current(address)?;
-        self.write(
-            address,
-            self.dir().join("bus/pci/drivers_probe"),
-            address.as_str(),
-        )?;
+        self.reprobe(address, driver)?;
         match self.wait_for_driver(address, Some(driver)) {
             Some(d) if d == driver => Ok(()),
             other => {
@@ -119,15 +125,8 @@ impl DriverBinding for Sysfs {
     }
 
     fn release(&self, address: &PciAddress) -> Result<(), BindError> {
-        let dev = self.dir().join("bus/pci/devices").join(address.as_str());
         // An empty override (a newline) clears it.
-        self.write(address, dev.join("driver_override"), "\n")?;
-        self.unbind_current(address)?;
-        self.write(
-            address,
-            self.dir().join("bus/pci/drivers_probe"),
-            address.as_str(),
-        )?;
+        self.reprobe(address, "\n")?;
         self.wait_for_driver(address, None);
         Ok(())
     }

@@ -422,15 +422,7 @@ fn locate(program: &str) -> std::ffi::OsString {
 }
 
 fn which(program: &str) -> bool {
-    if program.contains('/') {
-        return Path::new(program).is_file();
-    }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
-        || ["/usr/sbin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(program).is_file())
+    Path::new(&locate(program)).is_file()
 }
 
 /// The real block device operations (blkid, mkfs, fsck, resize2fs, xfs_growfs, sysfs).
