@@ -123,6 +123,26 @@ pub struct GpuSample {
     pub throttle_reasons: Option<u64>,
 }
 
+/// A critical XID error: the driver's report of a GPU fault (e.g. 48 double-bit ECC
+/// error, 79 fallen off the bus, 94/95 contained/uncontained ECC error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct XidEvent {
+    /// `GPU-…` UUID of the GPU that reported it.
+    pub uuid: String,
+    /// The XID code; `None` when NVML could not decode it.
+    pub xid: Option<u64>,
+}
+
+/// What an XID watch could cover.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XidWatch {
+    /// GPUs (UUIDs) whose critical XID errors are watched.
+    pub watched: Vec<String>,
+    /// GPUs that cannot report them, with NVML's reason.
+    pub unsupported: Vec<(String, String)>,
+}
+
 /// Something that lists GPUs.
 pub trait GpuSource: Send + Sync {
     /// Which source this is (`nvml`, `fake`), for logs.
@@ -131,6 +151,15 @@ pub trait GpuSource: Send + Sync {
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError>;
     /// Telemetry of every GPU, in index order.
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError>;
+    /// Block, reporting every critical XID error to `on_event`, until `stop` returns true
+    /// (it is asked at least once a second). `on_start` learns first which GPUs are
+    /// watched. Returns early, with `Ok`, when no GPU can report XID errors.
+    fn watch_xids(
+        &self,
+        stop: &dyn Fn() -> bool,
+        on_start: &mut dyn FnMut(&XidWatch),
+        on_event: &mut dyn FnMut(XidEvent),
+    ) -> Result<(), GpuError>;
 }
 
 /// GPUs described in data.
@@ -138,6 +167,7 @@ pub trait GpuSource: Send + Sync {
 pub struct FakeSource {
     gpus: Vec<GpuInfo>,
     samples: Vec<GpuSample>,
+    xids: Vec<XidEvent>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +176,8 @@ struct FixtureFile {
     gpus: Vec<GpuInfo>,
     #[serde(default)]
     samples: Vec<GpuSample>,
+    #[serde(default)]
+    xids: Vec<XidEvent>,
 }
 
 impl FakeSource {
@@ -154,7 +186,14 @@ impl FakeSource {
         Self {
             gpus,
             samples: Vec::new(),
+            xids: Vec::new(),
         }
+    }
+
+    /// These GPUs, reporting these XID errors as soon as a watch starts.
+    pub fn with_xids(mut self, xids: Vec<XidEvent>) -> Self {
+        self.xids = xids;
+        self
     }
 
     /// These GPUs, reporting this telemetry.
@@ -175,6 +214,7 @@ impl FakeSource {
         Ok(Self {
             gpus: file.gpus,
             samples: file.samples,
+            xids: file.xids,
         })
     }
 }
@@ -190,6 +230,50 @@ impl GpuSource for FakeSource {
 
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
         Ok(self.samples.clone())
+    }
+
+    fn watch_xids(
+        &self,
+        stop: &dyn Fn() -> bool,
+        on_start: &mut dyn FnMut(&XidWatch),
+        on_event: &mut dyn FnMut(XidEvent),
+    ) -> Result<(), GpuError> {
+        let watch = XidWatch {
+            watched: self.gpus.iter().map(|g| g.uuid.clone()).collect(),
+            unsupported: Vec::new(),
+        };
+        on_start(&watch);
+        if watch.watched.is_empty() {
+            return Ok(());
+        }
+        for event in &self.xids {
+            on_event(event.clone());
+        }
+        while !stop() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// What an XID code means, for the log line next to it (NVIDIA's XID catalogue; the
+/// codes an operator meets most on datacenter GPUs).
+pub fn xid_meaning(xid: u64) -> &'static str {
+    match xid {
+        13 => "graphics engine exception (usually the application)",
+        31 => "GPU memory page fault (usually the application)",
+        43 => "GPU stopped processing (usually the application)",
+        45 => "preemptive cleanup after a previous error",
+        48 => "double-bit ECC error: drain the node and reset the GPU",
+        61 | 62 => "internal micro-controller error: reset the GPU",
+        63 | 64 => "ECC page retirement or row remapping event",
+        74 => "NVLink error: check the NVLink connections",
+        79 => "GPU has fallen off the bus: drain the node",
+        92 => "high single-bit ECC error rate",
+        94 => "contained ECC error: the affected application was stopped",
+        95 => "uncontained ECC error: drain the node and reset the GPU",
+        119 | 120 => "GSP firmware error: reset the GPU",
+        _ => "see NVIDIA's XID catalogue",
     }
 }
 

@@ -1,7 +1,7 @@
 use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
 
-use crate::{ComputeCapability, GpuError, GpuInfo, GpuSample, GpuSource};
+use crate::{ComputeCapability, GpuError, GpuInfo, GpuSample, GpuSource, XidEvent, XidWatch};
 
 /// GPUs through NVML: one session, opened once.
 pub struct NvmlSource {
@@ -80,6 +80,84 @@ impl GpuSource for NvmlSource {
             });
         }
         Ok(out)
+    }
+
+    fn watch_xids(
+        &self,
+        stop: &dyn Fn() -> bool,
+        on_start: &mut dyn FnMut(&XidWatch),
+        on_event: &mut dyn FnMut(XidEvent),
+    ) -> Result<(), GpuError> {
+        use nvml_wrapper::bitmasks::event::EventTypes;
+        use nvml_wrapper::enums::event::XidError;
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(nvml_err("nvmlDeviceGetCount"))?;
+        let mut watch = XidWatch::default();
+        let mut candidates = Vec::new();
+        for index in 0..count {
+            let device = self
+                .nvml
+                .device_by_index(index)
+                .map_err(nvml_err(format!("nvmlDeviceGetHandleByIndex({index})")))?;
+            let uuid = device
+                .uuid()
+                .map_err(nvml_err(format!("nvmlDeviceGetUUID({index})")))?;
+            // Some GPUs (and some virtualised ones) cannot deliver XID events; the others
+            // are still watched.
+            match device.supported_event_types() {
+                Ok(t) if t.contains(EventTypes::CRITICAL_XID_ERROR) => candidates.push(device),
+                Ok(_) => watch
+                    .unsupported
+                    .push((uuid, "XID events not supported".into())),
+                Err(e) => watch.unsupported.push((uuid, e.to_string())),
+            }
+        }
+        // nvmlDeviceRegisterEvents frees the set when it fails: drop that GPU and register
+        // the rest on a fresh set.
+        let set = 'register: loop {
+            if candidates.is_empty() {
+                on_start(&watch);
+                return Ok(());
+            }
+            let mut set = self
+                .nvml
+                .create_event_set()
+                .map_err(nvml_err("nvmlEventSetCreate"))?;
+            for (i, device) in candidates.iter().enumerate() {
+                match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                    Ok(back) => set = back,
+                    Err(e) => {
+                        let failed = candidates.remove(i);
+                        let uuid = failed.uuid().unwrap_or_else(|_| "unknown".into());
+                        watch.unsupported.push((uuid, e.to_string()));
+                        continue 'register;
+                    }
+                }
+            }
+            break set;
+        };
+        watch.watched = candidates
+            .iter()
+            .map(|d| d.uuid().unwrap_or_else(|_| "unknown".into()))
+            .collect();
+        on_start(&watch);
+        while !stop() {
+            match set.wait(1000) {
+                Ok(data) => on_event(XidEvent {
+                    uuid: data.device.uuid().unwrap_or_else(|_| "unknown".into()),
+                    xid: match data.event_data {
+                        Some(XidError::Value(v)) => Some(v),
+                        Some(XidError::Unknown) | None => None,
+                    },
+                }),
+                // A timeout (or a signal) is the once-a-second look at `stop`.
+                Err(NvmlError::Timeout) => {}
+                Err(e) => return Err(nvml_err("nvmlEventSetWait")(e)),
+            }
+        }
+        Ok(())
     }
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError> {

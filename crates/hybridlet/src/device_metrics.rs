@@ -5,10 +5,11 @@
 //!
 //! A scrape reads the last snapshot from memory; it never touches sysfs or NVML.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hybridlet_gpu::{GpuSample, GpuSource};
+use hybridlet_gpu::{GpuSample, GpuSource, XidEvent, XidWatch};
 use hybridlet_metrics::prometheus_client::collector::Collector;
 use hybridlet_metrics::prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use hybridlet_metrics::prometheus_client::metrics::MetricType;
@@ -28,7 +29,19 @@ struct Snapshot {
     samples: Vec<GpuSample>,
     duration: Duration,
     last_success: Option<SystemTime>,
+    /// Per GPU UUID: whether its XID errors are watched, and what arrived.
+    xids: BTreeMap<String, XidState>,
 }
+
+#[derive(Debug, Default, Clone)]
+struct XidState {
+    watched: bool,
+    count: u64,
+    last: Option<u64>,
+}
+
+/// How long the XID watcher waits before watching again after NVML failed.
+const XID_RETRY: Duration = Duration::from_secs(60);
 
 /// Shared between the sampler and the scrape-time collector.
 #[derive(Debug, Clone, Default)]
@@ -59,11 +72,70 @@ impl DeviceMetrics {
         ))
     }
 
-    fn store(&self, report: Report, samples: Vec<GpuSample>, duration: Duration) {
-        let mut s = self
-            .latest
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        self.latest
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn xid_watch_started(&self, watch: &XidWatch) {
+        for (uuid, reason) in &watch.unsupported {
+            tracing::warn!(gpu_uuid = %uuid, "GPU XID errors cannot be watched on this GPU: {reason}");
+        }
+        if !watch.watched.is_empty() {
+            tracing::info!(gpus = watch.watched.len(), "watching GPU XID errors");
+        }
+        let mut s = self.lock();
+        for uuid in &watch.watched {
+            s.xids.entry(uuid.clone()).or_default().watched = true;
+        }
+        for (uuid, _) in &watch.unsupported {
+            s.xids.entry(uuid.clone()).or_default().watched = false;
+        }
+    }
+
+    fn xid(&self, event: XidEvent) {
+        let code = event.xid.map_or_else(|| "unknown".to_string(), |x| x.to_string());
+        let meaning = event.xid.map_or("undecodable XID", hybridlet_gpu::xid_meaning);
+        tracing::error!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
+        let mut s = self.lock();
+        let state = s.xids.entry(event.uuid).or_default();
+        state.count += 1;
+        if let Some(x) = event.xid {
+            state.last = Some(x);
+        }
+    }
+
+    /// Watch XID errors on a blocking thread until shutdown; NVML failures are logged and
+    /// the watch starts again after [`XID_RETRY`].
+    fn spawn_xid_watcher(
+        &self,
+        gpus: Arc<dyn GpuSource>,
+        shutdown: hybridlet_runtime::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let metrics = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let stop = || shutdown.is_cancelled();
+            while !stop() {
+                let result = gpus.watch_xids(
+                    &stop,
+                    &mut |w| metrics.xid_watch_started(w),
+                    &mut |e| metrics.xid(e),
+                );
+                match result {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!("watching GPU XID errors failed: {e}; trying again in {}s", XID_RETRY.as_secs()),
+                }
+                let until = Instant::now() + XID_RETRY;
+                while !stop() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        })
+    }
+
+    fn store(&self, report: Report, samples: Vec<GpuSample>, duration: Duration) {
+        let mut s = self.lock();
         s.report = Some(report);
         s.samples = samples;
         s.duration = duration;
@@ -78,10 +150,19 @@ impl DeviceMetrics {
         interval: Duration,
         ctx: SubsystemContext,
     ) -> Result<(), BoxError> {
+        let xid_watcher = gpus
+            .clone()
+            .map(|g| self.spawn_xid_watcher(g, ctx.shutdown.clone()));
         let mut ticker = tokio::time::interval(interval);
         loop {
             tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
+                () = ctx.shutdown.cancelled() => {
+                    // The watcher looks at the token at least once a second.
+                    if let Some(w) = xid_watcher {
+                        let _ = w.await;
+                    }
+                    return Ok(());
+                }
                 _ = ticker.tick() => {}
             }
             let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
@@ -236,6 +317,7 @@ impl Collector for DeviceMetrics {
         )?;
 
         encode_gpu_samples(&mut encoder, report, &s.samples)?;
+        encode_xids(&mut encoder, report, &s.xids)?;
 
         fn pf_labels(pf: &crate::devices::PfView) -> Labels<'_> {
             vec![
@@ -282,6 +364,69 @@ impl Collector for DeviceMetrics {
         )?;
         Ok(())
     }
+}
+
+/// XID families for every GPU in the report whose watch has started.
+fn encode_xids(
+    encoder: &mut DescriptorEncoder<'_>,
+    report: &Report,
+    xids: &BTreeMap<String, XidState>,
+) -> Result<(), std::fmt::Error> {
+    use hybridlet_metrics::prometheus_client::metrics::counter::ConstCounter;
+    let indices: Vec<String> = report
+        .gpus
+        .iter()
+        .map(|g| g.info.index.to_string())
+        .collect();
+    let rows: Vec<(Labels<'_>, &XidState)> = report
+        .gpus
+        .iter()
+        .zip(&indices)
+        .filter_map(|(g, index)| {
+            let state = xids.get(&g.info.uuid)?;
+            Some((
+                vec![
+                    ("gpu", index.as_str()),
+                    ("UUID", g.info.uuid.as_str()),
+                    ("pci_bus_id", g.info.pci_bus_id.as_str()),
+                    ("modelName", g.info.name.as_str()),
+                ],
+                state,
+            ))
+        })
+        .collect();
+    let watched: Vec<(Labels<'_>, f64)> = rows
+        .iter()
+        .map(|(l, s)| (l.clone(), if s.watched { 1.0 } else { 0.0 }))
+        .collect();
+    gauge_family(
+        encoder,
+        "gpu_xid_watched",
+        "1 when the GPU's critical XID errors are watched through NVML events, 0 when it cannot report them",
+        None,
+        &watched,
+    )?;
+    let last: Vec<(Labels<'_>, f64)> = rows
+        .iter()
+        .map(|(l, s)| (l.clone(), s.last.map_or(0.0, |x| x as f64)))
+        .collect();
+    gauge_family(
+        encoder,
+        "gpu_last_xid",
+        "Code of the GPU's most recent XID error since the agent started, 0 for none (DCGM_FI_DEV_XID_ERRORS)",
+        None,
+        &last,
+    )?;
+    let mut family = encoder.encode_descriptor(
+        "gpu_xid_errors",
+        "Critical XID errors the GPU reported since the agent started (the log names each code and what it means)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (labels, state) in &rows {
+        ConstCounter::new(state.count).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
 
 /// GPU telemetry families, labelled like dcgm-exporter (`gpu`, `UUID`, `pci_bus_id`,

@@ -39,6 +39,8 @@ struct GpuBackend {
     driver: String,
     node: String,
     gpus: BTreeMap<String, GpuView>,
+    /// Where the host's `/dev` is (under `--root` in tests).
+    dev_dir: PathBuf,
 }
 
 fn device_name(g: &GpuView) -> String {
@@ -69,14 +71,33 @@ impl DeviceBackend for GpuBackend {
             .gpus
             .get(device)
             .ok_or_else(|| format!("no device {device} on this node (was the slice stale?)"))?;
+        // The runtime refuses a CDI device whose node is missing, so name only nodes that
+        // exist: the GPU's own and nvidiactl are required; the UVM nodes (created when
+        // nvidia-uvm loads, or by nvidia-modprobe) are added when present.
+        let gpu_node = format!("nvidia{}", g.info.minor_number);
+        let mut device_nodes = Vec::new();
+        for required in [gpu_node.as_str(), "nvidiactl"] {
+            if !self.dev_dir.join(required).exists() {
+                return Err(format!(
+                    "/dev/{required} does not exist: is the NVIDIA driver loaded? (`nvidia-modprobe -c={}` creates the nodes)",
+                    g.info.minor_number
+                ));
+            }
+            device_nodes.push(format!("/dev/{required}"));
+        }
+        for optional in ["nvidia-uvm", "nvidia-uvm-tools"] {
+            if self.dev_dir.join(optional).exists() {
+                device_nodes.push(format!("/dev/{optional}"));
+            } else {
+                tracing::warn!(
+                    device,
+                    "/dev/{optional} does not exist, so the container gets no {optional}; CUDA programs need /dev/nvidia-uvm (`nvidia-modprobe -u -c=0` creates it)"
+                );
+            }
+        }
         Ok(ContainerEdits {
             env: vec![format!("NVIDIA_VISIBLE_DEVICES={}", g.info.uuid)],
-            device_nodes: vec![
-                format!("/dev/nvidia{}", g.info.minor_number),
-                "/dev/nvidiactl".into(),
-                "/dev/nvidia-uvm".into(),
-                "/dev/nvidia-uvm-tools".into(),
-            ],
+            device_nodes,
         })
     }
 }
@@ -283,6 +304,8 @@ pub struct DraPaths {
     pub state_dir: PathBuf,
     /// The CDI spec directory.
     pub cdi_dir: PathBuf,
+    /// The host's `/dev`.
+    pub dev_dir: PathBuf,
     /// The kernel boot ID.
     pub boot_id: String,
 }
@@ -330,6 +353,7 @@ impl DraPlugin {
             driver: driver.to_string(),
             node: node.to_string(),
             gpus,
+            dev_dir: paths.dev_dir.clone(),
         });
         Self::new("GPU", driver, node, paths, backend, devices, metrics)
     }

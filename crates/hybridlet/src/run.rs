@@ -137,6 +137,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             cdi_dir: root
                 .resolve("/var/run/cdi")
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
+            dev_dir: root.resolve("/dev").map_err(|e| anyhow::anyhow!("{e}"))?,
             boot_id,
         };
         let node = crate::csi::node_name(&config);

@@ -218,10 +218,14 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         spec["devices"][0]["containerEdits"]["env"][0],
         "NVIDIA_VISIBLE_DEVICES=GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003"
     );
-    assert_eq!(
-        spec["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
-        "/dev/nvidia3"
-    );
+    // Only nodes that exist: the fixture has no /dev/nvidia-uvm-tools.
+    let nodes: Vec<&str> = spec["devices"][0]["containerEdits"]["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm"]);
     assert!(
         root.path()
             .join("var/lib/hybridlet/dra-gpu.hybridlet.io.json")
@@ -235,6 +239,40 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         .await
         .unwrap();
     assert!(!spec_file.exists());
+
+    // A GPU whose device node is missing (driver not loaded) fails that claim, saying how
+    // to create the node.
+    std::fs::remove_file(root.path().join("dev/nvidia5")).unwrap();
+    api.put(
+        "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/nonode",
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+               "metadata": {"name": "nonode", "namespace": "ml", "uid": "claim-uid-2"},
+               "spec": {},
+               "status": {"allocation": {"devices": {"results": [
+                   {"request": "gpu", "driver": "gpu.hybridlet.io", "pool": "fra1-r12-n07", "device": "gpu-5"}]}}}}),
+    );
+    let resp = client
+        .node_prepare_resources(v1::NodePrepareResourcesRequest {
+            claims: vec![v1::Claim {
+                namespace: "ml".into(),
+                name: "nonode".into(),
+                uid: "claim-uid-2".into(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = &resp.claims["claim-uid-2"].error;
+    assert!(
+        err.contains("/dev/nvidia5 does not exist") && err.contains("nvidia-modprobe"),
+        "{err}"
+    );
+    assert!(
+        !root
+            .path()
+            .join("var/run/cdi/gpu_hybridlet_io-claim-uid-2.json")
+            .exists()
+    );
 
     let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");

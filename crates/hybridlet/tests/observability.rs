@@ -115,6 +115,10 @@ fn live_scrape_matches_docs_and_alerts() {
         "hybridlet_sriov_vfs_capacity{pf=\"0000:0e:00.0\",netdev=\"enp14s0np0\"} 16",
         "hybridlet_sriov_pf_link_speed_bytes_per_second{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 50000000000",
         "hybridlet_subsystem_ready{subsystem=\"csi\"} 1",
+        "hybridlet_gpu_xid_errors_total{gpu=\"5\",UUID=\"GPU-5a0b0005-1c2d-4e5f-8a9b-0000dead0005\",pci_bus_id=\"00000000:C2:00.0\",modelName=\"NVIDIA H200\"} 1",
+        "hybridlet_gpu_xid_errors_total{gpu=\"0\",UUID=\"GPU-5a0b0000-1c2d-4e5f-8a9b-0000dead0000\",pci_bus_id=\"00000000:18:00.0\",modelName=\"NVIDIA H200\"} 0",
+        "hybridlet_gpu_last_xid{gpu=\"5\",UUID=\"GPU-5a0b0005-1c2d-4e5f-8a9b-0000dead0005\",pci_bus_id=\"00000000:C2:00.0\",modelName=\"NVIDIA H200\"} 31",
+        "hybridlet_gpu_xid_watched{gpu=\"5\",",
         "hybridlet_subsystem_ready{subsystem=\"devices\"} 1",
     ] {
         assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
