@@ -259,7 +259,7 @@ fi
 
 # --- 4. DRA prepare / unprepare -----------------------------------------------------------
 uuid0=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gpus"][0]["uuid"])' "$out/devices.json")
-claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"train\",\"namespace\":\"ml\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"gpu\",\"driver\":\"gpu.hybridlet.io\",\"pool\":\"$node\",\"device\":\"gpu-0\"}]}}}}" \
+claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"train\",\"namespace\":\"ml\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"gpu\",\"driver\":\"gpu.hybridlet.io\",\"pool\":\"$node\",\"device\":\"gpu-0\"}]}},\"reservedFor\":[{\"resource\":\"pods\",\"name\":\"train-0\",\"uid\":\"p0\"}]}}" \
   "$api/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims")
 uid=$(echo "$claim" | python3 -c 'import json,sys; print(json.load(sys.stdin)["metadata"]["uid"])')
 sock="$work/kubelet/plugins/gpu.hybridlet.io/dra.sock"
@@ -277,6 +277,11 @@ paths = [n["path"] for n in edits["deviceNodes"]]
 assert "/dev/nvidiactl" in paths and any(p.startswith("/dev/nvidia") and p[11:].isdigit() for p in paths), paths
 PY
 then pass "DRA prepare: CDI spec with the GPU's device nodes (all exist) and UUID"; else fail "DRA prepare" "$(tail -n 3 "$out/prepare.txt" "$out/cdi-check.txt" 2>/dev/null)"; fi
+if scrape | grep -E '^hybridlet_gpu_power_watts\{gpu="0",' | grep -q 'namespace="ml",pod="train-0",claim="train"'; then
+  pass "metrics: the prepared GPU's telemetry names its namespace, pod and claim"
+else
+  fail "metrics: holder labels" "$(scrape | grep -E '^hybridlet_gpu_power_watts')"
+fi
 if "$bin/e2e-kubelet" --socket "$sock" dra-unprepare --namespace ml --name train --uid "$uid" >> "$out/prepare.txt" 2>&1 && [ ! -e "$spec" ]; then
   pass "DRA unprepare: CDI spec removed"
 else

@@ -44,6 +44,7 @@ fn claim(name: &str, uid: &str, devices: std::ops::Range<usize>) -> AllocatedCla
                 device: format!("gpu-{d}"),
             })
             .collect(),
+        pods: Vec::new(),
     }
 }
 

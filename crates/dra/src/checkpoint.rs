@@ -33,6 +33,9 @@ pub struct PreparedClaim {
     /// Devices.
     #[serde(default)]
     pub devices: Vec<PreparedDevice>,
+    /// Pods the claim was reserved for when it was prepared (metrics labels only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
 }
 
 /// Prepared claims by UID, with the boot they were prepared in. Unknown fields are

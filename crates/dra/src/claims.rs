@@ -27,6 +27,8 @@ pub struct AllocatedClaim {
     pub uid: String,
     /// Allocated devices (all drivers).
     pub allocations: Vec<Allocation>,
+    /// Pods the claim is reserved for (`status.reservedFor`), for metrics labels.
+    pub pods: Vec<String>,
 }
 
 impl AllocatedClaim {
@@ -50,11 +52,26 @@ impl AllocatedClaim {
                     .collect()
             })
             .unwrap_or_default();
+        let pods = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.reserved_for.as_ref())
+            .map(|consumers| {
+                consumers
+                    .iter()
+                    .filter(|c| {
+                        c.resource == "pods" && c.api_group.as_deref().unwrap_or("").is_empty()
+                    })
+                    .map(|c| c.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             namespace: claim.metadata.namespace.clone().unwrap_or_default(),
             name: claim.metadata.name.clone().unwrap_or_default(),
             uid: claim.metadata.uid.clone().unwrap_or_default(),
             allocations,
+            pods,
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct Driver {
     checkpoint_path: PathBuf,
     cdi_dir: PathBuf,
     state: tokio::sync::Mutex<Checkpoint>,
+    /// The prepared claims after every change, for whoever labels metrics with them.
+    changes: tokio::sync::watch::Sender<BTreeMap<String, PreparedClaim>>,
 }
 
 impl Driver {
@@ -97,6 +99,7 @@ impl Driver {
             checkpoint_path: checkpoint_path.to_path_buf(),
             cdi_dir: cdi_dir.to_path_buf(),
             state: tokio::sync::Mutex::new(Checkpoint::default()),
+            changes: tokio::sync::watch::Sender::new(BTreeMap::new()),
         };
         for (uid, claim) in &checkpoint.claims {
             if let Err(e) = driver.write_cdi(uid, &claim.devices) {
@@ -110,6 +113,7 @@ impl Driver {
                 path: checkpoint_path.to_path_buf(),
                 message: e.to_string(),
             })?;
+        driver.changes.send_replace(checkpoint.claims.clone());
         *driver.state.get_mut() = checkpoint;
         Ok(driver)
     }
@@ -220,6 +224,7 @@ impl Driver {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
                 devices: devices.clone(),
+                pods: claim.pods.clone(),
             },
         );
         if let Err(e) = next.save(&self.checkpoint_path) {
@@ -230,6 +235,7 @@ impl Driver {
             }
             return Err(e.to_string());
         }
+        self.changes.send_replace(next.claims.clone());
         *state = next;
         tracing::info!(claim_uid = %uid, claim = %format!("{namespace}/{name}"), devices = devices.len(), "claim prepared");
         Ok(devices)
@@ -260,6 +266,7 @@ impl Driver {
         next.claims.remove(uid);
         next.save(&self.checkpoint_path)
             .map_err(|e| e.to_string())?;
+        self.changes.send_replace(next.claims.clone());
         *state = next;
         match std::fs::remove_file(cdi::spec_file(
             &self.cdi_dir,
@@ -272,6 +279,12 @@ impl Driver {
         }
         tracing::info!(claim_uid = %uid, "claim unprepared");
         Ok(())
+    }
+
+    /// The prepared claims now and after every change (a claim's devices and pods label
+    /// device metrics).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, PreparedClaim>> {
+        self.changes.subscribe()
     }
 
     /// Prepared claims by UID (for metrics and tests).

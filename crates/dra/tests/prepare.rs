@@ -55,6 +55,7 @@ fn claim(name: &str, uid: &str, allocations: &[(&str, &str, &str, &str)]) -> All
                 device: device.to_string(),
             })
             .collect(),
+        pods: Vec::new(),
     }
 }
 

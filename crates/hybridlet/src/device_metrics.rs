@@ -43,16 +43,52 @@ struct XidState {
 /// How long the XID watcher waits before watching again after NVML failed.
 const XID_RETRY: Duration = Duration::from_secs(60);
 
+/// Who holds a prepared GPU, for the `namespace`, `pod` and `claim` labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holder {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The ResourceClaim's name.
+    pub claim: String,
+    /// The first pod the claim is reserved for ("" when the claim did not say).
+    pub pod: String,
+}
+
+/// The holders of GPUs by UUID, kept current by the GPU DRA driver.
+#[derive(Debug, Clone, Default)]
+pub struct Holders(Arc<Mutex<BTreeMap<String, Holder>>>);
+
+impl Holders {
+    /// Replace the whole map (after each prepare or unprepare).
+    pub fn set(&self, by_uuid: BTreeMap<String, Holder>) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = by_uuid;
+    }
+
+    fn get(&self) -> BTreeMap<String, Holder> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// Shared between the sampler and the scrape-time collector.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceMetrics {
     latest: Arc<Mutex<Snapshot>>,
+    holders: Holders,
 }
 
 impl DeviceMetrics {
-    /// Register the collector.
-    pub fn register(registry: &mut hybridlet_metrics::Registry) -> Self {
-        let metrics = Self::default();
+    /// Register the collector; GPU telemetry is labelled with the holders in `holders`.
+    pub fn register(registry: &mut hybridlet_metrics::Registry, holders: Holders) -> Self {
+        let metrics = Self {
+            holders,
+            ..Self::default()
+        };
         registry.register_collector(Box::new(metrics.clone()));
         metrics
     }
@@ -95,8 +131,12 @@ impl DeviceMetrics {
     }
 
     fn xid(&self, event: XidEvent) {
-        let code = event.xid.map_or_else(|| "unknown".to_string(), |x| x.to_string());
-        let meaning = event.xid.map_or("undecodable XID", hybridlet_gpu::xid_meaning);
+        let code = event
+            .xid
+            .map_or_else(|| "unknown".to_string(), |x| x.to_string());
+        let meaning = event
+            .xid
+            .map_or("undecodable XID", hybridlet_gpu::xid_meaning);
         tracing::error!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
         let mut s = self.lock();
         let state = s.xids.entry(event.uuid).or_default();
@@ -117,14 +157,16 @@ impl DeviceMetrics {
         tokio::task::spawn_blocking(move || {
             let stop = || shutdown.is_cancelled();
             while !stop() {
-                let result = gpus.watch_xids(
-                    &stop,
-                    &mut |w| metrics.xid_watch_started(w),
-                    &mut |e| metrics.xid(e),
-                );
+                let result =
+                    gpus.watch_xids(&stop, &mut |w| metrics.xid_watch_started(w), &mut |e| {
+                        metrics.xid(e)
+                    });
                 match result {
                     Ok(()) => return,
-                    Err(e) => tracing::warn!("watching GPU XID errors failed: {e}; trying again in {}s", XID_RETRY.as_secs()),
+                    Err(e) => tracing::warn!(
+                        "watching GPU XID errors failed: {e}; trying again in {}s",
+                        XID_RETRY.as_secs()
+                    ),
                 }
                 let until = Instant::now() + XID_RETRY;
                 while !stop() && Instant::now() < until {
@@ -316,7 +358,7 @@ impl Collector for DeviceMetrics {
             &mem_rows,
         )?;
 
-        encode_gpu_samples(&mut encoder, report, &s.samples)?;
+        encode_gpu_samples(&mut encoder, report, &s.samples, &self.holders.get())?;
         encode_xids(&mut encoder, report, &s.xids)?;
 
         fn pf_labels(pf: &crate::devices::PfView) -> Labels<'_> {
@@ -435,11 +477,14 @@ fn encode_gpu_samples(
     encoder: &mut DescriptorEncoder<'_>,
     report: &Report,
     samples: &[GpuSample],
+    holders: &BTreeMap<String, Holder>,
 ) -> Result<(), std::fmt::Error> {
     let indices: Vec<String> = samples.iter().map(|s| s.index.to_string()).collect();
+    let free = Holder::default();
     let labels = |i: usize| -> Labels<'_> {
         let s = &samples[i];
         let info = report.gpus.iter().find(|g| g.info.uuid == s.uuid);
+        let holder = holders.get(&s.uuid).unwrap_or(&free);
         vec![
             ("gpu", indices[i].as_str()),
             ("UUID", s.uuid.as_str()),
@@ -448,6 +493,10 @@ fn encode_gpu_samples(
                 info.map_or("", |g| g.info.pci_bus_id.as_str()),
             ),
             ("modelName", info.map_or("", |g| g.info.name.as_str())),
+            // dcgm-exporter's names for the workload holding the GPU; empty when free.
+            ("namespace", holder.namespace.as_str()),
+            ("pod", holder.pod.as_str()),
+            ("claim", holder.claim.as_str()),
         ]
     };
     let rows = |f: &dyn Fn(&GpuSample) -> Option<f64>| -> Vec<(Labels<'_>, f64)> {
@@ -524,4 +573,65 @@ fn encode_gpu_samples(
         None,
         &rows(&|s| s.throttle_reasons.map(|r| r as f64)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_names_the_holder_of_a_prepared_gpu_and_xids_count() {
+        let root = tempfile::tempdir().unwrap();
+        hybridlet_fixtures::dgx_h200(root.path(), 0).unwrap();
+        let source =
+            hybridlet_gpu::FakeSource::from_file(&root.path().join("fake-nvml.json")).unwrap();
+        let host = hybridlet_sys::HostRoot::new(root.path());
+        let report = discover(&Sysfs::new(&host), Some(&source)).unwrap();
+        let holders = Holders::default();
+        let mut registry = hybridlet_metrics::new_registry();
+        let metrics = DeviceMetrics::register(&mut registry, holders.clone());
+        metrics.store(report, source.sample().unwrap(), Duration::from_millis(3));
+        let uuid3 = "GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003";
+        holders.set(BTreeMap::from([(
+            uuid3.to_string(),
+            Holder {
+                namespace: "ml".into(),
+                claim: "train".into(),
+                pod: "train-0".into(),
+            },
+        )]));
+        metrics.xid_watch_started(&XidWatch {
+            watched: vec![uuid3.into()],
+            unsupported: vec![(
+                "GPU-5a0b0004-1c2d-4e5f-8a9b-0000dead0004".into(),
+                "no".into(),
+            )],
+        });
+        metrics.xid(XidEvent {
+            uuid: uuid3.into(),
+            xid: Some(79),
+        });
+        metrics.xid(XidEvent {
+            uuid: uuid3.into(),
+            xid: None,
+        });
+        let text = hybridlet_metrics::encode(&registry).unwrap();
+        let held = format!(
+            "hybridlet_gpu_utilization_ratio{{gpu=\"3\",UUID=\"{uuid3}\",pci_bus_id=\"00000000:63:00.0\",modelName=\"NVIDIA H200\",namespace=\"ml\",pod=\"train-0\",claim=\"train\"}} 0.93"
+        );
+        assert!(text.contains(&held), "{text}");
+        assert!(
+            text.contains("hybridlet_gpu_utilization_ratio{gpu=\"0\",UUID=\"GPU-5a0b0000-1c2d-4e5f-8a9b-0000dead0000\",pci_bus_id=\"00000000:18:00.0\",modelName=\"NVIDIA H200\",namespace=\"\",pod=\"\",claim=\"\"} 0.9"),
+            "{text}"
+        );
+        // Two events, the last decodable code kept; the unsupported GPU says so.
+        assert!(text.contains(&format!("hybridlet_gpu_xid_errors_total{{gpu=\"3\",UUID=\"{uuid3}\",pci_bus_id=\"00000000:63:00.0\",modelName=\"NVIDIA H200\"}} 2")), "{text}");
+        assert!(text.contains(&format!("hybridlet_gpu_last_xid{{gpu=\"3\",UUID=\"{uuid3}\",pci_bus_id=\"00000000:63:00.0\",modelName=\"NVIDIA H200\"}} 79")), "{text}");
+        assert!(text.contains("hybridlet_gpu_xid_watched{gpu=\"4\",UUID=\"GPU-5a0b0004-1c2d-4e5f-8a9b-0000dead0004\",pci_bus_id=\"00000000:9A:00.0\",modelName=\"NVIDIA H200\"} 0"), "{text}");
+        // A GPU whose watch never started has no XID series at all.
+        assert!(
+            !text.contains("hybridlet_gpu_xid_watched{gpu=\"0\""),
+            "{text}"
+        );
+    }
 }

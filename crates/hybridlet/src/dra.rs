@@ -29,6 +29,7 @@ use hybridlet_runtime::{Backoff, BoxError, SubsystemContext};
 use hybridlet_sys::PciAddress;
 use hybridlet_sys::binding::DriverBinding;
 
+use crate::device_metrics::{Holder, Holders};
 use crate::devices::{GpuView, Report, VfView};
 
 /// How often slices are reconciled after the first publication.
@@ -291,6 +292,8 @@ pub struct DraPlugin {
     backend: Arc<dyn DeviceBackend>,
     devices: Vec<SliceDevice>,
     metrics: RegistrationMetrics,
+    /// GPU driver only: where to record who holds each GPU, and device name → UUID.
+    holders: Option<(Holders, BTreeMap<String, String>)>,
 }
 
 /// Where a DRA driver lives on the host (resolved under `--root`).
@@ -308,6 +311,39 @@ pub struct DraPaths {
     pub dev_dir: PathBuf,
     /// The kernel boot ID.
     pub boot_id: String,
+}
+
+/// Keep `holders` (by GPU UUID) in step with the driver's prepared claims.
+async fn track_holders(
+    mut claims: tokio::sync::watch::Receiver<BTreeMap<String, hybridlet_dra::PreparedClaim>>,
+    holders: Holders,
+    uuids: BTreeMap<String, String>,
+    shutdown: hybridlet_runtime::CancellationToken,
+) {
+    loop {
+        let by_uuid = claims
+            .borrow_and_update()
+            .values()
+            .flat_map(|c| {
+                c.devices.iter().filter_map(|d| {
+                    let uuid = uuids.get(&d.device)?;
+                    Some((
+                        uuid.clone(),
+                        Holder {
+                            namespace: c.namespace.clone(),
+                            claim: c.name.clone(),
+                            pod: c.pods.first().cloned().unwrap_or_default(),
+                        },
+                    ))
+                })
+            })
+            .collect();
+        holders.set(by_uuid);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = claims.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 impl DraPlugin {
@@ -332,6 +368,7 @@ impl DraPlugin {
             backend,
             devices,
             metrics,
+            holders: None,
         }
     }
 
@@ -342,6 +379,7 @@ impl DraPlugin {
         paths: DraPaths,
         report: Report,
         metrics: RegistrationMetrics,
+        holders: Holders,
     ) -> Self {
         let gpus: BTreeMap<String, GpuView> = report
             .gpus
@@ -349,13 +387,19 @@ impl DraPlugin {
             .map(|g| (device_name(&g), g))
             .collect();
         let devices: Vec<SliceDevice> = gpus.values().map(slice_device).collect();
+        let uuids: BTreeMap<String, String> = gpus
+            .iter()
+            .map(|(name, g)| (name.clone(), g.info.uuid.clone()))
+            .collect();
         let backend = Arc::new(GpuBackend {
             driver: driver.to_string(),
             node: node.to_string(),
             gpus,
             dev_dir: paths.dev_dir.clone(),
         });
-        Self::new("GPU", driver, node, paths, backend, devices, metrics)
+        let mut plugin = Self::new("GPU", driver, node, paths, backend, devices, metrics);
+        plugin.holders = Some((holders, uuids));
+        plugin
     }
 
     /// The SR-IOV driver over the VFs of `report`.
@@ -412,6 +456,14 @@ impl DraPlugin {
             &self.cdi_dir,
             &self.boot_id,
         )?);
+        if let Some((holders, uuids)) = self.holders {
+            tokio::spawn(track_holders(
+                driver.subscribe(),
+                holders,
+                uuids,
+                ctx.shutdown.clone(),
+            ));
+        }
         let dra_path = service_socket_path(&self.kubelet_root, &self.driver, "dra.sock");
         let reg_path = registration_socket_path(&self.kubelet_root, &self.driver);
         let dra_socket = PluginSocket::bind(&dra_path)?;

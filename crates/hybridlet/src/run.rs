@@ -114,7 +114,9 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         );
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
-    let devices_summary = crate::device_metrics::DeviceMetrics::register(&mut registry);
+    let gpu_holders = crate::device_metrics::Holders::default();
+    let devices_summary =
+        crate::device_metrics::DeviceMetrics::register(&mut registry, gpu_holders.clone());
     {
         let device_metrics = devices_summary.clone();
         let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
@@ -159,6 +161,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 paths,
                 report,
                 registrations.clone(),
+                gpu_holders,
             );
             supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
         }

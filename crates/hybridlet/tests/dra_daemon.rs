@@ -186,7 +186,8 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
                "metadata": {"name": "train", "namespace": "ml", "uid": "claim-uid-1"},
                "spec": {},
                "status": {"allocation": {"devices": {"results": [
-                   {"request": "gpu", "driver": "gpu.hybridlet.io", "pool": "fra1-r12-n07", "device": "gpu-3"}]}}}}),
+                   {"request": "gpu", "driver": "gpu.hybridlet.io", "pool": "fra1-r12-n07", "device": "gpu-3"}]}},
+                          "reservedFor": [{"resource": "pods", "name": "train-0", "uid": "pod-uid"}]}}),
     );
     let mut client = v1::dra_plugin_client::DraPluginClient::new(
         hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
@@ -226,10 +227,18 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         .map(|n| n["path"].as_str().unwrap())
         .collect();
     assert_eq!(nodes, ["/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm"]);
-    assert!(
-        root.path()
-            .join("var/lib/hybridlet/dra-gpu.hybridlet.io.json")
-            .exists()
+    // The checkpoint records the pod, which labels the GPU's metrics.
+    let checkpoint: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.path()
+                .join("var/lib/hybridlet/dra-gpu.hybridlet.io.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        checkpoint["claims"]["claim-uid-1"]["pods"],
+        json!(["train-0"])
     );
 
     client
