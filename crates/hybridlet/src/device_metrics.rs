@@ -170,6 +170,8 @@ impl DeviceMetrics {
                 }
                 let until = Instant::now() + XID_RETRY;
                 while !stop() && Instant::now() < until {
+                    // A blocking thread (spawn_blocking), not the runtime.
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
