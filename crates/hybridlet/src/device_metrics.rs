@@ -16,7 +16,7 @@ use hybridlet_metrics::prometheus_client::metrics::MetricType;
 use hybridlet_metrics::prometheus_client::metrics::gauge::ConstGauge;
 use hybridlet_metrics::prometheus_client::registry::Unit;
 use hybridlet_runtime::{BoxError, SubsystemContext};
-use hybridlet_sys::Sysfs;
+use hybridlet_sys::{NetdevCounters, Sysfs};
 
 use crate::devices::{Report, discover};
 
@@ -31,6 +31,8 @@ struct Snapshot {
     last_success: Option<SystemTime>,
     /// Per GPU UUID: whether its XID errors are watched, and what arrived.
     xids: BTreeMap<String, XidState>,
+    /// Counters of VFs that have a netdev: (PF, VF, netdev) and what sysfs says.
+    vf_counters: Vec<(String, String, String, NetdevCounters)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -43,7 +45,7 @@ struct XidState {
 /// How long the XID watcher waits before watching again after NVML failed.
 const XID_RETRY: Duration = Duration::from_secs(60);
 
-/// Who holds a prepared GPU, for the `namespace`, `pod` and `claim` labels.
+/// Who holds a prepared device, for the `namespace`, `pod` and `claim` labels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holder {
     /// The claim's namespace.
@@ -54,17 +56,21 @@ pub struct Holder {
     pub pod: String,
 }
 
-/// The holders of GPUs by UUID, kept current by the GPU DRA driver.
+/// The holders of prepared devices, by GPU UUID or VF PCI address, kept current by the
+/// DRA drivers.
 #[derive(Debug, Clone, Default)]
 pub struct Holders(Arc<Mutex<BTreeMap<String, Holder>>>);
 
 impl Holders {
-    /// Replace the whole map (after each prepare or unprepare).
-    pub fn set(&self, by_uuid: BTreeMap<String, Holder>) {
-        *self
+    /// Replace the entries of one driver (after each of its prepares or unprepares):
+    /// those whose keys `owns` accepts.
+    pub fn set(&self, owns: &dyn Fn(&str) -> bool, now: BTreeMap<String, Holder>) {
+        let mut map = self
             .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = by_uuid;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|k, _| !owns(k));
+        map.extend(now);
     }
 
     fn get(&self) -> BTreeMap<String, Holder> {
@@ -178,9 +184,16 @@ impl DeviceMetrics {
         })
     }
 
-    fn store(&self, report: Report, samples: Vec<GpuSample>, duration: Duration) {
+    fn store(
+        &self,
+        report: Report,
+        samples: Vec<GpuSample>,
+        vf_counters: Vec<(String, String, String, NetdevCounters)>,
+        duration: Duration,
+    ) {
         let mut s = self.lock();
         s.report = Some(report);
+        s.vf_counters = vf_counters;
         s.samples = samples;
         s.duration = duration;
         s.last_success = Some(SystemTime::now());
@@ -222,12 +235,27 @@ impl DeviceMetrics {
                     }
                     None => Vec::new(),
                 };
-                Ok::<_, crate::exit::Failure>((report, samples))
+                let vf_counters = report
+                    .physical_functions
+                    .iter()
+                    .flat_map(|pf| {
+                        pf.vfs.iter().filter_map(|vf| {
+                            let netdev = vf.netdev.as_ref()?;
+                            Some((
+                                pf.pci_address.clone(),
+                                vf.pci_address.clone(),
+                                netdev.clone(),
+                                sysfs.netdev_counters(netdev),
+                            ))
+                        })
+                    })
+                    .collect();
+                Ok::<_, crate::exit::Failure>((report, samples, vf_counters))
             })
             .await;
             match result {
-                Ok(Ok((report, samples))) => {
-                    self.store(report, samples, started.elapsed());
+                Ok(Ok((report, samples, vf_counters))) => {
+                    self.store(report, samples, vf_counters, started.elapsed());
                     ctx.ready.set_ready();
                 }
                 Ok(Err(failure)) => {
@@ -399,6 +427,20 @@ impl Collector for DeviceMetrics {
                     .count() as f64
             }),
         )?;
+        let holders = self.holders.get();
+        gauge_family(
+            &mut encoder,
+            "sriov_vfs_allocated",
+            "Virtual functions prepared for a ResourceClaim by the SR-IOV DRA driver",
+            None,
+            &rows(&|pf| {
+                pf.vfs
+                    .iter()
+                    .filter(|v| holders.contains_key(&v.pci_address))
+                    .count() as f64
+            }),
+        )?;
+        encode_vf_counters(&mut encoder, &s.vf_counters)?;
         gauge_family(
             &mut encoder,
             "sriov_pf_link_speed",
@@ -408,6 +450,52 @@ impl Collector for DeviceMetrics {
         )?;
         Ok(())
     }
+}
+
+/// Per-VF interface counters (VFs with a netdev; vfio-bound VFs have none in sysfs).
+fn encode_vf_counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    vfs: &[(String, String, String, NetdevCounters)],
+) -> Result<(), std::fmt::Error> {
+    use hybridlet_metrics::prometheus_client::metrics::counter::ConstCounter;
+    type Pick = fn(&NetdevCounters) -> Option<u64>;
+    let families: [(&str, &str, Option<Unit>, Pick); 4] = [
+        (
+            "sriov_vf_receive",
+            "Bytes the VF's netdev received (statistics/rx_bytes)",
+            Some(Unit::Bytes),
+            |c| c.rx_bytes,
+        ),
+        (
+            "sriov_vf_transmit",
+            "Bytes the VF's netdev sent (statistics/tx_bytes)",
+            Some(Unit::Bytes),
+            |c| c.tx_bytes,
+        ),
+        (
+            "sriov_vf_receive_drop",
+            "Received packets the VF's netdev dropped (statistics/rx_dropped)",
+            None,
+            |c| c.rx_dropped,
+        ),
+        (
+            "sriov_vf_transmit_drop",
+            "Packets the VF's netdev dropped on send (statistics/tx_dropped)",
+            None,
+            |c| c.tx_dropped,
+        ),
+    ];
+    for (name, help, unit, pick) in families {
+        let mut family =
+            encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+        for (pf, vf, netdev, counters) in vfs {
+            if let Some(v) = pick(counters) {
+                let labels: Labels<'_> = vec![("pf", pf), ("vf", vf), ("netdev", netdev)];
+                ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// XID families for every GPU in the report whose watch has started.
@@ -592,16 +680,24 @@ mod tests {
         let holders = Holders::default();
         let mut registry = hybridlet_metrics::new_registry();
         let metrics = DeviceMetrics::register(&mut registry, holders.clone());
-        metrics.store(report, source.sample().unwrap(), Duration::from_millis(3));
+        metrics.store(
+            report,
+            source.sample().unwrap(),
+            Vec::new(),
+            Duration::from_millis(3),
+        );
         let uuid3 = "GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003";
-        holders.set(BTreeMap::from([(
-            uuid3.to_string(),
-            Holder {
-                namespace: "ml".into(),
-                claim: "train".into(),
-                pod: "train-0".into(),
-            },
-        )]));
+        holders.set(
+            &|_| true,
+            BTreeMap::from([(
+                uuid3.to_string(),
+                Holder {
+                    namespace: "ml".into(),
+                    claim: "train".into(),
+                    pod: "train-0".into(),
+                },
+            )]),
+        );
         metrics.xid_watch_started(&XidWatch {
             watched: vec![uuid3.into()],
             unsupported: vec![(
@@ -633,6 +729,65 @@ mod tests {
         // A GPU whose watch never started has no XID series at all.
         assert!(
             !text.contains("hybridlet_gpu_xid_watched{gpu=\"0\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn vfs_prepared_by_the_sriov_driver_count_as_allocated_and_vfio_vfs_have_no_counters() {
+        let root = tempfile::tempdir().unwrap();
+        hybridlet_fixtures::e810_server(root.path()).unwrap();
+        let host = hybridlet_sys::HostRoot::new(root.path());
+        let sysfs = Sysfs::new(&host);
+        let report = discover(&sysfs, None).unwrap();
+        let pf = &report.physical_functions[0];
+        let counters = pf
+            .vfs
+            .iter()
+            .filter_map(|v| {
+                let n = v.netdev.clone()?;
+                Some((
+                    pf.pci_address.clone(),
+                    v.pci_address.clone(),
+                    n.clone(),
+                    sysfs.netdev_counters(&n),
+                ))
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            counters.len(),
+            60,
+            "VFs 60-63 are on vfio-pci, without a netdev"
+        );
+        let (vf0, vf61) = (
+            pf.vfs[0].pci_address.clone(),
+            pf.vfs[61].pci_address.clone(),
+        );
+        let holders = Holders::default();
+        let mut registry = hybridlet_metrics::new_registry();
+        let metrics = DeviceMetrics::register(&mut registry, holders.clone());
+        metrics.store(report, Vec::new(), counters, Duration::from_millis(1));
+        let held = |c: &str| Holder {
+            namespace: "net".into(),
+            claim: c.into(),
+            pod: String::new(),
+        };
+        holders.set(
+            &|_| true,
+            BTreeMap::from([(vf0.clone(), held("a")), (vf61.clone(), held("b"))]),
+        );
+        let text = hybridlet_metrics::encode(&registry).unwrap();
+        assert!(
+            text.contains("hybridlet_sriov_vfs_allocated{pf=\"0000:81:00.0\",netdev=\"ens2f0\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("hybridlet_sriov_vf_receive_bytes_total{{pf=\"0000:81:00.0\",vf=\"{vf0}\",netdev=\"ens2f0v0\"}} ")), "{text}");
+        assert!(!text.contains(&format!("vf=\"{vf61}\"")), "{text}");
+        // One driver's update leaves the other driver's holders alone.
+        holders.set(&|k| k == vf0, BTreeMap::new());
+        let text = hybridlet_metrics::encode(&registry).unwrap();
+        assert!(
+            text.contains("hybridlet_sriov_vfs_allocated{pf=\"0000:81:00.0\",netdev=\"ens2f0\"} 1"),
             "{text}"
         );
     }

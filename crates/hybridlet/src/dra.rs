@@ -313,22 +313,25 @@ pub struct DraPaths {
     pub boot_id: String,
 }
 
-/// Keep `holders` (by GPU UUID) in step with the driver's prepared claims.
+/// Keep `holders` in step with the driver's prepared claims; `keys` maps each device
+/// name to its key there (GPU UUID, VF PCI address).
 async fn track_holders(
     mut claims: tokio::sync::watch::Receiver<BTreeMap<String, hybridlet_dra::PreparedClaim>>,
     holders: Holders,
-    uuids: BTreeMap<String, String>,
+    keys: BTreeMap<String, String>,
     shutdown: hybridlet_runtime::CancellationToken,
 ) {
+    let owned: std::collections::BTreeSet<String> = keys.values().cloned().collect();
+    let owns = |k: &str| owned.contains(k);
     loop {
         let by_uuid = claims
             .borrow_and_update()
             .values()
             .flat_map(|c| {
                 c.devices.iter().filter_map(|d| {
-                    let uuid = uuids.get(&d.device)?;
+                    let key = keys.get(&d.device)?;
                     Some((
-                        uuid.clone(),
+                        key.clone(),
                         Holder {
                             namespace: c.namespace.clone(),
                             claim: c.name.clone(),
@@ -338,7 +341,7 @@ async fn track_holders(
                 })
             })
             .collect();
-        holders.set(by_uuid);
+        holders.set(&owns, by_uuid);
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = claims.changed() => if changed.is_err() { return },
@@ -410,6 +413,7 @@ impl DraPlugin {
         report: &Report,
         binding: Arc<dyn DriverBinding>,
         metrics: RegistrationMetrics,
+        holders: Holders,
     ) -> Self {
         let mut vfs = BTreeMap::new();
         let mut devices = Vec::new();
@@ -429,13 +433,19 @@ impl DraPlugin {
                 devices.push(vf_slice_device(pf, vf));
             }
         }
+        let addresses: BTreeMap<String, String> = vfs
+            .iter()
+            .map(|(name, vf)| (name.clone(), vf.address.to_string()))
+            .collect();
         let backend = Arc::new(SriovBackend {
             driver: driver.to_string(),
             node: node.to_string(),
             vfs,
             binding,
         });
-        Self::new("SR-IOV", driver, node, paths, backend, devices, metrics)
+        let mut plugin = Self::new("SR-IOV", driver, node, paths, backend, devices, metrics);
+        plugin.holders = Some((holders, addresses));
+        plugin
     }
 
     /// Serve until shutdown.

@@ -114,9 +114,9 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         );
         supervisor.spawn("csi", move |ctx| plugin.run(ctx));
     }
-    let gpu_holders = crate::device_metrics::Holders::default();
+    let device_holders = crate::device_metrics::Holders::default();
     let devices_summary =
-        crate::device_metrics::DeviceMetrics::register(&mut registry, gpu_holders.clone());
+        crate::device_metrics::DeviceMetrics::register(&mut registry, device_holders.clone());
     {
         let device_metrics = devices_summary.clone();
         let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
@@ -151,6 +151,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 &report,
                 Arc::new(sysfs.clone()),
                 registrations.clone(),
+                device_holders.clone(),
             );
             supervisor.spawn("dra-sriov", move |ctx| dra.run(ctx));
         }
@@ -161,7 +162,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 paths,
                 report,
                 registrations.clone(),
-                gpu_holders,
+                device_holders,
             );
             supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
         }

@@ -188,6 +188,19 @@ pub struct Skipped {
     pub error: SysfsError,
 }
 
+/// Interface counters from sysfs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetdevCounters {
+    /// Bytes received.
+    pub rx_bytes: Option<u64>,
+    /// Bytes sent.
+    pub tx_bytes: Option<u64>,
+    /// Received packets dropped.
+    pub rx_dropped: Option<u64>,
+    /// Packets dropped on send.
+    pub tx_dropped: Option<u64>,
+}
+
 /// sysfs under a host root.
 #[derive(Debug, Clone)]
 pub struct Sysfs {
@@ -389,6 +402,21 @@ impl Sysfs {
             .parse::<i64>()
             .ok()
             .and_then(|v| u32::try_from(v).ok())
+    }
+
+    /// Byte and drop counters of a network interface
+    /// (`/sys/class/net/<if>/statistics`); a counter the driver does not expose is `None`.
+    pub fn netdev_counters(&self, ifname: &str) -> NetdevCounters {
+        let dir = self.sys.join("class/net").join(ifname).join("statistics");
+        let read = |file: &str| -> Option<u64> {
+            fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+        };
+        NetdevCounters {
+            rx_bytes: read("rx_bytes"),
+            tx_bytes: read("tx_bytes"),
+            rx_dropped: read("rx_dropped"),
+            tx_dropped: read("tx_dropped"),
+        }
     }
 
     /// Operational state of a network interface (`up`, `down`, ...).
