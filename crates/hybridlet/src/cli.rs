@@ -101,8 +101,11 @@ pub enum Command {
     Init(InitArgs),
     /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
     Install(InstallArgs),
-    /// Upgrade the node's Kubernetes components to another version.
-    Upgrade(VersionArg),
+    /// Upgrade the kubelet and kubectl to another Kubernetes version: checks the version
+    /// skew against the control plane and that the node is drained, swaps the binaries
+    /// atomically, restarts the kubelet and rolls back if it does not stay up. Exit 75 when
+    /// a check refuses (nothing changed).
+    Upgrade(UpgradeArgs),
     /// Undo the join: stop and disable the kubelet, restore every file init replaced and
     /// delete the ones it created, remove the kubelet's directory. Refuses, changing
     /// nothing, while any mount point is inside the kubelet's directory.
@@ -161,6 +164,25 @@ pub struct CheckArgs {
 pub struct VersionArg {
     /// Kubernetes version, e.g. 1.34 or 1.34.2.
     pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Kubernetes version: 1.34 (its latest patch) or 1.34.2.
+    #[arg(required_unless_present = "rollback")]
+    pub kubernetes_version: Option<String>,
+    /// The release manifest: https://, http:// (a mirror) or file:// (air-gapped).
+    #[arg(long, value_name = "URL", default_value = hybridlet_artifacts::DEFAULT_MANIFEST, env = "HYBRIDLET_MANIFEST")]
+    pub manifest: String,
+    /// Upgrade even if the version skew, the drain check or the API server say no.
+    #[arg(long)]
+    pub force: bool,
+    /// Check and print what would be replaced; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Put back the binaries the last upgrade replaced.
+    #[arg(long, conflicts_with_all = ["kubernetes_version", "dry_run", "force"])]
+    pub rollback: bool,
 }
 
 #[derive(Debug, Args)]
@@ -280,15 +302,9 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Devices(args) => crate::devices::devices(&cli, args),
         Command::Init(args) => crate::init::init(&cli, args),
         Command::Install(args) => crate::install::install(&cli, args),
-        Command::Upgrade(_) => not_implemented("upgrade", "upgrading Kubernetes components"),
+        Command::Upgrade(args) => crate::upgrade::upgrade(&cli, args),
         Command::Uninstall => crate::uninstall::uninstall(&cli),
     }
-}
-
-fn not_implemented(command: &str, what: &str) -> Result<(), Failure> {
-    Err(Failure::Runtime(anyhow::anyhow!(
-        "`hybridlet {command}` is not implemented yet in this build ({what}); nothing was changed on this host"
-    )))
 }
 
 fn print_version(json: bool) {

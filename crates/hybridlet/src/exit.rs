@@ -6,6 +6,9 @@ use hybridlet_config::ConfigError;
 pub const EX_USAGE: u8 = 64;
 /// EX_CONFIG from sysexits.h: the configuration was wrong.
 pub const EX_CONFIG: u8 = 78;
+/// EX_TEMPFAIL from sysexits.h: refused for now; the same command works once the node or
+/// cluster is ready for it (e.g. drained).
+pub const EX_TEMPFAIL: u8 = 75;
 
 /// Why a command failed, which decides the exit code.
 #[derive(Debug)]
@@ -21,6 +24,9 @@ pub enum Failure {
         /// Why.
         message: String,
     },
+    /// A safety check refused the command, changing nothing (75); the message says what
+    /// to do first.
+    Refused(String),
     /// Anything else (1).
     Runtime(anyhow::Error),
 }
@@ -43,23 +49,28 @@ impl Failure {
         match self {
             Failure::Usage(_) => EX_USAGE,
             Failure::Config(_) | Failure::Unsupported { .. } => EX_CONFIG,
+            Failure::Refused(_) => EX_TEMPFAIL,
             Failure::Runtime(_) => 1,
         }
     }
 
     /// Print the failure on stderr and return its exit code.
     pub fn report(self) -> ExitCode {
-        let code = self.code();
-        let text = match &self {
-            Failure::Usage(m) => m.clone(),
-            Failure::Config(e) => e.to_string(),
-            Failure::Unsupported { field, message } => {
-                format!("invalid configuration:\n  {field}: {message}")
-            }
-            Failure::Runtime(e) => format!("{e:#}"),
-        };
         // stderr reaches the journal under systemd, so this is the one place it is said.
-        eprintln!("hybridlet: {text}");
-        ExitCode::from(code)
+        eprintln!("hybridlet: {self}");
+        ExitCode::from(self.code())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Refused(m) => f.write_str(m),
+            Failure::Config(e) => write!(f, "{e}"),
+            Failure::Unsupported { field, message } => {
+                write!(f, "invalid configuration:\n  {field}: {message}")
+            }
+            Failure::Runtime(e) => write!(f, "{e:#}"),
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::cli::{Cli, InstallArgs};
 use crate::exit::Failure;
 
 /// Where each artifact goes (nodeadm's layout).
-const PLACES: &[(&str, &str, bool)] = &[
+pub(crate) const PLACES: &[(&str, &str, bool)] = &[
     ("kubelet", "/usr/bin/kubelet", true),
     ("kubectl", "/usr/local/bin/kubectl", false),
 ];
@@ -33,6 +33,20 @@ pub(crate) struct Installed {
     /// The Kubernetes version.
     pub version: String,
     /// Host paths and the SHA-256 each had when placed.
+    pub files: Vec<InstalledFile>,
+    /// The version `upgrade` replaced, whose binaries are kept for `upgrade --rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
+}
+
+/// The binaries an upgrade replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Previous {
+    /// Their Kubernetes version.
+    pub version: String,
+    /// Where copies of them are kept.
+    pub dir: String,
+    /// Host paths and the SHA-256 each had.
     pub files: Vec<InstalledFile>,
 }
 
@@ -63,7 +77,7 @@ pub(crate) fn read_tracker(state_dir: &Path) -> Result<Option<Installed>, Failur
     }
 }
 
-fn arch() -> &'static str {
+pub(crate) fn arch() -> &'static str {
     match std::env::consts::ARCH {
         "aarch64" => "arm64",
         _ => "amd64",
@@ -117,6 +131,48 @@ impl Progress for Bar {
     }
 }
 
+/// Fetch and parse the release manifest.
+pub(crate) async fn fetch_manifest(fetcher: &Fetcher, url: &str) -> Result<Manifest, Failure> {
+    let text = fetcher
+        .get_bytes(url, 16 << 20)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    Manifest::parse(url, &String::from_utf8_lossy(&text)).map_err(|e| Failure::Runtime(e.into()))
+}
+
+/// Download `artifact` to `target` (temp file, verify, rename), refusing one without a
+/// published checksum. Returns the SHA-256 and what happened.
+pub(crate) async fn fetch_verified(
+    fetcher: &Fetcher,
+    artifact: &hybridlet_artifacts::Artifact,
+    version: &str,
+    target: &Path,
+    tty: bool,
+) -> Result<(String, Downloaded), Failure> {
+    if artifact.checksum_uri.is_empty() {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{} {version} has no checksum_uri in the manifest; refusing to install an unverifiable file",
+            artifact.name,
+        )));
+    }
+    let sum = fetcher
+        .checksum(&artifact.checksum_uri)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let mut bar = Bar {
+        tty,
+        name: artifact.name.clone(),
+        total: None,
+        started: None,
+        last_percent: u64::MAX,
+    };
+    let got = fetcher
+        .download(&artifact.uri, &sum, target, 0o755, &mut bar)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    Ok((sum, got))
+}
+
 pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
     let loaded = cli.load_config()?;
     let root = cli.host_root();
@@ -142,12 +198,7 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
     let arch = arch();
     runtime.block_on(async {
         let fetcher = Fetcher::new().map_err(|e| Failure::Runtime(e.into()))?;
-        let text = fetcher
-            .get_bytes(&args.manifest, 16 << 20)
-            .await
-            .map_err(|e| Failure::Runtime(e.into()))?;
-        let manifest = Manifest::parse(&args.manifest, &String::from_utf8_lossy(&text))
-            .map_err(|e| Failure::Runtime(e.into()))?;
+        let manifest = fetch_manifest(&fetcher, &args.manifest).await?;
         let release = manifest
             .release(&args.kubernetes_version)
             .map_err(|e| Failure::Runtime(e.into()))?;
@@ -191,31 +242,11 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
         let mut installed = Installed {
             version: release.version.clone(),
             files: Vec::new(),
+            previous: None,
         };
         for (artifact, dest) in &plan {
-            if artifact.checksum_uri.is_empty() {
-                return Err(Failure::Runtime(anyhow::anyhow!(
-                    "{} {} has no checksum_uri in the manifest; refusing to install an unverifiable file",
-                    artifact.name,
-                    release.version
-                )));
-            }
-            let sum = fetcher
-                .checksum(&artifact.checksum_uri)
-                .await
-                .map_err(|e| Failure::Runtime(e.into()))?;
             let target = resolve(dest)?;
-            let mut bar = Bar {
-                tty,
-                name: artifact.name.clone(),
-                total: None,
-                started: None,
-                last_percent: u64::MAX,
-            };
-            let got = fetcher
-                .download(&artifact.uri, &sum, &target, 0o755, &mut bar)
-                .await
-                .map_err(|e| Failure::Runtime(e.into()))?;
+            let (sum, got) = fetch_verified(&fetcher, artifact, &release.version, &target, tty).await?;
             match got {
                 Downloaded::AlreadyPresent => outln!("{:>9}  {dest} (already this version)", "unchanged"),
                 Downloaded::Fetched { bytes, resumed } => outln!(

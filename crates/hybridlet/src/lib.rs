@@ -1,7 +1,8 @@
 //! The top of hybridlet: the command line, process set-up (logging, TLS provider, tokio
 //! runtime) and the wiring of subsystems for `hybridlet run`.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 64 usage error (EX_USAGE), 78 configuration
+//! Exit codes: 0 success, 1 runtime failure, 64 usage error (EX_USAGE), 75 refused by a
+//! safety check that a retry can pass (EX_TEMPFAIL: an undrained node), 78 configuration
 //! error (EX_CONFIG). The systemd unit lists 64 and 78 in `RestartPreventExitStatus=` so
 //! that a bad configuration does not crash-loop.
 //!
@@ -31,6 +32,7 @@ mod run;
 pub mod tls;
 mod token;
 mod uninstall;
+mod upgrade;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -386,10 +386,9 @@ fn reload(cli: &Cli, running: &mut Config, metrics: &AgentMetrics) {
         Err(failure) => {
             metrics.config_reloaded(false);
             let why = match failure {
-                Failure::Config(e) => e.to_string(),
+                // One line in the journal: the field path and the message.
                 Failure::Unsupported { field, message } => format!("{field}: {message}"),
-                Failure::Usage(m) => m,
-                Failure::Runtime(e) => format!("{e:#}"),
+                other => other.to_string(),
             };
             tracing::error!(
                 "configuration reload rejected; keeping the running configuration: {why}"

@@ -108,6 +108,8 @@ fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<
             Err(_) => {}
         }
     }
+    // The binaries an upgrade kept for rollback go with the install.
+    remove_tree_on_one_fs(&state_dir.join("rollback")).map_err(|e| runtime(e.into()))?;
     std::fs::remove_file(crate::install::tracker_path(state_dir))
         .map_err(|e| runtime(anyhow::anyhow!("removing the install record: {e}")))?;
     outln!("Kubernetes {} components removed", installed.version);

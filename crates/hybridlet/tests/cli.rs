@@ -164,14 +164,19 @@ fn usage_errors_exit_64_and_help_exits_0() {
 }
 
 #[test]
-fn unimplemented_upgrade_says_so_and_fails() {
-    let out = hybridlet(&["upgrade", "1.34"]);
-    assert_eq!(out.status.code(), Some(1));
+fn upgrade_without_an_install_says_what_to_do_first() {
+    let root = tempfile::tempdir().unwrap();
+    let out = hybridlet(&["--root", root.path().to_str().unwrap(), "upgrade", "1.34"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("is not implemented yet"),
+        text(&out).contains("run `hybridlet install <version>` first"),
         "{}",
         text(&out)
     );
+    let out = hybridlet(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let out = hybridlet(&["upgrade", "1.34", "--rollback"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 }
 
 #[test]

@@ -121,6 +121,74 @@ pub async fn server_version(client: &Client) -> Result<String, KubeError> {
         })
 }
 
+/// Whether a node is ready for maintenance (an upgrade of its kubelet).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainState {
+    /// `spec.unschedulable` (cordoned).
+    pub cordoned: bool,
+    /// `namespace/name` of pods still running there that a drain would evict: not owned
+    /// by a DaemonSet, not static (mirror) pods, not finished.
+    pub evictable_pods: Vec<String>,
+}
+
+/// Read the Node and the pods bound to it.
+pub async fn drain_state(client: &Client, node: &str) -> Result<DrainState, KubeError> {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::api::{Api, ListParams};
+    let n = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(|e| KubeError::Request {
+            what: "GET Node",
+            message: e.to_string(),
+        })?;
+    let cordoned = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .map_err(|e| KubeError::Request {
+            what: "LIST Pods on the node",
+            message: e.to_string(),
+        })?;
+    let evictable_pods = pods
+        .items
+        .iter()
+        .filter(|p| {
+            let daemon = p
+                .metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|r| r.kind == "DaemonSet"));
+            let mirror = p
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+            let finished = p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+            !daemon && !mirror && !finished
+        })
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or(""),
+                p.metadata.name.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    Ok(DrainState {
+        cordoned,
+        evictable_pods,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
