@@ -26,7 +26,12 @@ if grep -Eq '"maxPods": 7([^0-9]|$)' /etc/kubernetes/kubelet/config.json; then e
 exec sleep infinity
 SH
 printf '#!/bin/sh\necho aws_signing_helper stand-in\n' > /tmp/mirror/aws_signing_helper
-(cd /tmp/mirror && sha256sum kubelet > kubelet.sha256 && sha256sum aws_signing_helper > aws_signing_helper.sha256)
+# For `upgrade`: 1.32.1 is the same stand-in (another build), 1.33.0 a kubelet that dies.
+mkdir -p /tmp/mirror/1.32.1 /tmp/mirror/1.33.0
+{ cat /tmp/mirror/kubelet; echo "# 1.32.1"; } > /tmp/mirror/1.32.1/kubelet
+printf '#!/bin/sh\necho "kubelet 1.33.0: unsupported flag" >&2\nexit 1\n' > /tmp/mirror/1.33.0/kubelet
+(cd /tmp/mirror && sha256sum kubelet > kubelet.sha256 && sha256sum aws_signing_helper > aws_signing_helper.sha256 \
+  && sha256sum 1.32.1/kubelet > 1.32.1/kubelet.sha256 && sha256sum 1.33.0/kubelet > 1.33.0/kubelet.sha256)
 cat > /tmp/mirror/manifest.yaml <<'YAML'
 supported_eks_releases:
 - major_minor_version: "1.31"
@@ -37,6 +42,22 @@ supported_eks_releases:
     release_date: "2025-02-01"
     artifacts:
     - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/kubelet", checksum_uri: "file:///tmp/mirror/kubelet.sha256"}
+- major_minor_version: "1.32"
+  latest_patch_version: "1"
+  patch_releases:
+  - version: 1.32.1
+    patch_version: "1"
+    release_date: "2025-06-01"
+    artifacts:
+    - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/1.32.1/kubelet", checksum_uri: "file:///tmp/mirror/1.32.1/kubelet.sha256"}
+- major_minor_version: "1.33"
+  latest_patch_version: "0"
+  patch_releases:
+  - version: 1.33.0
+    patch_version: "0"
+    release_date: "2025-09-01"
+    artifacts:
+    - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/1.33.0/kubelet", checksum_uri: "file:///tmp/mirror/1.33.0/kubelet.sha256"}
 iam_roles_anywhere_releases:
 - version: 1.4.0
   artifacts:
@@ -126,6 +147,33 @@ echo "$out" | grep -q 'kubelet.service did not start' || fail "failure not named
 echo "$out" | grep -q 'previous files were put back' || fail "no rollback reported: $out"
 grep -q '"maxPods": 120' /etc/kubernetes/kubelet/config.json || fail "config.json not rolled back"
 wait_for 20 "kubelet running on the previous files" systemctl is-active -q kubelet
+
+step "upgrade: refused while the control plane cannot be asked; forced, swaps and restarts the kubelet"
+k_pid=$(pid kubelet)
+set +e; out=$(hybridlet upgrade 1.32 --manifest file:///tmp/mirror/manifest.yaml 2>&1); rc=$?; set -e
+expect_eq "upgrade without an API server: exit" 75 "$rc"
+echo "$out" | grep -q 'cannot be read with' || fail "refusal not explained: $out"
+cmp -s /tmp/mirror/kubelet /usr/bin/kubelet || fail "the refused upgrade changed the kubelet"
+expect_ok hybridlet upgrade 1.32 --force --manifest file:///tmp/mirror/manifest.yaml
+cmp /tmp/mirror/1.32.1/kubelet /usr/bin/kubelet || fail "kubelet 1.32.1 not placed"
+[ "$(pid kubelet)" != "$k_pid" ] || fail "the kubelet was not restarted on 1.32.1"
+expect_eq "kubelet on 1.32.1" active "$(systemctl is-active kubelet)"
+[ -s /var/lib/hybridlet/rollback/1.31.3/usr_bin_kubelet ] || fail "1.31.3 not kept for rollback"
+
+step "upgrade to a kubelet that dies: rolled back to the running version"
+set +e; out=$(hybridlet upgrade 1.33 --force --manifest file:///tmp/mirror/manifest.yaml 2>&1); rc=$?; set -e
+expect_eq "failed upgrade: exit" 1 "$rc"
+echo "$out" | tail -n 1 | head -c 400 | sed 's/^/    /'; echo
+echo "$out" | grep -q 'did not stay up on 1.33.0' || fail "failure not named: $out"
+echo "$out" | grep -q 'rolled back to 1.32.1, and the kubelet runs again' || fail "no rollback reported: $out"
+cmp /tmp/mirror/1.32.1/kubelet /usr/bin/kubelet || fail "kubelet 1.32.1 not restored"
+wait_for 20 "kubelet running on 1.32.1 again" systemctl is-active -q kubelet
+
+step "upgrade --rollback: back to 1.31.3"
+expect_ok hybridlet upgrade --rollback
+cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet 1.31.3 not restored"
+expect_eq "kubelet on 1.31.3" active "$(systemctl is-active kubelet)"
+[ ! -e /var/lib/hybridlet/rollback/1.31.3 ] || fail "the kept copy outlived the rollback"
 
 step "uninstall refuses while /etc is bind-mounted under the kubelet's directory (eks-hybrid #664)"
 vol=/var/lib/kubelet/pods/p1/volumes/kubernetes.io~host-path/etc
