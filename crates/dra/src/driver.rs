@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,6 +23,54 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     /// Undo [`DeviceBackend::attach`]; idempotent. Default: nothing to do.
     fn release(&self, _device: &str) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// Release every device, logging (not returning) failures: the clean-up path.
+fn release_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) {
+    for d in devices {
+        if let Err(e) = backend.release(&d.device) {
+            tracing::error!(device = %d.device, "releasing after a failed prepare: {e}");
+        }
+    }
+}
+
+fn write_cdi(
+    backend: &dyn DeviceBackend,
+    cdi_dir: &Path,
+    uid: &str,
+    devices: &[PreparedDevice],
+) -> Result<(), String> {
+    let mut entries = Vec::with_capacity(devices.len());
+    for d in devices {
+        entries.push((d.device.clone(), backend.edits(&d.device)?));
+    }
+    let driver = backend.driver_name();
+    let path = cdi::spec_file(cdi_dir, driver, uid);
+    hybridlet_sys::atomic_write(&path, cdi::spec(driver, uid, &entries).as_bytes(), 0o644)
+        .map_err(|e| format!("writing CDI spec: {e}"))
+}
+
+/// Holds one claim's lock; drops the map entry when nobody else waits for it.
+struct ClaimGuard<'a> {
+    driver: &'a Driver,
+    uid: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        self._guard = None;
+        let mut locks = self
+            .driver
+            .claim_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Ours plus the map's: nobody else holds or waits for it.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.uid);
+        }
     }
 }
 
@@ -57,18 +105,88 @@ pub enum DriverError {
 }
 
 /// Prepare/unprepare with a checkpoint and CDI specs.
+///
+/// Concurrency: claims on different devices prepare in parallel. A claim's devices are
+/// reserved in memory under a short lock (a device reserved by another claim refuses this
+/// one at once); the host work (attach, CDI spec) runs on a blocking thread without any
+/// driver-wide lock; the checkpoint is written by group commit — whoever holds the commit
+/// lock writes everything prepared so far in one fsync'ed write, and the claims it covered
+/// do not write again. Two calls for the same claim (a kubelet retry) run one after the
+/// other.
 #[derive(Debug)]
 pub struct Driver {
     backend: Arc<dyn DeviceBackend>,
     claims: Arc<dyn ClaimSource>,
     checkpoint_path: PathBuf,
     cdi_dir: PathBuf,
-    state: tokio::sync::Mutex<Checkpoint>,
+    state: std::sync::Mutex<State>,
+    /// The generation on disk; held while writing the checkpoint.
+    committed: tokio::sync::Mutex<u64>,
+    /// One lock per claim UID being worked on.
+    claim_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The prepared claims after every change, for whoever labels metrics with them.
     changes: tokio::sync::watch::Sender<BTreeMap<String, PreparedClaim>>,
 }
 
+/// The in-memory truth; the checkpoint file lags it by at most one group commit.
+#[derive(Debug, Default)]
+struct State {
+    checkpoint: Checkpoint,
+    /// Bumped on every change of `checkpoint.claims`.
+    generation: u64,
+    /// Device → the claim UID holding it (prepared, or being prepared).
+    reserved: HashMap<String, String>,
+}
+
 impl Driver {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serialise work on one claim; the entry goes when its last user is done.
+    async fn lock_claim(&self, uid: &str) -> ClaimGuard<'_> {
+        let lock = {
+            let mut locks = self
+                .claim_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(uid.to_string()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        ClaimGuard {
+            driver: self,
+            uid: uid.to_string(),
+            lock,
+            _guard: Some(guard),
+        }
+    }
+
+    /// Write the checkpoint unless a group commit already covered `generation`.
+    async fn persist(&self, generation: u64) -> Result<(), String> {
+        let mut committed = self.committed.lock().await;
+        if *committed >= generation {
+            return Ok(());
+        }
+        let (snapshot, covers) = {
+            let state = self.lock_state();
+            (state.checkpoint.clone(), state.generation)
+        };
+        let path = self.checkpoint_path.clone();
+        tokio::task::spawn_blocking(move || snapshot.save(&path))
+            .await
+            .map_err(|e| format!("writing the checkpoint: {e}"))?
+            .map_err(|e| e.to_string())?;
+        *committed = covers;
+        Ok(())
+    }
+
+    fn publish_changes(&self) {
+        let claims = self.lock_state().checkpoint.claims.clone();
+        self.changes.send_replace(claims);
+    }
+
     /// Load the checkpoint (moving a corrupt one aside) and make sure every checkpointed
     /// claim has its CDI spec (after a reboot `/var/run/cdi` is empty).
     pub fn open(
@@ -98,7 +216,9 @@ impl Driver {
             claims,
             checkpoint_path: checkpoint_path.to_path_buf(),
             cdi_dir: cdi_dir.to_path_buf(),
-            state: tokio::sync::Mutex::new(Checkpoint::default()),
+            state: std::sync::Mutex::new(State::default()),
+            committed: tokio::sync::Mutex::new(0),
+            claim_locks: std::sync::Mutex::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(BTreeMap::new()),
         };
         for (uid, claim) in &checkpoint.claims {
@@ -114,19 +234,55 @@ impl Driver {
                 message: e.to_string(),
             })?;
         driver.changes.send_replace(checkpoint.claims.clone());
-        *driver.state.get_mut() = checkpoint;
+        let state = driver
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (uid, claim) in &checkpoint.claims {
+            for d in &claim.devices {
+                state.reserved.insert(d.device.clone(), uid.clone());
+            }
+        }
+        state.checkpoint = checkpoint;
         Ok(driver)
     }
 
     fn write_cdi(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), String> {
-        let mut entries = Vec::with_capacity(devices.len());
+        write_cdi(self.backend.as_ref(), &self.cdi_dir, uid, devices)
+    }
+
+    /// Attach the devices and write the claim's CDI spec on a blocking thread (sysfs
+    /// writes and fsyncs); all or nothing.
+    async fn set_up(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), String> {
+        let (backend, cdi_dir, uid, devices) = (
+            self.backend.clone(),
+            self.cdi_dir.clone(),
+            uid.to_string(),
+            devices.to_vec(),
+        );
+        tokio::task::spawn_blocking(move || {
+            attach_all(backend.as_ref(), &devices)?;
+            if let Err(e) = write_cdi(backend.as_ref(), &cdi_dir, &uid, &devices) {
+                release_all(backend.as_ref(), &devices);
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("preparing the devices: {e}"))?
+    }
+
+    fn unreserve(&self, uid: &str, devices: &[PreparedDevice]) {
+        let mut state = self.lock_state();
         for d in devices {
-            entries.push((d.device.clone(), self.backend.edits(&d.device)?));
+            if state
+                .reserved
+                .get(&d.device)
+                .is_some_and(|holder| holder == uid)
+            {
+                state.reserved.remove(&d.device);
+            }
         }
-        let driver = self.backend.driver_name();
-        let path = cdi::spec_file(&self.cdi_dir, driver, uid);
-        hybridlet_sys::atomic_write(&path, cdi::spec(driver, uid, &entries).as_bytes(), 0o644)
-            .map_err(|e| format!("writing CDI spec: {e}"))
     }
 
     /// Prepare one claim; the error is the per-claim message the kubelet shows.
@@ -136,20 +292,20 @@ impl Driver {
         name: &str,
         uid: &str,
     ) -> Result<Vec<PreparedDevice>, String> {
-        {
-            let state = self.state.lock().await;
-            if let Some(done) = state.claims.get(uid) {
-                // Idempotent: same devices, same CDI IDs; restore the spec if it vanished
-                // and the host state if it was lost (a reboot, a crash before attaching).
+        let _claim = self.lock_claim(uid).await;
+        let done = self.lock_state().checkpoint.claims.get(uid).cloned();
+        if let Some(done) = done {
+            // Idempotent: same devices, same CDI IDs; restore the spec if it vanished
+            // and the host state if it was lost (a reboot, a crash before attaching).
+            let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
+            if spec.exists() {
                 attach_all(self.backend.as_ref(), &done.devices)?;
-                let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
-                if !spec.exists() {
-                    self.write_cdi(uid, &done.devices)?;
-                }
-                return Ok(done.devices.clone());
+            } else {
+                self.set_up(uid, &done.devices).await?;
             }
+            return Ok(done.devices);
         }
-        // Fetch without holding the lock: other claims need not wait for the API server.
+        // Fetch without any driver-wide lock: other claims need not wait for the API server.
         let claim = self
             .claims
             .get(namespace, name)
@@ -194,89 +350,99 @@ impl Driver {
                 cdi_device_ids: vec![cdi::cdi_device_id(driver, uid, &a.device)],
             });
         }
-        let mut state = self.state.lock().await;
-        if let Some(done) = state.claims.get(uid) {
-            return Ok(done.devices.clone()); // a concurrent retry finished first
-        }
-        for d in &devices {
-            if let Some((other, _)) = state
-                .claims
-                .iter()
-                .find(|(_, c)| c.devices.iter().any(|x| x.device == d.device))
-            {
-                return Err(format!(
-                    "device {} is already prepared for claim {other}",
-                    d.device
-                ));
-            }
-        }
-        attach_all(self.backend.as_ref(), &devices)?;
-        if let Err(e) = self.write_cdi(uid, &devices) {
+        {
+            // Reserve every device or none.
+            let mut state = self.lock_state();
             for d in &devices {
-                let _ = self.backend.release(&d.device);
+                if let Some(other) = state.reserved.get(&d.device) {
+                    return Err(format!(
+                        "device {} is already prepared for claim {other}",
+                        d.device
+                    ));
+                }
             }
+            for d in &devices {
+                state.reserved.insert(d.device.clone(), uid.to_string());
+            }
+        }
+        if let Err(e) = self.set_up(uid, &devices).await {
+            self.unreserve(uid, &devices);
             return Err(e);
         }
-        let mut next = state.clone();
-        next.claims.insert(
-            uid.to_string(),
-            PreparedClaim {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-                devices: devices.clone(),
-                pods: claim.pods.clone(),
-            },
-        );
-        if let Err(e) = next.save(&self.checkpoint_path) {
-            // Not recorded, so not prepared: remove the spec we wrote, release the devices.
-            let _ = std::fs::remove_file(cdi::spec_file(&self.cdi_dir, driver, uid));
-            for d in &devices {
-                let _ = self.backend.release(&d.device);
+        let generation = {
+            let mut state = self.lock_state();
+            state.checkpoint.claims.insert(
+                uid.to_string(),
+                PreparedClaim {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    devices: devices.clone(),
+                    pods: claim.pods.clone(),
+                },
+            );
+            state.generation += 1;
+            state.generation
+        };
+        if let Err(e) = self.persist(generation).await {
+            // Not recorded, so not prepared: forget it, remove the spec, release.
+            {
+                let mut state = self.lock_state();
+                state.checkpoint.claims.remove(uid);
+                state.generation += 1;
             }
-            return Err(e.to_string());
+            let _ = std::fs::remove_file(cdi::spec_file(&self.cdi_dir, driver, uid));
+            release_all(self.backend.as_ref(), &devices);
+            self.unreserve(uid, &devices);
+            return Err(e);
         }
-        self.changes.send_replace(next.claims.clone());
-        *state = next;
+        self.publish_changes();
         tracing::info!(claim_uid = %uid, claim = %format!("{namespace}/{name}"), devices = devices.len(), "claim prepared");
         Ok(devices)
     }
 
     /// Unprepare one claim; unknown claims succeed.
     pub async fn unprepare(&self, uid: &str) -> Result<(), String> {
-        let mut state = self.state.lock().await;
-        if !state.claims.contains_key(uid) {
+        let _claim = self.lock_claim(uid).await;
+        let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
+        let Some(claim) = self.lock_state().checkpoint.claims.get(uid).cloned() else {
             // Not ours or already done; still make sure no spec is left behind.
-            let _ = std::fs::remove_file(cdi::spec_file(
-                &self.cdi_dir,
-                self.backend.driver_name(),
-                uid,
-            ));
+            let _ = std::fs::remove_file(&spec);
             return Ok(());
-        }
+        };
         // Release first: a failure keeps the claim recorded, so the kubelet's retry (or
         // the next start) can still release it.
-        if let Some(claim) = state.claims.get(uid) {
-            for d in &claim.devices {
-                self.backend
-                    .release(&d.device)
-                    .map_err(|e| format!("device {}: {e}", d.device))?;
-            }
+        {
+            let (backend, devices) = (self.backend.clone(), claim.devices.clone());
+            tokio::task::spawn_blocking(move || {
+                for d in &devices {
+                    backend
+                        .release(&d.device)
+                        .map_err(|e| format!("device {}: {e}", d.device))?;
+                }
+                Ok::<_, String>(())
+            })
+            .await
+            .map_err(|e| format!("releasing the devices: {e}"))??;
         }
-        let mut next = state.clone();
-        next.claims.remove(uid);
-        next.save(&self.checkpoint_path)
-            .map_err(|e| e.to_string())?;
-        self.changes.send_replace(next.claims.clone());
-        *state = next;
-        match std::fs::remove_file(cdi::spec_file(
-            &self.cdi_dir,
-            self.backend.driver_name(),
-            uid,
-        )) {
+        let generation = {
+            let mut state = self.lock_state();
+            state.checkpoint.claims.remove(uid);
+            state.generation += 1;
+            state.generation
+        };
+        if let Err(e) = self.persist(generation).await {
+            let mut state = self.lock_state();
+            state.checkpoint.claims.insert(uid.to_string(), claim);
+            state.generation += 1;
+            return Err(e);
+        }
+        self.unreserve(uid, &claim.devices);
+        match std::fs::remove_file(&spec) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(claim_uid = %uid, "removing the CDI spec failed: {e}"),
         }
+        self.publish_changes();
         tracing::info!(claim_uid = %uid, "claim unprepared");
         Ok(())
     }
@@ -289,6 +455,6 @@ impl Driver {
 
     /// Prepared claims by UID (for metrics and tests).
     pub async fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
-        self.state.lock().await.claims.clone()
+        self.lock_state().checkpoint.claims.clone()
     }
 }

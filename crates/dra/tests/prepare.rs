@@ -422,3 +422,123 @@ async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
     assert!(driver.prepared().await.is_empty());
     assert_eq!(backend.log.lock().unwrap().last().unwrap(), "release vf-0");
 }
+
+/// A backend whose attach waits until `parties` attaches are in flight at once: it only
+/// finishes when claims really prepare in parallel (a driver-wide lock would time out).
+#[derive(Debug)]
+struct Rendezvous {
+    parties: usize,
+    arrived: std::sync::Mutex<usize>,
+    all_here: std::sync::Condvar,
+    attaches: std::sync::atomic::AtomicUsize,
+}
+
+impl DeviceBackend for Rendezvous {
+    fn driver_name(&self) -> &str {
+        DRIVER
+    }
+    fn pool_name(&self) -> &str {
+        "node-a"
+    }
+    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+        Ok(ContainerEdits {
+            env: vec![format!("DEV={device}")],
+            device_nodes: Vec::new(),
+        })
+    }
+    fn attach(&self, _device: &str) -> Result<(), String> {
+        self.attaches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut n = self.arrived.lock().unwrap();
+        *n += 1;
+        self.all_here.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while *n < self.parties {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "only {} of {} attaches ran at once",
+                    *n, self.parties
+                ));
+            }
+            n = self.all_here.wait_timeout(n, left).unwrap().0;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_on_different_devices_prepare_in_parallel_and_a_shared_device_is_refused() {
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.dir.path().join("state")).unwrap();
+    let backend = Arc::new(Rendezvous {
+        parties: 4,
+        arrived: std::sync::Mutex::new(0),
+        all_here: std::sync::Condvar::new(),
+        attaches: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let driver = Arc::new(
+        Driver::open(
+            backend.clone(),
+            rig.claims.clone(),
+            &rig.checkpoint(),
+            &rig.cdi(),
+            "boot-1",
+        )
+        .unwrap(),
+    );
+    for i in 0..4 {
+        rig.claims.put(claim(
+            &format!("c{i}"),
+            &format!("uid-{i}"),
+            &[("gpu", DRIVER, "node-a", &format!("gpu-{i}"))],
+        ));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let d = driver.clone();
+        tasks.push(tokio::spawn(async move {
+            d.prepare("ml", &format!("c{i}"), &format!("uid-{i}")).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // Group commit or not, the checkpoint on disk has all four.
+    let on_disk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.checkpoint()).unwrap()).unwrap();
+    assert_eq!(on_disk["claims"].as_object().unwrap().len(), 4);
+
+    // Another claim for a device that is taken: refused at once, naming the holder.
+    rig.claims.put(claim(
+        "thief",
+        "uid-thief",
+        &[("gpu", DRIVER, "node-a", "gpu-2")],
+    ));
+    let err = driver
+        .prepare("ml", "thief", "uid-thief")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("gpu-2 is already prepared for claim uid-2"),
+        "{err}"
+    );
+
+    // The same claim prepared twice at once (a kubelet retry): one prepare, same answer.
+    driver.unprepare("uid-0").await.unwrap();
+    let before = backend.attaches.load(std::sync::atomic::Ordering::SeqCst);
+    // Three more parties arrive by themselves below; the rendezvous needs none now.
+    *backend.arrived.lock().unwrap() = 4;
+    let (a, b) = tokio::join!(
+        driver.prepare("ml", "c0", "uid-0"),
+        driver.prepare("ml", "c0", "uid-0")
+    );
+    assert_eq!(a.unwrap(), b.unwrap());
+    // The second call found it prepared and only re-checked the host state (one attach
+    // each, no second set-up).
+    assert_eq!(
+        backend.attaches.load(std::sync::atomic::Ordering::SeqCst) - before,
+        2
+    );
+    assert_eq!(driver.prepared().await.len(), 4);
+}
