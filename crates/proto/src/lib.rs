@@ -67,3 +67,29 @@ pub mod dra {
         include!("gen/k8s.io.kubelet.pkg.apis.dra.v1beta1.rs");
     }
 }
+
+/// Kubelet DRA device-health API (KEP-4680): `DRAResourceHealth.NodeWatchResources`.
+pub mod dra_health {
+    /// Package `v1alpha1` (kubelet 1.34+), advertised as `v1alpha1.DRAResourceHealth`.
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms,
+        missing_debug_implementations
+    )]
+    pub mod v1alpha1 {
+        include!("gen/v1alpha1.rs");
+    }
+    /// Package `v1` (newer kubelets), advertised as `v1.DRAResourceHealth`.
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms,
+        missing_debug_implementations
+    )]
+    pub mod v1 {
+        include!("gen/v1.rs");
+    }
+}

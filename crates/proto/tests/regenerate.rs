@@ -13,6 +13,8 @@ fn generated_code_is_up_to_date() {
         "csi/v1/csi.proto",
         "dra/v1/api.proto",
         "dra/v1beta1/api.proto",
+        "dra-health/v1alpha1/api.proto",
+        "dra-health/v1/api.proto",
     ];
     let fds = protox::compile(protos, [root.join("proto")]).expect("compile .proto files");
     let out = tempfile::tempdir().unwrap();
@@ -31,6 +33,8 @@ fn generated_code_is_up_to_date() {
         "csi.v1.rs",
         "k8s.io.kubelet.pkg.apis.dra.v1.rs",
         "k8s.io.kubelet.pkg.apis.dra.v1beta1.rs",
+        "v1alpha1.rs",
+        "v1.rs",
     ] {
         let fresh = std::fs::read_to_string(out.path().join(name)).expect("generated file");
         let committed = std::fs::read_to_string(gen_dir.join(name)).unwrap_or_default();
