@@ -16,6 +16,7 @@ mod checkpoint;
 mod claims;
 mod driver;
 mod grpc;
+mod health;
 mod slices;
 
 pub use cdi::{ContainerEdits, cdi_device_id};
@@ -23,6 +24,10 @@ pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice}
 pub use claims::{AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims};
 pub use driver::{DeviceBackend, Driver, DriverError};
 pub use grpc::{V1Service, V1beta1Service};
+pub use health::{
+    DeviceHealth, HEALTH_RESEND, HEALTH_TIMEOUT_SECONDS, HealthBoard, HealthService, Taint,
+    V1Health, V1alpha1Health,
+};
 pub use slices::{
     Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
 };

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
+    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
+    ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -15,6 +16,49 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 
 /// The API limit on devices per slice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
+/// The limit when any device of the slice has taints.
+pub const MAX_TAINTED_DEVICES_PER_SLICE: usize = 64;
+
+/// The stored form equals the desired one: taints compared without `timeAdded` (the API
+/// server sets it), and not at all when this server drops them (feature gate off).
+fn same_devices(stored: &[Device], desired: &[Device], taints_dropped: bool) -> bool {
+    let key = |d: &Device| -> Vec<(String, Option<String>, String)> {
+        if taints_dropped {
+            return Vec::new();
+        }
+        d.taints
+            .iter()
+            .flatten()
+            .map(|t| (t.key.clone(), t.value.clone(), t.effect.clone()))
+            .collect()
+    };
+    stored.len() == desired.len()
+        && stored.iter().zip(desired).all(|(a, b)| {
+            a.name == b.name
+                && a.attributes == b.attributes
+                && a.capacity == b.capacity
+                && key(a) == key(b)
+        })
+}
+
+/// Keep the `timeAdded` the server gave a taint that is still wanted.
+fn keep_time_added(desired: &mut [Device], stored: &[Device]) {
+    for d in desired {
+        let Some(old) = stored.iter().find(|s| s.name == d.name) else {
+            continue;
+        };
+        for t in d.taints.iter_mut().flatten() {
+            if let Some(o) = old
+                .taints
+                .iter()
+                .flatten()
+                .find(|o| o.key == t.key && o.value == t.value && o.effect == t.effect)
+            {
+                t.time_added = o.time_added.clone();
+            }
+        }
+    }
+}
 
 /// A device attribute value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +82,8 @@ pub struct SliceDevice {
     pub attributes: BTreeMap<String, Attr>,
     /// Capacities as Kubernetes quantities (`memory: 141Gi`).
     pub capacity: BTreeMap<String, String>,
+    /// Taints of an unhealthy device (empty when healthy).
+    pub taints: Vec<crate::Taint>,
 }
 
 impl SliceDevice {
@@ -69,10 +115,22 @@ impl SliceDevice {
                 )
             })
             .collect();
+        let taints = (!self.taints.is_empty()).then(|| {
+            self.taints
+                .iter()
+                .map(|t| DeviceTaint {
+                    key: t.key.clone(),
+                    value: Some(t.value.clone()),
+                    effect: t.effect.clone(),
+                    time_added: None,
+                })
+                .collect()
+        });
         Device {
             name: self.name.clone(),
             attributes: Some(attributes),
             capacity: Some(capacity),
+            taints,
             ..Device::default()
         }
     }
@@ -106,6 +164,8 @@ pub struct SlicePublisher {
     client: kube::Client,
     driver: String,
     node: String,
+    /// Set once the API server stored a slice without the taints it was sent.
+    taints_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for SlicePublisher {
@@ -132,6 +192,7 @@ impl SlicePublisher {
             client,
             driver: driver.to_string(),
             node: node.to_string(),
+            taints_dropped: std::sync::Arc::default(),
         }
     }
 
@@ -140,6 +201,25 @@ impl SlicePublisher {
             driver: self.driver.clone(),
             node: self.node.clone(),
             message: message.to_string(),
+        }
+    }
+
+    /// A server without device taints (DRADeviceTaints off) stores slices without them;
+    /// say so once and stop comparing them, or every reconcile would rewrite the slice.
+    fn note_dropped_taints(&self, sent: bool, stored: &ResourceSlice) {
+        let kept = stored
+            .spec
+            .devices
+            .iter()
+            .flatten()
+            .any(|d| d.taints.is_some());
+        if sent
+            && !kept
+            && !self
+                .taints_dropped
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(driver = %self.driver, "the API server dropped the device taints of unhealthy devices (is the DRADeviceTaints feature gate off?); they are reported through the kubelet's health stream only");
         }
     }
 
@@ -170,14 +250,22 @@ impl SlicePublisher {
 
         let mut sorted: Vec<&SliceDevice> = devices.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let per_slice = if sorted.iter().any(|d| !d.taints.is_empty()) {
+            MAX_TAINTED_DEVICES_PER_SLICE
+        } else {
+            MAX_DEVICES_PER_SLICE
+        };
         let chunks: Vec<Vec<Device>> = if sorted.is_empty() {
             vec![Vec::new()]
         } else {
             sorted
-                .chunks(MAX_DEVICES_PER_SLICE)
+                .chunks(per_slice)
                 .map(|c| c.iter().map(|d| d.to_api()).collect())
                 .collect()
         };
+        let dropped = self
+            .taints_dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
         let count = chunks.len() as i64;
         let current_gen = existing
             .iter()
@@ -193,7 +281,7 @@ impl SlicePublisher {
                 by_name
                     .get(&slice_name(&self.node, &self.driver, i))
                     .is_some_and(|s| {
-                        s.spec.devices.clone().unwrap_or_default() == *devs
+                        same_devices(s.spec.devices.as_deref().unwrap_or_default(), devs, dropped)
                             && s.spec.pool.resource_slice_count == count
                     })
             });
@@ -209,8 +297,12 @@ impl SlicePublisher {
         if unchanged {
             return Ok(done);
         }
-        for (i, devs) in chunks.into_iter().enumerate() {
+        for (i, mut devs) in chunks.into_iter().enumerate() {
             let name = slice_name(&self.node, &self.driver, i);
+            if let Some(old) = by_name.get(&name) {
+                keep_time_added(&mut devs, old.spec.devices.as_deref().unwrap_or_default());
+            }
+            let sent_taints = devs.iter().any(|d| d.taints.is_some());
             let mut slice = ResourceSlice {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
@@ -232,15 +324,19 @@ impl SlicePublisher {
             match by_name.get(&name) {
                 Some(old) => {
                     slice.metadata.resource_version = old.metadata.resource_version.clone();
-                    api.replace(&name, &PostParams::default(), &slice)
+                    let stored = api
+                        .replace(&name, &PostParams::default(), &slice)
                         .await
                         .map_err(|e| self.err(format!("replacing {name}: {e}")))?;
+                    self.note_dropped_taints(sent_taints, &stored);
                     done.updated += 1;
                 }
                 None => {
-                    api.create(&PostParams::default(), &slice)
+                    let stored = api
+                        .create(&PostParams::default(), &slice)
                         .await
                         .map_err(|e| self.err(format!("creating {name}: {e}")))?;
+                    self.note_dropped_taints(sent_taints, &stored);
                     done.created += 1;
                 }
             }

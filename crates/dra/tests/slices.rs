@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use hybridlet_dra::{Attr, SliceDevice, SlicePublisher};
+use hybridlet_dra::{Attr, SliceDevice, SlicePublisher, Taint};
 use hybridlet_fixtures::apiserver::FakeApiServer;
 use serde_json::json;
 
@@ -25,6 +25,7 @@ fn devices(n: usize) -> Vec<SliceDevice> {
                 ("numaNode".to_string(), Attr::Int(0)),
             ]),
             capacity: BTreeMap::new(),
+            taints: Vec::new(),
         })
         .collect()
 }
@@ -104,6 +105,45 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
     let done = publisher.publish(&devices(100)).await.unwrap();
     assert_eq!(done.created, 1);
     assert_eq!(api.list(SLICES).len(), 1);
+
+    // A tainted (unhealthy) device: slices of at most 64, the taint published; the same
+    // state again writes nothing, even once the server has stamped timeAdded.
+    let mut tainted = devices(100);
+    tainted[70].taints = vec![Taint {
+        key: "sriov.hybridlet.io/pf-link-down".into(),
+        value: "ens2f0".into(),
+        effect: "NoSchedule".into(),
+    }];
+    let done = publisher.publish(&tainted).await.unwrap();
+    assert_eq!((done.created, done.updated), (1, 1));
+    let slices = api.list(SLICES);
+    let sizes: Vec<usize> = slices
+        .iter()
+        .map(|s| s["spec"]["devices"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [64, 36]);
+    let taint = &slices[1]["spec"]["devices"][6]["taints"][0];
+    assert_eq!(slices[1]["spec"]["devices"][6]["name"], "vf-0070");
+    assert_eq!(taint["key"], "sriov.hybridlet.io/pf-link-down");
+    assert_eq!(taint["effect"], "NoSchedule");
+    let mut stamped = slices[1].clone();
+    stamped["spec"]["devices"][6]["taints"][0]["timeAdded"] = json!("2026-11-26T04:00:00Z");
+    let path = format!("{SLICES}/{}", stamped["metadata"]["name"].as_str().unwrap());
+    api.put(&path, stamped);
+    let generation = done.generation;
+    let done = publisher.publish(&tainted).await.unwrap();
+    assert_eq!(
+        (done.created, done.updated, done.generation),
+        (0, 0, generation)
+    );
+    // Healthy again: the taint goes, 128 per slice again.
+    let done = publisher.publish(&devices(100)).await.unwrap();
+    assert_eq!((done.updated, done.deleted), (1, 1));
+    assert!(
+        api.list(SLICES)[0]["spec"]["devices"][70]
+            .get("taints")
+            .is_none()
+    );
 
     // An outage is a clear, retryable error.
     api.set_down(true);

@@ -18,6 +18,8 @@ use hybridlet_metrics::prometheus_client::registry::Unit;
 use hybridlet_runtime::{BoxError, SubsystemContext};
 use hybridlet_sys::{NetdevCounters, Sysfs};
 
+use crate::health::HealthPolicy;
+
 use crate::devices::{Report, discover};
 
 /// How often discovery runs for metrics.
@@ -86,6 +88,8 @@ impl Holders {
 pub struct DeviceMetrics {
     latest: Arc<Mutex<Snapshot>>,
     holders: Holders,
+    /// Turn XIDs and samples into device health (the DRA drivers' boards).
+    policies: Arc<Mutex<Vec<Arc<dyn HealthPolicy>>>>,
 }
 
 impl DeviceMetrics {
@@ -112,6 +116,21 @@ impl DeviceMetrics {
             r.gpus.len(),
             r.physical_functions.len()
         ))
+    }
+
+    /// Feed XIDs and samples to `policy` from now on.
+    pub fn add_health_policy(&self, policy: Arc<dyn HealthPolicy>) {
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(policy);
+    }
+
+    fn policies(&self) -> Vec<Arc<dyn HealthPolicy>> {
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
@@ -144,6 +163,9 @@ impl DeviceMetrics {
             .xid
             .map_or("undecodable XID", hybridlet_gpu::xid_meaning);
         tracing::error!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
+        for p in self.policies() {
+            p.xid(&event);
+        }
         let mut s = self.lock();
         let state = s.xids.entry(event.uuid).or_default();
         state.count += 1;
@@ -224,6 +246,7 @@ impl DeviceMetrics {
             }
             let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
             let started = Instant::now();
+            let policies = self.policies();
             let result = tokio::task::spawn_blocking(move || {
                 let report = discover(&sysfs, gpus.as_deref())?;
                 // Telemetry failing (a GPU fell off the bus) must not hide the inventory.
@@ -250,6 +273,9 @@ impl DeviceMetrics {
                         })
                     })
                     .collect();
+                for p in &policies {
+                    p.sampled(&sysfs, &report, &samples);
+                }
                 Ok::<_, crate::exit::Failure>((report, samples, vf_counters))
             })
             .await;

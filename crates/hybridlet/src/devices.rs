@@ -15,7 +15,7 @@ use crate::cli::{Cli, DevicesArgs, OutputFormat};
 use crate::exit::Failure;
 
 /// Everything discovery found, in the form `-o json|yaml` prints.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     /// `nvml`, `fake` or `none`.

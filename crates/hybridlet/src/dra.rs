@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybridlet_dra::{
-    Attr, ContainerEdits, DeviceBackend, Driver, KubeClaims, SliceDevice, SlicePublisher,
-    V1Service, V1beta1Service,
+    Attr, ContainerEdits, DeviceBackend, Driver, HealthBoard, HealthService, KubeClaims,
+    SliceDevice, SlicePublisher, V1Health, V1Service, V1alpha1Health, V1beta1Service,
 };
 use hybridlet_kubelet_plugin::{
     PluginSocket, RegistrationMetrics, RegistrationService, registration_socket_path, serve,
     service_socket_path,
 };
 use hybridlet_proto::dra::{v1, v1beta1};
+use hybridlet_proto::dra_health;
 use hybridlet_proto::pluginregistration::{DRA_PLUGIN, PluginInfo};
 use hybridlet_runtime::{Backoff, BoxError, SubsystemContext};
 use hybridlet_sys::PciAddress;
@@ -152,6 +153,7 @@ fn slice_device(g: &GpuView) -> SliceDevice {
         name: device_name(g),
         attributes,
         capacity: BTreeMap::from([("memory".to_string(), g.info.memory_total_bytes.to_string())]),
+        taints: Vec::new(),
     }
 }
 
@@ -275,6 +277,7 @@ fn vf_slice_device(pf: &crate::devices::PfView, vf: &VfView) -> SliceDevice {
         name: vf_device_name(&vf.pci_address),
         attributes,
         capacity: BTreeMap::new(),
+        taints: Vec::new(),
     }
 }
 
@@ -292,8 +295,10 @@ pub struct DraPlugin {
     backend: Arc<dyn DeviceBackend>,
     devices: Vec<SliceDevice>,
     metrics: RegistrationMetrics,
-    /// GPU driver only: where to record who holds each GPU, and device name → UUID.
+    /// Where to record who holds each device, and device name → key there.
     holders: Option<(Holders, BTreeMap<String, String>)>,
+    /// The devices' health: the health stream and the slice taints read it.
+    health: HealthBoard,
 }
 
 /// Where a DRA driver lives on the host (resolved under `--root`).
@@ -359,7 +364,9 @@ impl DraPlugin {
         devices: Vec<SliceDevice>,
         metrics: RegistrationMetrics,
     ) -> Self {
+        let health = HealthBoard::new(devices.iter().map(|d| d.name.clone()));
         Self {
+            health,
             label,
             checkpoint: paths.state_dir.join(format!("dra-{driver}.json")),
             driver: driver.to_string(),
@@ -373,6 +380,19 @@ impl DraPlugin {
             metrics,
             holders: None,
         }
+    }
+
+    /// The health board of this driver's devices, for whoever observes their health.
+    pub fn health(&self) -> HealthBoard {
+        self.health.clone()
+    }
+
+    /// Device names by their host key (GPU UUID, VF PCI address).
+    pub fn devices_by_key(&self) -> BTreeMap<String, String> {
+        self.holders
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().map(|(name, key)| (key.clone(), name.clone())))
+            .collect()
     }
 
     /// The GPU driver over the GPUs of `report`.
@@ -483,18 +503,35 @@ impl DraPlugin {
                 r#type: DRA_PLUGIN.to_string(),
                 name: self.driver.clone(),
                 endpoint: dra_path.display().to_string(),
-                // The kubelet takes the first it supports: v1 before v1beta1.
-                supported_versions: vec!["v1.DRAPlugin".into(), "v1beta1.DRAPlugin".into()],
+                // The kubelet takes the first DRA service it supports (v1 before v1beta1),
+                // and the health stream in the newest version it knows.
+                supported_versions: vec![
+                    "v1.DRAPlugin".into(),
+                    "v1beta1.DRAPlugin".into(),
+                    "v1.DRAResourceHealth".into(),
+                    "v1alpha1.DRAResourceHealth".into(),
+                ],
             },
             self.metrics,
         );
+        let health_service = HealthService::new(&self.node, self.health.clone());
         let dra_router = tonic::transport::Server::builder()
             .add_service(v1::dra_plugin_server::DraPluginServer::new(V1Service(
                 driver.clone(),
             )))
             .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
                 V1beta1Service(driver),
-            ));
+            ))
+            .add_service(
+                dra_health::v1::dra_resource_health_server::DraResourceHealthServer::new(V1Health(
+                    health_service.clone(),
+                )),
+            )
+            .add_service(
+                dra_health::v1alpha1::dra_resource_health_server::DraResourceHealthServer::new(
+                    V1alpha1Health(health_service),
+                ),
+            );
         let reg_router =
             tonic::transport::Server::builder().add_service(registration.into_server());
         tracing::info!(kind = label, driver = %self.driver, node = %self.node, devices = devices.len(), socket = %dra_path.display(), "DRA driver serving");
@@ -502,10 +539,21 @@ impl DraPlugin {
 
         let publisher = SlicePublisher::new(client, &self.driver, &self.node);
         let shutdown = ctx.shutdown.clone();
+        let health = self.health.clone();
         let publish = async move {
             let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+            let mut health_changes = health.subscribe();
             loop {
-                let wait = match publisher.publish(&devices).await {
+                health_changes.borrow_and_update();
+                // An unhealthy device is published with its taint; a recovered one without.
+                let current: Vec<SliceDevice> = devices
+                    .iter()
+                    .map(|d| SliceDevice {
+                        taints: health.taint(&d.name).into_iter().collect(),
+                        ..d.clone()
+                    })
+                    .collect();
+                let wait = match publisher.publish(&current).await {
                     Ok(_) => {
                         backoff.reset();
                         RECONCILE_INTERVAL
@@ -519,6 +567,7 @@ impl DraPlugin {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
+                    changed = health_changes.changed() => if changed.is_err() { return },
                 }
             }
         };

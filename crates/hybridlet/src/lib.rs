@@ -25,6 +25,7 @@ mod device_metrics;
 pub mod devices;
 mod dra;
 mod exit;
+mod health;
 mod init;
 mod install;
 mod logging;

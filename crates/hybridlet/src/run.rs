@@ -117,16 +117,6 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let device_holders = crate::device_metrics::Holders::default();
     let devices_summary =
         crate::device_metrics::DeviceMetrics::register(&mut registry, device_holders.clone());
-    {
-        let device_metrics = devices_summary.clone();
-        let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
-        let interval = args
-            .device_sample_interval
-            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL);
-        supervisor.spawn("devices", move |ctx| {
-            device_metrics.run(sysfs, gpus, interval, ctx)
-        });
-    }
     if config.agent.dra.gpu.enabled || config.agent.dra.sriov.enabled {
         let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
@@ -153,6 +143,11 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 registrations.clone(),
                 device_holders.clone(),
             );
+            devices_summary.add_health_policy(Arc::new(crate::health::VfHealth::new(
+                dra.health(),
+                &config.agent.dra.sriov.driver_name,
+                dra.devices_by_key(),
+            )));
             supervisor.spawn("dra-sriov", move |ctx| dra.run(ctx));
         }
         if config.agent.dra.gpu.enabled {
@@ -164,8 +159,25 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 registrations.clone(),
                 device_holders,
             );
+            devices_summary.add_health_policy(Arc::new(crate::health::GpuHealth::new(
+                dra.health(),
+                &config.agent.dra.gpu.driver_name,
+                dra.devices_by_key(),
+                crate::health::GPU_RECOVERY,
+            )));
             supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
         }
+    }
+    // After the DRA drivers: their health policies must see the first sample and XIDs.
+    {
+        let device_metrics = devices_summary.clone();
+        let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
+        let interval = args
+            .device_sample_interval
+            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL);
+        supervisor.spawn("devices", move |ctx| {
+            device_metrics.run(sysfs, gpus, interval, ctx)
+        });
     }
     let registry = Arc::new(registry);
 

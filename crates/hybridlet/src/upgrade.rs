@@ -471,18 +471,28 @@ pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> Result<(), Failure> {
                 }),
             }
         }
-        // One generation is kept: the one before a previous upgrade goes.
-        if let Some(older) = &installed.previous
-            && older.dir != keep_dir.display().to_string()
-        {
-            let _ = hybridlet_sys::tree::remove_tree_on_one_fs(Path::new(&older.dir));
-        }
         next.previous = Some(Previous {
             version: installed.version.clone(),
             dir: keep_dir.display().to_string(),
             files: kept,
         });
-        commit(&root, &state_dir, &installed, &next, &swaps, services.as_deref(), SETTLE)?;
+        let older = installed
+            .previous
+            .as_ref()
+            .map(|p| PathBuf::from(&p.dir))
+            .filter(|dir| *dir != keep_dir);
+        if let Err(e) = commit(&root, &state_dir, &installed, &next, &swaps, services.as_deref(), SETTLE) {
+            // Back on the installed version, whose own rollback copy (if any) still stands.
+            if installed.previous.as_ref().is_none_or(|p| Path::new(&p.dir) != keep_dir) {
+                let _ = hybridlet_sys::tree::remove_tree_on_one_fs(&keep_dir);
+            }
+            return Err(e);
+        }
+        // One generation is kept: the one before the previous upgrade goes, now that this
+        // one stands.
+        if let Some(older) = older {
+            let _ = hybridlet_sys::tree::remove_tree_on_one_fs(&older);
+        }
         outln!(
             "upgrade: Kubernetes {} installed; {} kept in {} (`hybridlet upgrade --rollback` restores it); next: kubectl uncordon {node}",
             release.version,

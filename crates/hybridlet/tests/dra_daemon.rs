@@ -1,6 +1,8 @@
 //! `hybridlet run` with the GPU DRA driver on, against the in-process fake API server:
 //! the slice is published with the GPUs' attributes, registration advertises v1 before
-//! v1beta1, a claim allocated on this node is prepared into a CDI spec, and unprepared.
+//! v1beta1 (and the health stream), a claim allocated on this node is prepared into a CDI
+//! spec, and unprepared; a GPU with a fatal XID is tainted in the slice and reported
+//! unhealthy on the kubelet's health stream, an application XID changes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code
 
 use std::io::{BufRead, BufReader};
@@ -119,7 +121,14 @@ impl Daemon {
 async fn gpu_dra_publishes_prepares_and_unprepares() {
     let d = Daemon::start(
         |root| {
-            hybridlet_fixtures::dgx_h200(root, 0).unwrap();
+            let mut nvml = hybridlet_fixtures::dgx_h200(root, 0).unwrap();
+            // GPU 2 falls off the bus (fatal); GPU 5 keeps the fixture's XID 31 (an
+            // application's fault, ignored for health).
+            nvml["xids"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"uuid": "GPU-5a0b0002-1c2d-4e5f-8a9b-0000dead0002", "xid": 79}));
+            std::fs::write(root.join("fake-nvml.json"), nvml.to_string()).unwrap();
         },
         |config| config.replace("      driverName: gpu.example.com", "      enabled: true"),
         |root| {
@@ -177,8 +186,106 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
     assert_eq!(info.r#type, "DRAPlugin");
     assert_eq!(
         info.supported_versions,
-        ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+        [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1.DRAResourceHealth",
+            "v1alpha1.DRAResourceHealth"
+        ]
     );
+
+    // The fatal XID taints GPU 2 in the slice (republished on the change) and nothing else.
+    wait_until("GPU 2 tainted in the slice", || {
+        api.list("/apis/resource.k8s.io/v1/resourceslices")[0]["spec"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "gpu-2" && d.get("taints").is_some())
+    })
+    .await;
+    let slice = &api.list("/apis/resource.k8s.io/v1/resourceslices")[0];
+    let tainted: Vec<&serde_json::Value> = slice["spec"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d.get("taints").is_some())
+        .collect();
+    assert_eq!(tainted.len(), 1, "{slice}");
+    assert_eq!(
+        tainted[0]["taints"],
+        json!([{"key": "gpu.hybridlet.io/xid", "value": "79", "effect": "NoSchedule"}])
+    );
+    // The kubelet's health stream: the complete list, GPU 2 unhealthy with the reason.
+    for first in [
+        {
+            use hybridlet_proto::dra_health::v1alpha1 as h;
+            let mut c = h::dra_resource_health_client::DraResourceHealthClient::new(
+                hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
+            );
+            let mut stream = c
+                .node_watch_resources(h::NodeWatchResourcesRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            stream
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .devices
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.device.unwrap().device_name,
+                        d.health,
+                        d.message,
+                        d.health_check_timeout_seconds,
+                    )
+                })
+                .collect::<Vec<_>>()
+        },
+        {
+            use hybridlet_proto::dra_health::v1 as h;
+            let mut c = h::dra_resource_health_client::DraResourceHealthClient::new(
+                hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
+            );
+            let mut stream = c
+                .node_watch_resources(h::NodeWatchResourcesRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            stream
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .devices
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.device.unwrap().device_name,
+                        d.health,
+                        d.message,
+                        d.health_check_timeout_seconds,
+                    )
+                })
+                .collect::<Vec<_>>()
+        },
+    ] {
+        assert_eq!(first.len(), 8);
+        for (name, health, message, timeout) in &first {
+            assert_eq!(*timeout, 60);
+            if name == "gpu-2" {
+                assert_eq!(*health, 2, "UNHEALTHY");
+                assert!(
+                    message.contains("XID 79: GPU has fallen off the bus"),
+                    "{message}"
+                );
+            } else {
+                assert_eq!(*health, 1, "{name} HEALTHY");
+            }
+        }
+    }
 
     api.put(
         "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/train",
@@ -307,7 +414,7 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
             );
             config
         },
-        |_| Vec::new(),
+        |_| vec!["--device-sample-interval".into(), "200ms".into()],
     )
     .await;
     let (api, root, kubelet) = (&d.api, &d.root, &d.kubelet);
@@ -400,6 +507,24 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
         })
         .await
         .unwrap();
+    // The PF's link goes down: every VF is tainted (slices of at most 64 then) and comes
+    // back untainted when the link does.
+    let operstate = root.path().join("sys/class/net/ens2f0/operstate");
+    let tainted = || {
+        api.list("/apis/resource.k8s.io/v1/resourceslices")
+            .iter()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .filter(|d| {
+                d["taints"][0]
+                    == json!({"key": "sriov.hybridlet.io/pf-link-down", "value": "ens2f0", "effect": "NoSchedule"})
+            })
+            .count()
+    };
+    std::fs::write(&operstate, "down\n").unwrap();
+    wait_until("all 64 VFs tainted", || tainted() == 64).await;
+    std::fs::write(&operstate, "up\n").unwrap();
+    wait_until("the taints removed", || tainted() == 0).await;
+
     let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
 }

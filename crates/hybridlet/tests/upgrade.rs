@@ -210,15 +210,26 @@ async fn upgrade_checks_swaps_keeps_and_rolls_back() {
         text(&o)
     );
 
+    // A second upgrade keeps one generation: 1.32.1's copy, not 1.31.3's any more.
+    let o = upgrade(&["1.33"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(&bin).unwrap(), kubelet("1.33.0"));
+    assert!(!kept.exists());
+    let kept = r.join("var/lib/hybridlet/rollback/1.32.1");
+    assert_eq!(
+        std::fs::read(kept.join("usr_bin_kubelet")).unwrap(),
+        kubelet("1.32.1")
+    );
+
     let o = run(r, &["upgrade", "--rollback"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(std::fs::read(&bin).unwrap(), kubelet("1.31.3"));
+    assert_eq!(std::fs::read(&bin).unwrap(), kubelet("1.32.1"));
     assert_eq!(
         std::fs::read(r.join("usr/local/bin/kubectl")).unwrap(),
-        b"#!/bin/sh\necho kubectl 1.31.3\n"
+        b"#!/bin/sh\necho kubectl 1.32.1\n"
     );
     let rec = read_record();
-    assert_eq!(rec["version"], "1.31.3");
+    assert_eq!(rec["version"], "1.32.1");
     assert!(rec.get("previous").is_none(), "{rec}");
     assert!(!kept.exists());
     let o = run(r, &["upgrade", "--rollback"]);

@@ -1,0 +1,231 @@
+//! Device health policies: what makes a GPU or a VF unhealthy, and when it counts as
+//! recovered. They write the DRA drivers' health boards (hybridlet-dra), which feed the
+//! kubelet's health stream and the ResourceSlice taints.
+//!
+//! - GPU: a critical XID error outside the application-caused set (13, 31, 43, 45, 68,
+//!   109, as NVIDIA's own driver ignores them) taints the GPU `<driver>/xid=<code>:NoSchedule`.
+//!   It recovers after [`GPU_RECOVERY`] without another such error, once NVML reads it
+//!   again (a reset GPU, or a transient fault) — taints are not sticky until a restart.
+//! - VF: its PF's link is down (`operstate` `down` or `lowerlayerdown`) → every VF of that PF
+//!   is tainted `<driver>/pf-link-down=<netdev>:NoSchedule`, until the link is up again.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hybridlet_dra::{HealthBoard, Taint};
+use hybridlet_gpu::{GpuSample, XidEvent};
+use hybridlet_sys::Sysfs;
+
+use crate::devices::Report;
+
+/// XIDs caused by applications (bad memory access, a killed context): not the GPU's fault.
+pub const APPLICATION_XIDS: &[u64] = &[13, 31, 43, 45, 68, 109];
+/// How long a GPU stays unhealthy after its last fatal XID.
+pub const GPU_RECOVERY: Duration = Duration::from_secs(600);
+
+/// Something that turns observations into device health.
+pub trait HealthPolicy: Send + Sync + std::fmt::Debug {
+    /// An XID error arrived.
+    fn xid(&self, _event: &XidEvent) {}
+    /// A device sample finished (on the sampler's blocking thread).
+    fn sampled(&self, _sysfs: &Sysfs, _report: &Report, _gpus: &[GpuSample]) {}
+}
+
+/// GPU health from XID errors.
+#[derive(Debug)]
+pub struct GpuHealth {
+    board: HealthBoard,
+    driver: String,
+    /// GPU UUID → device name in the slice.
+    names: BTreeMap<String, String>,
+    /// GPU UUID → when its last fatal XID arrived.
+    fatal: Mutex<BTreeMap<String, Instant>>,
+    recovery: Duration,
+}
+
+impl GpuHealth {
+    /// For the GPU driver `driver`, whose devices `names` maps from UUIDs.
+    pub fn new(
+        board: HealthBoard,
+        driver: &str,
+        names: BTreeMap<String, String>,
+        recovery: Duration,
+    ) -> Self {
+        Self {
+            board,
+            driver: driver.to_string(),
+            names,
+            fatal: Mutex::new(BTreeMap::new()),
+            recovery,
+        }
+    }
+
+    fn fatal(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
+        self.fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl HealthPolicy for GpuHealth {
+    fn xid(&self, event: &XidEvent) {
+        if event.xid.is_some_and(|x| APPLICATION_XIDS.contains(&x)) {
+            return;
+        }
+        let Some(device) = self.names.get(&event.uuid) else {
+            return;
+        };
+        let code = event
+            .xid
+            .map_or_else(|| "unknown".to_string(), |x| x.to_string());
+        let meaning = event
+            .xid
+            .map_or("an XID NVML could not decode", hybridlet_gpu::xid_meaning);
+        self.fatal().insert(event.uuid.clone(), Instant::now());
+        let message = format!("XID {code}: {meaning}");
+        if self.board.set_unhealthy(
+            device,
+            &message,
+            Taint {
+                key: format!("{}/xid", self.driver),
+                value: code,
+                effect: "NoSchedule".into(),
+            },
+        ) {
+            tracing::warn!(device = %device, gpu_uuid = %event.uuid, "GPU marked unhealthy and tainted: {message}");
+        }
+    }
+
+    fn sampled(&self, _sysfs: &Sysfs, _report: &Report, gpus: &[GpuSample]) {
+        let mut fatal = self.fatal();
+        let recovered: Vec<String> = fatal
+            .iter()
+            .filter(|(uuid, at)| {
+                at.elapsed() >= self.recovery && gpus.iter().any(|s| &s.uuid == *uuid)
+            })
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        for uuid in recovered {
+            fatal.remove(&uuid);
+            if let Some(device) = self.names.get(&uuid)
+                && self.board.set_healthy(device)
+            {
+                tracing::info!(device = %device, gpu_uuid = %uuid, "GPU healthy again ({}s without a fatal XID, NVML reads it); taint removed", self.recovery.as_secs());
+            }
+        }
+    }
+}
+
+/// VF health from the PF's link.
+#[derive(Debug)]
+pub struct VfHealth {
+    board: HealthBoard,
+    driver: String,
+    /// VF PCI address → device name in the slice.
+    names: BTreeMap<String, String>,
+}
+
+impl VfHealth {
+    /// For the SR-IOV driver `driver`, whose devices `names` maps from VF PCI addresses.
+    pub fn new(board: HealthBoard, driver: &str, names: BTreeMap<String, String>) -> Self {
+        Self {
+            board,
+            driver: driver.to_string(),
+            names,
+        }
+    }
+}
+
+impl HealthPolicy for VfHealth {
+    fn sampled(&self, sysfs: &Sysfs, report: &Report, _gpus: &[GpuSample]) {
+        for pf in &report.physical_functions {
+            let Some(netdev) = &pf.netdev else { continue };
+            // Only a clear answer changes health: "unknown" or "dormant" says nothing.
+            let down = match sysfs.oper_state(netdev).as_deref() {
+                Some("up") => false,
+                Some("down" | "lowerlayerdown") => true,
+                _ => continue,
+            };
+            for vf in &pf.vfs {
+                let Some(device) = self.names.get(&vf.pci_address) else {
+                    continue;
+                };
+                if down {
+                    if self.board.set_unhealthy(
+                        device,
+                        &format!("the link of PF {} ({netdev}) is down", pf.pci_address),
+                        Taint {
+                            key: format!("{}/pf-link-down", self.driver),
+                            value: netdev.clone(),
+                            effect: "NoSchedule".into(),
+                        },
+                    ) {
+                        tracing::warn!(device = %device, pf = %pf.pci_address, "VF marked unhealthy and tainted: the PF's link ({netdev}) is down");
+                    }
+                } else if self.board.set_healthy(device) {
+                    tracing::info!(device = %device, pf = %pf.pci_address, "VF healthy again: the PF's link ({netdev}) is up; taint removed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fatal_xid_taints_until_the_gpu_reads_again_after_the_recovery_time() {
+        let board = HealthBoard::new(["gpu-0".to_string()]);
+        let uuid = "GPU-0".to_string();
+        let policy = GpuHealth::new(
+            board.clone(),
+            "gpu.hybridlet.io",
+            BTreeMap::from([(uuid.clone(), "gpu-0".to_string())]),
+            Duration::from_millis(50),
+        );
+        let root = tempfile::tempdir().unwrap();
+        let sysfs = Sysfs::new(&hybridlet_sys::HostRoot::new(root.path()));
+        let report = Report::default();
+        let sample = GpuSample {
+            uuid: uuid.clone(),
+            ..GpuSample::default()
+        };
+        policy.xid(&XidEvent {
+            uuid: uuid.clone(),
+            xid: Some(31),
+        });
+        assert!(
+            board.snapshot()["gpu-0"].healthy,
+            "application XIDs do not count"
+        );
+        policy.xid(&XidEvent {
+            uuid: uuid.clone(),
+            xid: Some(48),
+        });
+        let h = &board.snapshot()["gpu-0"];
+        assert!(!h.healthy);
+        assert_eq!(
+            h.message,
+            "XID 48: double-bit ECC error: drain the node and reset the GPU"
+        );
+        assert_eq!(
+            h.taint,
+            Some(Taint {
+                key: "gpu.hybridlet.io/xid".into(),
+                value: "48".into(),
+                effect: "NoSchedule".into()
+            })
+        );
+        policy.sampled(&sysfs, &report, std::slice::from_ref(&sample));
+        assert!(!board.snapshot()["gpu-0"].healthy, "too early");
+        #[allow(clippy::disallowed_methods)] // a plain unit test, no runtime
+        std::thread::sleep(Duration::from_millis(60));
+        policy.sampled(&sysfs, &report, &[]);
+        assert!(!board.snapshot()["gpu-0"].healthy, "NVML did not read it");
+        policy.sampled(&sysfs, &report, &[sample]);
+        assert!(board.snapshot()["gpu-0"].healthy);
+        assert_eq!(board.taint("gpu-0"), None);
+    }
+}
