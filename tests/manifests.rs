@@ -1,0 +1,110 @@
+//! Every manifest under deploy/ parses as Kubernetes objects (apiVersion, kind,
+//! metadata.name in each document), and the DRA set fits together: the DeviceClasses
+//! select our drivers, the RBAC grants what the agent calls, and the admission policy that
+//! keeps each node to its own ResourceSlices is bound and checks spec.nodeName against the
+//! node's identity on create, update and delete.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
+
+use std::path::{Path, PathBuf};
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+fn docs(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_saphyr::from_multiple::<serde_json::Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[test]
+fn every_manifest_is_a_kubernetes_object() {
+    let mut files = Vec::new();
+    for dir in ["csi", "dra", "prometheus"] {
+        yaml_files(&deploy().join(dir), &mut files);
+    }
+    assert!(files.len() >= 8, "{files:?}");
+    for f in &files {
+        for d in docs(f) {
+            if f.ends_with("prometheus/alerts.yaml") {
+                assert!(d["groups"].is_array(), "{}", f.display());
+                continue;
+            }
+            for field in ["apiVersion", "kind"] {
+                assert!(d[field].is_string(), "{}: no {field} in {d}", f.display());
+            }
+            assert!(
+                d["metadata"]["name"].is_string(),
+                "{}: unnamed {d}",
+                f.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn dra_manifests_fit_together() {
+    let dra = deploy().join("dra");
+    let classes: Vec<serde_json::Value> = ["deviceclass-gpu.yaml", "deviceclass-sriov.yaml"]
+        .iter()
+        .flat_map(|f| docs(&dra.join(f)))
+        .collect();
+    for (class, driver) in classes
+        .iter()
+        .zip(["gpu.hybridlet.io", "sriov.hybridlet.io"])
+    {
+        assert_eq!(class["kind"], "DeviceClass");
+        let selectors = class["spec"]["selectors"].to_string();
+        assert!(
+            selectors.contains(&format!("device.driver == '{driver}'"))
+                || selectors.contains(&format!("device.driver == \\\"{driver}\\\"")),
+            "{class}"
+        );
+    }
+
+    let rbac = docs(&dra.join("rbac.yaml"));
+    let rules = rbac[0]["rules"].to_string();
+    for verb in ["create", "update", "delete", "list"] {
+        assert!(rules.contains(verb), "{rules}");
+    }
+
+    let policy = docs(&dra.join("node-slices-policy.yaml"));
+    let (vap, binding) = (&policy[0], &policy[1]);
+    assert_eq!(vap["kind"], "ValidatingAdmissionPolicy");
+    assert_eq!(binding["kind"], "ValidatingAdmissionPolicyBinding");
+    assert_eq!(binding["spec"]["policyName"], vap["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+    let rule = &vap["spec"]["matchConstraints"]["resourceRules"][0];
+    assert_eq!(rule["resources"][0], "resourceslices");
+    assert_eq!(
+        rule["operations"],
+        serde_json::json!(["CREATE", "UPDATE", "DELETE"])
+    );
+    assert!(
+        vap["spec"]["matchConditions"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("system:node:")
+    );
+    let checks = vap["spec"]["validations"].to_string();
+    assert!(
+        checks.contains("spec.nodeName == variables.node"),
+        "{checks}"
+    );
+    assert!(checks.contains("oldObject.spec.nodeName"), "{checks}");
+}
