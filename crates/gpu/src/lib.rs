@@ -252,7 +252,7 @@ impl GpuSource for FakeSource {
         while !stop() {
             // watch_xids runs on a blocking thread by contract, as NVML's wait does.
             #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(250));
         }
         Ok(())
     }

@@ -1,0 +1,176 @@
+//! `cargo bench -p hybridlet --bench daemon`: the running agent as an operator's Prometheus
+//! sees it, on a DGX-like tree (8 GPUs with telemetry through the fake NVML source, 8 PFs ×
+//! 128 VFs = 1,024 VFs with their counters) with the CSI plugin and the GPU and SR-IOV DRA
+//! drivers serving:
+//!
+//! 1. `/metrics` scrape latency over loopback HTTP (a fresh connection per scrape, as
+//!    Prometheus does after an idle interval): p50, p99, max of 1,000 scrapes;
+//! 2. the idle daemon: resident memory (VmRSS, VmHWM) and CPU (utime + stime from
+//!    /proc/<pid>/stat) over `HYBRIDLET_BENCH_IDLE_SECONDS` (default 60) with the default
+//!    60 s device sample interval.
+//!
+//! CSI volumes add no series (`hybridlet_csi_volumes{protocol,state}` counts them), so the
+//! scrape does not grow with them. Results in docs/benchmarks.md.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn scrape(addr: &str) -> usize {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).expect("response");
+    assert!(body.starts_with(b"HTTP/1.1 200"), "scrape failed");
+    body.len()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may contain spaces): utime is the 14th field
+    // overall, stime the 15th.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("field")
+}
+
+fn main() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // The agent names the node after the host (no NodeConfig here).
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    // HYBRIDLET_BENCH_VFS_PER_PF (default 128) sizes the SR-IOV side.
+    let vfs_per_pf: u32 = std::env::var("HYBRIDLET_BENCH_VFS_PER_PF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    hybridlet_fixtures::dgx_h200(root.path(), vfs_per_pf).expect("fixture");
+    // The fake API server lives on its own runtime thread for the whole run.
+    let node_for_api = node.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let api = hybridlet_fixtures::apiserver::FakeApiServer::start()
+                .await
+                .expect("fake API server");
+            api.put(
+                &format!("/api/v1/nodes/{node_for_api}"),
+                serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_for_api, "uid": "u"}}),
+            );
+            let _ = tx.send(api.url());
+            std::future::pending::<()>().await;
+        });
+    });
+    let url = rx.recv().expect("fake API server URL");
+    let kubelet = root.path().join("var/lib/kubelet");
+    std::fs::create_dir_all(&kubelet).expect("kubelet dir");
+    std::fs::write(
+        kubelet.join("kubeconfig"),
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: t\n"),
+    )
+    .expect("kubeconfig");
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(&etc).expect("etc");
+    let config = etc.join("config.yaml");
+    // HYBRIDLET_BENCH_DRA=0 leaves the DRA drivers off, to tell their share apart.
+    let dra = std::env::var("HYBRIDLET_BENCH_DRA").map_or(true, |v| v != "0");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:19474\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: {dra}\n    sriov:\n      enabled: {dra}\n"
+        ),
+    )
+    .expect("config");
+    let fixture = root.path().join("fake-nvml.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["--log-level", "warn", "run", "--nvml-fixture"])
+        .arg(&fixture)
+        .env_remove("NOTIFY_SOCKET")
+        .envs(std::env::var("BENCH_CHILD_ENV").ok().and_then(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        }))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hybridlet");
+    let pid = child.id();
+    let addr = "127.0.0.1:19474";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+            let mut r = Vec::new();
+            let _ = s.read_to_end(&mut r);
+            if r.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the daemon did not become ready");
+        #[allow(clippy::disallowed_methods)] // a benchmark driver, no runtime here
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bytes = scrape(addr);
+    let mut lat = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let t = Instant::now();
+        scrape(addr);
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "scrape /metrics ({bytes} bytes, 8 GPUs, {} VFs): p50 {:?}, p99 {:?}, max {:?}",
+        8 * vfs_per_pf,
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat[lat.len() - 1]
+    );
+
+    let idle: u64 = std::env::var("HYBRIDLET_BENCH_IDLE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    // Let the scrapes' allocations settle, then watch it idle.
+    #[allow(clippy::disallowed_methods)]
+    std::thread::sleep(Duration::from_secs(2));
+    let (t0, c0) = (Instant::now(), ticks(pid));
+    #[allow(clippy::disallowed_methods)]
+    std::thread::sleep(Duration::from_secs(idle));
+    let (elapsed, used) = (t0.elapsed(), ticks(pid) - c0);
+    // USER_HZ is 100 on Linux.
+    let cpu = used as f64 / 100.0 / elapsed.as_secs_f64() * 100.0;
+    println!(
+        "{}idle {}s: CPU {cpu:.3}% of a core ({used} ticks), VmRSS {} KiB, VmHWM {} KiB",
+        if dra { "" } else { "(DRA drivers off) " },
+        elapsed.as_secs(),
+        status_kib(pid, "VmRSS:"),
+        status_kib(pid, "VmHWM:")
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+}
