@@ -76,6 +76,17 @@ pub struct ClusterDetails {
     pub id: Option<String>,
 }
 
+impl ClusterDetails {
+    /// The CA bundle (PEM) from `certificateAuthority`, when set and valid base64.
+    pub fn ca_pem(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        let b64 = self.certificate_authority.as_ref()?;
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()
+    }
+}
+
 /// `spec.containerd`.
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

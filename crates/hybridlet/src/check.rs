@@ -5,39 +5,86 @@ use hybridlet_sys::HostRoot;
 
 use crate::cli::{CheckArgs, Cli};
 use crate::exit::Failure;
+use crate::preflight::Outcome;
 
 /// `hybridlet check`: validate the configuration (exit 78 on errors), then the host
 /// (exit 1 when a host check fails).
 pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
     let loaded = cli.load_config()?;
     let config = &loaded.config;
-    if loaded.files.is_empty() {
-        outln!("configuration: ok (no configuration files; embedded standalone defaults)");
-    } else {
-        let files: Vec<String> = loaded
-            .files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        outln!("configuration: ok ({})", files.join(", "));
-    }
-    outln!("mode: {}", describe_mode(config));
-    for warning in &loaded.warnings {
-        outln!("warning: {warning}");
+    let json = args.output == crate::cli::CheckOutput::Json;
+    let files: Vec<String> = loaded
+        .files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if !json {
+        if files.is_empty() {
+            outln!("configuration: ok (no configuration files; embedded standalone defaults)");
+        } else {
+            outln!("configuration: ok ({})", files.join(", "));
+        }
+        outln!("mode: {}", describe_mode(config));
+        for warning in &loaded.warnings {
+            outln!("warning: {warning}");
+        }
     }
     if args.config_only {
+        if json {
+            outln!(
+                "{}",
+                serde_json::json!({"ok": true, "configuration": files, "mode": describe_mode(config), "warnings": loaded.warnings})
+            );
+        }
         return Ok(());
     }
 
     let root = cli.host_root();
-    let mut failed = 0;
-    for (name, outcome) in host_checks(config, &root) {
-        match outcome {
-            Outcome::Ok(detail) => outln!("ok: {name}: {detail}"),
-            Outcome::Warn(detail) => outln!("warning: {name}: {detail}"),
-            Outcome::Fail(detail) => {
-                failed += 1;
-                outln!("FAIL: {name}: {detail}");
+    let mut results = host_checks(config, &root);
+    if config.mode() == Mode::Joined {
+        results.extend(crate::preflight::kernel(&root));
+        if root.is_system() {
+            results.extend(crate::preflight::services(
+                &hybridlet_sys::systemd::Systemctl::default(),
+            ));
+        }
+        if !args.offline {
+            results.extend(crate::preflight::api_server_checks(config, &root));
+        }
+    }
+    let failed = results
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Fail(_)))
+        .count();
+    if json {
+        let checks: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(name, o)| {
+                let (status, detail) = match o {
+                    Outcome::Ok(d) => ("ok", d),
+                    Outcome::Warn(d) => ("warning", d),
+                    Outcome::Fail(d) => ("fail", d),
+                };
+                serde_json::json!({"check": name, "status": status, "detail": detail})
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::json!({
+                "ok": failed == 0,
+                "failed": failed,
+                "configuration": files,
+                "mode": describe_mode(config),
+                "warnings": loaded.warnings,
+                "checks": checks,
+            })
+        );
+    } else {
+        for (name, outcome) in &results {
+            match outcome {
+                Outcome::Ok(detail) => outln!("ok: {name}: {detail}"),
+                Outcome::Warn(detail) => outln!("warning: {name}: {detail}"),
+                Outcome::Fail(detail) => outln!("FAIL: {name}: {detail}"),
             }
         }
     }
@@ -47,7 +94,9 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
             if failed == 1 { "" } else { "s" }
         )));
     }
-    outln!("host: ok");
+    if !json {
+        outln!("host: ok");
+    }
     Ok(())
 }
 
@@ -68,12 +117,6 @@ fn describe_mode(config: &Config) -> String {
         }
         _ => "standalone (metrics and health only, no cluster contact)".to_string(),
     }
-}
-
-enum Outcome {
-    Ok(String),
-    Warn(String),
-    Fail(String),
 }
 
 fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {

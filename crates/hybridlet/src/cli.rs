@@ -158,6 +158,21 @@ pub struct CheckArgs {
     /// Only validate the configuration; skip the host checks (for ExecStartPre=).
     #[arg(long)]
     pub config_only: bool,
+    /// Skip the checks that need the network (the API server's DNS, TCP, TLS and clock).
+    #[arg(long)]
+    pub offline: bool,
+    /// Output: `text` (one line per check) or `json` (for automation).
+    #[arg(long, short = 'o', value_enum, default_value = "text")]
+    pub output: CheckOutput,
+}
+
+/// How `check` prints its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckOutput {
+    /// `ok:`, `warning:` and `FAIL:` lines.
+    Text,
+    /// One JSON object: `{"ok", "failed", "checks": [{"check", "status", "detail"}]}`.
+    Json,
 }
 
 #[derive(Debug, Args)]

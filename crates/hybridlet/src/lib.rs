@@ -29,6 +29,7 @@ mod health;
 mod init;
 mod install;
 mod logging;
+mod preflight;
 mod run;
 pub mod tls;
 mod token;

@@ -109,32 +109,60 @@ fn check_uses_config_and_drop_ins_under_root() {
 #[test]
 fn host_check_failures_exit_1() {
     let root = tempfile::tempdir().unwrap();
-    let out = hybridlet(&[
-        "--root",
-        root.path().to_str().unwrap(),
-        "check",
-        "--config",
-        fixtures()
-            .join("good/iam-ra-with-agent.yaml")
-            .to_str()
-            .unwrap(),
-    ]);
+    let check = |extra: &[&str]| {
+        let config = fixtures().join("good/iam-ra-with-agent.yaml");
+        let mut args = vec![
+            "--root",
+            root.path().to_str().unwrap(),
+            "check",
+            // The fixture's endpoint is not on loopback: no network checks here.
+            "--offline",
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        hybridlet(&args)
+    };
+    let out = check(&[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("FAIL: IAM Roles Anywhere certificate"));
+    assert!(
+        text(&out).contains("FAIL: kernel module: br_netfilter is not loaded"),
+        "{}",
+        text(&out)
+    );
 
     std::fs::create_dir_all(root.path().join("etc/iam/pki")).unwrap();
     std::fs::write(root.path().join("etc/iam/pki/server.pem"), "x").unwrap();
     std::fs::write(root.path().join("etc/iam/pki/server.key"), "x").unwrap();
-    let out = hybridlet(&[
-        "--root",
-        root.path().to_str().unwrap(),
-        "check",
-        "--config",
-        fixtures()
-            .join("good/iam-ra-with-agent.yaml")
-            .to_str()
-            .unwrap(),
-    ]);
+    for (path, text) in [
+        ("proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n"),
+        ("proc/sys/net/ipv4/ip_forward", "1\n"),
+        ("sys/fs/cgroup/cgroup.controllers", "cpu io memory pids\n"),
+        ("sys/module/overlay/refcnt", "3\n"),
+        ("sys/module/br_netfilter/refcnt", "0\n"),
+    ] {
+        let p = root.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("ok: swap: off"), "{}", text(&out));
+
+    // The same as JSON for automation.
+    let out = check(&["-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["ok"], true);
+    assert!(
+        json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "IP forwarding" && c["status"] == "ok")
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 

@@ -121,6 +121,92 @@ pub async fn server_version(client: &Client) -> Result<String, KubeError> {
         })
 }
 
+/// How far an API server probe got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeStage {
+    /// The host name did not resolve.
+    Dns,
+    /// No TCP connection.
+    Tcp,
+    /// TLS or HTTP failed (a CA that does not verify the server, a server that is not
+    /// Kubernetes).
+    Https,
+}
+
+/// What an unauthenticated `GET /healthz` learned about an API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The addresses the host name resolved to.
+    pub addresses: Vec<std::net::SocketAddr>,
+    /// The HTTP status (200, or 401/403 for an anonymous request: both prove TLS works).
+    pub status: u16,
+    /// The server's `Date` header, for clock-skew checks.
+    pub date: Option<std::time::SystemTime>,
+}
+
+/// Probe `server` (`https://host[:port]`) step by step — DNS, TCP, then HTTPS with
+/// `ca_pem` — so a failure names the step that failed. Each step has `timeout`.
+pub async fn probe(
+    server: &str,
+    ca_pem: Option<&[u8]>,
+    timeout: std::time::Duration,
+) -> Result<Probe, (ProbeStage, String)> {
+    let uri: http::Uri = server
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| (ProbeStage::Dns, format!("{server:?}: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or((ProbeStage::Dns, format!("{server:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let addresses: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => return Err((ProbeStage::Dns, format!("{host}: {e}"))),
+            Err(_) => {
+                return Err((
+                    ProbeStage::Dns,
+                    format!("{host}: no answer within {timeout:?}"),
+                ));
+            }
+        };
+    let mut connected = false;
+    let mut last = String::from("no addresses");
+    for a in &addresses {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(a)).await {
+            Ok(Ok(_)) => {
+                connected = true;
+                break;
+            }
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => last = format!("{a}: no answer within {timeout:?}"),
+        }
+    }
+    if !connected {
+        return Err((ProbeStage::Tcp, last));
+    }
+    let client = client_for(server, ca_pem).map_err(|e| (ProbeStage::Https, e.to_string()))?;
+    let request = http::Request::get("/healthz")
+        .body(kube::client::Body::empty())
+        .map_err(|e| (ProbeStage::Https, e.to_string()))?;
+    let response = tokio::time::timeout(timeout, client.send(request))
+        .await
+        .map_err(|_| (ProbeStage::Https, format!("no answer within {timeout:?}")))?
+        .map_err(|e| (ProbeStage::Https, e.to_string()))?;
+    let date = response
+        .headers()
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    Ok(Probe {
+        addresses,
+        status: response.status().as_u16(),
+        date,
+    })
+}
+
 /// Whether a node is ready for maintenance (an upgrade of its kubelet).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainState {

@@ -125,6 +125,18 @@ tr '\0' '\n' < "/proc/$(systemctl show -p MainPID --value kubelet)/environ" | gr
   || fail "the kubelet did not get /etc/eks/kubelet/environment"
 c_pid=$(pid containerd); k_pid=$(pid kubelet)
 
+step "check on the joined node: kernel, services and ports read from the real host"
+set +e; out=$(hybridlet check --offline 2>&1); set -e
+echo "$out" | grep -E '^(FAIL|warning)' | sed 's/^/    /' | head -n 8
+modprobe overlay; modprobe br_netfilter; sysctl -qw net.ipv4.ip_forward=1
+out=$(hybridlet check --offline 2>&1) || fail "check still fails after modprobe and sysctl: $out"
+for want in "ok: swap: off" "ok: cgroup: v2" "ok: kernel module: br_netfilter loaded" "ok: IP forwarding" \
+            "ok: service: containerd.service active" "ok: service: kubelet.service active" "ok: port: 10250/tcp"; do
+  echo "$out" | grep -qF "$want" || fail "check: no '$want' in: $out"
+done
+hybridlet check --offline -o json | grep -q '"ok":true' || fail "check -o json does not say ok"
+echo "    ok: swap, cgroup v2, modules, forwarding, both services, ports"
+
 step "init again: nothing written, nothing restarted"
 out=$(hybridlet init)
 echo "$out" | grep -q 'nothing written' || fail "rerun wrote something: $out"

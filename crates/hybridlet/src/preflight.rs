@@ -1,0 +1,355 @@
+//! The node checks of `hybridlet check` for a joined (or joining) node: what the kubelet
+//! needs from the host (no swap, cgroup v2, kernel modules, IP forwarding, free ports,
+//! containerd and the kubelet running) and from the network (the API server resolves,
+//! accepts TCP, verifies with the cluster CA, and keeps a clock close to ours — EKS tokens
+//! are presigned, so skew breaks authentication). Each failure says what is wrong and the
+//! exact fix. Host files are read under `--root`; services and ports only on the real host.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use hybridlet_config::Config;
+use hybridlet_sys::HostRoot;
+use hybridlet_sys::systemd::ServiceManager;
+
+/// A check's verdict and its detail (for a failure: what is wrong and the fix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Fine.
+    Ok(String),
+    /// Works, but worth knowing.
+    Warn(String),
+    /// Must be fixed.
+    Fail(String),
+}
+
+/// Beyond this the AWS signature (and with it the EKS token) is refused.
+pub const MAX_SKEW: Duration = Duration::from_secs(300);
+/// Beyond this a warning: NTP is probably not running.
+pub const WARN_SKEW: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const MODULES: &[(&str, &str)] = &[
+    ("overlay", "containerd's overlayfs snapshotter"),
+    (
+        "br_netfilter",
+        "pod traffic through bridges seen by iptables",
+    ),
+];
+
+fn read(root: &HostRoot, path: &str) -> Option<String> {
+    std::fs::read_to_string(root.resolve(path).ok()?).ok()
+}
+
+/// Swap, cgroup version, modules and IP forwarding, from files under the root.
+pub fn kernel(root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let mut out = Vec::new();
+    out.push((
+        "swap",
+        match read(root, "/proc/swaps") {
+            None => Outcome::Warn("/proc/swaps cannot be read".into()),
+            Some(text) => {
+                let active: Vec<&str> = text
+                    .lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_whitespace().next())
+                    .collect();
+                if active.is_empty() {
+                    Outcome::Ok("off".into())
+                } else {
+                    Outcome::Fail(format!(
+                        "swap is on ({}); the kubelet refuses to start with swap (failSwapOn): run `swapoff -a` and remove the swap lines from /etc/fstab",
+                        active.join(", ")
+                    ))
+                }
+            }
+        },
+    ));
+    let v2 = root
+        .resolve("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|p| p.exists());
+    out.push((
+        "cgroup",
+        if v2 {
+            Outcome::Ok("v2 (unified hierarchy)".into())
+        } else {
+            Outcome::Warn(
+                "cgroup v1: Kubernetes keeps it only in maintenance mode and newer kubelets refuse it; boot with systemd.unified_cgroup_hierarchy=1 (the default on Debian 11+, Ubuntu 21.10+, RHEL 9)"
+                    .into(),
+            )
+        },
+    ));
+    for (module, why) in MODULES {
+        let loaded = root
+            .resolve(format!("/sys/module/{module}"))
+            .is_ok_and(|p| p.exists());
+        out.push((
+            "kernel module",
+            if loaded {
+                Outcome::Ok(format!("{module} loaded"))
+            } else {
+                Outcome::Fail(format!(
+                    "{module} is not loaded ({why}): run `modprobe {module}` and add it to /etc/modules-load.d/hybridlet.conf"
+                ))
+            },
+        ));
+    }
+    out.push((
+        "IP forwarding",
+        match read(root, "/proc/sys/net/ipv4/ip_forward").as_deref().map(str::trim) {
+            Some("1") => Outcome::Ok("net.ipv4.ip_forward = 1".into()),
+            Some(v) => Outcome::Fail(format!(
+                "net.ipv4.ip_forward = {v}; pods cannot reach anything off the node: run `sysctl -w net.ipv4.ip_forward=1` and set it in /etc/sysctl.d/99-hybridlet.conf"
+            )),
+            None => Outcome::Warn("net.ipv4.ip_forward cannot be read".into()),
+        },
+    ));
+    out
+}
+
+/// Whether `addr` can be listened on now.
+pub fn port_free(addr: SocketAddr) -> Result<(), std::io::Error> {
+    TcpListener::bind(addr).map(drop)
+}
+
+/// containerd and the kubelet, and the kubelet's ports (a port in use is fine when the
+/// kubelet itself holds it).
+pub fn services(sm: &dyn ServiceManager) -> Vec<(&'static str, Outcome)> {
+    let mut out = Vec::new();
+    let mut kubelet_active = false;
+    for (unit, fix) in [
+        (
+            "containerd.service",
+            "install your distribution's containerd package",
+        ),
+        ("kubelet.service", "run `hybridlet install <version>`"),
+    ] {
+        out.push((
+            "service",
+            match sm.state(unit) {
+                Err(e) => Outcome::Warn(format!("{unit}: {e}")),
+                Ok(s) if !s.exists => Outcome::Warn(format!(
+                    "{unit} is not installed yet ({fix}, then `hybridlet init`)"
+                )),
+                Ok(s) if s.active => {
+                    kubelet_active |= unit == "kubelet.service";
+                    Outcome::Ok(format!("{unit} active"))
+                }
+                Ok(_) => Outcome::Fail(format!(
+                    "{unit} is not running: `systemctl status {unit}` and `journalctl -u {unit}` say why; `hybridlet init` starts it"
+                )),
+            },
+        ));
+    }
+    for (port, what) in [
+        (10250, "the kubelet's API"),
+        (10256, "kube-proxy's health check"),
+    ] {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        out.push((
+            "port",
+            match port_free(addr) {
+                Ok(()) => Outcome::Ok(format!("{port}/tcp free ({what})")),
+                Err(_) if kubelet_active && port == 10250 => {
+                    Outcome::Ok(format!("{port}/tcp held by the running kubelet"))
+                }
+                Err(_) if port == 10256 => Outcome::Ok(format!(
+                    "{port}/tcp in use (kube-proxy or the CNI's replacement, when it runs on this node)"
+                )),
+                Err(e) => Outcome::Fail(format!(
+                    "{port}/tcp is taken ({e}) and {what} needs it: `ss -ltnp 'sport = :{port}'` shows by what"
+                )),
+            },
+        ));
+    }
+    out
+}
+
+/// The API server from the configuration, or else from the files `init` wrote.
+fn api_server(config: &Config, root: &HostRoot) -> Option<(String, Option<Vec<u8>>)> {
+    let cluster = &config.node.as_ref()?.spec.cluster;
+    if let Some(endpoint) = &cluster.api_server_endpoint {
+        return Some((endpoint.clone(), cluster.ca_pem()));
+    }
+    let kubeconfig = read(
+        root,
+        &Path::new(&config.agent.kubelet_root_dir)
+            .join("kubeconfig")
+            .display()
+            .to_string(),
+    )?;
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server:"))?
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    let ca = root
+        .resolve("/etc/kubernetes/pki/ca.crt")
+        .ok()
+        .and_then(|p| std::fs::read(p).ok());
+    Some((server, ca))
+}
+
+/// Clock skew against a server's `Date`, as a check outcome.
+pub fn skew_outcome(server_date: SystemTime, now: SystemTime, server: &str) -> Outcome {
+    let (skew, ahead) = match now.duration_since(server_date) {
+        Ok(d) => (d, true),
+        Err(e) => (e.duration(), false),
+    };
+    let said = format!(
+        "this host's clock is {}s {} the API server's",
+        skew.as_secs(),
+        if ahead { "ahead of" } else { "behind" }
+    );
+    if skew > MAX_SKEW {
+        Outcome::Fail(format!(
+            "{said} ({server}); AWS refuses signatures more than 5 minutes off, so the node's EKS token and STS calls fail: enable time sync (`timedatectl set-ntp true`, or chrony with a reachable NTP server; `chronyc tracking` shows the offset)"
+        ))
+    } else if skew > WARN_SKEW {
+        Outcome::Warn(format!(
+            "{said}; is time sync running? (`timedatectl`, `chronyc tracking`)"
+        ))
+    } else {
+        Outcome::Ok(format!("within {}s of the API server", WARN_SKEW.as_secs()))
+    }
+}
+
+/// DNS, TCP, TLS with the cluster CA, and the clock against the API server.
+pub fn api_server_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let Some((server, ca)) = api_server(config, root) else {
+        return vec![(
+            "API server",
+            Outcome::Warn(
+                "not checked: spec.cluster.apiServerEndpoint is not set and init has not written a kubeconfig yet (init looks it up with DescribeCluster)"
+                    .into(),
+            ),
+        )];
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![("API server", Outcome::Warn(e.to_string()))],
+    };
+    let probed = runtime.block_on(hybridlet_kube::probe(&server, ca.as_deref(), PROBE_TIMEOUT));
+    match probed {
+        Err((stage, e)) => {
+            use hybridlet_kube::ProbeStage;
+            let (name, fix) = match stage {
+                ProbeStage::Dns => (
+                    "API server DNS",
+                    "the node's resolver must answer for the cluster endpoint; a private endpoint needs on-premises DNS forwarding to a Route 53 inbound resolver",
+                ),
+                ProbeStage::Tcp => (
+                    "API server reachable",
+                    "check the route over the VPN or Direct Connect to the cluster's VPC and that the cluster security group allows 443/tcp from the node network",
+                ),
+                ProbeStage::Https => (
+                    "API server TLS",
+                    "the server must be the cluster's API server and verify with its CA: check spec.cluster.apiServerEndpoint and spec.cluster.certificateAuthority (aws eks describe-cluster)",
+                ),
+            };
+            vec![(name, Outcome::Fail(format!("{server}: {e}; {fix}")))]
+        }
+        Ok(p) => {
+            let mut out = vec![(
+                "API server",
+                Outcome::Ok(format!(
+                    "{server} answers over TLS verified with the cluster CA (GET /healthz: {}; {} address{})",
+                    p.status,
+                    p.addresses.len(),
+                    if p.addresses.len() == 1 { "" } else { "es" }
+                )),
+            )];
+            out.push((
+                "clock",
+                match p.date {
+                    Some(date) => skew_outcome(date, SystemTime::now(), &server),
+                    None => {
+                        Outcome::Warn("the API server sent no Date header; skew not checked".into())
+                    }
+                },
+            ));
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_checks_read_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let write = |p: &str, text: &str| {
+            let path = dir.path().join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write(
+            "/proc/swaps",
+            "Filename\tType\tSize\tUsed\tPriority\n/swap.img file 4194300 0 -2\n",
+        );
+        write("/proc/sys/net/ipv4/ip_forward", "0\n");
+        write("/sys/module/overlay/refcnt", "1\n");
+        let got = kernel(&root);
+        let text = format!("{got:?}");
+        assert!(
+            matches!(&got[0].1, Outcome::Fail(m) if m.contains("/swap.img") && m.contains("swapoff -a")),
+            "{text}"
+        );
+        assert!(
+            matches!(&got[1].1, Outcome::Warn(m) if m.contains("cgroup v1")),
+            "{text}"
+        );
+        assert!(
+            matches!(&got[2].1, Outcome::Ok(m) if m == "overlay loaded"),
+            "{text}"
+        );
+        assert!(
+            matches!(&got[3].1, Outcome::Fail(m) if m.contains("modprobe br_netfilter")),
+            "{text}"
+        );
+        assert!(
+            matches!(&got[4].1, Outcome::Fail(m) if m.contains("sysctl -w net.ipv4.ip_forward=1")),
+            "{text}"
+        );
+
+        write("/proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n");
+        write("/proc/sys/net/ipv4/ip_forward", "1\n");
+        write("/sys/fs/cgroup/cgroup.controllers", "cpu memory\n");
+        write("/sys/module/br_netfilter/refcnt", "1\n");
+        assert!(
+            kernel(&root)
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::Ok(_)))
+        );
+    }
+
+    #[test]
+    fn skew_is_judged_both_ways() {
+        let now = SystemTime::now();
+        assert!(matches!(skew_outcome(now, now, "s"), Outcome::Ok(_)));
+        assert!(matches!(
+            skew_outcome(now - Duration::from_secs(60), now, "s"),
+            Outcome::Warn(m) if m.contains("60s ahead of")
+        ));
+        assert!(matches!(
+            skew_outcome(now + Duration::from_secs(600), now, "s"),
+            Outcome::Fail(m) if m.contains("600s behind") && m.contains("timedatectl set-ntp true")
+        ));
+    }
+
+    #[test]
+    fn a_taken_port_is_seen() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(port_free(held.local_addr().unwrap()).is_err());
+        let addr = held.local_addr().unwrap();
+        drop(held);
+        assert!(port_free(addr).is_ok());
+    }
+}
