@@ -21,6 +21,7 @@ use hybridlet_config::{Config, CredentialProvider, NodeConfig};
 use hybridlet_sys::HostRoot;
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{Cli, InitArgs};
@@ -86,6 +87,7 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
             info.name
         )));
     }
+    check_node_ip(node, &info.remote_node_cidrs)?;
     let missing = |what: &str| {
         Failure::Runtime(anyhow::anyhow!(
             "DescribeCluster returned no {what} for {}",
@@ -111,6 +113,77 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
             .or(info.service_ipv4_cidr)
             .ok_or_else(|| missing("service CIDR"))?,
     })
+}
+
+/// `a.b.c.d/n` (or IPv6) contains `ip`.
+pub(crate) fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
+    let Some((net, bits)) = cidr.trim().split_once('/') else {
+        return false;
+    };
+    let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) else {
+        return false;
+    };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) if bits <= 32 => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) if bits <= 128 => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The IP the kubelet will register: `--node-ip` from spec.kubelet.flags, else the
+/// source address of this host's default route (what the kubelet picks without the flag).
+/// Finding the route sends nothing: connecting a UDP socket only asks the kernel.
+fn node_ip(node: &NodeConfig) -> Option<(IpAddr, &'static str)> {
+    let flag = node
+        .spec
+        .kubelet
+        .flags
+        .iter()
+        .rev()
+        .find_map(|f| f.strip_prefix("--node-ip="))
+        .and_then(|v| v.split(',').find_map(|ip| ip.trim().parse::<IpAddr>().ok()));
+    if let Some(ip) = flag {
+        return Some((ip, "--node-ip in spec.kubelet.flags"));
+    }
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // A documentation address (RFC 5737): any off-link destination selects the default route.
+    socket.connect("192.0.2.1:443").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some((ip, "the default route's source address"))
+}
+
+/// The kubelet's serving certificate is approved only for node IPs inside the cluster's
+/// remote node networks; outside them it stays Pending and logs/exec/metrics fail. Say so
+/// before joining.
+fn check_node_ip(node: &NodeConfig, remote: &[String]) -> Result<(), Failure> {
+    let Some((ip, from)) = node_ip(node) else {
+        outln!(
+            "warning: could not tell this node's IP (no --node-ip and no default route); make sure it lies in the cluster's remote node networks ({})",
+            remote.join(", ")
+        );
+        return Ok(());
+    };
+    if remote.iter().any(|c| cidr_contains(c, ip)) {
+        return Ok(());
+    }
+    Err(Failure::Runtime(anyhow::anyhow!(
+        "this node's IP {ip} ({from}) is not in the cluster's remote node networks ({}): the API server could not reach the kubelet and its serving certificate would stay Pending (no kubectl logs/exec). Add the node's network to the cluster's remoteNetworkConfig, or set --node-ip=<address inside them> in spec.kubelet.flags",
+        remote.join(", ")
+    )))
 }
 
 fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure> {
@@ -429,9 +502,24 @@ fn undo_after_failure(
 
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used)]
     use super::*;
     use hybridlet_sys::systemd::FakeServiceManager;
+
+    #[test]
+    fn cidrs_contain_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(cidr_contains("10.80.0.0/16", ip("10.80.4.21")));
+        assert!(!cidr_contains("10.80.0.0/16", ip("10.81.0.1")));
+        assert!(cidr_contains("0.0.0.0/0", ip("192.0.2.7")));
+        assert!(cidr_contains("10.80.4.21/32", ip("10.80.4.21")));
+        assert!(cidr_contains("fd00:80::/32", ip("fd00:80::1")));
+        assert!(!cidr_contains("fd00:80::/32", ip("10.80.4.21")));
+        for bad in ["10.80.0.0", "10.80.0.0/33", "x/8", ""] {
+            assert!(!cidr_contains(bad, ip("10.80.0.1")), "{bad}");
+        }
+    }
 
     fn fixture(dir: &Path) -> (Vec<RenderedFile>, Vec<DesiredFile>) {
         let rendered = vec![

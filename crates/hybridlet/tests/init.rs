@@ -310,6 +310,23 @@ fn uninstall_refuses_while_a_bind_mount_is_under_the_kubelet_dir() {
     );
 }
 
+/// `text` (a NodeConfig) with `flag` in spec.kubelet.flags.
+fn with_kubelet_flag(text: &str, flag: &str) -> String {
+    if text.contains("  kubelet:\n") {
+        text.replacen(
+            "  kubelet:\n",
+            &format!("  kubelet:\n    flags:\n      - {flag}\n"),
+            1,
+        )
+    } else {
+        text.replacen(
+            "spec:\n",
+            &format!("spec:\n  kubelet:\n    flags:\n      - {flag}\n"),
+            1,
+        )
+    }
+}
+
 /// Answers one DescribeCluster like EKS does.
 fn eks_stub() -> (String, std::thread::JoinHandle<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -362,10 +379,36 @@ fn ssm_dry_run_asks_eks_and_reads_the_registration() {
         out(&o)
     );
 
+    // The node IP must lie in the cluster's remote node networks (10.80.0.0/16 here).
+    let with_node_ip = |ip: &str| {
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let path = root.path().join(format!("ssm-{ip}.yaml"));
+        std::fs::write(&path, with_kubelet_flag(&text, &format!("--node-ip={ip}"))).unwrap();
+        path
+    };
+    let outside = with_node_ip("10.99.0.1");
+    let (url, _) = eks_stub();
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", outside.to_str().unwrap()],
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_ENDPOINT_URL", &url),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("this node's IP 10.99.0.1 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.80.0.0/16)"),
+        "{}",
+        out(&o)
+    );
+
+    let inside = with_node_ip("10.80.4.22");
     let (url, request) = eks_stub();
     let o = run(
         root.path(),
-        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &["init", "--dry-run", "--config", inside.to_str().unwrap()],
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
             ("AWS_SECRET_ACCESS_KEY", "secret"),
