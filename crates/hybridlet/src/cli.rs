@@ -109,7 +109,7 @@ pub enum Command {
     /// Undo the join: stop and disable the kubelet, restore every file init replaced and
     /// delete the ones it created, remove the kubelet's directory. Refuses, changing
     /// nothing, while any mount point is inside the kubelet's directory.
-    Uninstall,
+    Uninstall(UninstallArgs),
     /// Print an EKS token as a kubeconfig exec credential (client.authentication.k8s.io/v1beta1),
     /// signed with this node's AWS credentials; the kubelet's kubeconfig runs this.
     Token(TokenArgs),
@@ -179,6 +179,14 @@ pub enum CheckOutput {
 pub struct VersionArg {
     /// Kubernetes version, e.g. 1.34 or 1.34.2.
     pub kubernetes_version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Also delete this node's Node object from the cluster (first, with the kubelet's
+    /// credentials; if that fails nothing is changed).
+    #[arg(long)]
+    pub delete_node: bool,
 }
 
 #[derive(Debug, Args)]
@@ -318,7 +326,7 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Init(args) => crate::init::init(&cli, args),
         Command::Install(args) => crate::install::install(&cli, args),
         Command::Upgrade(args) => crate::upgrade::upgrade(&cli, args),
-        Command::Uninstall => crate::uninstall::uninstall(&cli),
+        Command::Uninstall(args) => crate::uninstall::uninstall(&cli, args),
     }
 }
 

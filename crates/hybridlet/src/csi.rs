@@ -37,16 +37,21 @@ pub struct CsiPlugin {
 /// on a timer, never per scrape, so a scrape cannot block on the host.
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// The Kubernetes node name: IAM Roles Anywhere's `nodeName` when set, else the host name.
-pub fn node_name(config: &Config) -> String {
-    if let Some(name) = config
-        .node
-        .as_ref()
-        .and_then(|n| n.spec.hybrid.as_ref())
+/// The Kubernetes node name, as `init` gave it to the kubelet: IAM Roles Anywhere's
+/// `nodeName`; with SSM the managed instance ID (`mi-…`) from the agent's registration
+/// under `root`; else (standalone) the host name.
+pub fn node_name(config: &Config, root: &hybridlet_sys::HostRoot) -> String {
+    let hybrid = config.node.as_ref().and_then(|n| n.spec.hybrid.as_ref());
+    if let Some(name) = hybrid
         .and_then(|h| h.iam_roles_anywhere.as_ref())
         .map(|ra| ra.node_name.clone())
     {
         return name;
+    }
+    if hybrid.is_some_and(|h| h.ssm.is_some())
+        && let Some(id) = ssm_instance_id(root)
+    {
+        return id;
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_ascii_lowercase())
@@ -55,17 +60,29 @@ pub fn node_name(config: &Config) -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The SSM agent's managed instance ID (`mi-…`) from its registration file.
+pub fn ssm_instance_id(root: &hybridlet_sys::HostRoot) -> Option<String> {
+    let path = root.resolve("/var/lib/amazon/ssm/registration").ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["ManagedInstanceID"]
+        .as_str()
+        .filter(|id| id.starts_with("mi-"))
+        .map(str::to_string)
+}
+
 impl CsiPlugin {
     /// Configure from the agent settings; registers the plugin metrics.
     pub fn new(
         config: &Config,
+        node: &str,
         kubelet_root: &Path,
         state_dir: &Path,
         registrations: RegistrationMetrics,
         registry: &mut hybridlet_metrics::Registry,
     ) -> Self {
         let driver = &config.agent.csi.driver_name;
-        let mut settings = CsiSettings::new(driver, &node_name(config));
+        let mut settings = CsiSettings::new(driver, node);
         settings.nfs_enabled = config.agent.csi.nfs.enabled;
         settings.iscsi_enabled = config.agent.csi.iscsi.enabled;
         settings.state_dir = state_dir.join("csi");
@@ -171,5 +188,35 @@ async fn sample_volumes(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(SAMPLE_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ssm_node_is_named_after_its_managed_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = hybridlet_sys::HostRoot::new(dir.path());
+        let config = hybridlet_config::load(&hybridlet_config::ConfigSources {
+            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/config/good/ssm.yaml"),
+            file_required: true,
+            drop_in_dir: None,
+        })
+        .unwrap()
+        .config;
+        assert_eq!(ssm_instance_id(&root), None);
+        let reg = dir.path().join("var/lib/amazon/ssm/registration");
+        std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
+        std::fs::write(
+            &reg,
+            r#"{"ManagedInstanceID":"mi-0123456789abcdef0","Region":"us-west-2"}"#,
+        )
+        .unwrap();
+        assert_eq!(node_name(&config, &root), "mi-0123456789abcdef0");
+        std::fs::write(&reg, r#"{"ManagedInstanceID":"i-0123"}"#).unwrap();
+        assert_eq!(ssm_instance_id(&root), None, "not a managed instance ID");
     }
 }

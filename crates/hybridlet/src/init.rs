@@ -211,22 +211,20 @@ fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure>
             let path = root
                 .resolve("/var/lib/amazon/ssm/registration")
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let text = std::fs::read_to_string(&path).map_err(|_| {
-                Failure::Runtime(anyhow::anyhow!(
+            if !path.exists() {
+                return Err(Failure::Runtime(anyhow::anyhow!(
                     "the SSM agent is not registered yet ({} is missing), so the node name (its managed instance ID) is unknown; registering it is not in this build: run `amazon-ssm-agent -register -code ... -id ... -region ...` first",
                     path.display()
-                ))
+                )));
+            }
+            let id = crate::csi::ssm_instance_id(root).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is not JSON with a ManagedInstanceID (mi-...)",
+                    path.display()
+                )
             })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?;
-            let id = v["ManagedInstanceID"]
-                .as_str()
-                .filter(|id| id.starts_with("mi-"))
-                .ok_or_else(|| {
-                    anyhow::anyhow!("{} has no ManagedInstanceID (mi-...)", path.display())
-                })?;
             Ok(NodeIdentity {
-                node_name: id.to_string(),
+                node_name: id,
                 credential_provider: "ssm".into(),
                 aws_config_file: None,
             })

@@ -102,11 +102,14 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             }
             Err(other) => return Err(other),
         };
+    // The Kubernetes node name, as init gave it to the kubelet.
+    let node = crate::csi::node_name(&config, &root);
     // One family for every plugin's registration verdicts (labelled by plugin).
     let registrations = hybridlet_kubelet_plugin::RegistrationMetrics::register(&mut registry);
     if config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled {
         let plugin = crate::csi::CsiPlugin::new(
             &config,
+            &node,
             &kubelet_root,
             &state_dir,
             registrations.clone(),
@@ -132,7 +135,6 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
             dev_dir: root.resolve("/dev").map_err(|e| anyhow::anyhow!("{e}"))?,
             boot_id,
         };
-        let node = crate::csi::node_name(&config);
         if config.agent.dra.sriov.enabled {
             let dra = crate::dra::DraPlugin::sriov(
                 &config.agent.dra.sriov.driver_name,

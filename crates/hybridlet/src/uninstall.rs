@@ -14,7 +14,7 @@ use hybridlet_sys::fileset;
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use hybridlet_sys::tree::{mount_points_under, remove_tree_on_one_fs};
 
-use crate::cli::Cli;
+use crate::cli::{Cli, UninstallArgs};
 use crate::exit::Failure;
 
 const KUBELET: &str = "kubelet.service";
@@ -36,7 +36,7 @@ fn backups_newest_first(dir: &Path) -> Vec<PathBuf> {
     found.into_iter().rev().map(|(_, p)| p).collect()
 }
 
-pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
+pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
     let loaded = cli.load_config()?;
     let agent = &loaded.config.agent;
     let root = cli.host_root();
@@ -64,6 +64,13 @@ pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
         )));
     }
 
+    if args.delete_node {
+        // First, while the kubelet's credentials are still here; a failure changes nothing.
+        // A running kubelet does not register again (it registers once, at start), and it
+        // is stopped next.
+        let node = crate::csi::node_name(&loaded.config, &root);
+        delete_node(&kubelet_dir.join("kubeconfig"), &node)?;
+    }
     let systemctl = Systemctl::default();
     let services: Option<&dyn ServiceManager> = root.is_system().then_some(&systemctl as _);
     undo(services, &backups, &kubelet_dir)?;
@@ -74,6 +81,27 @@ pub fn uninstall(cli: &Cli) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))?;
     }
     outln!("uninstall: done; containerd was left as it is");
+    Ok(())
+}
+
+fn delete_node(kubeconfig: &Path, node: &str) -> Result<(), Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let deleted = rt.block_on(async {
+        let client = hybridlet_kube::client_from_kubeconfig(kubeconfig).await?;
+        hybridlet_kube::delete_node(&client, node).await
+    });
+    match deleted {
+        Ok(true) => outln!("Node {node}: deleted from the cluster"),
+        Ok(false) => outln!("Node {node}: already gone from the cluster"),
+        Err(e) => {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "deleting Node {node} failed: {e}. Nothing was changed; run uninstall without --delete-node and delete it with kubectl (kubectl delete node {node})"
+            )));
+        }
+    }
     Ok(())
 }
 

@@ -350,7 +350,7 @@ pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> Result<(), Failure> {
             installed.version
         ))
     })?;
-    let node = crate::csi::node_name(&loaded.config);
+    let node = crate::csi::node_name(&loaded.config, &root);
     let kubeconfig = resolve(&loaded.config.agent.kubelet_root_dir)?.join("kubeconfig");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

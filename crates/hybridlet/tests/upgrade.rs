@@ -2,7 +2,8 @@
 //! server on 127.0.0.1: the version-skew and drain checks refuse with exit 75 and change
 //! nothing; a dry run changes nothing; a real upgrade swaps verified binaries and keeps
 //! the old ones; `--rollback` restores them; an unreachable API server refuses unless
-//! `--force`; uninstall removes what upgrade kept.
+//! `--force`; uninstall removes what upgrade kept, and with `--delete-node` the Node object
+//! (refusing, with nothing changed, while the API server is down).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
 
 use std::path::Path;
@@ -246,9 +247,27 @@ async fn upgrade_checks_swaps_keeps_and_rolls_back() {
     assert!(text(&o).contains("warning (--force)"), "{}", text(&o));
     assert_eq!(std::fs::read(&bin).unwrap(), kubelet("1.33.0"));
 
-    // Uninstall takes what upgrade kept with it.
-    let o = run(r, &["uninstall"]);
+    // Uninstall with --delete-node while the API server is down: refused, nothing changed.
+    let o = run(r, &["uninstall", "--delete-node"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("deleting Node {NODE} failed")),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("Nothing was changed"), "{}", text(&o));
+    assert!(bin.exists() && kubelet_dir.join("kubeconfig").exists());
+
+    // With it back: the Node goes first, then everything install and upgrade placed.
+    api.set_down(false);
+    let o = run(r, &["uninstall", "--delete-node"]);
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("Node {NODE}: deleted from the cluster")),
+        "{}",
+        text(&o)
+    );
+    assert!(api.list("/api/v1/nodes").is_empty());
     assert!(!bin.exists());
     assert!(!r.join("var/lib/hybridlet/rollback").exists());
 }

@@ -207,6 +207,23 @@ pub async fn probe(
     })
 }
 
+/// Delete the Node object `name`; `Ok(false)` when it was already gone.
+pub async fn delete_node(client: &Client, name: &str) -> Result<bool, KubeError> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, DeleteParams};
+    match Api::<Node>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(KubeError::Request {
+            what: "DELETE Node",
+            message: e.to_string(),
+        }),
+    }
+}
+
 /// Whether a node is ready for maintenance (an upgrade of its kubelet).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainState {
