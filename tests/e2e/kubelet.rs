@@ -118,6 +118,9 @@ enum Call {
         #[arg(long)]
         uid: String,
     },
+    /// The first message of the DRA health stream (v1alpha1 NodeWatchResources): one line
+    /// per device, `<pool>/<device> HEALTHY|UNHEALTHY|UNKNOWN <message>`.
+    DraHealth,
     /// DRA NodeUnprepareResources (v1) for one claim.
     DraUnprepare {
         #[arg(long)]
@@ -281,6 +284,29 @@ async fn call(args: Args) -> Result<String, CallError> {
                     )));
                 }
             }
+        }
+        Call::DraHealth => {
+            use hybridlet_proto::dra_health::v1alpha1 as health;
+            let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(channel)
+                .node_watch_resources(health::NodeWatchResourcesRequest {})
+                .await?
+                .into_inner();
+            let first = stream
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::unknown("the health stream ended at once"))?;
+            first
+                .devices
+                .iter()
+                .map(|d| {
+                    let id = d.device.clone().unwrap_or_default();
+                    let status = health::HealthStatus::try_from(d.health)
+                        .map(|h| h.as_str_name())
+                        .unwrap_or("INVALID");
+                    format!("{}/{} {status} {}", id.pool_name, id.device_name, d.message)
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
         }
         Call::DraUnprepare {
             namespace,

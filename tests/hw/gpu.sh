@@ -217,6 +217,17 @@ PY
 if [ $? -eq 0 ]; then pass "metrics: every GPU family nvidia-smi can read is present; power, temperature, limit agree"; else fail "metrics: GPU families" "$(tail -n 2 "$out/metrics-check.txt")"; fi
 cat "$out/metrics-check.txt"
 
+# The kubelet's health stream: every GPU healthy (no XID since start), pool = node.
+sock="$work/kubelet/plugins/gpu.hybridlet.io/dra.sock"
+if "$bin/e2e-kubelet" --socket "$sock" dra-health > "$out/health.txt" 2>&1 \
+  && [ "$(grep -c ' HEALTHY' "$out/health.txt")" -eq "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["gpus"]))' "$out/devices.json")" ] \
+  && ! grep -q 'UNHEALTHY' "$out/health.txt"; then
+  pass "DRA health stream: every GPU HEALTHY"
+else
+  fail "DRA health stream" "$(cat "$out/health.txt")"
+fi
+cat "$out/health.txt"
+
 # --- 3. under a CUDA load -----------------------------------------------------------------
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   python3 - > "$out/load.txt" 2>&1 <<'PY' &
@@ -262,7 +273,6 @@ uuid0=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gpus"][
 claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"train\",\"namespace\":\"ml\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"gpu\",\"driver\":\"gpu.hybridlet.io\",\"pool\":\"$node\",\"device\":\"gpu-0\"}]}},\"reservedFor\":[{\"resource\":\"pods\",\"name\":\"train-0\",\"uid\":\"p0\"}]}}" \
   "$api/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims")
 uid=$(echo "$claim" | python3 -c 'import json,sys; print(json.load(sys.stdin)["metadata"]["uid"])')
-sock="$work/kubelet/plugins/gpu.hybridlet.io/dra.sock"
 spec="/var/run/cdi/gpu_hybridlet_io-$uid.json"
 if "$bin/e2e-kubelet" --socket "$sock" dra-prepare --namespace ml --name train --uid "$uid" > "$out/prepare.txt" 2>&1 \
   && python3 - "$spec" "$uuid0" > "$out/cdi-check.txt" 2>&1 <<'PY'

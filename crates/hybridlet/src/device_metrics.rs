@@ -162,7 +162,15 @@ impl DeviceMetrics {
         let meaning = event
             .xid
             .map_or("undecodable XID", hybridlet_gpu::xid_meaning);
-        tracing::error!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
+        // Application-caused XIDs are the job's problem, not the GPU's.
+        if event
+            .xid
+            .is_some_and(|x| crate::health::APPLICATION_XIDS.contains(&x))
+        {
+            tracing::warn!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
+        } else {
+            tracing::error!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
+        }
         for p in self.policies() {
             p.xid(&event);
         }
