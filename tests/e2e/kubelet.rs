@@ -287,10 +287,11 @@ async fn call(args: Args) -> Result<String, CallError> {
         }
         Call::DraHealth => {
             use hybridlet_proto::dra_health::v1alpha1 as health;
-            let mut stream = health::dra_resource_health_client::DraResourceHealthClient::new(channel)
-                .node_watch_resources(health::NodeWatchResourcesRequest {})
-                .await?
-                .into_inner();
+            let mut stream =
+                health::dra_resource_health_client::DraResourceHealthClient::new(channel)
+                    .node_watch_resources(health::NodeWatchResourcesRequest {})
+                    .await?
+                    .into_inner();
             let first = stream
                 .message()
                 .await?

@@ -24,7 +24,8 @@ mod render;
 mod units;
 
 pub use render::{
-    ClusterCoordinates, NodeIdentity, RenderError, RenderedFile, cluster_dns, render,
+    ClusterCoordinates, MODULES_LOAD_PATH, NodeIdentity, RenderError, RenderedFile, SYSCTL_PATH,
+    cluster_dns, render,
 };
 pub use units::kubelet_unit;
 

@@ -306,6 +306,13 @@ fn proxy_dropin(config: &Config) -> Option<String> {
     Some(out)
 }
 
+/// Kernel modules the node needs at every boot (systemd-modules-load reads this).
+pub const MODULES_LOAD_PATH: &str = "/etc/modules-load.d/hybridlet.conf";
+/// Sysctls the node needs (systemd-sysctl and `sysctl --system` read this).
+pub const SYSCTL_PATH: &str = "/etc/sysctl.d/99-hybridlet.conf";
+const MODULES_LOAD: &str = "# Written by hybridlet init; removed by hybridlet uninstall.\n# containerd's overlayfs snapshotter\noverlay\n# pod traffic through Linux bridges seen by iptables\nbr_netfilter\n";
+const SYSCTL: &str = "# Written by hybridlet init; removed by hybridlet uninstall.\n# Pods reach anything off the node only with forwarding on.\nnet.ipv4.ip_forward = 1\n# What the kubelet's protectKernelDefaults expects (as nodeadm sets them).\nvm.overcommit_memory = 1\nkernel.panic = 10\nkernel.panic_on_oops = 1\n";
+
 /// Every file `init` writes for this configuration, cluster and node, sorted by path.
 pub fn render(
     config: &Config,
@@ -350,6 +357,16 @@ pub fn render(
             path: "/etc/eks/kubelet/environment".into(),
             mode: 0o644,
             contents: kubelet_env(node, &user_flags),
+        },
+        RenderedFile {
+            path: MODULES_LOAD_PATH.into(),
+            mode: 0o644,
+            contents: MODULES_LOAD.into(),
+        },
+        RenderedFile {
+            path: SYSCTL_PATH.into(),
+            mode: 0o644,
+            contents: SYSCTL.into(),
         },
     ];
     if let Some(user_toml) = spec.map(|s| &s.containerd.config).filter(|c| !c.is_empty()) {

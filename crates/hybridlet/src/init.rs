@@ -415,6 +415,31 @@ pub(crate) fn join(
             .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
         report.actions.push("systemd: daemon-reload".into());
     }
+    // Kernel settings take effect now, not only at the next boot: systemd's own one-shot
+    // units read the .d directories init wrote into. A failure is reported, not fatal:
+    // `hybridlet check` names what is still missing.
+    for (path, unit) in [
+        (
+            hybridlet_bootstrap::MODULES_LOAD_PATH,
+            "systemd-modules-load.service",
+        ),
+        (hybridlet_bootstrap::SYSCTL_PATH, "systemd-sysctl.service"),
+    ] {
+        let wrote = rendered
+            .iter()
+            .zip(&report.states)
+            .any(|(f, s)| f.path == path && *s != FileState::Unchanged);
+        if wrote {
+            match sm.restart(unit) {
+                Ok(()) => report
+                    .actions
+                    .push(format!("systemd: {unit} applied {path}")),
+                Err(e) => report
+                    .actions
+                    .push(format!("warning: {unit} could not apply {path}: {e}")),
+            }
+        }
+    }
     let mut restarted = Vec::new();
     for (unit, was_active) in plan {
         let result = sm
@@ -580,6 +605,51 @@ mod tests {
                 "restart kubelet.service"
             ]
         );
+    }
+
+    #[test]
+    fn kernel_settings_are_applied_when_written_and_not_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut rendered, mut files) = fixture(dir.path());
+        for (path, contents) in [
+            (hybridlet_bootstrap::MODULES_LOAD_PATH, "overlay\n"),
+            (
+                hybridlet_bootstrap::SYSCTL_PATH,
+                "net.ipv4.ip_forward = 1\n",
+            ),
+        ] {
+            rendered.push(RenderedFile {
+                path: path.into(),
+                mode: 0o644,
+                contents: contents.into(),
+            });
+            files.push(DesiredFile {
+                path: dir.path().join(path.trim_start_matches('/')),
+                mode: 0o644,
+                contents: contents.as_bytes().to_vec(),
+            });
+        }
+        let sm = FakeServiceManager::with_units(&[
+            CONTAINERD,
+            KUBELET,
+            "systemd-modules-load.service",
+            "systemd-sysctl.service",
+        ]);
+        let backups = dir.path().join("backups");
+        let first = join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        let calls = sm.calls();
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        // Before the kubelet starts, after systemd has reloaded.
+        assert!(at("daemon-reload") < at("restart systemd-modules-load.service"));
+        assert!(at("restart systemd-sysctl.service") < at("restart kubelet.service"));
+        assert!(
+            first
+                .actions
+                .iter()
+                .any(|a| a.contains("applied /etc/sysctl.d/99-hybridlet.conf"))
+        );
+        join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        assert_eq!(sm.calls().len(), calls.len(), "a rerun applied again");
     }
 
     #[test]

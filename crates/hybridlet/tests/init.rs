@@ -68,7 +68,7 @@ fn iam_ra_dry_run_shows_files_and_changes_nothing() {
         "{text}"
     );
     assert!(
-        text.contains("dry run: 9 files, 9 would be written; nothing was changed"),
+        text.contains("dry run: 11 files, 11 would be written; nothing was changed"),
         "{text}"
     );
     assert!(
@@ -135,7 +135,7 @@ fn init_writes_files_once_and_backs_up_what_it_replaces() {
         text.contains("  changed  644  /var/lib/kubelet/kubeconfig"),
         "{text}"
     );
-    assert!(text.contains("init: 9 file(s) written"), "{text}");
+    assert!(text.contains("init: 11 file(s) written"), "{text}");
     let config = root.path().join("etc/kubernetes/kubelet/config.json");
     assert!(
         std::fs::read_to_string(&config)
