@@ -223,6 +223,50 @@ impl SlicePublisher {
         }
     }
 
+    /// Watch this pool's slices and call `deleted` whenever one disappears (the kubelet
+    /// wipes a node's slices when it restarts; someone may delete them by hand), so the
+    /// caller can republish at once instead of at the next reconcile. Runs until dropped:
+    /// a broken or expired watch is opened again after a short, growing pause.
+    pub async fn watch_deletions(&self, deleted: impl Fn()) {
+        use kube::api::{WatchEvent, WatchParams};
+        use tokio_stream::StreamExt as _;
+        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
+        let params = WatchParams::default().fields(&format!(
+            "spec.nodeName={},spec.driver={}",
+            self.node, self.driver
+        ));
+        let mut pause = std::time::Duration::from_millis(500);
+        loop {
+            match api.watch(&params, "0").await {
+                Ok(stream) => {
+                    let mut stream = std::pin::pin!(stream);
+                    while let Some(event) = stream.next().await {
+                        match event {
+                            Ok(WatchEvent::Deleted(slice)) => {
+                                tracing::info!(driver = %self.driver, slice = slice.metadata.name.as_deref().unwrap_or(""), "a ResourceSlice of this node was deleted; republishing");
+                                deleted();
+                            }
+                            Ok(WatchEvent::Error(e)) => {
+                                tracing::debug!(driver = %self.driver, "slice watch ended: {}", e.message);
+                                break;
+                            }
+                            Ok(_) => pause = std::time::Duration::from_millis(500),
+                            Err(e) => {
+                                tracing::debug!(driver = %self.driver, "slice watch broke: {e}");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(driver = %self.driver, "opening the slice watch failed: {e}")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(30));
+        }
+    }
+
     /// Make the API server's slices for this pool match `devices`.
     pub async fn publish(&self, devices: &[SliceDevice]) -> Result<Published, PublishError> {
         let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());

@@ -27,6 +27,36 @@ fn scrape(addr: &str) -> usize {
     body.len()
 }
 
+/// A plain HTTP/1.1 request to the fake API server; the body of the answer.
+fn http(url: &str, method: &str, path: &str) -> String {
+    let addr = url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).expect("connect to the fake API server");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn slice_names(url: &str) -> Vec<String> {
+    let body = http(url, "GET", "/apis/resource.k8s.io/v1/resourceslices");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -148,6 +178,38 @@ fn main() {
         pct(&lat, 0.99),
         lat[lat.len() - 1]
     );
+
+    if dra {
+        // Slice deletion (as the kubelet does on restart) to republished, through the watch.
+        let mut gaps = Vec::new();
+        for _ in 0..20 {
+            let names = slice_names(&url);
+            let Some(victim) = names.iter().find(|n| n.contains("gpu")).cloned() else {
+                break;
+            };
+            let t = Instant::now();
+            http(
+                &url,
+                "DELETE",
+                &format!("/apis/resource.k8s.io/v1/resourceslices/{victim}"),
+            );
+            while !slice_names(&url).contains(&victim) {
+                assert!(t.elapsed() < Duration::from_secs(30), "not republished");
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            gaps.push(t.elapsed());
+        }
+        gaps.sort();
+        if !gaps.is_empty() {
+            println!(
+                "slice deleted to republished ({} times): p50 {:?}, max {:?}",
+                gaps.len(),
+                pct(&gaps, 0.5),
+                gaps[gaps.len() - 1]
+            );
+        }
+    }
 
     let idle: u64 = std::env::var("HYBRIDLET_BENCH_IDLE_SECONDS")
         .ok()

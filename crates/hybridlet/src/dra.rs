@@ -538,6 +538,18 @@ impl DraPlugin {
         ctx.ready.set_ready();
 
         let publisher = SlicePublisher::new(client, &self.driver, &self.node);
+        // A deleted slice (the kubelet wipes them when it restarts) is republished at once.
+        let republish = Arc::new(tokio::sync::Notify::new());
+        {
+            let (watcher, republish, shutdown) =
+                (publisher.clone(), republish.clone(), ctx.shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = watcher.watch_deletions(|| republish.notify_one()) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            });
+        }
         let shutdown = ctx.shutdown.clone();
         let health = self.health.clone();
         let publish = async move {
@@ -568,6 +580,7 @@ impl DraPlugin {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                     changed = health_changes.changed() => if changed.is_err() { return },
+                    () = republish.notified() => {}
                 }
             }
         };

@@ -151,6 +151,17 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
 
     let slices = api.list("/apis/resource.k8s.io/v1/resourceslices");
     assert_eq!(slices.len(), 1);
+
+    // The kubelet wipes a node's slices when it restarts: the watch sees the deletion and
+    // the slice is back long before the minute-long reconcile would bring it.
+    wait_until("the slice watch", || api.watches() >= 1).await;
+    let name = slices[0]["metadata"]["name"].as_str().unwrap().to_string();
+    api.remove(&format!("/apis/resource.k8s.io/v1/resourceslices/{name}"));
+    wait_until("the slice republished", || {
+        api.list("/apis/resource.k8s.io/v1/resourceslices").len() == 1
+    })
+    .await;
+    let slices = api.list("/apis/resource.k8s.io/v1/resourceslices");
     let spec = &slices[0]["spec"];
     assert_eq!(spec["driver"], "gpu.hybridlet.io");
     assert_eq!(spec["nodeName"], "fra1-r12-n07");
