@@ -24,6 +24,16 @@ pub(crate) fn spec_file(cdi_dir: &Path, driver: &str, claim_uid: &str) -> std::p
     ))
 }
 
+/// The claim UID of a file in the CDI directory that is this driver's spec, if it is one.
+pub(crate) fn spec_uid(file_name: &str, driver: &str) -> Option<String> {
+    let prefix = format!("{}-", driver.replace(['/', '.'], "_"));
+    file_name
+        .strip_prefix(&prefix)?
+        .strip_suffix(".json")
+        .filter(|uid| !uid.is_empty())
+        .map(str::to_string)
+}
+
 /// A CDI spec (cdiVersion 0.6.0) with one device per prepared device of the claim.
 pub(crate) fn spec(driver: &str, claim_uid: &str, devices: &[(String, ContainerEdits)]) -> String {
     let devices: Vec<_> = devices

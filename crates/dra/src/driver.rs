@@ -51,6 +51,48 @@ fn write_cdi(
         .map_err(|e| format!("writing CDI spec: {e}"))
 }
 
+/// After a crash: a CDI spec written for a claim whose prepare never reached the
+/// checkpoint is not prepared (the kubelet asks again and gets a fresh one), and the
+/// temporary files of an interrupted atomic write are garbage. Only this driver's files
+/// are touched.
+fn remove_crash_leftovers(
+    cdi_dir: &Path,
+    checkpoint_path: &Path,
+    driver: &str,
+    checkpoint: &Checkpoint,
+) {
+    let spec_prefix = format!(".{}-", driver.replace(['/', '.'], "_"));
+    let checkpoint_tmp = checkpoint_path
+        .file_name()
+        .map(|n| format!(".{}.tmp.", n.to_string_lossy()));
+    let dirs = [Some(cdi_dir), checkpoint_path.parent()];
+    for dir in dirs.into_iter().flatten() {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let temp = (name.starts_with(&spec_prefix) && name.contains(".json.tmp."))
+                || checkpoint_tmp
+                    .as_ref()
+                    .is_some_and(|t| name.starts_with(t.as_str()));
+            let orphan = dir == cdi_dir
+                && cdi::spec_uid(&name, driver)
+                    .is_some_and(|uid| !checkpoint.claims.contains_key(&uid));
+            if temp || orphan {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %entry.path().display(), "removed a leftover of an interrupted prepare")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %entry.path().display(), "removing a leftover of an interrupted prepare failed: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Holds one claim's lock; drops the map entry when nobody else waits for it.
 struct ClaimGuard<'a> {
     driver: &'a Driver,
@@ -226,6 +268,12 @@ impl Driver {
                 tracing::error!(claim_uid = %uid, "rebuilding the CDI spec failed: {e}");
             }
         }
+        remove_crash_leftovers(
+            cdi_dir,
+            checkpoint_path,
+            driver.backend.driver_name(),
+            &checkpoint,
+        );
         checkpoint
             .save(checkpoint_path)
             .map_err(|e| DriverError::Io {

@@ -37,6 +37,36 @@ struct Daemon {
     kubelet: std::path::PathBuf,
     child: std::process::Child,
     log: std::thread::JoinHandle<Vec<String>>,
+    extra: Vec<String>,
+}
+
+/// `hybridlet run` under `root`, its stderr collected by a thread.
+fn spawn(
+    root: &Path,
+    extra: &[String],
+) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args([
+            "--root",
+            root.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .args(extra)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    (child, log)
 }
 
 impl Daemon {
@@ -69,34 +99,26 @@ impl Daemon {
             "listenAddress: 127.0.0.1:0",
         );
         std::fs::write(etc.join("config.yaml"), config(text)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-            .args([
-                "--root",
-                root.path().to_str().unwrap(),
-                "--log-format",
-                "json",
-                "run",
-            ])
-            .args(extra_args(root.path()))
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = std::thread::spawn(move || {
-            BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-        });
+        let extra = extra_args(root.path());
+        let (child, log) = spawn(root.path(), &extra);
         Self {
             api,
             root,
             kubelet,
             child,
             log,
+            extra,
         }
+    }
+
+    /// SIGKILL (a crash: no clean-up runs), then start again with the same arguments.
+    fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, log) = spawn(self.root.path(), &self.extra);
+        self.child = child;
+        let old = std::mem::replace(&mut self.log, log);
+        let _ = old.join();
     }
 
     /// SIGTERM, wait up to 15 s; the exit status and the log.
@@ -538,4 +560,163 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
 
     let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
+}
+
+/// On disk after a start: every GPU CDI spec belongs to a checkpointed claim and every
+/// checkpointed claim has its spec; no temporary file of an interrupted write is left.
+fn consistent_after_restart(root: &Path) -> Result<usize, String> {
+    let cdi = root.join("var/run/cdi");
+    let checkpoint: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("var/lib/hybridlet/dra-gpu.hybridlet.io.json"))
+            .map_err(|e| format!("checkpoint: {e}"))?,
+    )
+    .map_err(|e| format!("checkpoint: {e}"))?;
+    let claims: std::collections::BTreeSet<String> = checkpoint["claims"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut specs = std::collections::BTreeSet::new();
+    for dir in [cdi.clone(), root.join("var/lib/hybridlet")] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(".tmp.") {
+                return Err(format!("temporary file left: {}", e.path().display()));
+            }
+            if dir == cdi
+                && let Some(uid) = name
+                    .strip_prefix("gpu_hybridlet_io-")
+                    .and_then(|n| n.strip_suffix(".json"))
+            {
+                specs.insert(uid.to_string());
+            }
+        }
+    }
+    if specs != claims {
+        return Err(format!(
+            "CDI specs {specs:?} but checkpointed claims {claims:?}"
+        ));
+    }
+    Ok(claims.len())
+}
+
+/// 500 prepare/unprepare cycles with the daemon killed (SIGKILL) at pseudo-random moments,
+/// often in the middle of a call. After every restart the disk is consistent (a claim is
+/// prepared with its CDI spec, or absent), the kubelet's retry of the interrupted call
+/// converges, and at the end nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_at_random_points_during_500_cycles_nothing_is_half_done() {
+    let mut d = Daemon::start(
+        |root| {
+            hybridlet_fixtures::dgx_h200(root, 0).unwrap();
+        },
+        |config| config.replace("      driverName: gpu.example.com", "      enabled: true"),
+        |root| {
+            vec![
+                "--nvml-fixture".into(),
+                root.join("fake-nvml.json").display().to_string(),
+            ]
+        },
+    )
+    .await;
+    let dra = d.kubelet.join("plugins/gpu.hybridlet.io/dra.sock");
+    for i in 0..8 {
+        d.api.put(
+            &format!("/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/c{i}"),
+            json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                   "metadata": {"name": format!("c{i}"), "namespace": "ml", "uid": format!("uid-{i}")},
+                   "spec": {},
+                   "status": {"allocation": {"devices": {"results": [
+                       {"request": "gpu", "driver": "gpu.hybridlet.io", "pool": "fra1-r12-n07", "device": format!("gpu-{i}")}]}}}}),
+        );
+    }
+    // A small linear congruential generator: reproducible, no dependency.
+    let mut seed: u64 = 0x5eed_1234;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let (mut kills, mut cycles) = (0, 0);
+    let mut client = serving(&dra).await;
+    while cycles < 500 {
+        let c = &mut client;
+        let i = next(8);
+        let claim = v1::Claim {
+            namespace: "ml".into(),
+            name: format!("c{i}"),
+            uid: format!("uid-{i}"),
+        };
+        // One cycle in twelve, a crash a few hundred microseconds later, landing before,
+        // inside or after the calls below.
+        let crash_in = (next(12) == 0).then(|| Duration::from_micros(next(3000)));
+        let pid = d.child.id();
+        let killer = crash_in.map(|after| {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            })
+        });
+        let prepared = c
+            .node_prepare_resources(v1::NodePrepareResourcesRequest {
+                claims: vec![claim.clone()],
+            })
+            .await;
+        let unprepared = c
+            .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                claims: vec![claim.clone()],
+            })
+            .await;
+        if let Some(k) = killer {
+            k.join().unwrap();
+            d.crash_and_restart();
+            kills += 1;
+            client = serving(&dra).await;
+            // The restarted daemon has reconciled the disk before it serves.
+            let left = consistent_after_restart(d.root.path()).unwrap();
+            assert!(left <= 8);
+            // The kubelet retries what it did not see finish: here, the unprepare.
+            let r = client
+                .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+                    claims: vec![claim],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.claims[&format!("uid-{i}")].error, "");
+        } else {
+            let p = prepared.unwrap().into_inner();
+            assert_eq!(p.claims[&format!("uid-{i}")].error, "", "cycle {cycles}");
+            unprepared.unwrap();
+        }
+        cycles += 1;
+    }
+    assert!(kills >= 20, "only {kills} crashes in 500 cycles");
+    // Everything was unprepared in the end: no claim, no spec, no temporary file.
+    assert_eq!(consistent_after_restart(d.root.path()), Ok(0));
+    let (status, log) = d.stop().await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}
+
+/// A DRA client once the daemon answers on `socket` (after a start or a restart, the old
+/// socket file may still be there for a moment).
+async fn serving(
+    socket: &Path,
+) -> v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(channel) = hybridlet_kubelet_plugin::connect(socket).await {
+            let mut c = v1::dra_plugin_client::DraPluginClient::new(channel);
+            if c.node_unprepare_resources(v1::NodeUnprepareResourcesRequest { claims: vec![] })
+                .await
+                .is_ok()
+            {
+                return c;
+            }
+        }
+        assert!(Instant::now() < deadline, "the DRA socket does not answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
