@@ -52,6 +52,11 @@ pub struct Checkpoint {
     /// Claims by UID.
     #[serde(default)]
     pub claims: BTreeMap<String, PreparedClaim>,
+    /// Devices whose host state is being changed for a claim that is not prepared yet
+    /// (by claim UID): recorded before a VF is moved to vfio-pci, so that a crash in
+    /// between is undone at the next start.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attaching: BTreeMap<String, Vec<String>>,
 }
 
 /// Problems with the checkpoint file.
@@ -85,7 +90,7 @@ impl Checkpoint {
                     checkpoint: Checkpoint {
                         version: CHECKPOINT_VERSION,
                         boot_id: boot_id.to_string(),
-                        claims: BTreeMap::new(),
+                        ..Checkpoint::default()
                     },
                     moved_aside: None,
                     rebooted: false,
@@ -114,7 +119,7 @@ impl Checkpoint {
                     checkpoint: Checkpoint {
                         version: CHECKPOINT_VERSION,
                         boot_id: boot_id.to_string(),
-                        claims: BTreeMap::new(),
+                        ..Checkpoint::default()
                     },
                     moved_aside: moved.then_some(aside),
                     rebooted: false,

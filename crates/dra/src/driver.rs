@@ -24,6 +24,11 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     fn release(&self, _device: &str) -> Result<(), String> {
         Ok(())
     }
+    /// Whether [`DeviceBackend::attach`] changes the host (then the driver records its
+    /// intent in the checkpoint before attaching, so a crash midway is undone at start).
+    fn changes_host(&self) -> bool {
+        false
+    }
 }
 
 /// Release every device, logging (not returning) failures: the clean-up path.
@@ -251,6 +256,20 @@ impl Driver {
             );
         }
         let mut checkpoint = loaded.checkpoint;
+        // Prepares that crashed while changing the host: give the devices back (release
+        // is idempotent), so nothing stays on vfio-pci for a claim nobody holds.
+        for (uid, devices) in std::mem::take(&mut checkpoint.attaching) {
+            for device in devices {
+                match backend.release(&device) {
+                    Ok(()) => {
+                        tracing::warn!(claim_uid = %uid, device = %device, "released a device from a prepare interrupted by a crash")
+                    }
+                    Err(e) => {
+                        tracing::error!(claim_uid = %uid, device = %device, "releasing a device from a prepare interrupted by a crash failed: {e}")
+                    }
+                }
+            }
+        }
         checkpoint.boot_id = boot_id.to_string();
         checkpoint.version = crate::checkpoint::CHECKPOINT_VERSION;
         let mut driver = Self {
@@ -318,6 +337,15 @@ impl Driver {
         })
         .await
         .map_err(|e| format!("preparing the devices: {e}"))?
+    }
+
+    /// Drop a recorded intent from memory; the next commit writes it away. (A crash
+    /// before that only makes the next start release devices that are already released.)
+    fn forget_intent(&self, uid: &str) {
+        let mut state = self.lock_state();
+        if state.checkpoint.attaching.remove(uid).is_some() {
+            state.generation += 1;
+        }
     }
 
     fn unreserve(&self, uid: &str, devices: &[PreparedDevice]) {
@@ -413,12 +441,33 @@ impl Driver {
                 state.reserved.insert(d.device.clone(), uid.to_string());
             }
         }
+        let intent = self.backend.changes_host();
+        if intent {
+            let generation = {
+                let mut state = self.lock_state();
+                state.checkpoint.attaching.insert(
+                    uid.to_string(),
+                    devices.iter().map(|d| d.device.clone()).collect(),
+                );
+                state.generation += 1;
+                state.generation
+            };
+            if let Err(e) = self.persist(generation).await {
+                self.forget_intent(uid);
+                self.unreserve(uid, &devices);
+                return Err(e);
+            }
+        }
         if let Err(e) = self.set_up(uid, &devices).await {
+            if intent {
+                self.forget_intent(uid);
+            }
             self.unreserve(uid, &devices);
             return Err(e);
         }
         let generation = {
             let mut state = self.lock_state();
+            state.checkpoint.attaching.remove(uid);
             state.checkpoint.claims.insert(
                 uid.to_string(),
                 PreparedClaim {

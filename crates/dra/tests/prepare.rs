@@ -542,3 +542,106 @@ async fn claims_on_different_devices_prepare_in_parallel_and_a_shared_device_is_
     );
     assert_eq!(driver.prepared().await.len(), 4);
 }
+
+/// A backend that changes the host (like SR-IOV): attach records the device and, while
+/// `hold` is set, blocks — a prepare caught there by a crash.
+#[derive(Debug, Default)]
+struct HostChanging {
+    hold: std::sync::Mutex<bool>,
+    moved: std::sync::Condvar,
+    attached: std::sync::Mutex<Vec<String>>,
+    released: std::sync::Mutex<Vec<String>>,
+}
+
+impl DeviceBackend for HostChanging {
+    fn driver_name(&self) -> &str {
+        DRIVER
+    }
+    fn pool_name(&self) -> &str {
+        "node-a"
+    }
+    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+        Ok(ContainerEdits {
+            env: vec![format!("DEV={device}")],
+            device_nodes: Vec::new(),
+        })
+    }
+    fn changes_host(&self) -> bool {
+        true
+    }
+    fn attach(&self, device: &str) -> Result<(), String> {
+        self.attached.lock().unwrap().push(device.to_string());
+        let mut hold = self.hold.lock().unwrap();
+        while *hold {
+            hold = self.moved.wait(hold).unwrap();
+        }
+        Ok(())
+    }
+    fn release(&self, device: &str) -> Result<(), String> {
+        self.released.lock().unwrap().push(device.to_string());
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_changing_the_host_is_undone_at_the_next_start() {
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.dir.path().join("state")).unwrap();
+    rig.claims
+        .put(claim("vf", "uid-vf", &[("vf", DRIVER, "node-a", "vf-1")]));
+    let open = |backend: Arc<HostChanging>| {
+        Driver::open(
+            backend,
+            rig.claims.clone(),
+            &rig.checkpoint(),
+            &rig.cdi(),
+            "boot-1",
+        )
+        .unwrap()
+    };
+
+    // A normal prepare leaves no intent behind.
+    let backend = Arc::new(HostChanging::default());
+    let driver = open(backend.clone());
+    driver.prepare("ml", "vf", "uid-vf").await.unwrap();
+    let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
+    assert!(!disk.contains("attaching"), "{disk}");
+    driver.unprepare("uid-vf").await.unwrap();
+    drop(driver);
+
+    // The process dies while the VF is being moved: the intent is on disk.
+    let stuck = Arc::new(HostChanging::default());
+    *stuck.hold.lock().unwrap() = true;
+    let driver = open(stuck.clone());
+    let crashed = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        driver.prepare("ml", "vf", "uid-vf"),
+    )
+    .await;
+    assert!(
+        crashed.is_err(),
+        "the prepare should still be inside attach"
+    );
+    assert_eq!(*stuck.attached.lock().unwrap(), ["vf-1"]);
+    let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
+    assert!(
+        disk.contains("\"attaching\"") && disk.contains("vf-1"),
+        "{disk}"
+    );
+
+    // The next start gives the VF back and forgets the intent; nothing is prepared.
+    let fresh = Arc::new(HostChanging::default());
+    let restarted = open(fresh.clone());
+    assert_eq!(*fresh.released.lock().unwrap(), ["vf-1"]);
+    assert!(restarted.prepared().await.is_empty());
+    let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
+    assert!(!disk.contains("attaching"), "{disk}");
+    assert!(
+        std::fs::read_dir(rig.cdi()).unwrap().next().is_none(),
+        "a CDI spec was left"
+    );
+
+    // Let the stuck thread finish.
+    *stuck.hold.lock().unwrap() = false;
+    stuck.moved.notify_all();
+}

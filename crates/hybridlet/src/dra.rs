@@ -224,6 +224,10 @@ impl DeviceBackend for SriovBackend {
         Ok(())
     }
 
+    fn changes_host(&self) -> bool {
+        true
+    }
+
     fn release(&self, device: &str) -> Result<(), String> {
         let vf = self.vf(device)?;
         if self.binding.driver(&vf.address).as_deref() != Some(VFIO) {
