@@ -173,6 +173,7 @@ pub struct Driver {
     claim_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The prepared claims after every change, for whoever labels metrics with them.
     changes: tokio::sync::watch::Sender<BTreeMap<String, PreparedClaim>>,
+    metrics: Option<crate::DraMetrics>,
 }
 
 /// The in-memory truth; the checkpoint file lags it by at most one group commit.
@@ -221,17 +222,39 @@ impl Driver {
             (state.checkpoint.clone(), state.generation)
         };
         let path = self.checkpoint_path.clone();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || snapshot.save(&path))
             .await
             .map_err(|e| format!("writing the checkpoint: {e}"))?
             .map_err(|e| e.to_string())?;
+        if let Some(m) = &self.metrics {
+            m.checkpoint_written(started.elapsed());
+        }
         *committed = covers;
         Ok(())
     }
 
     fn publish_changes(&self) {
         let claims = self.lock_state().checkpoint.claims.clone();
+        if let Some(m) = &self.metrics {
+            m.prepared(claims.len(), claims.values().map(|c| c.devices.len()).sum());
+        }
         self.changes.send_replace(claims);
+    }
+
+    /// Export this driver's calls, checkpoint writes and prepared state.
+    pub fn with_metrics(mut self, metrics: crate::DraMetrics) -> Self {
+        let claims = self.lock_state().checkpoint.claims.clone();
+        metrics.prepared(claims.len(), claims.values().map(|c| c.devices.len()).sum());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Record one claim's call (the gRPC services call this).
+    pub fn observe(&self, operation: &str, ok: bool, took: std::time::Duration) {
+        if let Some(m) = &self.metrics {
+            m.operation(operation, ok, took);
+        }
     }
 
     /// Load the checkpoint (moving a corrupt one aside) and make sure every checkpointed
@@ -281,6 +304,7 @@ impl Driver {
             committed: tokio::sync::Mutex::new(0),
             claim_locks: std::sync::Mutex::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(BTreeMap::new()),
+            metrics: None,
         };
         for (uid, claim) in &checkpoint.claims {
             if let Err(e) = driver.write_cdi(uid, &claim.devices) {

@@ -29,7 +29,9 @@ macro_rules! dra_service {
             ) -> Result<Response<$api::NodePrepareResourcesResponse>, Status> {
                 let mut out = $api::NodePrepareResourcesResponse::default();
                 for claim in request.into_inner().claims {
+                    let started = std::time::Instant::now();
                     let result = self.0.prepare(&claim.namespace, &claim.name, &claim.uid).await;
+                    self.0.observe("prepare", result.is_ok(), started.elapsed());
                     let entry = match result {
                         Ok(devices) => $api::NodePrepareResourceResponse {
                             devices: devices
@@ -60,7 +62,9 @@ macro_rules! dra_service {
             ) -> Result<Response<$api::NodeUnprepareResourcesResponse>, Status> {
                 let mut out = $api::NodeUnprepareResourcesResponse::default();
                 for claim in request.into_inner().claims {
+                    let started = std::time::Instant::now();
                     let error = self.0.unprepare(&claim.uid).await.err().unwrap_or_default();
+                    self.0.observe("unprepare", error.is_empty(), started.elapsed());
                     out.claims.insert(claim.uid, $api::NodeUnprepareResourceResponse { error });
                 }
                 Ok(Response::new(out))

@@ -17,6 +17,7 @@ mod claims;
 mod driver;
 mod grpc;
 mod health;
+mod metrics;
 mod slices;
 
 pub use cdi::{ContainerEdits, cdi_device_id};
@@ -28,6 +29,7 @@ pub use health::{
     DeviceHealth, HEALTH_RESEND, HEALTH_TIMEOUT_SECONDS, HealthBoard, HealthService, Taint,
     V1Health, V1alpha1Health,
 };
+pub use metrics::DraMetrics;
 pub use slices::{
     Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
 };

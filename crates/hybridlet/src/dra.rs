@@ -303,6 +303,8 @@ pub struct DraPlugin {
     holders: Option<(Holders, BTreeMap<String, String>)>,
     /// The devices' health: the health stream and the slice taints read it.
     health: HealthBoard,
+    /// This driver's share of the DRA families.
+    dra_metrics: Option<hybridlet_dra::DraMetrics>,
 }
 
 /// Where a DRA driver lives on the host (resolved under `--root`).
@@ -371,6 +373,7 @@ impl DraPlugin {
         let health = HealthBoard::new(devices.iter().map(|d| d.name.clone()));
         Self {
             health,
+            dra_metrics: None,
             label,
             checkpoint: paths.state_dir.join(format!("dra-{driver}.json")),
             driver: driver.to_string(),
@@ -384,6 +387,13 @@ impl DraPlugin {
             metrics,
             holders: None,
         }
+    }
+
+    /// Export this driver's calls, checkpoint writes, prepared state, unhealthy devices
+    /// and last publication in `metrics`' families.
+    pub fn with_metrics(mut self, metrics: &hybridlet_dra::DraMetrics) -> Self {
+        self.dra_metrics = Some(metrics.for_driver(&self.driver));
+        self
     }
 
     /// The health board of this driver's devices, for whoever observes their health.
@@ -483,13 +493,17 @@ impl DraPlugin {
                 )
             })?;
         let devices = self.devices;
-        let driver = Arc::new(Driver::open(
+        let mut driver = Driver::open(
             self.backend,
             Arc::new(KubeClaims::new(client.clone())),
             &self.checkpoint,
             &self.cdi_dir,
             &self.boot_id,
-        )?);
+        )?;
+        if let Some(m) = &self.dra_metrics {
+            driver = driver.with_metrics(m.clone());
+        }
+        let driver = Arc::new(driver);
         if let Some((holders, uuids)) = self.holders {
             tokio::spawn(track_holders(
                 driver.subscribe(),
@@ -556,11 +570,15 @@ impl DraPlugin {
         }
         let shutdown = ctx.shutdown.clone();
         let health = self.health.clone();
+        let metrics = self.dra_metrics.clone();
         let publish = async move {
             let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
             let mut health_changes = health.subscribe();
             loop {
                 health_changes.borrow_and_update();
+                if let Some(m) = &metrics {
+                    m.unhealthy(health.snapshot().values().filter(|h| !h.healthy).count());
+                }
                 // An unhealthy device is published with its taint; a recovered one without.
                 let current: Vec<SliceDevice> = devices
                     .iter()
@@ -571,6 +589,9 @@ impl DraPlugin {
                     .collect();
                 let wait = match publisher.publish(&current).await {
                     Ok(_) => {
+                        if let Some(m) = &metrics {
+                            m.published();
+                        }
                         backoff.reset();
                         RECONCILE_INTERVAL
                     }

@@ -121,6 +121,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let devices_summary =
         crate::device_metrics::DeviceMetrics::register(&mut registry, device_holders.clone());
     if config.agent.dra.gpu.enabled || config.agent.dra.sriov.enabled {
+        let dra_metrics = hybridlet_dra::DraMetrics::register(&mut registry);
         let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
@@ -144,7 +145,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 Arc::new(sysfs.clone()),
                 registrations.clone(),
                 device_holders.clone(),
-            );
+            )
+            .with_metrics(&dra_metrics);
             devices_summary.add_health_policy(Arc::new(crate::health::VfHealth::new(
                 dra.health(),
                 &config.agent.dra.sriov.driver_name,
@@ -160,7 +162,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 report,
                 registrations.clone(),
                 device_holders,
-            );
+            )
+            .with_metrics(&dra_metrics);
             devices_summary.add_health_policy(Arc::new(crate::health::GpuHealth::new(
                 dra.health(),
                 &config.agent.dra.gpu.driver_name,

@@ -54,15 +54,34 @@ fn scrape(addr: &str) -> String {
     buf.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
-#[test]
-fn live_scrape_matches_docs_and_alerts() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_scrape_matches_docs_and_alerts() {
     let root = tempfile::tempdir().unwrap();
     hybridlet_fixtures::dgx_h200(root.path(), 2).unwrap();
+    // Both DRA drivers on, publishing to a fake API server, so their families show too.
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_ascii_lowercase();
+    let api = hybridlet_fixtures::apiserver::FakeApiServer::start()
+        .await
+        .unwrap();
+    api.put(
+        &format!("/api/v1/nodes/{node}"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "uid": "u"}}),
+    );
+    let kubelet = root.path().join("var/lib/kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    std::fs::write(
+        kubelet.join("kubeconfig"),
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: t\n", api.url()),
+    )
+    .unwrap();
     let etc = root.path().join("etc/hybridlet");
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(
         etc.join("config.yaml"),
-        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:0\n  shutdownGracePeriod: 5s\n  csi:\n    nfs:\n      enabled: true\n",
+        "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  admin:\n    listenAddress: 127.0.0.1:0\n  shutdownGracePeriod: 5s\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n",
     )
     .unwrap();
     let fixture = root.path().join("fake-nvml.json");
@@ -115,6 +134,8 @@ fn live_scrape_matches_docs_and_alerts() {
         "hybridlet_sriov_vfs_capacity{pf=\"0000:0e:00.0\",netdev=\"enp14s0np0\"} 16",
         "hybridlet_sriov_pf_link_speed_bytes_per_second{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 50000000000",
         "hybridlet_subsystem_ready{subsystem=\"csi\"} 1",
+        "hybridlet_dra_prepared_claims{driver=\"gpu.hybridlet.io\"} 0",
+        "hybridlet_dra_unhealthy_devices{driver=\"sriov.hybridlet.io\"} 0",
         "hybridlet_sriov_vfs_allocated{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 0",
         "hybridlet_sriov_vf_receive_bytes_total{pf=\"0000:64:00.0\",vf=\"0000:64:00.2\",netdev=\"enp100s0v0\"} 797002391",
         "hybridlet_sriov_vf_transmit_bytes_total{pf=\"0000:64:00.0\",vf=\"0000:64:00.3\",netdev=\"enp100s0v1\"} 1596002394",
