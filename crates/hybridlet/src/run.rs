@@ -122,6 +122,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         crate::device_metrics::DeviceMetrics::register(&mut registry, device_holders.clone());
     if config.agent.dra.gpu.enabled || config.agent.dra.sriov.enabled {
         let dra_metrics = hybridlet_dra::DraMetrics::register(&mut registry);
+        // The DRA drivers are what talks to the API server; observe their clients.
+        hybridlet_kube::register_metrics(&mut registry);
         let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))

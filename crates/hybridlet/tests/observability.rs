@@ -121,13 +121,9 @@ async fn live_scrape_matches_docs_and_alerts() {
         }
     }
     let addr = addr.expect("admin address");
-    let body = scrape(&addr);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-
-    for needle in [
+    // Keep draining the log so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let needles = [
         "hybridlet_gpu_info{gpu=\"3\",UUID=\"GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003\",pci_bus_id=\"00000000:63:00.0\",modelName=\"NVIDIA H200\",driver_version=\"570.86.15\",numa_node=\"0\",pcie_root=\"pci0000:60\",pcie_switch=\"0000:61:00.0\"} 1",
         "hybridlet_gpu_memory_total_bytes{gpu=\"0\",UUID=\"GPU-5a0b0000-1c2d-4e5f-8a9b-0000dead0000\"} 150754820096",
         "hybridlet_sriov_vfs{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 2",
@@ -135,6 +131,7 @@ async fn live_scrape_matches_docs_and_alerts() {
         "hybridlet_sriov_pf_link_speed_bytes_per_second{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 50000000000",
         "hybridlet_subsystem_ready{subsystem=\"csi\"} 1",
         "hybridlet_dra_prepared_claims{driver=\"gpu.hybridlet.io\"} 0",
+        "hybridlet_apiserver_requests_total{verb=\"get\",code=\"200\"}",
         "hybridlet_dra_unhealthy_devices{driver=\"sriov.hybridlet.io\"} 0",
         "hybridlet_sriov_vfs_allocated{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 0",
         "hybridlet_sriov_vf_receive_bytes_total{pf=\"0000:64:00.0\",vf=\"0000:64:00.2\",netdev=\"enp100s0v0\"} 797002391",
@@ -145,7 +142,20 @@ async fn live_scrape_matches_docs_and_alerts() {
         "hybridlet_gpu_last_xid{gpu=\"5\",UUID=\"GPU-5a0b0005-1c2d-4e5f-8a9b-0000dead0005\",pci_bus_id=\"00000000:C2:00.0\",modelName=\"NVIDIA H200\"} 31",
         "hybridlet_gpu_xid_watched{gpu=\"5\",",
         "hybridlet_subsystem_ready{subsystem=\"devices\"} 1",
-    ] {
+    ];
+    // Some series appear with the first publication, just after "ready": scrape until
+    // they are there (or 10 s pass, and the assertion below names what is missing).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut body = scrape(&addr);
+    while !needles.iter().all(|n| body.contains(n)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        body = scrape(&addr);
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    for needle in needles {
         assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
     }
 

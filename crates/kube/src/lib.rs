@@ -13,7 +13,11 @@
 //! What this crate must never do: read AWS credentials, touch the host filesystem beyond
 //! the kubeconfig it is pointed at, or log bearer tokens.
 
+mod metrics;
+
 use std::path::{Path, PathBuf};
+
+pub use metrics::register as register_metrics;
 
 use base64::Engine as _;
 
@@ -67,7 +71,17 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client, KubeError> {
             message: e.to_string(),
         })?;
     config.default_retry = false;
-    Client::try_from(config).map_err(|e| KubeError::Build(e.to_string()))
+    build(config)
+}
+
+/// The client for `config`, observed when [`register_metrics`] was called.
+fn build(config: kube::Config) -> Result<Client, KubeError> {
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| KubeError::Build(e.to_string()))?;
+    Ok(match metrics::installed() {
+        Some(m) => builder.with_layer(&metrics::ObserveLayer(m)).build(),
+        None => builder.build(),
+    })
 }
 
 /// A client for `server` trusting the PEM `ca_pem` bundle (when given), with no
@@ -84,7 +98,7 @@ pub fn client_for(server: &str, ca_pem: Option<&[u8]>) -> Result<Client, KubeErr
     if let Some(pem) = ca_pem {
         config.root_cert = Some(pem_certificates(pem));
     }
-    Client::try_from(config).map_err(|e| KubeError::Build(e.to_string()))
+    build(config)
 }
 
 /// DER bodies of the CERTIFICATE blocks in a PEM bundle.
