@@ -223,4 +223,36 @@ async fn live_scrape_matches_docs_and_alerts() {
             );
         }
     }
+
+    // The Grafana dashboard: valid JSON, and every series it queries is one the agent
+    // exports (histograms through their _bucket/_sum/_count series).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/hybridlet.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 12);
+    let mut queried = 0;
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names_in(expr) {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|f| docs.contains(*f))
+                    .unwrap_or(&name);
+                assert!(
+                    docs.contains(family),
+                    "panel {:?} queries {name}, which hybridlet does not export",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 15, "the dashboard queries only {queried} series");
 }
