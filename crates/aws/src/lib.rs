@@ -31,6 +31,9 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// Static credentials instead of the default chain (tests and emulators).
     pub static_credentials: Option<Credentials>,
+    /// An AWS config file read besides the default ones (IAM Roles Anywhere's
+    /// `credential_process` profile, `/etc/aws/hybrid/config`), as `AWS_CONFIG_FILE` would.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// The SDK HTTP client: hyper 1 with rustls on *ring*.
@@ -52,7 +55,10 @@ pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     }
     loader = match &settings.static_credentials {
         Some(creds) => loader.credentials_provider(creds.clone()),
-        None => loader.credentials_provider(on_premises_chain(&settings.region)),
+        None => loader.credentials_provider(on_premises_chain(
+            &settings.region,
+            settings.config_file.as_deref(),
+        )),
     };
     loader.load().await
 }
@@ -81,7 +87,10 @@ pub async fn resolve_credentials(config: &SdkConfig) -> Result<Credentials, Stri
 /// Anywhere uses a `credential_process` profile). Hybrid nodes are not EC2 instances, so
 /// instance and container metadata are left out: probing them only adds delays and
 /// confusing errors (and reaches for a link-local address the network may not route).
-pub fn on_premises_chain(region: &str) -> aws_config::meta::credentials::CredentialsProviderChain {
+pub fn on_premises_chain(
+    region: &str,
+    config_file: Option<&std::path::Path>,
+) -> aws_config::meta::credentials::CredentialsProviderChain {
     // Profiles can chain to STS (role_arn); give them our HTTP client and the region.
     let provider_config = aws_config::provider_config::ProviderConfig::without_region()
         .with_region(Some(Region::new(region.to_string())))
@@ -90,12 +99,46 @@ pub fn on_premises_chain(region: &str) -> aws_config::meta::credentials::Credent
         "Environment",
         aws_config::environment::credentials::EnvironmentVariableCredentialsProvider::new(),
     )
-    .or_else(
-        "Profile",
-        aws_config::profile::ProfileFileCredentialsProvider::builder()
-            .configure(&provider_config)
-            .build(),
-    )
+    .or_else("Profile", {
+        let mut profile = aws_config::profile::ProfileFileCredentialsProvider::builder()
+            .configure(&provider_config);
+        if let Some(file) = config_file {
+            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+            profile = profile.profile_files(
+                EnvConfigFiles::builder()
+                    .include_default_config_file(true)
+                    .include_default_credentials_file(true)
+                    .with_file(EnvConfigFileKind::Config, file)
+                    .build(),
+            );
+        }
+        profile.build()
+    })
+}
+
+/// Who the configured credentials are: STS GetCallerIdentity, within `timeout`. The error
+/// names the step (no credentials, STS unreachable, refused).
+pub async fn caller_identity(
+    config: &SdkConfig,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    resolve_credentials(config).await?;
+    let sts = aws_sdk_sts::Client::new(config);
+    let call = sts.get_caller_identity().send();
+    let answer = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| format!("STS did not answer within {timeout:?}"))?
+        .map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            format!("STS GetCallerIdentity: {message}")
+        })?;
+    Ok(answer.arn().unwrap_or("(no ARN)").to_string())
 }
 
 /// An EKS client from the shared configuration.

@@ -44,6 +44,7 @@ fn settings(url: String) -> AwsSettings {
             None,
             "test",
         )),
+        config_file: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
         .block_on(async {
             let sdk = sdk_config(&AwsSettings {
                 region: c.region.clone(),
+                config_file: crate::preflight::iam_ra_config_file(node),
                 ..AwsSettings::default()
             })
             .await;

@@ -191,6 +191,47 @@ fn api_server(config: &Config, root: &HostRoot) -> Option<(String, Option<Vec<u8
     Some((server, ca))
 }
 
+/// IAM Roles Anywhere's AWS config file (its `credential_process` profile), when the
+/// node uses it and the file exists: read like `AWS_CONFIG_FILE` for the node's own AWS
+/// calls.
+pub fn iam_ra_config_file(node: &hybridlet_config::NodeConfig) -> Option<std::path::PathBuf> {
+    let ra = node.spec.hybrid.as_ref()?.iam_roles_anywhere.as_ref()?;
+    let path = std::path::PathBuf::from(&ra.aws_config_path);
+    path.exists().then_some(path)
+}
+
+/// Whether the node's AWS credentials work: STS GetCallerIdentity.
+pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
+    let node = config.node.as_ref()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let answer = runtime.block_on(async {
+        let sdk = hybridlet_aws::sdk_config(&hybridlet_aws::AwsSettings {
+            region: node.spec.cluster.region.clone(),
+            config_file: iam_ra_config_file(node),
+            ..hybridlet_aws::AwsSettings::default()
+        })
+        .await;
+        hybridlet_aws::caller_identity(&sdk, PROBE_TIMEOUT * 2).await
+    });
+    Some((
+        "AWS credentials",
+        match answer {
+            Ok(arn) => Outcome::Ok(format!("STS says this node is {arn}")),
+            Err(e) => Outcome::Fail(format!(
+                "{e}; the EKS token and DescribeCluster need them. SSM: register the agent (it writes /root/.aws/credentials); IAM Roles Anywhere: the certificate, key and {} with the signing helper's credential_process",
+                node.spec
+                    .hybrid
+                    .as_ref()
+                    .and_then(|h| h.iam_roles_anywhere.as_ref())
+                    .map_or("/etc/aws/hybrid/config", |ra| ra.aws_config_path.as_str())
+            )),
+        },
+    ))
+}
+
 /// Clock skew against a server's `Date`, as a check outcome.
 pub fn skew_outcome(server_date: SystemTime, now: SystemTime, server: &str) -> Outcome {
     let (skew, ahead) = match now.duration_since(server_date) {

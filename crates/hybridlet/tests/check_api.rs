@@ -88,6 +88,14 @@ async fn check(config: &Path, json: bool) -> (i32, String) {
     if json {
         cmd.args(["-o", "json"]);
     }
+    // The credentials check goes to STS: keep it on a closed loopback port, with no
+    // credentials from this machine.
+    cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE");
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();

@@ -132,7 +132,8 @@ fn hybridlet(root: &Path, args: &[&str], moto: &Moto) -> Output {
             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         )
         .env_remove("AWS_PROFILE")
-        .env_remove("AWS_CONFIG_FILE")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
         .output()
         .unwrap()
 }
@@ -322,4 +323,58 @@ fn the_token_is_a_get_caller_identity_that_moto_sts_answers() {
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("<GetCallerIdentityResult>"), "{answer}");
     assert!(answer.contains("<Arn>arn:aws:sts::"), "{answer}");
+}
+
+#[test]
+fn check_asks_sts_who_the_node_is() {
+    let moto = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    // The API server steps fail fast on a closed loopback port; the credentials step is
+    // what this test reads.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text_cfg = std::fs::read_to_string(config(dir.path(), "site-a")).unwrap();
+    let cfg = dir.path().join("check.yaml");
+    std::fs::write(
+        &cfg,
+        text_cfg.replacen(
+            "  cluster:\n",
+            &format!("  cluster:\n    apiServerEndpoint: https://{closed}\n"),
+            1,
+        ),
+    )
+    .unwrap();
+    let o = hybridlet(
+        root.path(),
+        &["check", "--config", cfg.to_str().unwrap()],
+        &moto,
+    );
+    assert!(
+        text(&o).contains(
+            "ok: AWS credentials: STS says this node is arn:aws:sts::123456789012:user/moto"
+        ),
+        "{}",
+        text(&o)
+    );
+
+    // No credentials at all: a failure that says where they come from.
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["check", "--config", cfg.to_str().unwrap()])
+        .env("AWS_ENDPOINT_URL", &moto.url)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("FAIL: AWS credentials:"), "{t}");
+    assert!(t.contains("SSM: register the agent"), "{t}");
 }

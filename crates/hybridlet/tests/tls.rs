@@ -53,6 +53,7 @@ async fn kube_and_aws_clients_share_one_provider() {
         region: "us-west-2".into(),
         endpoint_url: Some(url),
         static_credentials: Some(aws_credential_types_for_test()),
+        config_file: None,
     })
     .await;
     let eks = hybridlet_aws::eks_client(&aws);
