@@ -233,6 +233,17 @@ pub struct InitArgs {
     /// (implied with --root other than /: another root's services are not ours to run).
     #[arg(long, conflicts_with = "dry_run")]
     pub no_start: bool,
+    /// After joining, wait until the Node is Ready, reporting each change (default limit
+    /// 5m; exit 1 if it is not Ready by then).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        num_args = 0..=1,
+        default_missing_value = "5m",
+        value_parser = parse_duration,
+        conflicts_with_all = ["dry_run", "no_start"]
+    )]
+    pub wait: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

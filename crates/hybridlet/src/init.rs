@@ -291,7 +291,72 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
         ),
         None => outln!("init: every file already up to date; nothing written"),
     }
+    if let Some(limit) = args.wait {
+        let kubeconfig = root
+            .resolve(format!(
+                "{}/kubeconfig",
+                loaded.config.agent.kubelet_root_dir.trim_end_matches('/')
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        rt.block_on(async {
+            let client = hybridlet_kube::client_from_kubeconfig(&kubeconfig)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            wait_ready(
+                &client,
+                &who.node_name,
+                limit,
+                Duration::from_secs(2),
+                &mut |line| outln!("{line}"),
+            )
+            .await
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
+        })?;
+    }
     Ok(())
+}
+
+/// Poll the Node until it is Ready, telling `say` each new state; an error after `limit`
+/// names the last state and where to look.
+pub(crate) async fn wait_ready(
+    client: &hybridlet_kube::Client,
+    node: &str,
+    limit: Duration,
+    every: Duration,
+    say: &mut dyn FnMut(String),
+) -> Result<(), String> {
+    use hybridlet_kube::NodeState;
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let now = match hybridlet_kube::node_state(client, node).await {
+            Ok(NodeState::Ready) => {
+                say(format!(
+                    "node {node}: Ready after {}s",
+                    started.elapsed().as_secs()
+                ));
+                return Ok(());
+            }
+            Ok(NodeState::Missing) => "not registered yet (the kubelet is starting)".to_string(),
+            Ok(NodeState::NotReady(why)) => format!("registered, not Ready ({why})"),
+            Err(e) => format!("the API server does not answer the node ({e})"),
+        };
+        if now != last {
+            say(format!("node {node}: {now}"));
+            last = now;
+        }
+        if started.elapsed() >= limit {
+            return Err(format!(
+                "node {node} is not Ready after {}s: {last}. `journalctl -u kubelet` on the node says why (CNI not installed yet is common: the node stays NotReady until a CNI runs)",
+                limit.as_secs()
+            ));
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Failure> {
@@ -530,6 +595,62 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use hybridlet_sys::systemd::FakeServiceManager;
+
+    #[tokio::test]
+    async fn wait_ready_reports_each_state_until_ready() {
+        let api = hybridlet_fixtures::apiserver::FakeApiServer::start()
+            .await
+            .unwrap();
+        let client = hybridlet_kube::client_for(&api.url(), None).unwrap();
+        let mut said = Vec::new();
+        let err = wait_ready(
+            &client,
+            "n1",
+            Duration::from_millis(50),
+            Duration::from_millis(10),
+            &mut |l| said.push(l),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("not registered yet"), "{err}");
+        assert_eq!(said.len(), 1, "one line per change: {said:?}");
+
+        let node = |status: &str, reason: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+                "status": {"conditions": [{"type": "Ready", "status": status, "reason": reason,
+                    "message": "container runtime network not ready"}]}})
+        };
+        api.put("/api/v1/nodes/n1", node("False", "KubeletNotReady"));
+        let (api2, done) = (
+            api.clone(),
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let flag = done.clone();
+        let becomes_ready = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            api2.put("/api/v1/nodes/n1", node("True", "KubeletReady"));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut said = Vec::new();
+        wait_ready(
+            &client,
+            "n1",
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            &mut |l| said.push(l),
+        )
+        .await
+        .unwrap();
+        becomes_ready.await.unwrap();
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            said[0].contains(
+                "registered, not Ready (KubeletNotReady: container runtime network not ready)"
+            ),
+            "{said:?}"
+        );
+        assert!(said.last().unwrap().contains("Ready after"), "{said:?}");
+    }
 
     #[test]
     fn cidrs_contain_addresses() {

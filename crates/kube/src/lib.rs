@@ -221,6 +221,48 @@ pub async fn probe(
     })
 }
 
+/// Where a Node stands, for `init --wait`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeState {
+    /// No Node object yet (the kubelet has not registered).
+    Missing,
+    /// Registered but not Ready: the Ready condition's reason and message.
+    NotReady(String),
+    /// Ready.
+    Ready,
+}
+
+/// Read the Node `name` and its Ready condition.
+pub async fn node_state(client: &Client, name: &str) -> Result<NodeState, KubeError> {
+    use k8s_openapi::api::core::v1::Node;
+    let node = match kube::Api::<Node>::all(client.clone()).get_opt(name).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(NodeState::Missing),
+        Err(e) => {
+            return Err(KubeError::Request {
+                what: "GET Node",
+                message: e.to_string(),
+            });
+        }
+    };
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    Ok(match ready {
+        Some(c) if c.status == "True" => NodeState::Ready,
+        Some(c) => NodeState::NotReady(
+            [c.reason.as_deref(), c.message.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(": "),
+        ),
+        None => NodeState::NotReady("no Ready condition yet".into()),
+    })
+}
+
 /// Delete the Node object `name`; `Ok(false)` when it was already gone.
 pub async fn delete_node(client: &Client, name: &str) -> Result<bool, KubeError> {
     use k8s_openapi::api::core::v1::Node;
