@@ -249,61 +249,39 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         json!([{"key": "gpu.hybridlet.io/xid", "value": "79", "effect": "NoSchedule"}])
     );
     // The kubelet's health stream: the complete list, GPU 2 unhealthy with the reason.
+    // The first message of each health-stream version: (device, health, message, timeout).
+    macro_rules! first_health_message {
+        ($h:path) => {{
+            use $h as h;
+            let mut c = h::dra_resource_health_client::DraResourceHealthClient::new(
+                hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
+            );
+            let mut stream = c
+                .node_watch_resources(h::NodeWatchResourcesRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            stream
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .devices
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.device.unwrap().device_name,
+                        d.health,
+                        d.message,
+                        d.health_check_timeout_seconds,
+                    )
+                })
+                .collect::<Vec<_>>()
+        }};
+    }
     for first in [
-        {
-            use hybridlet_proto::dra_health::v1alpha1 as h;
-            let mut c = h::dra_resource_health_client::DraResourceHealthClient::new(
-                hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
-            );
-            let mut stream = c
-                .node_watch_resources(h::NodeWatchResourcesRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            stream
-                .message()
-                .await
-                .unwrap()
-                .unwrap()
-                .devices
-                .into_iter()
-                .map(|d| {
-                    (
-                        d.device.unwrap().device_name,
-                        d.health,
-                        d.message,
-                        d.health_check_timeout_seconds,
-                    )
-                })
-                .collect::<Vec<_>>()
-        },
-        {
-            use hybridlet_proto::dra_health::v1 as h;
-            let mut c = h::dra_resource_health_client::DraResourceHealthClient::new(
-                hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
-            );
-            let mut stream = c
-                .node_watch_resources(h::NodeWatchResourcesRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            stream
-                .message()
-                .await
-                .unwrap()
-                .unwrap()
-                .devices
-                .into_iter()
-                .map(|d| {
-                    (
-                        d.device.unwrap().device_name,
-                        d.health,
-                        d.message,
-                        d.health_check_timeout_seconds,
-                    )
-                })
-                .collect::<Vec<_>>()
-        },
+        first_health_message!(hybridlet_proto::dra_health::v1alpha1),
+        first_health_message!(hybridlet_proto::dra_health::v1),
     ] {
         assert_eq!(first.len(), 8);
         for (name, health, message, timeout) in &first {
