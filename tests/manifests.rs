@@ -77,6 +77,13 @@ fn dra_manifests_fit_together() {
         );
     }
 
+    // The netdev class carries the mode the SR-IOV driver reads from the allocation.
+    let netdev = &docs(&dra.join("deviceclass-sriov-netdev.yaml"))[0];
+    assert_eq!(netdev["kind"], "DeviceClass");
+    let opaque = &netdev["spec"]["config"][0]["opaque"];
+    assert_eq!(opaque["driver"], "sriov.hybridlet.io");
+    assert_eq!(opaque["parameters"]["mode"], "netdev");
+
     let rbac = docs(&dra.join("rbac.yaml"));
     let rules = rbac[0]["rules"].to_string();
     for verb in ["create", "update", "delete", "list"] {

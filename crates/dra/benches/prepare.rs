@@ -23,7 +23,11 @@ impl DeviceBackend for Gpus {
     fn pool_name(&self) -> &str {
         "node-a"
     }
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         Ok(ContainerEdits {
             env: vec![format!("NVIDIA_VISIBLE_DEVICES={device}")],
             device_nodes: vec!["/dev/nvidia0".into(), "/dev/nvidiactl".into()],
@@ -45,6 +49,7 @@ fn claim(name: &str, uid: &str, devices: std::ops::Range<usize>) -> AllocatedCla
             })
             .collect(),
         pods: Vec::new(),
+        configs: Vec::new(),
     }
 }
 

@@ -20,6 +20,10 @@ pub struct PreparedDevice {
     /// CDI device IDs handed to the kubelet.
     #[serde(default)]
     pub cdi_device_ids: Vec<String>,
+    /// The driver's opaque parameters for this device (from the DeviceClass or the
+    /// claim), kept so a restart rebuilds the same CDI spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 /// One prepared claim.

@@ -16,6 +16,33 @@ pub struct Allocation {
     pub device: String,
 }
 
+/// Opaque driver parameters from the allocation (`status.allocation.devices.config`):
+/// the DeviceClass's first, then the claim's, so a later entry wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpaqueConfig {
+    /// The requests it applies to; empty: all of them.
+    pub requests: Vec<String>,
+    /// The driver it is for.
+    pub driver: String,
+    /// Its parameters (a driver-defined JSON object).
+    pub parameters: serde_json::Value,
+}
+
+/// The parameters for `driver` that apply to `request`: the last matching entry.
+pub fn config_for<'a>(
+    configs: &'a [OpaqueConfig],
+    driver: &str,
+    request: &str,
+) -> Option<&'a serde_json::Value> {
+    configs
+        .iter()
+        .rev()
+        .find(|c| {
+            c.driver == driver && (c.requests.is_empty() || c.requests.iter().any(|r| r == request))
+        })
+        .map(|c| &c.parameters)
+}
+
 /// What prepare needs of a ResourceClaim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocatedClaim {
@@ -29,6 +56,8 @@ pub struct AllocatedClaim {
     pub allocations: Vec<Allocation>,
     /// Pods the claim is reserved for (`status.reservedFor`), for metrics labels.
     pub pods: Vec<String>,
+    /// Opaque device configuration of the allocation, class entries first.
+    pub configs: Vec<OpaqueConfig>,
 }
 
 impl AllocatedClaim {
@@ -66,12 +95,33 @@ impl AllocatedClaim {
                     .collect()
             })
             .unwrap_or_default();
+        let configs = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.allocation.as_ref())
+            .and_then(|a| a.devices.as_ref())
+            .and_then(|d| d.config.as_ref())
+            .map(|configs| {
+                configs
+                    .iter()
+                    .filter_map(|c| {
+                        let opaque = c.opaque.as_ref()?;
+                        Some(OpaqueConfig {
+                            requests: c.requests.clone().unwrap_or_default(),
+                            driver: opaque.driver.clone(),
+                            parameters: opaque.parameters.0.clone(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             namespace: claim.metadata.namespace.clone().unwrap_or_default(),
             name: claim.metadata.name.clone().unwrap_or_default(),
             uid: claim.metadata.uid.clone().unwrap_or_default(),
             allocations,
             pods,
+            configs,
         }
     }
 }

@@ -12,12 +12,17 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     fn driver_name(&self) -> &str;
     /// The pool this node publishes (the node name).
     fn pool_name(&self) -> &str;
-    /// The container edits for one device, or why it cannot be used (unknown, unhealthy).
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String>;
+    /// The container edits for one device, or why it cannot be used (unknown, unhealthy);
+    /// `config` is the driver's opaque parameters for it, if the claim or class gave any.
+    fn edits(
+        &self,
+        device: &str,
+        config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String>;
     /// Host changes a device needs before a container can use it (an SR-IOV VF moved to
     /// vfio-pci). Must be idempotent: it runs again when the kubelet repeats a prepare,
     /// e.g. after a reboot. Default: nothing to do (GPUs).
-    fn attach(&self, _device: &str) -> Result<(), String> {
+    fn attach(&self, _device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
         Ok(())
     }
     /// Undo [`DeviceBackend::attach`]; idempotent. Default: nothing to do.
@@ -48,7 +53,10 @@ fn write_cdi(
 ) -> Result<(), String> {
     let mut entries = Vec::with_capacity(devices.len());
     for d in devices {
-        entries.push((d.device.clone(), backend.edits(&d.device)?));
+        entries.push((
+            d.device.clone(),
+            backend.edits(&d.device, d.config.as_ref())?,
+        ));
     }
     let driver = backend.driver_name();
     let path = cdi::spec_file(cdi_dir, driver, uid);
@@ -124,7 +132,7 @@ impl Drop for ClaimGuard<'_> {
 /// Attach every device, or none: on a failure the ones attached are released again.
 fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result<(), String> {
     for (i, d) in devices.iter().enumerate() {
-        if let Err(e) = backend.attach(&d.device) {
+        if let Err(e) = backend.attach(&d.device, d.config.as_ref()) {
             for done in devices[..i].iter().rev() {
                 if let Err(undo) = backend.release(&done.device) {
                     tracing::error!(device = %done.device, "releasing after a failed prepare: {undo}");
@@ -448,6 +456,7 @@ impl Driver {
                 pool: a.pool.clone(),
                 device: a.device.clone(),
                 cdi_device_ids: vec![cdi::cdi_device_id(driver, uid, &a.device)],
+                config: crate::claims::config_for(&claim.configs, driver, &a.request).cloned(),
             });
         }
         {

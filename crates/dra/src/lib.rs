@@ -22,7 +22,10 @@ mod slices;
 
 pub use cdi::{ContainerEdits, cdi_device_id};
 pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice};
-pub use claims::{AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims};
+pub use claims::{
+    AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims, OpaqueConfig,
+    config_for,
+};
 pub use driver::{DeviceBackend, Driver, DriverError};
 pub use grpc::{V1Service, V1beta1Service};
 pub use health::{

@@ -26,7 +26,11 @@ impl DeviceBackend for Gpus {
     fn pool_name(&self) -> &str {
         "node-a"
     }
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         let index: u32 = device
             .strip_prefix("gpu-")
             .and_then(|i| i.parse().ok())
@@ -56,6 +60,7 @@ fn claim(name: &str, uid: &str, allocations: &[(&str, &str, &str, &str)]) -> All
             })
             .collect(),
         pods: Vec::new(),
+        configs: Vec::new(),
     }
 }
 
@@ -342,13 +347,17 @@ impl DeviceBackend for Vfs {
     fn pool_name(&self) -> &str {
         "node-a"
     }
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         Ok(ContainerEdits {
             env: vec![format!("PCIDEVICE={device}")],
             device_nodes: vec!["/dev/vfio/vfio".into()],
         })
     }
-    fn attach(&self, device: &str) -> Result<(), String> {
+    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
         self.log.lock().unwrap().push(format!("attach {device}"));
         if device == "vf-bad" {
             return Err("the kernel refused vfio-pci".into());
@@ -440,13 +449,17 @@ impl DeviceBackend for Rendezvous {
     fn pool_name(&self) -> &str {
         "node-a"
     }
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         Ok(ContainerEdits {
             env: vec![format!("DEV={device}")],
             device_nodes: Vec::new(),
         })
     }
-    fn attach(&self, _device: &str) -> Result<(), String> {
+    fn attach(&self, _device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
         self.attaches
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut n = self.arrived.lock().unwrap();
@@ -560,7 +573,11 @@ impl DeviceBackend for HostChanging {
     fn pool_name(&self) -> &str {
         "node-a"
     }
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         Ok(ContainerEdits {
             env: vec![format!("DEV={device}")],
             device_nodes: Vec::new(),
@@ -569,7 +586,7 @@ impl DeviceBackend for HostChanging {
     fn changes_host(&self) -> bool {
         true
     }
-    fn attach(&self, device: &str) -> Result<(), String> {
+    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
         self.attached.lock().unwrap().push(device.to_string());
         let mut hold = self.hold.lock().unwrap();
         while *hold {

@@ -68,7 +68,11 @@ impl DeviceBackend for GpuBackend {
         &self.node
     }
 
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         let g = self
             .gpus
             .get(device)
@@ -160,19 +164,62 @@ fn slice_device(g: &GpuView) -> SliceDevice {
 /// The kernel driver a prepared VF is handed to.
 const VFIO: &str = "vfio-pci";
 
-/// SR-IOV VFs as DRA devices; prepare moves a VF to vfio-pci.
+/// SR-IOV VFs as DRA devices. Mode `vfio` (the default) moves a VF to vfio-pci; mode
+/// `netdev` leaves it on its kernel driver and hands the container its netdev name and,
+/// when the VF has one, its RDMA device.
 #[derive(Debug)]
 struct SriovBackend {
     driver: String,
     node: String,
     vfs: BTreeMap<String, VfInfo>,
     binding: Arc<dyn DriverBinding>,
+    /// The host's sysfs and /dev (under `--root` in tests).
+    sys_dir: PathBuf,
+    dev_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
 struct VfInfo {
     address: PciAddress,
     iommu_group: Option<u32>,
+    /// The RDMA device (`mlx5_3`) at discovery, if any.
+    rdma_device: Option<String>,
+}
+
+/// How a VF is handed to a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VfMode {
+    Vfio,
+    Netdev,
+}
+
+/// The mode from the opaque parameters (`{"mode": "vfio" | "netdev"}`, with optional
+/// `apiVersion`/`kind`); anything else is refused by name, so a typo fails the claim
+/// instead of silently picking the default.
+fn vf_mode(driver: &str, config: Option<&serde_json::Value>) -> Result<VfMode, String> {
+    let Some(config) = config else {
+        return Ok(VfMode::Vfio);
+    };
+    let Some(object) = config.as_object() else {
+        return Err(format!(
+            "{driver} config must be an object like {{\"mode\": \"netdev\"}}"
+        ));
+    };
+    for key in object.keys() {
+        if !matches!(key.as_str(), "mode" | "apiVersion" | "kind") {
+            return Err(format!(
+                "{driver} config has an unknown field {key:?} (known: mode, apiVersion, kind)"
+            ));
+        }
+    }
+    match object.get("mode").map(|m| m.as_str()) {
+        None | Some(Some("vfio")) => Ok(VfMode::Vfio),
+        Some(Some("netdev")) => Ok(VfMode::Netdev),
+        Some(other) => Err(format!(
+            "{driver} config: mode must be \"vfio\" or \"netdev\", not {}",
+            other.map_or_else(|| object["mode"].to_string(), |m| format!("{m:?}"))
+        )),
+    }
 }
 
 /// `0000:81:00.2` → `vf-0000-81-00-2` (DRA device names are DNS labels).
@@ -186,6 +233,48 @@ impl SriovBackend {
             .get(device)
             .ok_or_else(|| format!("no VF {device} on this node (was the slice stale?)"))
     }
+
+    /// The VF's network interface now (names can change after discovery).
+    fn netdev(&self, vf: &VfInfo) -> Result<String, String> {
+        let dir = self
+            .sys_dir
+            .join("bus/pci/devices")
+            .join(vf.address.as_str())
+            .join("net");
+        std::fs::read_dir(&dir)
+            .ok()
+            .and_then(|mut entries| entries.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                format!(
+                    "VF {} has no network interface (is it on vfio-pci, or its driver not loaded?); netdev mode needs it on its kernel driver",
+                    vf.address
+                )
+            })
+    }
+
+    /// The device nodes an RDMA device needs in a container: its uverbs node (found
+    /// through `/sys/class/infiniband_verbs/*/ibdev`) and `rdma_cm` when present.
+    fn rdma_nodes(&self, rdma: &str) -> Result<Vec<String>, String> {
+        let verbs = self.sys_dir.join("class/infiniband_verbs");
+        let uverbs = std::fs::read_dir(&verbs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                std::fs::read_to_string(e.path().join("ibdev")).is_ok_and(|d| d.trim() == rdma)
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                format!("RDMA device {rdma} has no uverbs device in /sys/class/infiniband_verbs (is ib_uverbs loaded?)")
+            })?;
+        let mut nodes = vec![format!("/dev/infiniband/{uverbs}")];
+        if self.dev_dir.join("infiniband/rdma_cm").exists() {
+            nodes.push("/dev/infiniband/rdma_cm".into());
+        }
+        Ok(nodes)
+    }
 }
 
 impl DeviceBackend for SriovBackend {
@@ -197,20 +286,43 @@ impl DeviceBackend for SriovBackend {
         &self.node
     }
 
-    fn edits(&self, device: &str) -> Result<ContainerEdits, String> {
+    fn edits(
+        &self,
+        device: &str,
+        config: Option<&serde_json::Value>,
+    ) -> Result<ContainerEdits, String> {
         let vf = self.vf(device)?;
+        // The name SR-IOV network device plugin users already read.
+        let mut env = vec![format!("PCIDEVICE_SRIOV_HYBRIDLET_IO={}", vf.address)];
+        if vf_mode(&self.driver, config)? == VfMode::Netdev {
+            let netdev = self.netdev(vf)?;
+            env.push(format!("SRIOV_HYBRIDLET_IO_NETDEV={netdev}"));
+            let mut device_nodes = Vec::new();
+            if let Some(rdma) = &vf.rdma_device {
+                env.push(format!("SRIOV_HYBRIDLET_IO_RDMA={rdma}"));
+                for node in self.rdma_nodes(rdma)? {
+                    device_nodes.push(node);
+                }
+            }
+            return Ok(ContainerEdits { env, device_nodes });
+        }
         let group = vf.iommu_group.ok_or_else(|| {
             format!("VF {} has no IOMMU group: turn the IOMMU on (intel_iommu=on or amd_iommu=on) to hand VFs to containers", vf.address)
         })?;
         Ok(ContainerEdits {
-            // The name SR-IOV network device plugin users already read.
-            env: vec![format!("PCIDEVICE_SRIOV_HYBRIDLET_IO={}", vf.address)],
+            env,
             device_nodes: vec!["/dev/vfio/vfio".into(), format!("/dev/vfio/{group}")],
         })
     }
 
-    fn attach(&self, device: &str) -> Result<(), String> {
+    fn attach(&self, device: &str, config: Option<&serde_json::Value>) -> Result<(), String> {
         let vf = self.vf(device)?;
+        if vf_mode(&self.driver, config)? == VfMode::Netdev {
+            // Nothing moves: the VF must be on its kernel driver with a network interface
+            // (the CNI moves that interface into the pod's network namespace).
+            self.netdev(vf)?;
+            return Ok(());
+        }
         if vf.iommu_group.is_none() {
             return Err(format!(
                 "VF {} has no IOMMU group: turn the IOMMU on to use vfio-pci",
@@ -258,6 +370,14 @@ fn vf_slice_device(pf: &crate::devices::PfView, vf: &VfView) -> SliceDevice {
     ]);
     if let Some(name) = &pf.netdev {
         attributes.insert("pfName".into(), Attr::String(name.clone()));
+    }
+    // What netdev mode hands over: a class can select VFs with an interface or with RDMA.
+    if let Some(name) = &vf.netdev {
+        attributes.insert("netdev".into(), Attr::String(name.clone()));
+    }
+    attributes.insert("rdma".into(), Attr::Bool(vf.rdma_device.is_some()));
+    if let Some(rdma) = &vf.rdma_device {
+        attributes.insert("rdmaDevice".into(), Attr::String(rdma.clone()));
     }
     if let Some(driver) = &pf.driver {
         attributes.insert("pfDriver".into(), Attr::String(driver.clone()));
@@ -320,6 +440,8 @@ pub struct DraPaths {
     pub cdi_dir: PathBuf,
     /// The host's `/dev`.
     pub dev_dir: PathBuf,
+    /// The host's `/sys`.
+    pub sys_dir: PathBuf,
     /// The kernel boot ID.
     pub boot_id: String,
 }
@@ -462,6 +584,7 @@ impl DraPlugin {
                     VfInfo {
                         address,
                         iommu_group: vf.iommu_group,
+                        rdma_device: vf.rdma_device.clone(),
                     },
                 );
                 devices.push(vf_slice_device(pf, vf));
@@ -476,6 +599,8 @@ impl DraPlugin {
             node: node.to_string(),
             vfs,
             binding,
+            sys_dir: paths.sys_dir.clone(),
+            dev_dir: paths.dev_dir.clone(),
         });
         let mut plugin = Self::new("SR-IOV", driver, node, paths, backend, devices, metrics);
         plugin.holders = Some((holders, addresses));

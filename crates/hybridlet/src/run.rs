@@ -136,6 +136,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 .resolve("/var/run/cdi")
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             dev_dir: root.resolve("/dev").map_err(|e| anyhow::anyhow!("{e}"))?,
+            sys_dir: root.resolve("/sys").map_err(|e| anyhow::anyhow!("{e}"))?,
             boot_id,
         };
         if config.agent.dra.sriov.enabled {

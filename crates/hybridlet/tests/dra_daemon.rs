@@ -453,6 +453,12 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
     );
     assert_eq!(vf["attributes"]["numaNode"]["int"], 1);
     assert_eq!(vf["attributes"]["linkSpeedMbps"]["int"], 100000);
+    assert_eq!(vf["attributes"]["rdma"]["bool"], false);
+    let with_netdev = devices
+        .iter()
+        .find(|d| d["name"] == "vf-0000-81-00-2")
+        .unwrap();
+    assert_eq!(with_netdev["attributes"]["netdev"]["string"], "ens2f0v0");
 
     for (name, uid, device) in [
         ("dpdk", "uid-vfio", "vf-0000-81-08-1"),
@@ -697,4 +703,144 @@ async fn serving(
         assert!(Instant::now() < deadline, "the DRA socket does not answer");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Netdev mode on the DGX fixture (ConnectX VFs with RoCE netdevs and RDMA devices): the
+/// claim's opaque config picks the mode; the VF stays on mlx5_core and the container gets
+/// its netdev name, RDMA device and verbs nodes; a mode that does not exist is refused by
+/// name.
+#[tokio::test(flavor = "multi_thread")]
+async fn sriov_netdev_mode_hands_over_the_interface_and_rdma_without_moving_the_vf() {
+    let d = Daemon::start(
+        |root| {
+            hybridlet_fixtures::dgx_h200(root, 2).unwrap();
+        },
+        |config| {
+            config.replace(
+                "    gpu:\n      driverName: gpu.example.com",
+                "    sriov:\n      enabled: true",
+            )
+        },
+        |_| Vec::new(),
+    )
+    .await;
+    let (api, root, kubelet) = (&d.api, &d.root, &d.kubelet);
+    let dra = kubelet.join("plugins/sriov.hybridlet.io/dra.sock");
+    let mut client = serving(&dra).await;
+    let vf = root.path().join("sys/bus/pci/devices/0000:64:00.2");
+    let driver_before = std::fs::read_link(vf.join("driver")).unwrap();
+    for (name, uid, mode) in [
+        ("rdma", "uid-netdev", "netdev"),
+        ("typo", "uid-typo", "dpdk"),
+    ] {
+        api.put(
+            &format!("/apis/resource.k8s.io/v1/namespaces/net/resourceclaims/{name}"),
+            json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                   "metadata": {"name": name, "namespace": "net", "uid": uid},
+                   "spec": {},
+                   "status": {"allocation": {"devices": {
+                       "results": [{"request": "vf", "driver": "sriov.hybridlet.io", "pool": "fra1-r12-n07", "device": "vf-0000-64-00-2"}],
+                       "config": [{"source": "FromClaim", "requests": ["vf"],
+                                   "opaque": {"driver": "sriov.hybridlet.io", "parameters": {"mode": mode}}}]}}}}),
+        );
+    }
+    let prepare = |name: &str, uid: &str| v1::NodePrepareResourcesRequest {
+        claims: vec![v1::Claim {
+            namespace: "net".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }],
+    };
+    let r = client
+        .node_prepare_resources(prepare("typo", "uid-typo"))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = &r.claims["uid-typo"].error;
+    assert!(
+        err.contains("mode must be \"vfio\" or \"netdev\", not \"dpdk\""),
+        "{err}"
+    );
+
+    let r = client
+        .node_prepare_resources(prepare("rdma", "uid-netdev"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims["uid-netdev"].error, "");
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.path()
+                .join("var/run/cdi/sriov_hybridlet_io-uid-netdev.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let edits = &spec["devices"][0]["containerEdits"];
+    let env: Vec<&str> = edits["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"PCIDEVICE_SRIOV_HYBRIDLET_IO=0000:64:00.2"),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"SRIOV_HYBRIDLET_IO_NETDEV=enp100s0v0"),
+        "{env:?}"
+    );
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("SRIOV_HYBRIDLET_IO_RDMA=mlx5_")),
+        "{env:?}"
+    );
+    let nodes: Vec<&str> = edits["deviceNodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n.starts_with("/dev/infiniband/uverbs")),
+        "{nodes:?}"
+    );
+    assert!(nodes.contains(&"/dev/infiniband/rdma_cm"), "{nodes:?}");
+    assert!(
+        !nodes.iter().any(|n| n.starts_with("/dev/vfio")),
+        "{nodes:?}"
+    );
+    assert_eq!(
+        std::fs::read_link(vf.join("driver")).unwrap(),
+        driver_before,
+        "the VF moved"
+    );
+    // The mode is checkpointed, so a restart rebuilds the same spec.
+    let checkpoint = std::fs::read_to_string(
+        root.path()
+            .join("var/lib/hybridlet/dra-sriov.hybridlet.io.json"),
+    )
+    .unwrap();
+    let checkpoint: serde_json::Value = serde_json::from_str(&checkpoint).unwrap();
+    assert_eq!(
+        checkpoint["claims"]["uid-netdev"]["devices"][0]["config"]["mode"], "netdev",
+        "{checkpoint}"
+    );
+    let r = client
+        .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
+            claims: vec![v1::Claim {
+                namespace: "net".into(),
+                name: "rdma".into(),
+                uid: "uid-netdev".into(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.claims["uid-netdev"].error, "");
+    let (status, log) = d.stop().await;
+    assert_eq!(status.code(), Some(0), "{log}");
 }

@@ -87,6 +87,20 @@ expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace 
 expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name dpdk --uid "$uid"
 wait_for 10 "VF back on igbvf" sh -c "[ \"\$(basename \"\$(readlink /sys/bus/pci/devices/$vf/driver)\")\" = igbvf ]"
 [ ! -e "/var/run/cdi/sriov_hybridlet_io-$uid.json" ] || fail "CDI spec left after unprepare"
+
+step "netdev mode: the claim's config keeps the VF on igbvf and hands over its interface"
+wait_for 10 "VF on igbvf with a netdev" sh -c "ls /sys/bus/pci/devices/$vf/net/ | grep -q ."
+ifname=$(ls "/sys/bus/pci/devices/$vf/net/" | head -n 1)
+claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"netdev\",\"namespace\":\"net\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"vf\",\"driver\":\"sriov.hybridlet.io\",\"pool\":\"rig\",\"device\":\"$device\"}],\"config\":[{\"source\":\"FromClass\",\"requests\":[],\"opaque\":{\"driver\":\"sriov.hybridlet.io\",\"parameters\":{\"mode\":\"netdev\"}}}]}}}}" \
+  "$api/apis/resource.k8s.io/v1/namespaces/net/resourceclaims")
+uid=$(echo "$claim" | grep -o '"uid":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name netdev --uid "$uid"
+expect_eq "VF driver in netdev mode" igbvf "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
+grep -q "SRIOV_HYBRIDLET_IO_NETDEV=$ifname" "/var/run/cdi/sriov_hybridlet_io-$uid.json" || fail "CDI spec lacks the netdev $ifname: $(cat /var/run/cdi/sriov_hybridlet_io-$uid.json)"
+grep -q '/dev/vfio' "/var/run/cdi/sriov_hybridlet_io-$uid.json" && fail "netdev mode injected vfio nodes"
+expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name netdev --uid "$uid"
+expect_eq "VF driver after unprepare" igbvf "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
+echo "    ok: $ifname handed over, VF left on igbvf"
 kill %1 2>/dev/null || true
 
 step "a restart with the same setting keeps the VFs (no 0 -> N churn)"
