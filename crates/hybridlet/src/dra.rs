@@ -149,6 +149,12 @@ fn slice_device(g: &GpuView) -> SliceDevice {
     }
     if let Some(switch) = &g.placement.pcie_switch {
         attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
+        // The same name from both drivers, so a claim can match a GPU and a VF on one
+        // switch (a driver's own attribute names differ by domain and never match).
+        attributes.insert(
+            "hybridlet.io/pcieSwitch".into(),
+            Attr::String(switch.clone()),
+        );
     }
     if let Some(numa) = g.placement.numa_node {
         attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));
@@ -393,6 +399,12 @@ fn vf_slice_device(pf: &crate::devices::PfView, vf: &VfView) -> SliceDevice {
     }
     if let Some(switch) = &vf.placement.pcie_switch {
         attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
+        // The same name from both drivers, so a claim can match a GPU and a VF on one
+        // switch (a driver's own attribute names differ by domain and never match).
+        attributes.insert(
+            "hybridlet.io/pcieSwitch".into(),
+            Attr::String(switch.clone()),
+        );
     }
     if let Some(numa) = vf.placement.numa_node {
         attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));

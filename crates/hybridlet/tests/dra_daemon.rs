@@ -204,6 +204,10 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
         "pci0000:60"
     );
     assert_eq!(gpu3["attributes"]["pcieSwitch"]["string"], "0000:61:00.0");
+    assert_eq!(
+        gpu3["attributes"]["hybridlet.io/pcieSwitch"]["string"],
+        "0000:61:00.0"
+    );
     assert_eq!(gpu3["attributes"]["numaNode"]["int"], 0);
     assert_eq!(
         gpu3["attributes"]["cudaComputeCapability"]["version"],
