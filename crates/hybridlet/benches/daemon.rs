@@ -108,11 +108,11 @@ fn main() {
                 &format!("/api/v1/nodes/{node_for_api}"),
                 serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_for_api, "uid": "u"}}),
             );
-            let _ = tx.send(api.url());
+            let _ = tx.send((api.url(), api.clone()));
             std::future::pending::<()>().await;
         });
     });
-    let url = rx.recv().expect("fake API server URL");
+    let (url, api) = rx.recv().expect("fake API server URL");
     let kubelet = root.path().join("var/lib/kubelet");
     std::fs::create_dir_all(&kubelet).expect("kubelet dir");
     std::fs::write(
@@ -162,6 +162,28 @@ fn main() {
         assert!(Instant::now() < deadline, "the daemon did not become ready");
         #[allow(clippy::disallowed_methods)] // a benchmark driver, no runtime here
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if dra {
+        // The first publication of both pools: API requests used.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while slice_names(&url).len() < 1 + (8 * vfs_per_pf as usize).div_ceil(128) {
+            assert!(Instant::now() < deadline, "slices not published");
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let requests = api.requests();
+        let writes = requests
+            .iter()
+            .filter(|r| r.contains("resourceslices") && !r.starts_with("GET"))
+            .count();
+        let reads = requests
+            .iter()
+            .filter(|r| r.starts_with("GET") && !r.contains("watch"))
+            .count();
+        println!(
+            "first publication of 8 GPUs + {} VFs: {writes} slice writes, {reads} reads (node, lists) in all",
+            8 * vfs_per_pf
+        );
     }
     let bytes = scrape(addr);
     let mut lat = Vec::with_capacity(1000);
