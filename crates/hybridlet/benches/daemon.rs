@@ -176,12 +176,12 @@ fn main() {
             .iter()
             .filter(|r| r.contains("resourceslices") && !r.starts_with("GET"))
             .count();
-        let reads = requests
+        let node_reads = requests
             .iter()
-            .filter(|r| r.starts_with("GET") && !r.contains("watch"))
+            .filter(|r| r.starts_with("GET /api/v1/nodes/"))
             .count();
         println!(
-            "first publication of 8 GPUs + {} VFs: {writes} slice writes, {reads} reads (node, lists) in all",
+            "first publication of 8 GPUs + {} VFs (two pools): {writes} slice writes, {node_reads} Node reads (plus one slice list per pool)",
             8 * vfs_per_pf
         );
     }
