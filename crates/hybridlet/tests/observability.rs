@@ -132,6 +132,9 @@ async fn live_scrape_matches_docs_and_alerts() {
         "hybridlet_subsystem_ready{subsystem=\"csi\"} 1",
         "hybridlet_dra_prepared_claims{driver=\"gpu.hybridlet.io\"} 0",
         "hybridlet_apiserver_requests_total{verb=\"get\",code=\"200\"}",
+        // Set by each driver's first publication, which runs just after "ready".
+        "hybridlet_dra_slices_published_timestamp_seconds{driver=\"gpu.hybridlet.io\"}",
+        "hybridlet_dra_slices_published_timestamp_seconds{driver=\"sriov.hybridlet.io\"}",
         "hybridlet_dra_unhealthy_devices{driver=\"sriov.hybridlet.io\"} 0",
         "hybridlet_sriov_vfs_allocated{pf=\"0000:64:00.0\",netdev=\"enp100s0np0\"} 0",
         "hybridlet_sriov_vf_receive_bytes_total{pf=\"0000:64:00.0\",vf=\"0000:64:00.2\",netdev=\"enp100s0v0\"} 797002391",
