@@ -70,16 +70,10 @@ pub async fn resolve_credentials(config: &SdkConfig) -> Result<Credentials, Stri
     let provider = config
         .credentials_provider()
         .ok_or_else(|| "no AWS credentials provider is configured".to_string())?;
-    provider.provide_credentials().await.map_err(|e| {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        message
-    })
+    provider
+        .provide_credentials()
+        .await
+        .map_err(|e| hybridlet_runtime::error_chain(&e))
 }
 
 /// The credential chain for an on-premises node: environment variables, then the shared
@@ -129,14 +123,10 @@ pub async fn caller_identity(
         .await
         .map_err(|_| format!("STS did not answer within {timeout:?}"))?
         .map_err(|e| {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
-            }
-            format!("STS GetCallerIdentity: {message}")
+            format!(
+                "STS GetCallerIdentity: {}",
+                hybridlet_runtime::error_chain(&e)
+            )
         })?;
     Ok(answer.arn().unwrap_or("(no ARN)").to_string())
 }

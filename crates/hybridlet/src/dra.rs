@@ -108,6 +108,32 @@ impl DeviceBackend for GpuBackend {
     }
 }
 
+/// The placement attributes GPUs and VFs share: the standard pcieRoot, our pcieSwitch
+/// (also as `hybridlet.io/pcieSwitch`, the same name from both drivers, so a claim can
+/// match a GPU and a VF on one switch: a driver's own attribute names differ by domain
+/// and never match), and the NUMA node.
+fn topology_attributes(
+    attributes: &mut BTreeMap<String, Attr>,
+    placement: &crate::devices::Placement,
+) {
+    if let Some(root) = &placement.pcie_root {
+        attributes.insert(
+            "resource.kubernetes.io/pcieRoot".into(),
+            Attr::String(root.clone()),
+        );
+    }
+    if let Some(switch) = &placement.pcie_switch {
+        attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
+        attributes.insert(
+            "hybridlet.io/pcieSwitch".into(),
+            Attr::String(switch.clone()),
+        );
+    }
+    if let Some(numa) = placement.numa_node {
+        attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));
+    }
+}
+
 fn slice_device(g: &GpuView) -> SliceDevice {
     let mut attributes = BTreeMap::from([
         ("type".to_string(), Attr::String("gpu".into())),
@@ -141,24 +167,7 @@ fn slice_device(g: &GpuView) -> SliceDevice {
             Attr::String(addr.clone()),
         );
     }
-    if let Some(root) = &g.placement.pcie_root {
-        attributes.insert(
-            "resource.kubernetes.io/pcieRoot".into(),
-            Attr::String(root.clone()),
-        );
-    }
-    if let Some(switch) = &g.placement.pcie_switch {
-        attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
-        // The same name from both drivers, so a claim can match a GPU and a VF on one
-        // switch (a driver's own attribute names differ by domain and never match).
-        attributes.insert(
-            "hybridlet.io/pcieSwitch".into(),
-            Attr::String(switch.clone()),
-        );
-    }
-    if let Some(numa) = g.placement.numa_node {
-        attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));
-    }
+    topology_attributes(&mut attributes, &g.placement);
     SliceDevice {
         name: device_name(g),
         attributes,
@@ -391,24 +400,7 @@ fn vf_slice_device(pf: &crate::devices::PfView, vf: &VfView) -> SliceDevice {
     if let Some(speed) = pf.link_speed_mbps {
         attributes.insert("linkSpeedMbps".into(), Attr::Int(i64::from(speed)));
     }
-    if let Some(root) = &vf.placement.pcie_root {
-        attributes.insert(
-            "resource.kubernetes.io/pcieRoot".into(),
-            Attr::String(root.clone()),
-        );
-    }
-    if let Some(switch) = &vf.placement.pcie_switch {
-        attributes.insert("pcieSwitch".into(), Attr::String(switch.clone()));
-        // The same name from both drivers, so a claim can match a GPU and a VF on one
-        // switch (a driver's own attribute names differ by domain and never match).
-        attributes.insert(
-            "hybridlet.io/pcieSwitch".into(),
-            Attr::String(switch.clone()),
-        );
-    }
-    if let Some(numa) = vf.placement.numa_node {
-        attributes.insert("numaNode".into(), Attr::Int(i64::from(numa)));
-    }
+    topology_attributes(&mut attributes, &vf.placement);
     SliceDevice {
         name: vf_device_name(&vf.pci_address),
         attributes,

@@ -19,5 +19,7 @@ mod supervisor;
 pub use backoff::Backoff;
 pub use readiness::{ComponentStatus, Readiness, ReadyHandle};
 pub use signals::{Signal, Signals};
-pub use supervisor::{BoxError, ShutdownError, SubsystemContext, SubsystemExit, Supervisor};
+pub use supervisor::{
+    BoxError, ShutdownError, SubsystemContext, SubsystemExit, Supervisor, error_chain,
+};
 pub use tokio_util::sync::CancellationToken;

@@ -170,7 +170,9 @@ impl Supervisor {
     }
 }
 
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its sources, `outer: inner: innermost` (library errors often say little
+/// at the top).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
