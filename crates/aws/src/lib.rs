@@ -13,10 +13,12 @@
 //! its own.
 
 mod eks;
+mod ssm;
 mod token;
 
 pub use aws_credential_types::Credentials;
 pub use eks::{ClusterInfo, EksError, describe_cluster};
+pub use ssm::{ManagedInstance, SsmClient, SsmError, endpoint_from_env, ssm_endpoint};
 pub use token::{EksToken, TOKEN_LIFETIME, TokenError, eks_token, sts_host};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -34,6 +36,9 @@ pub struct AwsSettings {
     /// An AWS config file read besides the default ones (IAM Roles Anywhere's
     /// `credential_process` profile, `/etc/aws/hybrid/config`), as `AWS_CONFIG_FILE` would.
     pub config_file: Option<std::path::PathBuf>,
+    /// A shared credentials file read besides the default one (the SSM agent's
+    /// `/root/.aws/credentials` under another root).
+    pub credentials_file: Option<std::path::PathBuf>,
 }
 
 /// The SDK HTTP client: hyper 1 with rustls on *ring*.
@@ -55,9 +60,10 @@ pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     }
     loader = match &settings.static_credentials {
         Some(creds) => loader.credentials_provider(creds.clone()),
-        None => loader.credentials_provider(on_premises_chain(
+        None => loader.credentials_provider(on_premises_chain_with(
             &settings.region,
             settings.config_file.as_deref(),
+            settings.credentials_file.as_deref(),
         )),
     };
     loader.load().await
@@ -85,6 +91,15 @@ pub fn on_premises_chain(
     region: &str,
     config_file: Option<&std::path::Path>,
 ) -> aws_config::meta::credentials::CredentialsProviderChain {
+    on_premises_chain_with(region, config_file, None)
+}
+
+/// [`on_premises_chain`] with an extra credentials file too.
+pub fn on_premises_chain_with(
+    region: &str,
+    config_file: Option<&std::path::Path>,
+    credentials_file: Option<&std::path::Path>,
+) -> aws_config::meta::credentials::CredentialsProviderChain {
     // Profiles can chain to STS (role_arn); give them our HTTP client and the region.
     let provider_config = aws_config::provider_config::ProviderConfig::without_region()
         .with_region(Some(Region::new(region.to_string())))
@@ -96,15 +111,18 @@ pub fn on_premises_chain(
     .or_else("Profile", {
         let mut profile = aws_config::profile::ProfileFileCredentialsProvider::builder()
             .configure(&provider_config);
-        if let Some(file) = config_file {
+        if config_file.is_some() || credentials_file.is_some() {
             use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
-            profile = profile.profile_files(
-                EnvConfigFiles::builder()
-                    .include_default_config_file(true)
-                    .include_default_credentials_file(true)
-                    .with_file(EnvConfigFileKind::Config, file)
-                    .build(),
-            );
+            let mut files = EnvConfigFiles::builder()
+                .include_default_config_file(true)
+                .include_default_credentials_file(true);
+            if let Some(file) = config_file {
+                files = files.with_file(EnvConfigFileKind::Config, file);
+            }
+            if let Some(file) = credentials_file {
+                files = files.with_file(EnvConfigFileKind::Credentials, file);
+            }
+            profile = profile.profile_files(files.build());
         }
         profile.build()
     })

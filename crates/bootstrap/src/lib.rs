@@ -13,7 +13,9 @@
 //! | `/etc/kubernetes/kubelet/config.json` | KubeletConfiguration; the user's `spec.kubelet.config` merged over ours, user values win |
 //! | `/var/lib/kubelet/kubeconfig` | API server, CA, and `hybridlet token` as the exec credential plugin |
 //! | `/etc/eks/kubelet/environment` | `NODEADM_KUBELET_ARGS`: our flags, then the user's `spec.kubelet.flags` (they win) |
-//! | `/etc/systemd/system/{containerd,kubelet}.service.d/http-proxy.conf` | from `spec.proxy` |
+//! | `/etc/systemd/system/{containerd,kubelet,<SSM agent>}.service.d/http-proxy.conf` | from `spec.proxy` (the SSM agent's unit only with SSM) |
+//! | `spec.hybrid.iamRolesAnywhere.awsConfigPath` (`/etc/aws/hybrid/config`) | IAM Roles Anywhere: profiles `default` and `hybrid` whose `credential_process` runs the signing helper |
+//! | `/etc/systemd/system/aws_signing_helper_update.service` | IAM Roles Anywhere with `enableCredentialsFile`: keeps `/eks-hybrid/.aws/credentials` fresh |
 //!
 //! `hybridlet install` adds `/etc/systemd/system/kubelet.service` ([`kubelet_unit`]).
 //!
@@ -24,8 +26,9 @@ mod render;
 mod units;
 
 pub use render::{
-    ClusterCoordinates, MODULES_LOAD_PATH, NodeIdentity, RenderError, RenderedFile, SYSCTL_PATH,
-    cluster_dns, render,
+    ClusterCoordinates, MODULES_LOAD_PATH, NodeIdentity, POD_CREDENTIALS_FILE, RenderError,
+    RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT, SYSCTL_PATH, cluster_dns, proxy_dropin_for,
+    proxy_env, render,
 };
 pub use units::kubelet_unit;
 

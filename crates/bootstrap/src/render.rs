@@ -1,7 +1,7 @@
 use std::fmt::Write as _;
 
 use base64::Engine as _;
-use hybridlet_config::{Config, RegistryMirror};
+use hybridlet_config::{Config, IamRolesAnywhereOptions, RegistryMirror};
 use serde_json::{Map, Value, json};
 
 /// What the cluster looks like (from the config, or from DescribeCluster).
@@ -28,6 +28,8 @@ pub struct NodeIdentity {
     pub credential_provider: String,
     /// Extra environment for the exec credential plugin (IAM-RA: the AWS config file).
     pub aws_config_file: Option<String>,
+    /// The SSM agent's systemd unit (SSM only): it gets the proxy drop-in too.
+    pub ssm_agent_unit: Option<String>,
 }
 
 /// One file to write.
@@ -288,6 +290,31 @@ fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String {
     format!("NODEADM_KUBELET_ARGS=\"{}\"\n", quoted.join(" "))
 }
 
+/// `spec.proxy` as a drop-in for `unit` (`None` without a proxy).
+pub fn proxy_dropin_for(config: &Config, unit: &str) -> Option<RenderedFile> {
+    proxy_dropin(config).map(|contents| RenderedFile {
+        path: format!("/etc/systemd/system/{unit}.d/http-proxy.conf"),
+        mode: 0o644,
+        contents,
+    })
+}
+
+/// `spec.proxy` as environment variables for a program init runs itself.
+pub fn proxy_env(config: &Config) -> Vec<(String, String)> {
+    let p = &config.agent.proxy;
+    let mut env = Vec::new();
+    if let Some(v) = &p.http_proxy {
+        env.push(("HTTP_PROXY".to_string(), v.clone()));
+    }
+    if let Some(v) = &p.https_proxy {
+        env.push(("HTTPS_PROXY".to_string(), v.clone()));
+    }
+    if !p.no_proxy.is_empty() {
+        env.push(("NO_PROXY".to_string(), p.no_proxy.join(",")));
+    }
+    env
+}
+
 fn proxy_dropin(config: &Config) -> Option<String> {
     let p = &config.agent.proxy;
     if p.http_proxy.is_none() && p.https_proxy.is_none() {
@@ -304,6 +331,81 @@ fn proxy_dropin(config: &Config) -> Option<String> {
         let _ = writeln!(out, "Environment=\"NO_PROXY={}\"", p.no_proxy.join(","));
     }
     Some(out)
+}
+
+/// Where `install` puts the IAM Roles Anywhere signing helper.
+pub const SIGNING_HELPER: &str = "/usr/local/bin/aws_signing_helper";
+/// The unit that keeps `/eks-hybrid/.aws/credentials` fresh for pods
+/// (`spec.hybrid.enableCredentialsFile` with IAM Roles Anywhere).
+pub const SIGNING_HELPER_UPDATE_UNIT: &str = "aws_signing_helper_update.service";
+/// The credentials file pods may mount (`spec.hybrid.enableCredentialsFile`).
+pub const POD_CREDENTIALS_FILE: &str = "/eks-hybrid/.aws/credentials";
+
+/// A word for `sh -c` (the SDKs run `credential_process` through the shell) and for
+/// systemd's ExecStart: bare when it is made of safe characters, else single-quoted.
+fn shell_word(w: &str) -> String {
+    if !w.is_empty()
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@+,".contains(&b))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r#"'\''"#))
+    }
+}
+
+/// The signing helper's arguments for `mode` (`credential-process` or `update`).
+fn signing_helper_args(ra: &IamRolesAnywhereOptions, mode: &str, with_proxy: bool) -> String {
+    let mut words = vec![
+        SIGNING_HELPER.to_string(),
+        mode.to_string(),
+        "--certificate".into(),
+        ra.certificate_path.clone(),
+        "--private-key".into(),
+        ra.private_key_path.clone(),
+        "--trust-anchor-arn".into(),
+        ra.trust_anchor_arn.clone(),
+        "--profile-arn".into(),
+        ra.profile_arn.clone(),
+        "--role-arn".into(),
+        ra.role_arn.clone(),
+        // The session name is the node's Kubernetes user (system:node:<name>).
+        "--role-session-name".into(),
+        ra.node_name.clone(),
+    ];
+    if with_proxy {
+        words.push("--with-proxy".into());
+    }
+    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
+}
+
+/// The AWS config file whose `credential_process` runs the signing helper: `default`
+/// for everything that runs as root, `hybrid` for tools written for nodeadm.
+fn iam_ra_aws_config(ra: &IamRolesAnywhereOptions, region: &str, with_proxy: bool) -> String {
+    let process = signing_helper_args(ra, "credential-process", with_proxy);
+    let mut out =
+        String::from("# Written by hybridlet init from spec.hybrid.iamRolesAnywhere.\n");
+    for profile in ["default", "profile hybrid"] {
+        let _ = write!(
+            out,
+            "[{profile}]\nregion = {region}\ncredential_process = {process}\n\n"
+        );
+    }
+    out.truncate(out.trim_end().len());
+    out.push('\n');
+    out
+}
+
+/// The refresher for pods' credentials file (nodeadm's unit of the same name).
+fn signing_helper_update_unit(
+    ra: &IamRolesAnywhereOptions,
+    region: &str,
+    with_proxy: bool,
+) -> String {
+    format!(
+        "# Written by hybridlet init (spec.hybrid.enableCredentialsFile).\n[Unit]\nDescription=Keep {POD_CREDENTIALS_FILE} fresh with IAM Roles Anywhere\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nEnvironment=AWS_SHARED_CREDENTIALS_FILE={POD_CREDENTIALS_FILE}\nEnvironment=AWS_REGION={region}\nExecStart={}\nRestart=always\nRestartSec=10\n\n[Install]\nWantedBy=multi-user.target\n",
+        signing_helper_args(ra, "update", with_proxy)
+    )
 }
 
 /// Kernel modules the node needs at every boot (systemd-modules-load reads this).
@@ -384,12 +486,25 @@ pub fn render(
             contents: hosts_toml(mirror),
         });
     }
-    if let Some(dropin) = proxy_dropin(config) {
-        for unit in ["containerd", "kubelet"] {
+    let mut units = vec!["containerd.service", "kubelet.service"];
+    // The agent fetches the node's credentials: behind a proxy it needs it as well.
+    units.extend(node.ssm_agent_unit.as_deref());
+    files.extend(units.into_iter().filter_map(|u| proxy_dropin_for(config, u)));
+    if let Some(ra) = spec
+        .and_then(|s| s.hybrid.as_ref())
+        .and_then(|h| h.iam_roles_anywhere.as_ref())
+    {
+        let with_proxy = config.agent.proxy.https_proxy.is_some();
+        files.push(RenderedFile {
+            path: ra.aws_config_path.clone(),
+            mode: 0o644,
+            contents: iam_ra_aws_config(ra, &cluster.region, with_proxy),
+        });
+        if spec.and_then(|s| s.hybrid.as_ref()).is_some_and(|h| h.enable_credentials_file) {
             files.push(RenderedFile {
-                path: format!("/etc/systemd/system/{unit}.service.d/http-proxy.conf"),
+                path: format!("/etc/systemd/system/{SIGNING_HELPER_UPDATE_UNIT}"),
                 mode: 0o644,
-                contents: dropin.clone(),
+                contents: signing_helper_update_unit(ra, &cluster.region, with_proxy),
             });
         }
     }
@@ -400,6 +515,22 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `credential_process` goes through `sh -c`: a path with a space or a quote must stay
+    /// one word and must not run anything.
+    #[test]
+    fn signing_helper_words_survive_the_shell() {
+        assert_eq!(shell_word("/etc/iam/pki/server.pem"), "/etc/iam/pki/server.pem");
+        assert_eq!(shell_word("/etc/my pki/a.pem"), "'/etc/my pki/a.pem'");
+        assert_eq!(shell_word("x';reboot;'"), r#"'x'\'';reboot;'\'''"#);
+        assert_eq!(shell_word(""), "''");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf '%s|' {}", shell_word("a b'c;$(id)"))])
+            .output();
+        if let Ok(out) = out {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "a b'c;$(id)|");
+        }
+    }
 
     #[test]
     fn cluster_dns_addresses() {

@@ -75,6 +75,7 @@ fn iam_roles_anywhere_with_mirrors_proxy_and_overrides() {
             node_name: "fra1-r12-n07".into(),
             credential_provider: "iam-ra".into(),
             aws_config_file: Some("/etc/aws/hybrid/config".into()),
+            ssm_agent_unit: None,
         },
     );
 }
@@ -97,6 +98,30 @@ fn ssm_with_defaults() {
             node_name: "mi-0123456789abcdef0".into(),
             credential_provider: "ssm".into(),
             aws_config_file: None,
+            ssm_agent_unit: Some("amazon-ssm-agent.service".into()),
+        },
+    );
+}
+
+#[test]
+fn ssm_behind_a_proxy() {
+    check(
+        "ssm-proxy",
+        "ssm-proxy.yaml",
+        ClusterCoordinates {
+            name: "prod-hybrid".into(),
+            region: "us-west-2".into(),
+            endpoint: "https://0123456789ABCDEF.gr7.us-west-2.eks.amazonaws.com".into(),
+            certificate_authority:
+                "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
+                    .into(),
+            service_cidr: "10.100.0.0/16".into(),
+        },
+        NodeIdentity {
+            node_name: "mi-0123456789abcdef0".into(),
+            credential_provider: "ssm".into(),
+            aws_config_file: None,
+            ssm_agent_unit: Some("snap.amazon-ssm-agent.amazon-ssm-agent.service".into()),
         },
     );
 }

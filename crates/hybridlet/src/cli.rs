@@ -187,6 +187,11 @@ pub struct UninstallArgs {
     /// credentials; if that fails nothing is changed).
     #[arg(long)]
     pub delete_node: bool,
+    /// SSM nodes: do not deregister the managed instance (deregister it yourself:
+    /// `aws ssm deregister-managed-instance`); its local registration is removed all the
+    /// same. Without it, uninstall deregisters first and changes nothing if that fails.
+    #[arg(long)]
+    pub no_deregister: bool,
 }
 
 #[derive(Debug, Args)]

@@ -49,7 +49,7 @@ pub fn node_name(config: &Config, root: &hybridlet_sys::HostRoot) -> String {
         return name;
     }
     if hybrid.is_some_and(|h| h.ssm.is_some())
-        && let Some(id) = ssm_instance_id(root)
+        && let Some(id) = hybridlet_sys::ssm_agent::registered_instance(root)
     {
         return id;
     }
@@ -58,17 +58,6 @@ pub fn node_name(config: &Config, root: &hybridlet_sys::HostRoot) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// The SSM agent's managed instance ID (`mi-…`) from its registration file.
-pub fn ssm_instance_id(root: &hybridlet_sys::HostRoot) -> Option<String> {
-    let path = root.resolve("/var/lib/amazon/ssm/registration").ok()?;
-    let text = std::fs::read_to_string(path).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["ManagedInstanceID"]
-        .as_str()
-        .filter(|id| id.starts_with("mi-"))
-        .map(str::to_string)
 }
 
 impl CsiPlugin {
@@ -207,7 +196,7 @@ mod tests {
         })
         .unwrap()
         .config;
-        assert_eq!(ssm_instance_id(&root), None);
+        assert_eq!(hybridlet_sys::ssm_agent::registered_instance(&root), None);
         let reg = dir.path().join("var/lib/amazon/ssm/registration");
         std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
         std::fs::write(
@@ -216,7 +205,5 @@ mod tests {
         )
         .unwrap();
         assert_eq!(node_name(&config, &root), "mi-0123456789abcdef0");
-        std::fs::write(&reg, r#"{"ManagedInstanceID":"i-0123"}"#).unwrap();
-        assert_eq!(ssm_instance_id(&root), None, "not a managed instance ID");
     }
 }

@@ -18,7 +18,7 @@ use hybridlet_bootstrap::{
     ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
 };
 use hybridlet_config::{Config, CredentialProvider, NodeConfig};
-use hybridlet_sys::HostRoot;
+use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use std::net::IpAddr;
@@ -187,7 +187,7 @@ fn check_node_ip(node: &NodeConfig, remote: &[String]) -> Result<(), Failure> {
     )))
 }
 
-fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure> {
+fn identity(node: &NodeConfig) -> Result<NodeIdentity, Failure> {
     let hybrid = node
         .spec
         .hybrid
@@ -206,31 +206,11 @@ fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure>
                 node_name: ra.node_name.clone(),
                 credential_provider: "iam-ra".into(),
                 aws_config_file: Some(ra.aws_config_path.clone()),
+                ssm_agent_unit: None,
             })
         }
-        Some(CredentialProvider::Ssm) => {
-            let path = root
-                .resolve("/var/lib/amazon/ssm/registration")
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            if !path.exists() {
-                return Err(Failure::Runtime(anyhow::anyhow!(
-                    "the SSM agent is not registered yet ({} is missing), so the node name (its managed instance ID) is unknown; registering it is not in this build: run `amazon-ssm-agent -register -code ... -id ... -region ...` first",
-                    path.display()
-                )));
-            }
-            let id = crate::csi::ssm_instance_id(root).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} is not JSON with a ManagedInstanceID (mi-...)",
-                    path.display()
-                )
-            })?;
-            Ok(NodeIdentity {
-                node_name: id,
-                credential_provider: "ssm".into(),
-                aws_config_file: None,
-            })
-        }
-        None => Err(Failure::Unsupported {
+        // SSM identities come from the agent's registration (crate::ssm::prepare).
+        Some(CredentialProvider::Ssm) | None => Err(Failure::Unsupported {
             field: "spec.hybrid",
             message: "set exactly one of ssm or iamRolesAnywhere".into(),
         }),
@@ -241,7 +221,43 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
     let loaded = cli.load_config()?;
     let node = node_config(&loaded.config)?;
     let root = cli.host_root();
-    let who = identity(node, &root)?;
+    let backups = root
+        .resolve(format!(
+            "{}/init-backups",
+            loaded.config.agent.state_dir.trim_end_matches('/')
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let manage_services = !args.dry_run && !args.no_start && root.is_system();
+    if !args.dry_run && !args.no_start && !manage_services {
+        outln!("--root is not /: writing files only; containerd and the kubelet are left alone");
+    }
+    let systemctl = Systemctl::default();
+    let services: Option<&dyn ServiceManager> = manage_services.then_some(&systemctl as _);
+    let who = match node.spec.hybrid.as_ref().and_then(|h| h.ssm.as_ref()) {
+        Some(ssm) => {
+            // Registering acts on this machine: only when init runs for it, for real.
+            let agent = (!args.dry_run && root.is_system())
+                .then(|| hybridlet_sys::ssm_agent::find_agent(&root))
+                .flatten()
+                .map(|a| AgentCli::new(a.program, Duration::from_secs(90)));
+            crate::ssm::prepare(
+                &crate::ssm::Prepare {
+                    root: &root,
+                    config: &loaded.config,
+                    ssm,
+                    region: &node.spec.cluster.region,
+                    services,
+                    registrar: agent.as_ref().map(|a| a as &dyn SsmRegistrar),
+                    dry_run: args.dry_run,
+                    backups: &backups,
+                    credentials_wait: crate::ssm::CREDENTIALS_WAIT,
+                    register_pause: crate::ssm::REGISTER_PAUSE,
+                },
+                &mut |line| outln!("{line}"),
+            )?
+        }
+        None => identity(node)?,
+    };
     let cluster = coordinates(node)?;
     let rendered = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
         .map_err(|e| Failure::Runtime(e.into()))?;
@@ -264,18 +280,6 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
     if args.dry_run {
         return dry_run(&rendered, &files);
     }
-    let backups = root
-        .resolve(format!(
-            "{}/init-backups",
-            loaded.config.agent.state_dir.trim_end_matches('/')
-        ))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let manage_services = !args.no_start && root.is_system();
-    if !args.no_start && !manage_services {
-        outln!("--root is not /: writing files only; containerd and the kubelet are left alone");
-    }
-    let systemctl = Systemctl::default();
-    let services: Option<&dyn ServiceManager> = manage_services.then_some(&systemctl as _);
     let report = join(&rendered, &files, &backups, services, SETTLE)?;
     for (f, state) in rendered.iter().zip(&report.states) {
         outln!("{:>9}  {:o}  {}", state.as_str(), f.mode, f.path);
@@ -386,16 +390,19 @@ const CONTAINERD: &str = "containerd.service";
 const SETTLE: Duration = Duration::from_secs(3);
 const KUBELET: &str = "kubelet.service";
 
-/// Which unit a file configures (drop-ins and config files alike).
-fn unit_of(path: &str) -> Option<&'static str> {
-    if path.starts_with("/etc/containerd/") || path.contains("/containerd.service.d/") {
-        Some(CONTAINERD)
+/// Which unit a file configures (drop-ins, unit files and config files alike).
+fn unit_of(path: &str) -> Option<String> {
+    if path.starts_with("/etc/containerd/") {
+        Some(CONTAINERD.into())
     } else if path.starts_with("/etc/kubernetes/")
         || path.starts_with("/var/lib/kubelet/")
         || path.starts_with("/etc/eks/kubelet/")
-        || path.contains("/kubelet.service.d/")
     {
-        Some(KUBELET)
+        Some(KUBELET.into())
+    } else if let Some(rest) = path.strip_prefix("/etc/systemd/system/") {
+        // `<unit>.service` or `<unit>.service.d/<drop-in>`.
+        let unit = rest.split('/').next()?.trim_end_matches(".d");
+        unit.ends_with(".service").then(|| unit.to_string())
     } else {
         None
     }
@@ -460,20 +467,28 @@ pub(crate) fn join(
         rendered
             .iter()
             .zip(&report.states)
-            .any(|(f, s)| *s != FileState::Unchanged && unit_of(&f.path) == Some(unit))
+            .any(|(f, s)| *s != FileState::Unchanged && unit_of(&f.path).as_deref() == Some(unit))
     };
-    let restart_needed: Vec<&str> = [CONTAINERD, KUBELET]
-        .into_iter()
-        .filter(|unit| changed(unit))
-        .collect();
+    // Credential units (the SSM agent's drop-in, the signing helper's refresher) before
+    // the runtime and the kubelet that depend on them.
+    let mut units: Vec<String> = Vec::new();
+    for f in rendered {
+        if let Some(u) = unit_of(&f.path)
+            && u != CONTAINERD
+            && u != KUBELET
+            && !units.contains(&u)
+        {
+            units.push(u);
+        }
+    }
+    units.extend([CONTAINERD.to_string(), KUBELET.to_string()]);
     let mut plan = Vec::new();
-    for unit in [CONTAINERD, KUBELET] {
-        let active = sm
+    for unit in &units {
+        let state = sm
             .state(unit)
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?
-            .active;
-        if restart_needed.contains(&unit) || !active {
-            plan.push((unit, active));
+            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+        if changed(unit) || !state.active {
+            plan.push((unit.as_str(), state.active));
         }
     }
     if report.backup.is_some() {

@@ -31,6 +31,7 @@ mod install;
 mod logging;
 mod preflight;
 mod run;
+mod ssm;
 pub mod tls;
 mod token;
 mod uninstall;

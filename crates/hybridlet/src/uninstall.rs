@@ -6,7 +6,9 @@
 //! crossing a mount point (hybridlet-sys `tree`). What `install` placed goes too: the
 //! kubelet unit (restored if it replaced one), and the binaries it recorded, each only if
 //! it still has the bytes install put there. containerd is left installed and running:
-//! hybridlet never installs it.
+//! hybridlet never installs it. SSM nodes are deregistered from Systems Manager first
+//! (unless `--no-deregister`), then the agent is stopped and its registration, key store
+//! and credentials removed.
 
 use std::path::{Path, PathBuf};
 
@@ -71,9 +73,35 @@ pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
         let node = crate::csi::node_name(&loaded.config, &root);
         delete_node(&kubelet_dir.join("kubeconfig"), &node)?;
     }
+    let ssm_region = loaded
+        .config
+        .node
+        .as_ref()
+        .filter(|n| n.spec.hybrid.as_ref().is_some_and(|h| h.ssm.is_some()))
+        .map(|n| n.spec.cluster.region.clone());
+    if let Some(region) = &ssm_region
+        && !args.no_deregister
+    {
+        // Also before any change: the agent's credentials are needed, and a managed
+        // instance left behind keeps counting against the activation and the account.
+        crate::ssm::deregister(
+            &crate::ssm::Deregister {
+                root: &root,
+                region,
+                endpoint: hybridlet_aws::endpoint_from_env("SSM"),
+                timeout: std::time::Duration::from_secs(20),
+                attempts: 5,
+                pause: std::time::Duration::from_secs(2),
+            },
+            &mut |line| outln!("{line}"),
+        )?;
+    }
     let systemctl = Systemctl::default();
     let services: Option<&dyn ServiceManager> = root.is_system().then_some(&systemctl as _);
     undo(services, &backups, &kubelet_dir)?;
+    if ssm_region.is_some() {
+        crate::ssm::forget_registration(&root, services, &mut |line| outln!("{line}"))?;
+    }
     remove_installed(&root, &state_dir)?;
     if let Some(sm) = services {
         // install's unit is gone too: systemd must forget it.

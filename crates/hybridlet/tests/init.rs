@@ -68,7 +68,7 @@ fn iam_ra_dry_run_shows_files_and_changes_nothing() {
         "{text}"
     );
     assert!(
-        text.contains("dry run: 11 files, 11 would be written; nothing was changed"),
+        text.contains("dry run: 13 files, 13 would be written; nothing was changed"),
         "{text}"
     );
     assert!(
@@ -135,7 +135,7 @@ fn init_writes_files_once_and_backs_up_what_it_replaces() {
         text.contains("  changed  644  /var/lib/kubelet/kubeconfig"),
         "{text}"
     );
-    assert!(text.contains("init: 11 file(s) written"), "{text}");
+    assert!(text.contains("init: 13 file(s) written"), "{text}");
     let config = root.path().join("etc/kubernetes/kubelet/config.json");
     assert!(
         std::fs::read_to_string(&config)
@@ -346,7 +346,7 @@ fn eks_stub() -> (String, std::thread::JoinHandle<String>) {
 fn ssm_dry_run_asks_eks_and_reads_the_registration() {
     let root = tempfile::tempdir().unwrap();
     let cfg = fixtures().join("ssm.yaml");
-    // Not registered yet: a clear failure.
+    // No agent: a clear failure.
     let o = run(
         root.path(),
         &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
@@ -354,10 +354,36 @@ fn ssm_dry_run_asks_eks_and_reads_the_registration() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        out(&o).contains("the SSM agent is not registered yet"),
+        out(&o).contains("the SSM agent is not installed"),
         "{}",
         out(&o)
     );
+    // An agent, not registered: the dry run says it would register (and registers
+    // nothing); without a real init under --root no registration happens either.
+    std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
+    std::fs::write(root.path().join("usr/bin/amazon-ssm-agent"), "").unwrap();
+    let o = run(
+        root.path(),
+        &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out(&o).contains("ssm: would register /usr/bin/amazon-ssm-agent with activation 8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d in us-west-2"),
+        "{}",
+        out(&o)
+    );
+    let o = run(
+        root.path(),
+        &["init", "--no-start", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("init registers only the machine it runs on"),
+        "{}",
+        out(&o)
+    );
+    assert!(!root.path().join("var/lib/amazon").exists());
 
     let reg = root.path().join("var/lib/amazon/ssm/registration");
     std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
@@ -432,4 +458,47 @@ fn ssm_dry_run_asks_eks_and_reads_the_registration() {
             .unwrap()
             .starts_with("GET /clusters/prod-hybrid ")
     );
+}
+
+/// uninstall on an SSM node deregisters the managed instance (Systems Manager stand-in on
+/// loopback, reached through AWS_ENDPOINT_URL_SSM, signed with the agent's credentials
+/// file) and then forgets the registration; a refusal changes nothing.
+#[test]
+fn uninstall_deregisters_an_ssm_node() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("ssm.yaml");
+    let mi = "mi-0123456789abcdef0";
+    let reg = root.path().join("var/lib/amazon/ssm/registration");
+    std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
+    std::fs::write(&reg, format!(r#"{{"ManagedInstanceID":"{mi}","Region":"us-west-2"}}"#)).unwrap();
+    let creds = root.path().join("root/.aws/credentials");
+    std::fs::create_dir_all(creds.parent().unwrap()).unwrap();
+    std::fs::write(&creds, "[default]\naws_access_key_id = AKIDAGENT\naws_secret_access_key = s\naws_session_token = t\n").unwrap();
+    let ssm = hybridlet_fixtures::ssm::FakeSsm::start();
+    ssm.add_instance(mi, "Online");
+
+    ssm.fail_next(&[(400, "AccessDeniedException")]);
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[("AWS_ENDPOINT_URL_SSM", &ssm.endpoint)],
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("AccessDeniedException") && text.contains("--no-deregister"), "{text}");
+    assert!(reg.exists() && creds.exists(), "nothing changed");
+
+    let o = run(
+        root.path(),
+        &["uninstall", "--config", cfg.to_str().unwrap()],
+        &[("AWS_ENDPOINT_URL_SSM", &ssm.endpoint)],
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains(&format!("ssm: managed instance {mi} deregistered")), "{text}");
+    assert!(!ssm.knows(mi));
+    assert!(!reg.exists() && !creds.exists(), "{text}");
+    // Signed with the agent's credentials.
+    let auth = ssm.requests().last().unwrap().headers["authorization"].clone();
+    assert!(auth.contains("Credential=AKIDAGENT/"), "{auth}");
 }

@@ -17,6 +17,7 @@ pub mod iscsi;
 pub mod mount;
 pub mod pci;
 pub mod process;
+pub mod ssm_agent;
 mod root;
 pub mod systemd;
 pub mod tree;
