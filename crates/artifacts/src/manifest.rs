@@ -14,6 +14,10 @@ pub struct Manifest {
     /// The IAM Roles Anywhere signing helper releases.
     #[serde(default)]
     pub iam_roles_anywhere_releases: Vec<ToolRelease>,
+    /// SSM agent packages (`amazon-ssm-agent`, a `.deb` or `.rpm` per architecture); the
+    /// public manifest has none (`null`), a mirror for air-gapped sites may carry them.
+    #[serde(default)]
+    pub ssm_releases: Option<Vec<ToolRelease>>,
 }
 
 /// One Kubernetes minor version.
@@ -129,6 +133,19 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The newest SSM agent package for `arch` in `format` (`deb` or `rpm`).
+    pub fn ssm_agent_package(&self, arch: &str, format: &str) -> Option<&Artifact> {
+        let suffix = format!(".{format}");
+        self.ssm_releases.as_ref()?.last()?.artifacts.iter().find(|a| {
+            a.name == "amazon-ssm-agent"
+                && a.arch == arch
+                && a.os == "linux"
+                && a.uri.ends_with(&suffix)
+        })
+    }
+}
+
 impl EksPatchRelease {
     /// The artifact `name` for linux/`arch`.
     pub fn artifact(&self, name: &str, arch: &str) -> Result<&Artifact, ArtifactError> {
@@ -191,5 +208,19 @@ ssm_releases: null
                 .contains("no kubectl")
         );
         assert!(Manifest::parse("u", "supported_eks_releases: 7").is_err());
+        assert!(m.ssm_agent_package("amd64", "deb").is_none(), "ssm_releases: null");
+        let mirror = format!(
+            "{TEXT}\n"
+        )
+        .replace(
+            "ssm_releases: null",
+            "ssm_releases:\n- version: 3.3.0.0\n  artifacts:\n  - {name: amazon-ssm-agent, arch: amd64, os: linux, uri: \"file:///m/amazon-ssm-agent.deb\", checksum_uri: \"file:///m/amazon-ssm-agent.deb.sha256\"}\n  - {name: amazon-ssm-agent, arch: amd64, os: linux, uri: \"file:///m/amazon-ssm-agent.rpm\", checksum_uri: \"file:///m/amazon-ssm-agent.rpm.sha256\"}",
+        );
+        let m = Manifest::parse("mirror", &mirror).unwrap();
+        assert_eq!(
+            m.ssm_agent_package("amd64", "rpm").unwrap().uri,
+            "file:///m/amazon-ssm-agent.rpm"
+        );
+        assert!(m.ssm_agent_package("arm64", "deb").is_none());
     }
 }

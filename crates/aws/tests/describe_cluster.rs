@@ -45,6 +45,7 @@ fn settings(url: String) -> AwsSettings {
             "test",
         )),
         config_file: None,
+        credentials_file: None,
     }
 }
 

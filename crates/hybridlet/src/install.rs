@@ -4,7 +4,9 @@
 //! (hybridlet-artifacts); the kubelet's unit (hybridlet-bootstrap); a record of what was
 //! installed (`<stateDir>/install.json`) that `uninstall` reads. containerd is found, not
 //! installed: a containerd the operator or the distribution manages is never taken over.
-//! Registering SSM (the SSM agent) is not in this build.
+//! SSM: an installed agent (package or snap) is used as it is; else the agent package
+//! (`.deb`/`.rpm`) from the manifest's `ssm_releases` (mirrors carry it; the public
+//! manifest does not), verified like every artifact and installed with dpkg or rpm.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use std::time::Instant;
 use hybridlet_artifacts::{Downloaded, Fetcher, Manifest, Progress};
 use hybridlet_config::CredentialProvider;
 use hybridlet_sys::fileset::{self, DesiredFile};
+use hybridlet_sys::packages::{PackageFormat, PackageManager as _, SystemPackages, host_format};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +27,9 @@ pub(crate) const PLACES: &[(&str, &str, bool)] = &[
     ("kubelet", "/usr/bin/kubelet", true),
     ("kubectl", "/usr/local/bin/kubectl", false),
 ];
-const SIGNING_HELPER: &str = "/usr/local/bin/aws_signing_helper";
+use hybridlet_bootstrap::SIGNING_HELPER;
+/// The package install may add for SSM, and uninstall removes again.
+const SSM_AGENT_PACKAGE: &str = "amazon-ssm-agent";
 const TRACKER: &str = "install.json";
 
 /// What `install` placed, for `uninstall` (and a later `upgrade`).
@@ -37,6 +42,9 @@ pub(crate) struct Installed {
     /// The version `upgrade` replaced, whose binaries are kept for `upgrade --rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Previous>,
+    /// The SSM agent package, when install added it (uninstall removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_agent_package: Option<String>,
 }
 
 /// The binaries an upgrade replaced.
@@ -225,14 +233,16 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
                     )));
                 }
             },
-            Some(CredentialProvider::Ssm) => outln!(
-                "ssm: installing and registering the SSM agent is not in this build; install amazon-ssm-agent from your distribution or AWS, and register it with your hybrid activation"
-            ),
+            Some(CredentialProvider::Ssm) => {}
             None => {}
         }
+        let ssm = (provider == Some(CredentialProvider::Ssm)).then(|| ssm_plan(&root, &manifest, arch));
         if args.dry_run {
             for (a, dest) in &plan {
                 outln!("would install {} → {dest} (from {})", a.name, a.uri);
+            }
+            if let Some(SsmPlan::Package(format, a)) = &ssm {
+                outln!("would install the {SSM_AGENT_PACKAGE} {} package (from {})", format.as_str(), a.uri);
             }
             outln!("dry run: nothing was changed");
             return Ok(());
@@ -243,6 +253,10 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             version: release.version.clone(),
             files: Vec::new(),
             previous: None,
+            ssm_agent_package: read_tracker(&state_dir)
+                .ok()
+                .flatten()
+                .and_then(|t| t.ssm_agent_package),
         };
         for (artifact, dest) in &plan {
             let target = resolve(dest)?;
@@ -280,6 +294,21 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
                 .map_err(|e| Failure::Runtime(e.into()))?,
         });
 
+        match ssm {
+            Some(SsmPlan::Package(format, artifact)) => {
+                if install_ssm_agent(&root, &fetcher, &artifact, format, &state_dir, tty).await? {
+                    installed.ssm_agent_package = Some(SSM_AGENT_PACKAGE.to_string());
+                }
+            }
+            Some(SsmPlan::Found(agent)) => outln!(
+                "ssm: the SSM agent is installed ({}, {}); left as it is",
+                agent.program,
+                agent.unit
+            ),
+            Some(SsmPlan::Missing(why)) => outln!("warning: ssm: {why}"),
+            None => {}
+        }
+
         hybridlet_sys::ensure_dir(&state_dir, 0o700).map_err(|e| Failure::Runtime(e.into()))?;
         let json = serde_json::to_vec_pretty(&installed).map_err(|e| Failure::Runtime(e.into()))?;
         hybridlet_sys::atomic_write(&tracker_path(&state_dir), &json, 0o600)
@@ -302,4 +331,99 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
         outln!("install: Kubernetes {} ready; next: hybridlet init", release.version);
         Ok(())
     })
+}
+
+/// What install does about the SSM agent.
+enum SsmPlan {
+    /// Installed already (package or snap): used as it is.
+    Found(hybridlet_sys::ssm_agent::AgentInstall),
+    /// Install this package.
+    Package(PackageFormat, hybridlet_artifacts::Artifact),
+    /// Cannot install it; why and what to do.
+    Missing(String),
+}
+
+fn ssm_plan(root: &hybridlet_sys::HostRoot, manifest: &Manifest, arch: &str) -> SsmPlan {
+    if let Some(agent) = hybridlet_sys::ssm_agent::find_agent(root) {
+        return SsmPlan::Found(agent);
+    }
+    let Some(format) = host_format(root) else {
+        return SsmPlan::Missing(
+            "the SSM agent is not installed and this host has neither dpkg nor rpm to install it with; install amazon-ssm-agent before `hybridlet init`".into(),
+        );
+    };
+    match manifest.ssm_agent_package(arch, format.as_str()) {
+        Some(a) => SsmPlan::Package(format, a.clone()),
+        None => SsmPlan::Missing(format!(
+            "the SSM agent is not installed and the manifest has no {} package of it for linux/{arch} (AWS ships the agent outside the EKS manifest). Install amazon-ssm-agent from AWS (Systems Manager user guide: manually installing SSM Agent on Linux) before `hybridlet init`, or add it to your mirror's ssm_releases",
+            format.as_str()
+        )),
+    }
+}
+
+/// Download the agent package (verified) and install it; `false` when it was not
+/// installed because the root is not this machine.
+async fn install_ssm_agent(
+    root: &hybridlet_sys::HostRoot,
+    fetcher: &Fetcher,
+    artifact: &hybridlet_artifacts::Artifact,
+    format: PackageFormat,
+    state_dir: &Path,
+    tty: bool,
+) -> Result<bool, Failure> {
+    if !root.is_system() {
+        outln!(
+            "ssm: not installing the {SSM_AGENT_PACKAGE} package under --root (packages go into this machine's package database)"
+        );
+        return Ok(false);
+    }
+    let downloads = state_dir.join("downloads");
+    hybridlet_sys::ensure_dir(&downloads, 0o700).map_err(|e| Failure::Runtime(e.into()))?;
+    let file = downloads.join(format!("{SSM_AGENT_PACKAGE}.{}", format.as_str()));
+    fetch_verified(fetcher, artifact, "(ssm)", &file, tty).await?;
+    let installed = tokio::task::spawn_blocking(move || {
+        let result = SystemPackages::new(format, std::time::Duration::from_secs(300)).install_file(&file);
+        let _ = std::fs::remove_file(&file);
+        result
+    })
+    .await
+    .map_err(|e| Failure::Runtime(e.into()))?;
+    installed.map_err(|e| {
+        Failure::Runtime(anyhow::anyhow!("installing the SSM agent package: {e}"))
+    })?;
+    let Some(agent) = hybridlet_sys::ssm_agent::find_agent(root) else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "the {SSM_AGENT_PACKAGE} package from {} installed, but there is no /usr/bin/amazon-ssm-agent: is it the agent's package?",
+            artifact.uri
+        )));
+    };
+    outln!(
+        "{:>9}  {SSM_AGENT_PACKAGE} {} package (SHA-256 verified): {}, {}",
+        "installed",
+        format.as_str(),
+        agent.program,
+        agent.unit
+    );
+    Ok(true)
+}
+
+/// Remove the agent package if install added it (uninstall).
+pub(crate) fn remove_ssm_agent_package(
+    root: &hybridlet_sys::HostRoot,
+    installed: &Installed,
+) -> Result<(), Failure> {
+    let Some(name) = &installed.ssm_agent_package else {
+        return Ok(());
+    };
+    if !root.is_system() {
+        return Ok(());
+    }
+    let Some(format) = host_format(root) else {
+        return Ok(());
+    };
+    SystemPackages::new(format, std::time::Duration::from_secs(300))
+        .remove(name)
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("removing the {name} package: {e}")))?;
+    outln!("{:>9}  {name} package", "removed");
+    Ok(())
 }

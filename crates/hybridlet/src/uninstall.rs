@@ -145,6 +145,7 @@ fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<
     let Some(installed) = crate::install::read_tracker(state_dir)? else {
         return Ok(());
     };
+    crate::install::remove_ssm_agent_package(root, &installed)?;
     let unit = hybridlet_bootstrap::kubelet_unit().path;
     for f in installed.files.iter().filter(|f| f.path != unit) {
         let path = root

@@ -522,6 +522,7 @@ fn rollback(
         version: previous.version.clone(),
         files: installed.files.clone(),
         previous: None,
+        ssm_agent_package: installed.ssm_agent_package.clone(),
     };
     for f in &mut back.files {
         if let Some(old) = previous.files.iter().find(|p| p.path == f.path) {
@@ -625,6 +626,7 @@ mod tests {
                 sha256: old_sum.clone(),
             }],
             previous: None,
+            ssm_agent_package: None,
         };
         write_tracker(&state, &installed).unwrap();
         let staged = staged_path(&bin.join("kubelet"));

@@ -46,6 +46,11 @@ fn server(corrupt: bool) -> FileServer {
     files.insert("/1.31.3/kubectl.sha256".into(), sha(&kubectl).into_bytes());
     files.insert("/helper".into(), helper.clone());
     files.insert("/helper.sha256".into(), sha(&helper).into_bytes());
+    files.insert("/ssm/amazon-ssm-agent.deb".into(), b"!<arch>\n".to_vec());
+    files.insert(
+        "/ssm/amazon-ssm-agent.deb.sha256".into(),
+        sha(b"!<arch>\n").into_bytes(),
+    );
     let server = FileServer::start(files.clone());
     let b = &server.base;
     let manifest = format!(
@@ -67,6 +72,10 @@ iam_roles_anywhere_releases:
 - version: 1.4.0
   artifacts:
   - {{name: aws_signing_helper, arch: {a}, os: linux, uri: "{b}/helper", checksum_uri: "{b}/helper.sha256"}}
+ssm_releases:
+- version: 3.3.0.0
+  artifacts:
+  - {{name: amazon-ssm-agent, arch: {a}, os: linux, uri: "{b}/ssm/amazon-ssm-agent.deb", checksum_uri: "{b}/ssm/amazon-ssm-agent.deb.sha256"}}
 region_config: {{}}
 "#
     );
@@ -238,5 +247,52 @@ fn a_bad_checksum_an_unknown_version_and_a_dry_run_change_nothing() {
     assert!(
         std::fs::read_dir(fresh.path()).unwrap().next().is_none(),
         "dry run wrote something"
+    );
+}
+
+/// SSM: an agent already there is used as it is; else the mirror's package for the
+/// host's format is planned (installed only on the machine itself, never under --root);
+/// without one the operator is told how to get the agent.
+#[test]
+fn install_for_ssm_finds_or_plans_the_agent() {
+    let manifest_url = server(false).url("/manifest.yaml");
+    let root = tempfile::tempdir().unwrap();
+    let args = [
+        "install",
+        "1.31",
+        "--manifest",
+        &manifest_url,
+        "--credential-provider",
+        "ssm",
+    ];
+    // No dpkg or rpm under this root: nothing to install it with.
+    let o = run(root.path(), &args);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("warning: ssm: the SSM agent is not installed and this host has neither dpkg nor rpm"), "{text}");
+
+    let bin = root.path().join("usr/bin");
+    std::fs::write(bin.join("dpkg"), "").unwrap();
+    let mut dry = args.to_vec();
+    dry.push("--dry-run");
+    let o = run(root.path(), &dry);
+    let text = out(&o);
+    assert!(text.contains("would install the amazon-ssm-agent deb package (from http://127.0.0.1:"), "{text}");
+    let o = run(root.path(), &args);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("not installing the amazon-ssm-agent package under --root"), "{text}");
+
+    std::fs::remove_file(bin.join("dpkg")).unwrap();
+    std::fs::write(bin.join("rpm"), "").unwrap();
+    let o = run(root.path(), &args);
+    assert!(out(&o).contains("the manifest has no rpm package of it"), "{}", out(&o));
+
+    std::fs::write(bin.join("amazon-ssm-agent"), "").unwrap();
+    let o = run(root.path(), &args);
+    assert!(
+        out(&o).contains("ssm: the SSM agent is installed (/usr/bin/amazon-ssm-agent, amazon-ssm-agent.service); left as it is"),
+        "{}",
+        out(&o)
     );
 }

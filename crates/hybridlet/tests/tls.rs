@@ -54,6 +54,7 @@ async fn kube_and_aws_clients_share_one_provider() {
         endpoint_url: Some(url),
         static_credentials: Some(aws_credential_types_for_test()),
         config_file: None,
+        credentials_file: None,
     })
     .await;
     let eks = hybridlet_aws::eks_client(&aws);

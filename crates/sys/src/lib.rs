@@ -15,6 +15,7 @@ pub mod fileset;
 mod fsutil;
 pub mod iscsi;
 pub mod mount;
+pub mod packages;
 pub mod pci;
 pub mod process;
 pub mod ssm_agent;
