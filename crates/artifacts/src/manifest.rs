@@ -137,12 +137,17 @@ impl Manifest {
     /// The newest SSM agent package for `arch` in `format` (`deb` or `rpm`).
     pub fn ssm_agent_package(&self, arch: &str, format: &str) -> Option<&Artifact> {
         let suffix = format!(".{format}");
-        self.ssm_releases.as_ref()?.last()?.artifacts.iter().find(|a| {
-            a.name == "amazon-ssm-agent"
-                && a.arch == arch
-                && a.os == "linux"
-                && a.uri.ends_with(&suffix)
-        })
+        self.ssm_releases
+            .as_ref()?
+            .last()?
+            .artifacts
+            .iter()
+            .find(|a| {
+                a.name == "amazon-ssm-agent"
+                    && a.arch == arch
+                    && a.os == "linux"
+                    && a.uri.ends_with(&suffix)
+            })
     }
 }
 
@@ -208,7 +213,10 @@ ssm_releases: null
                 .contains("no kubectl")
         );
         assert!(Manifest::parse("u", "supported_eks_releases: 7").is_err());
-        assert!(m.ssm_agent_package("amd64", "deb").is_none(), "ssm_releases: null");
+        assert!(
+            m.ssm_agent_package("amd64", "deb").is_none(),
+            "ssm_releases: null"
+        );
         let mirror = format!(
             "{TEXT}\n"
         )

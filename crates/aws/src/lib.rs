@@ -13,11 +13,13 @@
 //! its own.
 
 mod eks;
+mod reach;
 mod ssm;
 mod token;
 
 pub use aws_credential_types::Credentials;
 pub use eks::{ClusterInfo, EksError, describe_cluster};
+pub use reach::{ReachStep, Reached, bypasses_proxy, reach, system_roots};
 pub use ssm::{ManagedInstance, SsmClient, SsmError, endpoint_from_env, ssm_endpoint};
 pub use token::{EksToken, TOKEN_LIFETIME, TokenError, eks_token, sts_host};
 

@@ -409,7 +409,9 @@ mod tests {
             "credential scope: {auth}"
         );
         assert!(
-            auth.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-amz-target"),
+            auth.contains(
+                "SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;x-amz-target"
+            ),
             "{auth}"
         );
         assert_eq!(sent.headers["x-amz-security-token"], "session");
@@ -422,11 +424,7 @@ mod tests {
         assert_eq!(again.headers()["authorization"].to_str().unwrap(), auth);
         // A different body gives a different signature: the payload is signed.
         let other = client(&fake)
-            .signed(
-                "DescribeInstanceInformation",
-                &json!({"Filters": []}),
-                when,
-            )
+            .signed("DescribeInstanceInformation", &json!({"Filters": []}), when)
             .unwrap();
         assert_ne!(other.headers()["authorization"].to_str().unwrap(), auth);
     }
@@ -443,7 +441,8 @@ mod tests {
         let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
         let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
         let days = era * 146_097 + doe - 719_468;
-        SystemTime::UNIX_EPOCH + Duration::from_secs((days * 86_400 + hh * 3600 + mm * 60 + ss) as u64)
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs((days * 86_400 + hh * 3600 + mm * 60 + ss) as u64)
     }
 
     #[tokio::test]
@@ -483,7 +482,10 @@ mod tests {
 
     #[test]
     fn regional_endpoints() {
-        assert_eq!(ssm_endpoint("eu-west-1"), "https://ssm.eu-west-1.amazonaws.com");
+        assert_eq!(
+            ssm_endpoint("eu-west-1"),
+            "https://ssm.eu-west-1.amazonaws.com"
+        );
         assert_eq!(
             ssm_endpoint("cn-north-1"),
             "https://ssm.cn-north-1.amazonaws.com.cn"

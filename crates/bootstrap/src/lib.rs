@@ -27,8 +27,8 @@ mod units;
 
 pub use render::{
     ClusterCoordinates, MODULES_LOAD_PATH, NodeIdentity, POD_CREDENTIALS_FILE, RenderError,
-    RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT, SYSCTL_PATH, cluster_dns, proxy_dropin_for,
-    proxy_env, render,
+    RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT, SYSCTL_PATH, cluster_dns,
+    proxy_dropin_for, proxy_env, render,
 };
 pub use units::kubelet_unit;
 

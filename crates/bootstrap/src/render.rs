@@ -376,15 +376,18 @@ fn signing_helper_args(ra: &IamRolesAnywhereOptions, mode: &str, with_proxy: boo
     if with_proxy {
         words.push("--with-proxy".into());
     }
-    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
+    words
+        .iter()
+        .map(|w| shell_word(w))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The AWS config file whose `credential_process` runs the signing helper: `default`
 /// for everything that runs as root, `hybrid` for tools written for nodeadm.
 fn iam_ra_aws_config(ra: &IamRolesAnywhereOptions, region: &str, with_proxy: bool) -> String {
     let process = signing_helper_args(ra, "credential-process", with_proxy);
-    let mut out =
-        String::from("# Written by hybridlet init from spec.hybrid.iamRolesAnywhere.\n");
+    let mut out = String::from("# Written by hybridlet init from spec.hybrid.iamRolesAnywhere.\n");
     for profile in ["default", "profile hybrid"] {
         let _ = write!(
             out,
@@ -489,7 +492,11 @@ pub fn render(
     let mut units = vec!["containerd.service", "kubelet.service"];
     // The agent fetches the node's credentials: behind a proxy it needs it as well.
     units.extend(node.ssm_agent_unit.as_deref());
-    files.extend(units.into_iter().filter_map(|u| proxy_dropin_for(config, u)));
+    files.extend(
+        units
+            .into_iter()
+            .filter_map(|u| proxy_dropin_for(config, u)),
+    );
     if let Some(ra) = spec
         .and_then(|s| s.hybrid.as_ref())
         .and_then(|h| h.iam_roles_anywhere.as_ref())
@@ -500,7 +507,10 @@ pub fn render(
             mode: 0o644,
             contents: iam_ra_aws_config(ra, &cluster.region, with_proxy),
         });
-        if spec.and_then(|s| s.hybrid.as_ref()).is_some_and(|h| h.enable_credentials_file) {
+        if spec
+            .and_then(|s| s.hybrid.as_ref())
+            .is_some_and(|h| h.enable_credentials_file)
+        {
             files.push(RenderedFile {
                 path: format!("/etc/systemd/system/{SIGNING_HELPER_UPDATE_UNIT}"),
                 mode: 0o644,
@@ -520,7 +530,10 @@ mod tests {
     /// one word and must not run anything.
     #[test]
     fn signing_helper_words_survive_the_shell() {
-        assert_eq!(shell_word("/etc/iam/pki/server.pem"), "/etc/iam/pki/server.pem");
+        assert_eq!(
+            shell_word("/etc/iam/pki/server.pem"),
+            "/etc/iam/pki/server.pem"
+        );
         assert_eq!(shell_word("/etc/my pki/a.pem"), "'/etc/my pki/a.pem'");
         assert_eq!(shell_word("x';reboot;'"), r#"'x'\'';reboot;'\'''"#);
         assert_eq!(shell_word(""), "''");

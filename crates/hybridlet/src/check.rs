@@ -50,6 +50,7 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
         }
         if !args.offline {
             results.extend(crate::preflight::api_server_checks(config, &root));
+            results.extend(crate::preflight::aws_endpoint_checks(config, &root));
             results.extend(crate::preflight::credentials_check(config));
         }
     }

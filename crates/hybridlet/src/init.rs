@@ -18,8 +18,8 @@ use hybridlet_bootstrap::{
     ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
 };
 use hybridlet_config::{Config, CredentialProvider, NodeConfig};
-use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
+use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

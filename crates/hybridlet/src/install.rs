@@ -382,15 +382,15 @@ async fn install_ssm_agent(
     let file = downloads.join(format!("{SSM_AGENT_PACKAGE}.{}", format.as_str()));
     fetch_verified(fetcher, artifact, "(ssm)", &file, tty).await?;
     let installed = tokio::task::spawn_blocking(move || {
-        let result = SystemPackages::new(format, std::time::Duration::from_secs(300)).install_file(&file);
+        let result =
+            SystemPackages::new(format, std::time::Duration::from_secs(300)).install_file(&file);
         let _ = std::fs::remove_file(&file);
         result
     })
     .await
     .map_err(|e| Failure::Runtime(e.into()))?;
-    installed.map_err(|e| {
-        Failure::Runtime(anyhow::anyhow!("installing the SSM agent package: {e}"))
-    })?;
+    installed
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("installing the SSM agent package: {e}")))?;
     let Some(agent) = hybridlet_sys::ssm_agent::find_agent(root) else {
         return Err(Failure::Runtime(anyhow::anyhow!(
             "the {SSM_AGENT_PACKAGE} package from {} installed, but there is no /usr/bin/amazon-ssm-agent: is it the agent's package?",

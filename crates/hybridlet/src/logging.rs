@@ -10,7 +10,14 @@ use crate::cli::LogFormat;
 /// Install the global subscriber. A second call (tests running several commands in one
 /// process) keeps the first subscriber.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
-    let make_filter = || EnvFilter::try_new(filter).map_err(|e| e.to_string());
+    // The AWS SDK logs each credentials lookup at info ("loaded base credentials ..."):
+    // noise in a command's output. Its warnings stay, and a filter naming it wins.
+    let filter = if filter.contains("aws") {
+        filter.to_string()
+    } else {
+        format!("{filter},aws_config=warn,aws_smithy_runtime=warn,aws_runtime=warn")
+    };
+    let make_filter = || EnvFilter::try_new(&filter).map_err(|e| e.to_string());
     make_filter()?;
     let journald = match format {
         LogFormat::Journald => true,

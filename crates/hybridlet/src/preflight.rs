@@ -4,6 +4,8 @@
 //! accepts TCP, verifies with the cluster CA, and keeps a clock close to ours — EKS tokens
 //! are presigned, so skew breaks authentication). Each failure says what is wrong and the
 //! exact fix. Host files are read under `--root`; services and ports only on the real host.
+//! The AWS endpoints the node's agents call (SSM or IAM Roles Anywhere, EKS) are reached
+//! as those agents reach them, through `spec.proxy` when it is set.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -230,6 +232,126 @@ pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
             )),
         },
     ))
+}
+
+/// The regional endpoint of `service` (`ssm`, `rolesanywhere`, `eks`), or the standard
+/// `AWS_ENDPOINT_URL_<SERVICE>` / `AWS_ENDPOINT_URL` override the node's tools honour.
+fn aws_endpoint(service: &str, env_name: &str, region: &str) -> String {
+    hybridlet_aws::endpoint_from_env(env_name).unwrap_or_else(|| {
+        let suffix = if region.starts_with("cn-") {
+            "amazonaws.com.cn"
+        } else {
+            "amazonaws.com"
+        };
+        format!("https://{service}.{region}.{suffix}")
+    })
+}
+
+/// The AWS endpoints this node's agents call, reached the way they will reach them
+/// (through `spec.proxy` unless `noProxy` exempts the host): the credential provider's
+/// (SSM or IAM Roles Anywhere) and EKS when init needs DescribeCluster. With a proxy,
+/// also whether init's proxy drop-ins are in place.
+pub fn aws_endpoint_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let Some(node) = config.node.as_ref() else {
+        return Vec::new();
+    };
+    let region = &node.spec.cluster.region;
+    let mut targets: Vec<(&'static str, String)> = Vec::new();
+    match node
+        .spec
+        .hybrid
+        .as_ref()
+        .and_then(|h| h.credential_provider())
+    {
+        Some(hybridlet_config::CredentialProvider::Ssm) => {
+            targets.push(("SSM endpoint", aws_endpoint("ssm", "SSM", region)));
+        }
+        Some(hybridlet_config::CredentialProvider::IamRolesAnywhere) => targets.push((
+            "IAM Roles Anywhere endpoint",
+            aws_endpoint("rolesanywhere", "ROLESANYWHERE", region),
+        )),
+        None => {}
+    }
+    let c = &node.spec.cluster;
+    if c.api_server_endpoint.is_none() || c.certificate_authority.is_none() || c.cidr.is_none() {
+        targets.push(("EKS endpoint", aws_endpoint("eks", "EKS", region)));
+    }
+    let proxy = &config.agent.proxy;
+    let https_proxy = proxy.https_proxy.as_deref();
+    let mut out = Vec::new();
+    if https_proxy.is_some() {
+        let mut missing = Vec::new();
+        let mut units = vec!["containerd.service", "kubelet.service"];
+        let agent = hybridlet_sys::ssm_agent::find_agent(root);
+        if node.spec.hybrid.as_ref().is_some_and(|h| h.ssm.is_some()) {
+            units.push(
+                agent
+                    .as_ref()
+                    .map_or("amazon-ssm-agent.service", |a| a.unit.as_str()),
+            );
+        }
+        for unit in units {
+            let path = format!("/etc/systemd/system/{unit}.d/http-proxy.conf");
+            if !root.resolve(&path).is_ok_and(|p| p.exists()) {
+                missing.push(path);
+            }
+        }
+        out.push((
+            "proxy settings",
+            if missing.is_empty() {
+                Outcome::Ok("the proxy drop-ins init writes are in place".into())
+            } else {
+                Outcome::Warn(format!(
+                    "spec.proxy is set but {} missing, so those services go direct: run `hybridlet init`",
+                    missing.join(", ")
+                ))
+            },
+        ));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![("AWS endpoints", Outcome::Warn(e.to_string()))],
+    };
+    for (name, url) in targets {
+        let reached = runtime.block_on(hybridlet_aws::reach(
+            &url,
+            https_proxy,
+            &proxy.no_proxy,
+            hybridlet_aws::system_roots(),
+            PROBE_TIMEOUT,
+        ));
+        let via = |p: &Option<String>| {
+            p.as_ref()
+                .map(|p| format!(" through the proxy {p}"))
+                .unwrap_or_default()
+        };
+        out.push((
+            name,
+            match reached {
+                Ok(r) => Outcome::Ok(format!(
+                    "{} reachable over TLS{}",
+                    r.endpoint,
+                    via(&r.via_proxy)
+                )),
+                Err((step, e)) => {
+                    use hybridlet_aws::ReachStep;
+                    let fix = match step {
+                        ReachStep::Address => "check spec.proxy and the AWS_ENDPOINT_URL_* settings".to_string(),
+                        ReachStep::Dns => "the node's resolver must answer for it (with a VPC interface endpoint, forward the name to a Route 53 inbound resolver)".to_string(),
+                        ReachStep::Tcp if https_proxy.is_some() => "the proxy in spec.proxy.httpsProxy must be reachable from the node".to_string(),
+                        ReachStep::Tcp => "allow outbound 443/tcp to it (firewall, the route over VPN or Direct Connect), or set spec.proxy.httpsProxy".to_string(),
+                        ReachStep::Proxy => "the proxy must allow CONNECT to it on 443 (allow-list *.amazonaws.com), or list it in spec.proxy.noProxy when the node reaches it directly".to_string(),
+                        ReachStep::Tls => "something presented a certificate this host does not trust: TLS inspection? Exempt the AWS endpoints from inspection, or add the inspecting CA to the system trust store (update-ca-certificates / update-ca-trust)".to_string(),
+                    };
+                    Outcome::Fail(format!("{url}: {} failed: {e}; {fix}", step.as_str()))
+                }
+            },
+        ));
+    }
+    out
 }
 
 /// Clock skew against a server's `Date`, as a check outcome.

@@ -14,8 +14,8 @@ use hybridlet_config::{Config, SsmOptions};
 use hybridlet_sys::HostRoot;
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
 use hybridlet_sys::ssm_agent::{
-    AGENT_STATE_DIR, Activation, CREDENTIALS_FILE, REGISTRATION_FILE, RefusalKind,
-    RegisterError, SsmRegistrar, find_agent, registered_instance, unit_for,
+    AGENT_STATE_DIR, Activation, CREDENTIALS_FILE, REGISTRATION_FILE, RefusalKind, RegisterError,
+    SsmRegistrar, find_agent, registered_instance, unit_for,
 };
 use hybridlet_sys::systemd::ServiceManager;
 
@@ -53,7 +53,10 @@ fn runtime(message: String) -> Failure {
 
 /// Make sure the agent is registered, running and writing credentials; the node's
 /// identity comes back. Reports each step through `say`.
-pub(crate) fn prepare(p: &Prepare<'_>, say: &mut dyn FnMut(String)) -> Result<NodeIdentity, Failure> {
+pub(crate) fn prepare(
+    p: &Prepare<'_>,
+    say: &mut dyn FnMut(String),
+) -> Result<NodeIdentity, Failure> {
     let agent = find_agent(p.root);
     let unit = agent
         .as_ref()
@@ -107,7 +110,13 @@ pub(crate) fn prepare(p: &Prepare<'_>, say: &mut dyn FnMut(String)) -> Result<No
     if let Some(sm) = p.services {
         start_agent(p, sm, &unit, just_registered, say)?;
     }
-    if p.registrar.is_some() && p.config.node.as_ref().and_then(|n| n.spec.hybrid.as_ref()).is_some_and(|h| h.enable_credentials_file) {
+    if p.registrar.is_some()
+        && p.config
+            .node
+            .as_ref()
+            .and_then(|n| n.spec.hybrid.as_ref())
+            .is_some_and(|h| h.enable_credentials_file)
+    {
         link_pod_credentials(p.root, say)?;
     }
     Ok(identity(instance, unit))
@@ -143,7 +152,9 @@ fn register(
         ));
         match registrar.register(&activation, &env) {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() && started.elapsed() + p.register_pause < REGISTER_WINDOW => {
+            Err(e)
+                if e.is_transient() && started.elapsed() + p.register_pause < REGISTER_WINDOW =>
+            {
                 say(format!("ssm: {e}; retrying in {:?}", p.register_pause));
                 #[allow(clippy::disallowed_methods)] // a CLI command, no runtime here
                 std::thread::sleep(p.register_pause);
@@ -181,7 +192,9 @@ fn registration_failure(activation: &Activation, e: &RegisterError) -> Failure {
             };
         }
         RegisterError::Spawn { .. } => "is the agent installed and executable?",
-        _ => "the node must reach ssm.<region>.amazonaws.com on 443 (set spec.proxy if it goes through a proxy); `hybridlet check` tests that",
+        _ => {
+            "the node must reach ssm.<region>.amazonaws.com on 443 (set spec.proxy if it goes through a proxy); `hybridlet check` tests that"
+        }
     };
     runtime(format!("registering the SSM agent failed: {e}. {fix}"))
 }
@@ -198,7 +211,10 @@ fn start_agent(
     // other files (which need the credentials it fetches).
     let mut dropin_changed = false;
     if let Some(f) = hybridlet_bootstrap::proxy_dropin_for(p.config, unit) {
-        let path = p.root.resolve(&f.path).map_err(|e| runtime(e.to_string()))?;
+        let path = p
+            .root
+            .resolve(&f.path)
+            .map_err(|e| runtime(e.to_string()))?;
         let applied = fileset::apply(
             &[DesiredFile {
                 path,
@@ -221,7 +237,9 @@ fn start_agent(
         )));
     }
     if just_registered || dropin_changed || !state.active {
-        sm.enable(unit).and_then(|()| sm.restart(unit)).map_err(err)?;
+        sm.enable(unit)
+            .and_then(|()| sm.restart(unit))
+            .map_err(err)?;
         say(format!("systemd: {unit} enabled and (re)started"));
     }
     let credentials = p
@@ -274,11 +292,22 @@ fn link_pod_credentials(root: &HostRoot, say: &mut dyn FnMut(String)) -> Result<
         _ => {}
     }
     if let Some(parent) = link.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| runtime(format!("{}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| runtime(format!("{}: {e}", parent.display())))?;
     }
-    std::os::unix::fs::symlink(target, &link)
-        .map_err(|e| runtime(format!("linking {} → {}: {e}", dir.display(), target.display())))?;
-    say(format!("{:>9}  {} → {}", "linked", dir.display(), target.display()));
+    std::os::unix::fs::symlink(target, &link).map_err(|e| {
+        runtime(format!(
+            "linking {} → {}: {e}",
+            dir.display(),
+            target.display()
+        ))
+    })?;
+    say(format!(
+        "{:>9}  {} → {}",
+        "linked",
+        dir.display(),
+        target.display()
+    ));
     Ok(())
 }
 
@@ -295,12 +324,18 @@ pub(crate) struct Deregister<'a> {
 
 /// Deregister this node's managed instance (if SSM still has it). Changes nothing on
 /// the host; the caller removes the registration afterwards ([`forget_registration`]).
-pub(crate) fn deregister(d: &Deregister<'_>, say: &mut dyn FnMut(String)) -> Result<Option<String>, Failure> {
+pub(crate) fn deregister(
+    d: &Deregister<'_>,
+    say: &mut dyn FnMut(String),
+) -> Result<Option<String>, Failure> {
     let Some(id) = registered_instance(d.root) else {
         say("ssm: the agent is not registered; nothing to deregister".into());
         return Ok(None);
     };
-    let credentials_file = d.root.resolve(CREDENTIALS_FILE).map_err(|e| runtime(e.to_string()))?;
+    let credentials_file = d
+        .root
+        .resolve(CREDENTIALS_FILE)
+        .map_err(|e| runtime(e.to_string()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -318,7 +353,11 @@ pub(crate) fn deregister(d: &Deregister<'_>, say: &mut dyn FnMut(String)) -> Res
         .await;
         let creds = hybridlet_aws::resolve_credentials(&sdk)
             .await
-            .map_err(|e| runtime(format!("ssm: no AWS credentials to deregister {id} with: {e}. {manual}")))?;
+            .map_err(|e| {
+                runtime(format!(
+                    "ssm: no AWS credentials to deregister {id} with: {e}. {manual}"
+                ))
+            })?;
         let client = SsmClient::new(d.region, d.endpoint.as_deref(), creds, d.timeout)
             .map_err(|e| runtime(format!("{e}")))?;
         let mut tries = 0;
@@ -337,7 +376,9 @@ pub(crate) fn deregister(d: &Deregister<'_>, say: &mut dyn FnMut(String)) -> Res
                     return Ok(Some(id.clone()));
                 }
                 Ok(false) => {
-                    say(format!("ssm: managed instance {id} was already deregistered"));
+                    say(format!(
+                        "ssm: managed instance {id} was already deregistered"
+                    ));
                     return Ok(Some(id.clone()));
                 }
                 Err(e) if e.is_transient() && tries < d.attempts => {
@@ -416,7 +457,17 @@ mod tests {
     }
 
     fn ssm(config: &Config) -> SsmOptions {
-        config.node.as_ref().unwrap().spec.hybrid.as_ref().unwrap().ssm.clone().unwrap()
+        config
+            .node
+            .as_ref()
+            .unwrap()
+            .spec
+            .hybrid
+            .as_ref()
+            .unwrap()
+            .ssm
+            .clone()
+            .unwrap()
     }
 
     fn with_agent(dir: &Path) -> HostRoot {
@@ -469,28 +520,53 @@ mod tests {
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].0.id, "8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d");
         assert!(
-            calls[0].1.contains(&("HTTPS_PROXY".into(), "http://proxy.example.internal:3128".into())),
+            calls[0].1.contains(&(
+                "HTTPS_PROXY".into(),
+                "http://proxy.example.internal:3128".into()
+            )),
             "{:?}",
             calls[0].1
         );
         // The agent's proxy drop-in is in place before it starts.
-        let dropin = dir.path().join("etc/systemd/system/amazon-ssm-agent.service.d/http-proxy.conf");
-        assert!(std::fs::read_to_string(&dropin).unwrap().contains("HTTPS_PROXY="));
-        assert_eq!(sm.calls(), ["daemon-reload", "enable amazon-ssm-agent.service", "restart amazon-ssm-agent.service"]);
+        let dropin = dir
+            .path()
+            .join("etc/systemd/system/amazon-ssm-agent.service.d/http-proxy.conf");
+        assert!(
+            std::fs::read_to_string(&dropin)
+                .unwrap()
+                .contains("HTTPS_PROXY=")
+        );
+        assert_eq!(
+            sm.calls(),
+            [
+                "daemon-reload",
+                "enable amazon-ssm-agent.service",
+                "restart amazon-ssm-agent.service"
+            ]
+        );
         // enableCredentialsFile: pods see root's credentials through the link.
         assert_eq!(
             std::fs::read_link(dir.path().join("eks-hybrid/.aws")).unwrap(),
             Path::new("/root/.aws")
         );
-        assert!(said.iter().any(|l| l.contains("registering the agent")), "{said:?}");
-        assert!(!said.join("\n").contains("AbCdEfGh"), "the activation code is never shown");
+        assert!(
+            said.iter().any(|l| l.contains("registering the agent")),
+            "{said:?}"
+        );
+        assert!(
+            !said.join("\n").contains("AbCdEfGh"),
+            "the activation code is never shown"
+        );
 
         // Again: registered, running, nothing to do.
         let (again, said) = run(&root, &config, Some(&sm), Some(&registrar), &backups);
         assert_eq!(again.unwrap().node_name, MI);
         assert_eq!(registrar.calls().len(), 1, "registered only once");
         assert_eq!(sm.calls().len(), 3, "no restart: {:?}", sm.calls());
-        assert_eq!(said, [format!("ssm: agent registered as managed instance {MI}")]);
+        assert_eq!(
+            said,
+            [format!("ssm: agent registered as managed instance {MI}")]
+        );
     }
 
     #[test]
@@ -504,21 +580,41 @@ mod tests {
         let (who, said) = run(&root, &config, None, Some(&registrar), &backups);
         assert_eq!(who.unwrap().node_name, MI);
         assert_eq!(registrar.calls().len(), 3);
-        assert_eq!(said.iter().filter(|l| l.contains("retrying")).count(), 2, "{said:?}");
+        assert_eq!(
+            said.iter().filter(|l| l.contains("retrying")).count(),
+            2,
+            "{said:?}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let root = with_agent(dir.path());
         let registrar = FakeRegistrar::new(dir.path(), MI);
         registrar.fail_next(&[RefusalKind::Expired]);
-        let err = run(&root, &config, None, Some(&registrar), &backups).0.unwrap_err();
-        assert_eq!(registrar.calls().len(), 1, "an expired activation is not retried");
+        let err = run(&root, &config, None, Some(&registrar), &backups)
+            .0
+            .unwrap_err();
+        assert_eq!(
+            registrar.calls().len(),
+            1,
+            "an expired activation is not retried"
+        );
         assert_eq!(err.code(), crate::exit::EX_CONFIG);
         let text = err.to_string();
-        assert!(text.contains("spec.hybrid.ssm.activationId") && text.contains("aws ssm create-activation"), "{text}");
+        assert!(
+            text.contains("spec.hybrid.ssm.activationId")
+                && text.contains("aws ssm create-activation"),
+            "{text}"
+        );
 
         registrar.fail_next(&[RefusalKind::Invalid]);
-        let text = run(&root, &config, None, Some(&registrar), &backups).0.unwrap_err().to_string();
-        assert!(text.contains("spec.hybrid.ssm.activationCode") && text.contains("registration limit"), "{text}");
+        let text = run(&root, &config, None, Some(&registrar), &backups)
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("spec.hybrid.ssm.activationCode") && text.contains("registration limit"),
+            "{text}"
+        );
         assert!(hybridlet_sys::ssm_agent::registered_instance(&root).is_none());
     }
 
@@ -529,21 +625,33 @@ mod tests {
         let config = config("ssm.yaml");
         let backups = dir.path().join("backups");
         let registrar = FakeRegistrar::new(dir.path(), MI);
-        let text = run(&root, &config, None, Some(&registrar), &backups).0.unwrap_err().to_string();
-        assert!(text.contains("not installed") && text.contains("--credential-provider ssm"), "{text}");
+        let text = run(&root, &config, None, Some(&registrar), &backups)
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("not installed") && text.contains("--credential-provider ssm"),
+            "{text}"
+        );
         assert!(registrar.calls().is_empty());
 
         let root = with_agent(dir.path());
         let (who, said) = run(&root, &config, None, None, &backups);
         assert_eq!(who.unwrap().node_name, UNKNOWN_INSTANCE);
-        assert!(said[0].starts_with("ssm: would register /usr/bin/amazon-ssm-agent"), "{said:?}");
+        assert!(
+            said[0].starts_with("ssm: would register /usr/bin/amazon-ssm-agent"),
+            "{said:?}"
+        );
         assert!(!dir.path().join("var/lib/amazon").exists());
 
         // A registration file that is not one: refused, not overwritten.
         let reg = dir.path().join("var/lib/amazon/ssm/registration");
         std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
         std::fs::write(&reg, "garbage").unwrap();
-        let text = run(&root, &config, None, Some(&registrar), &backups).0.unwrap_err().to_string();
+        let text = run(&root, &config, None, Some(&registrar), &backups)
+            .0
+            .unwrap_err()
+            .to_string();
         assert!(text.contains("holds no managed instance ID"), "{text}");
         assert_eq!(std::fs::read_to_string(&reg).unwrap(), "garbage");
     }
@@ -554,26 +662,47 @@ mod tests {
         let root = with_agent(dir.path());
         let reg = dir.path().join("var/lib/amazon/ssm/registration");
         std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
-        std::fs::write(&reg, format!(r#"{{"ManagedInstanceID":"{MI}","Region":"us-west-2"}}"#)).unwrap();
+        std::fs::write(
+            &reg,
+            format!(r#"{{"ManagedInstanceID":"{MI}","Region":"us-west-2"}}"#),
+        )
+        .unwrap();
         let sm = FakeServiceManager::with_units(&[UNIT]);
         let config = config("ssm.yaml");
-        let err = run(&root, &config, Some(&sm), None, &dir.path().join("b")).0.unwrap_err();
+        let err = run(&root, &config, Some(&sm), None, &dir.path().join("b"))
+            .0
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("/root/.aws/credentials") && text.contains("journalctl -u amazon-ssm-agent.service"), "{text}");
+        assert!(
+            text.contains("/root/.aws/credentials")
+                && text.contains("journalctl -u amazon-ssm-agent.service"),
+            "{text}"
+        );
         // It was not running: init started it.
-        assert!(sm.calls().contains(&"restart amazon-ssm-agent.service".to_string()));
+        assert!(
+            sm.calls()
+                .contains(&"restart amazon-ssm-agent.service".to_string())
+        );
     }
 
     fn registered_root(dir: &Path) -> HostRoot {
         let root = with_agent(dir);
         FakeRegistrar::new(dir, MI)
             .register(
-                &Activation { region: "us-west-2".into(), id: "x".into(), code: "y".into() },
+                &Activation {
+                    region: "us-west-2".into(),
+                    id: "x".into(),
+                    code: "y".into(),
+                },
                 &[],
             )
             .unwrap();
         std::fs::create_dir_all(dir.join("var/lib/amazon/ssm/Vault/Store")).unwrap();
-        std::fs::write(dir.join("var/lib/amazon/ssm/Vault/Store/RegistrationKey"), "k").unwrap();
+        std::fs::write(
+            dir.join("var/lib/amazon/ssm/Vault/Store/RegistrationKey"),
+            "k",
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.join("eks-hybrid")).unwrap();
         std::os::unix::fs::symlink("/root/.aws", dir.join("eks-hybrid/.aws")).unwrap();
         root
@@ -595,20 +724,44 @@ mod tests {
             pause: Duration::from_millis(10),
         };
         let mut said = Vec::new();
-        assert_eq!(deregister(&d, &mut |l| said.push(l)).unwrap().as_deref(), Some(MI));
+        assert_eq!(
+            deregister(&d, &mut |l| said.push(l)).unwrap().as_deref(),
+            Some(MI)
+        );
         assert!(!fake.knows(MI));
         assert!(said.iter().any(|l| l.contains("retrying")), "{said:?}");
         // Again: SSM no longer knows it, which is fine.
         assert!(deregister(&d, &mut |l| said.push(l)).is_ok());
-        assert!(said.last().unwrap().contains("already deregistered"), "{said:?}");
+        assert!(
+            said.last().unwrap().contains("already deregistered"),
+            "{said:?}"
+        );
 
         let sm = FakeServiceManager::with_units(&[UNIT]);
         forget_registration(&root, Some(&sm), &mut |l| said.push(l)).unwrap();
-        assert_eq!(sm.calls(), ["stop amazon-ssm-agent.service", "disable amazon-ssm-agent.service"]);
-        for gone in ["var/lib/amazon/ssm/registration", "root/.aws/credentials", "var/lib/amazon/ssm/Vault", "eks-hybrid/.aws"] {
-            assert!(std::fs::symlink_metadata(dir.path().join(gone)).is_err(), "{gone} is still there");
+        assert_eq!(
+            sm.calls(),
+            [
+                "stop amazon-ssm-agent.service",
+                "disable amazon-ssm-agent.service"
+            ]
+        );
+        for gone in [
+            "var/lib/amazon/ssm/registration",
+            "root/.aws/credentials",
+            "var/lib/amazon/ssm/Vault",
+            "eks-hybrid/.aws",
+        ] {
+            assert!(
+                std::fs::symlink_metadata(dir.path().join(gone)).is_err(),
+                "{gone} is still there"
+            );
         }
-        assert_eq!(deregister(&d, &mut |l| said.push(l)).unwrap(), None, "nothing registered any more");
+        assert_eq!(
+            deregister(&d, &mut |l| said.push(l)).unwrap(),
+            None,
+            "nothing registered any more"
+        );
     }
 
     #[test]
@@ -628,9 +781,17 @@ mod tests {
         };
         let text = deregister(&d, &mut |_| {}).unwrap_err().to_string();
         assert!(text.contains("AccessDeniedException"), "{text}");
-        assert!(text.contains(&format!("aws ssm deregister-managed-instance --instance-id {MI}")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "aws ssm deregister-managed-instance --instance-id {MI}"
+            )),
+            "{text}"
+        );
         assert!(text.contains("--no-deregister"), "{text}");
         assert!(fake.knows(MI));
-        assert_eq!(hybridlet_sys::ssm_agent::registered_instance(&root).as_deref(), Some(MI));
+        assert_eq!(
+            hybridlet_sys::ssm_agent::registered_instance(&root).as_deref(),
+            Some(MI)
+        );
     }
 }

@@ -167,3 +167,86 @@ async fn api_server_checks_name_the_failing_step() {
         "{tcp}"
     );
 }
+
+/// The credential provider's endpoint (IAM Roles Anywhere here, moved to a loopback TLS
+/// stand-in with AWS_ENDPOINT_URL_ROLESANYWHERE and trusted through SSL_CERT_FILE) is
+/// reached through spec.proxy's CONNECT tunnel; a proxy that refuses the tunnel fails the
+/// check naming the proxy step; missing proxy drop-ins are pointed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_endpoints_are_checked_through_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::fs::read(fixture("cert.pem")).unwrap();
+    let api = api_stand_in(0).await;
+    let rolesanywhere = api_stand_in(0).await;
+    let with_proxy = |proxy: &str| {
+        let path = write_config(dir.path(), &api, &ca);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("http://proxy.example.internal:3128", proxy)
+            .replace(
+                "noProxy: [localhost, 127.0.0.1, .svc, 10.0.0.0/8]",
+                "noProxy: [localhost]",
+            );
+        let out = dir
+            .path()
+            .join(format!("proxy-{}.yaml", proxy.len() + text.len()));
+        std::fs::write(&out, text).unwrap();
+        out
+    };
+    let run = |config: std::path::PathBuf| {
+        let rolesanywhere = rolesanywhere.clone();
+        async move {
+            let root = tempfile::tempdir().unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
+            cmd.arg("--root")
+                .arg(root.path())
+                .args(["check", "--config"])
+                .arg(&config)
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+                .env("AWS_ENDPOINT_URL_ROLESANYWHERE", &rolesanywhere)
+                .env("SSL_CERT_FILE", fixture("cert.pem"))
+                .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+                .env("AWS_CONFIG_FILE", "/nonexistent")
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_PROFILE");
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        }
+    };
+    let port = rolesanywhere.rsplit(':').next().unwrap().to_string();
+
+    let proxy = hybridlet_fixtures::proxy::ConnectProxy::start(false);
+    let out = run(with_proxy(&proxy.url)).await;
+    assert!(
+        out.contains(&format!(
+            "ok: IAM Roles Anywhere endpoint: 127.0.0.1:{port} reachable over TLS through the proxy {}",
+            proxy.url
+        )),
+        "{out}"
+    );
+    assert!(proxy.targets().contains(&format!("127.0.0.1:{port}")));
+    assert!(
+        out.contains("warning: proxy settings: spec.proxy is set but /etc/systemd/system/containerd.service.d/http-proxy.conf"),
+        "{out}"
+    );
+
+    let refusing = hybridlet_fixtures::proxy::ConnectProxy::start(true);
+    let out = run(with_proxy(&refusing.url)).await;
+    assert!(
+        out.contains(&format!(
+            "FAIL: IAM Roles Anywhere endpoint: {rolesanywhere}: proxy failed:"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("403 Forbidden") && out.contains("allow CONNECT"),
+        "{out}"
+    );
+}

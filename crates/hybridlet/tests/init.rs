@@ -470,7 +470,11 @@ fn uninstall_deregisters_an_ssm_node() {
     let mi = "mi-0123456789abcdef0";
     let reg = root.path().join("var/lib/amazon/ssm/registration");
     std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
-    std::fs::write(&reg, format!(r#"{{"ManagedInstanceID":"{mi}","Region":"us-west-2"}}"#)).unwrap();
+    std::fs::write(
+        &reg,
+        format!(r#"{{"ManagedInstanceID":"{mi}","Region":"us-west-2"}}"#),
+    )
+    .unwrap();
     let creds = root.path().join("root/.aws/credentials");
     std::fs::create_dir_all(creds.parent().unwrap()).unwrap();
     std::fs::write(&creds, "[default]\naws_access_key_id = AKIDAGENT\naws_secret_access_key = s\naws_session_token = t\n").unwrap();
@@ -485,7 +489,10 @@ fn uninstall_deregisters_an_ssm_node() {
     );
     let text = out(&o);
     assert_eq!(o.status.code(), Some(1), "{text}");
-    assert!(text.contains("AccessDeniedException") && text.contains("--no-deregister"), "{text}");
+    assert!(
+        text.contains("AccessDeniedException") && text.contains("--no-deregister"),
+        "{text}"
+    );
     assert!(reg.exists() && creds.exists(), "nothing changed");
 
     let o = run(
@@ -495,7 +502,10 @@ fn uninstall_deregisters_an_ssm_node() {
     );
     let text = out(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
-    assert!(text.contains(&format!("ssm: managed instance {mi} deregistered")), "{text}");
+    assert!(
+        text.contains(&format!("ssm: managed instance {mi} deregistered")),
+        "{text}"
+    );
     assert!(!ssm.knows(mi));
     assert!(!reg.exists() && !creds.exists(), "{text}");
     // Signed with the agent's credentials.

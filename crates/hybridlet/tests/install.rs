@@ -269,7 +269,12 @@ fn install_for_ssm_finds_or_plans_the_agent() {
     let o = run(root.path(), &args);
     let text = out(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
-    assert!(text.contains("warning: ssm: the SSM agent is not installed and this host has neither dpkg nor rpm"), "{text}");
+    assert!(
+        text.contains(
+            "warning: ssm: the SSM agent is not installed and this host has neither dpkg nor rpm"
+        ),
+        "{text}"
+    );
 
     let bin = root.path().join("usr/bin");
     std::fs::write(bin.join("dpkg"), "").unwrap();
@@ -277,16 +282,26 @@ fn install_for_ssm_finds_or_plans_the_agent() {
     dry.push("--dry-run");
     let o = run(root.path(), &dry);
     let text = out(&o);
-    assert!(text.contains("would install the amazon-ssm-agent deb package (from http://127.0.0.1:"), "{text}");
+    assert!(
+        text.contains("would install the amazon-ssm-agent deb package (from http://127.0.0.1:"),
+        "{text}"
+    );
     let o = run(root.path(), &args);
     let text = out(&o);
     assert_eq!(o.status.code(), Some(0), "{text}");
-    assert!(text.contains("not installing the amazon-ssm-agent package under --root"), "{text}");
+    assert!(
+        text.contains("not installing the amazon-ssm-agent package under --root"),
+        "{text}"
+    );
 
     std::fs::remove_file(bin.join("dpkg")).unwrap();
     std::fs::write(bin.join("rpm"), "").unwrap();
     let o = run(root.path(), &args);
-    assert!(out(&o).contains("the manifest has no rpm package of it"), "{}", out(&o));
+    assert!(
+        out(&o).contains("the manifest has no rpm package of it"),
+        "{}",
+        out(&o)
+    );
 
     std::fs::write(bin.join("amazon-ssm-agent"), "").unwrap();
     let o = run(root.path(), &args);

@@ -18,8 +18,8 @@ pub mod mount;
 pub mod packages;
 pub mod pci;
 pub mod process;
-pub mod ssm_agent;
 mod root;
+pub mod ssm_agent;
 pub mod systemd;
 pub mod tree;
 

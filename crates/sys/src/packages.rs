@@ -211,7 +211,8 @@ mod tests {
             Duration::from_secs(10),
         );
         pm.remove("amazon-ssm-agent").unwrap(); // not installed: nothing to do
-        pm.install_file(Path::new("/m/amazon-ssm-agent.deb")).unwrap();
+        pm.install_file(Path::new("/m/amazon-ssm-agent.deb"))
+            .unwrap();
         pm.remove("amazon-ssm-agent").unwrap();
         let e = pm.install_file(Path::new("/bad.deb")).unwrap_err();
         assert!(e.to_string().contains("not a Debian archive"), "{e}");

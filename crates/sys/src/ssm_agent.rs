@@ -138,8 +138,11 @@ impl RegisterError {
 pub trait SsmRegistrar: Send + Sync {
     /// Register with `activation`; `env` (proxy settings) is added to the agent's
     /// environment, since registration itself calls SSM.
-    fn register(&self, activation: &Activation, env: &[(String, String)])
-    -> Result<(), RegisterError>;
+    fn register(
+        &self,
+        activation: &Activation,
+        env: &[(String, String)],
+    ) -> Result<(), RegisterError>;
 }
 
 /// The real one: the agent's own `-register` mode.
@@ -391,14 +394,26 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains("SECRETcode"), "{text}");
         assert!(text.contains("<activation code>"), "{text}");
-        assert!(matches!(e, RegisterError::Refused { kind: RefusalKind::Expired, .. }));
+        assert!(matches!(
+            e,
+            RegisterError::Refused {
+                kind: RefusalKind::Expired,
+                ..
+            }
+        ));
         assert!(!e.is_transient());
-        assert_eq!(classify("InvalidActivation: wrong id"), RefusalKind::Invalid);
+        assert_eq!(
+            classify("InvalidActivation: wrong id"),
+            RefusalKind::Invalid
+        );
         assert_eq!(classify("dial tcp: i/o timeout"), RefusalKind::Other);
 
         let hung = AgentCli::new(script(dir.path(), "sleep 30"), Duration::from_millis(300));
         let e = hung.register(&activation(), &[]).unwrap_err();
-        assert!(matches!(e, RegisterError::Timeout { .. }) && e.is_transient(), "{e}");
+        assert!(
+            matches!(e, RegisterError::Timeout { .. }) && e.is_transient(),
+            "{e}"
+        );
         let missing = AgentCli::new(dir.path().join("nope"), Duration::from_secs(1));
         assert!(matches!(
             missing.register(&activation(), &[]).unwrap_err(),
@@ -431,9 +446,16 @@ mod tests {
         );
         let reg = dir.path().join("var/lib/amazon/ssm/registration");
         std::fs::write(&reg, r#"{"ManagedInstanceID": "i-0abc", "Region": "x"}"#).unwrap();
-        assert_eq!(registered_instance(&root), None, "not a managed instance ID");
-        std::fs::write(&reg, r#"{"ManagedInstanceID" : "mi-0abc\"; rm", "Region": "x"}"#)
-            .unwrap();
+        assert_eq!(
+            registered_instance(&root),
+            None,
+            "not a managed instance ID"
+        );
+        std::fs::write(
+            &reg,
+            r#"{"ManagedInstanceID" : "mi-0abc\"; rm", "Region": "x"}"#,
+        )
+        .unwrap();
         assert_eq!(registered_instance(&root), None);
     }
 }
