@@ -16,9 +16,11 @@
 //! What this crate must never do: place a file that did not verify, follow a redirect to
 //! another scheme, or talk to anything but the URLs it is given.
 
+mod archive;
 mod fetch;
 mod manifest;
 
+pub use archive::{Unpacked, unpack_flat};
 pub use fetch::{Downloaded, Fetcher, Progress, sha256_file};
 pub use manifest::{Artifact, EksPatchRelease, Manifest, SupportedEksRelease};
 
@@ -61,6 +63,15 @@ pub enum ArtifactError {
         expected: String,
         /// Computed.
         actual: String,
+    },
+    /// An archive is unreadable or has a member that may not be unpacked; nothing of it
+    /// was placed when a member was refused.
+    #[error("{}: {message}", path.display())]
+    Archive {
+        /// The archive.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
     },
     /// The checksum file is not a SHA-256.
     #[error("{url}: not a SHA-256 checksum file")]

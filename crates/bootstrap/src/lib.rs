@@ -12,6 +12,7 @@
 //! | `/etc/kubernetes/pki/ca.crt` | the cluster CA |
 //! | `/etc/kubernetes/kubelet/config.json` | KubeletConfiguration; the user's `spec.kubelet.config` merged over ours, user values win |
 //! | `/var/lib/kubelet/kubeconfig` | API server, CA, and `hybridlet token` as the exec credential plugin |
+//! | `/etc/eks/image-credential-provider/config.json` | the kubelet's CredentialProviderConfig for the ECR credential provider (when `install` placed it) |
 //! | `/etc/eks/kubelet/environment` | `NODEADM_KUBELET_ARGS`: our flags, then the user's `spec.kubelet.flags` (they win) |
 //! | `/etc/systemd/system/{containerd,kubelet,<SSM agent>}.service.d/http-proxy.conf` | from `spec.proxy` (the SSM agent's unit only with SSM) |
 //! | `spec.hybrid.iamRolesAnywhere.awsConfigPath` (`/etc/aws/hybrid/config`) | IAM Roles Anywhere: profiles `default` and `hybrid` whose `credential_process` runs the signing helper |
@@ -26,9 +27,9 @@ mod render;
 mod units;
 
 pub use render::{
-    ClusterCoordinates, MODULES_LOAD_PATH, NodeIdentity, POD_CREDENTIALS_FILE, RenderError,
-    RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT, SYSCTL_PATH, cluster_dns,
-    proxy_dropin_for, proxy_env, render,
+    ClusterCoordinates, ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR, MODULES_LOAD_PATH,
+    NodeIdentity, POD_CREDENTIALS_FILE, RenderError, RenderedFile, SIGNING_HELPER,
+    SIGNING_HELPER_UPDATE_UNIT, SYSCTL_PATH, cluster_dns, proxy_dropin_for, proxy_env, render,
 };
 pub use units::kubelet_unit;
 

@@ -30,7 +30,18 @@ pub struct NodeIdentity {
     pub aws_config_file: Option<String>,
     /// The SSM agent's systemd unit (SSM only): it gets the proxy drop-in too.
     pub ssm_agent_unit: Option<String>,
+    /// The host has [`ECR_CREDENTIAL_PROVIDER`] (`install` puts it there): the kubelet
+    /// pulls ECR images (the pause image among them) with it. Without the program the
+    /// kubelet would refuse to start with the flags, so they come only with it.
+    pub ecr_credential_provider: bool,
 }
+
+/// Where the kubelet finds image credential provider programs.
+pub const IMAGE_CREDENTIAL_PROVIDER_DIR: &str = "/etc/eks/image-credential-provider";
+/// The ECR credential provider program.
+pub const ECR_CREDENTIAL_PROVIDER: &str =
+    "/etc/eks/image-credential-provider/ecr-credential-provider";
+const IMAGE_CREDENTIAL_PROVIDER_CONFIG: &str = "/etc/eks/image-credential-provider/config.json";
 
 /// One file to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +292,14 @@ fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String {
         "--config=/etc/kubernetes/kubelet/config.json".to_string(),
         "--kubeconfig=/var/lib/kubelet/kubeconfig".to_string(),
     ];
+    if node.ecr_credential_provider {
+        args.push(format!(
+            "--image-credential-provider-bin-dir={IMAGE_CREDENTIAL_PROVIDER_DIR}"
+        ));
+        args.push(format!(
+            "--image-credential-provider-config={IMAGE_CREDENTIAL_PROVIDER_CONFIG}"
+        ));
+    }
     // The user's other flags come last so that they win.
     args.extend(rest);
     let quoted: Vec<String> = args
@@ -288,6 +307,40 @@ fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String {
         .map(|a| a.replace('\\', "\\\\").replace('"', "\\\""))
         .collect();
     format!("NODEADM_KUBELET_ARGS=\"{}\"\n", quoted.join(" "))
+}
+
+/// The kubelet's CredentialProviderConfig for the ECR credential provider: every ECR
+/// registry host pattern (commercial, China, FIPS, the isolated partitions), a 12 h
+/// cache, and with IAM Roles Anywhere the AWS config file whose `credential_process`
+/// signs for the node.
+fn image_credential_provider_config(node: &NodeIdentity) -> String {
+    let mut provider = json!({
+        "name": "ecr-credential-provider",
+        "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+        "matchImages": [
+            "*.dkr.ecr.*.amazonaws.com",
+            "*.dkr.ecr.*.amazonaws.com.cn",
+            "*.dkr.ecr-fips.*.amazonaws.com",
+            "*.dkr.ecr.*.c2s.ic.gov",
+            "*.dkr.ecr.*.sc2s.sgov.gov"
+        ],
+        "defaultCacheDuration": "12h",
+    });
+    if let Some(file) = &node.aws_config_file {
+        provider["env"] = json!([
+            {"name": "AWS_CONFIG_FILE", "value": file},
+            {"name": "AWS_PROFILE", "value": "default"}
+        ]);
+    }
+    let config = json!({
+        "apiVersion": "kubelet.config.k8s.io/v1",
+        "kind": "CredentialProviderConfig",
+        "providers": [provider],
+    });
+    // A Value of strings always serializes.
+    let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// `spec.proxy` as a drop-in for `unit` (`None` without a proxy).
@@ -487,6 +540,13 @@ pub fn render(
             path: format!("/etc/containerd/certs.d/{}/hosts.toml", mirror.registry),
             mode: 0o644,
             contents: hosts_toml(mirror),
+        });
+    }
+    if node.ecr_credential_provider {
+        files.push(RenderedFile {
+            path: IMAGE_CREDENTIAL_PROVIDER_CONFIG.into(),
+            mode: 0o644,
+            contents: image_credential_provider_config(node),
         });
     }
     let mut units = vec!["containerd.service", "kubelet.service"];

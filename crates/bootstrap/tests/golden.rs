@@ -76,6 +76,7 @@ fn iam_roles_anywhere_with_mirrors_proxy_and_overrides() {
             credential_provider: "iam-ra".into(),
             aws_config_file: Some("/etc/aws/hybrid/config".into()),
             ssm_agent_unit: None,
+            ecr_credential_provider: true,
         },
     );
 }
@@ -99,6 +100,7 @@ fn ssm_with_defaults() {
             credential_provider: "ssm".into(),
             aws_config_file: None,
             ssm_agent_unit: Some("amazon-ssm-agent.service".into()),
+            ecr_credential_provider: false,
         },
     );
 }
@@ -122,6 +124,7 @@ fn ssm_behind_a_proxy() {
             credential_provider: "ssm".into(),
             aws_config_file: None,
             ssm_agent_unit: Some("snap.amazon-ssm-agent.amazon-ssm-agent.service".into()),
+            ecr_credential_provider: true,
         },
     );
 }

@@ -207,6 +207,7 @@ fn identity(node: &NodeConfig) -> Result<NodeIdentity, Failure> {
                 credential_provider: "iam-ra".into(),
                 aws_config_file: Some(ra.aws_config_path.clone()),
                 ssm_agent_unit: None,
+                ecr_credential_provider: false,
             })
         }
         // SSM identities come from the agent's registration (crate::ssm::prepare).
@@ -258,6 +259,10 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
         }
         None => identity(node)?,
     };
+    let mut who = who;
+    who.ecr_credential_provider = root
+        .resolve(hybridlet_bootstrap::ECR_CREDENTIAL_PROVIDER)
+        .is_ok_and(|p| p.is_file());
     let cluster = coordinates(node)?;
     let rendered = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
         .map_err(|e| Failure::Runtime(e.into()))?;

@@ -1,5 +1,7 @@
-//! `hybridlet install <k8s-version>`: the kubelet, kubectl and (IAM Roles Anywhere) the
-//! signing helper from the EKS hybrid release manifest (or a mirror of it), each verified
+//! `hybridlet install <k8s-version>`: the kubelet, kubectl, the ECR credential provider,
+//! the CNI plugins (the verified tarball unpacked into `/opt/cni/bin`, top-level files
+//! only) and (IAM Roles Anywhere) the signing helper from the EKS hybrid release
+//! manifest (or a mirror of it), each verified
 //! against its published SHA-256 before it is placed, resumable and atomic
 //! (hybridlet-artifacts); the kubelet's unit (hybridlet-bootstrap); a record of what was
 //! installed (`<stateDir>/install.json`) that `uninstall` reads. containerd is found, not
@@ -26,7 +28,16 @@ use crate::exit::Failure;
 pub(crate) const PLACES: &[(&str, &str, bool)] = &[
     ("kubelet", "/usr/bin/kubelet", true),
     ("kubectl", "/usr/local/bin/kubectl", false),
+    (
+        "ecr-credential-provider",
+        "/etc/eks/image-credential-provider/ecr-credential-provider",
+        false,
+    ),
 ];
+/// The CNI plugins: the release's tarball is kept here and unpacked into [`CNI_BIN`].
+const CNI_ARCHIVE: &str = "/opt/cni/plugins/cni-plugins.tgz";
+/// Where containerd (`bin_dir` in the config init writes) looks for CNI plugins.
+const CNI_BIN: &str = "/opt/cni/bin";
 use hybridlet_bootstrap::SIGNING_HELPER;
 /// The package install may add for SSM, and uninstall removes again.
 const SSM_AGENT_PACKAGE: &str = "amazon-ssm-agent";
@@ -236,10 +247,20 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             Some(CredentialProvider::Ssm) => {}
             None => {}
         }
+        let cni = match release.artifact("cni-plugins", arch) {
+            Ok(a) => Some(a.clone()),
+            Err(_) => {
+                outln!("cni-plugins: not in this release; skipped");
+                None
+            }
+        };
         let ssm = (provider == Some(CredentialProvider::Ssm)).then(|| ssm_plan(&root, &manifest, arch));
         if args.dry_run {
             for (a, dest) in &plan {
                 outln!("would install {} → {dest} (from {})", a.name, a.uri);
+            }
+            if let Some(a) = &cni {
+                outln!("would install cni-plugins → {CNI_BIN} (unpacked from {})", a.uri);
             }
             if let Some(SsmPlan::Package(format, a)) = &ssm {
                 outln!("would install the {SSM_AGENT_PACKAGE} {} package (from {})", format.as_str(), a.uri);
@@ -276,6 +297,31 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             });
         }
 
+        if let Some(artifact) = &cni {
+            let archive = resolve(CNI_ARCHIVE)?;
+            let (sum, _) = fetch_verified(&fetcher, artifact, &release.version, &archive, tty).await?;
+            installed.files.push(InstalledFile {
+                path: CNI_ARCHIVE.to_string(),
+                sha256: sum,
+            });
+            let bin = resolve(CNI_BIN)?;
+            let unpacked = hybridlet_artifacts::unpack_flat(&archive, &bin)
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            let written = unpacked.iter().filter(|u| u.written).count();
+            for u in &unpacked {
+                let name = u.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                installed.files.push(InstalledFile {
+                    path: format!("{CNI_BIN}/{name}"),
+                    sha256: u.sha256.clone(),
+                });
+            }
+            outln!(
+                "{:>9}  {CNI_BIN} ({} files from the verified cni-plugins archive, {written} written)",
+                if written > 0 { "installed" } else { "unchanged" },
+                unpacked.len()
+            );
+        }
+
         let unit = hybridlet_bootstrap::kubelet_unit();
         let unit_path = resolve(&unit.path)?;
         let applied = fileset::apply(
@@ -296,9 +342,10 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
 
         match ssm {
             Some(SsmPlan::Package(format, artifact)) => {
-                if install_ssm_agent(&root, &fetcher, &artifact, format, &state_dir, tty).await? {
-                    installed.ssm_agent_package = Some(SSM_AGENT_PACKAGE.to_string());
-                }
+                let added = install_ssm_agent(&root, &fetcher, &artifact, format, &state_dir, tty).await?;
+                installed.ssm_agent_package = added
+                    .then(|| SSM_AGENT_PACKAGE.to_string())
+                    .or(installed.ssm_agent_package.take());
             }
             Some(SsmPlan::Found(agent)) => outln!(
                 "ssm: the SSM agent is installed ({}, {}); left as it is",

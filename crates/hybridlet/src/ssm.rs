@@ -128,6 +128,7 @@ fn identity(node_name: String, unit: String) -> NodeIdentity {
         credential_provider: "ssm".into(),
         aws_config_file: None,
         ssm_agent_unit: Some(unit),
+        ecr_credential_provider: false,
     }
 }
 

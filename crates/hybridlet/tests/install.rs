@@ -25,6 +25,25 @@ fn arch() -> &'static str {
     }
 }
 
+/// The CNI plugins tarball as upstream lays it out: `./` and the programs at the top.
+fn cni_tgz() -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    for (name, body, mode) in [
+        ("./bridge", &b"#!/bin/sh\necho bridge\n"[..], 0o755),
+        ("./host-local", &b"#!/bin/sh\necho host-local\n"[..], 0o755),
+        ("./LICENSE", &b"Apache-2.0\n"[..], 0o644),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_size(body.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        b.append(&h, body).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
 /// A manifest with 1.31.2 and 1.31.3 (latest); `corrupt` publishes a wrong kubelet checksum.
 fn server(corrupt: bool) -> FileServer {
     let kubelet = b"#!/bin/sh\necho kubelet 1.31.3\n".to_vec();
@@ -46,6 +65,18 @@ fn server(corrupt: bool) -> FileServer {
     files.insert("/1.31.3/kubectl.sha256".into(), sha(&kubectl).into_bytes());
     files.insert("/helper".into(), helper.clone());
     files.insert("/helper.sha256".into(), sha(&helper).into_bytes());
+    let ecr = b"#!/bin/sh\necho ecr-credential-provider\n".to_vec();
+    files.insert("/1.31.3/ecr-credential-provider".into(), ecr.clone());
+    files.insert(
+        "/1.31.3/ecr-credential-provider.sha256".into(),
+        sha(&ecr).into_bytes(),
+    );
+    let cni = cni_tgz();
+    files.insert("/1.31.3/cni-plugins.tgz".into(), cni.clone());
+    files.insert(
+        "/1.31.3/cni-plugins.tgz.sha256".into(),
+        sha(&cni).into_bytes(),
+    );
     files.insert("/ssm/amazon-ssm-agent.deb".into(), b"!<arch>\n".to_vec());
     files.insert(
         "/ssm/amazon-ssm-agent.deb.sha256".into(),
@@ -68,6 +99,8 @@ fn server(corrupt: bool) -> FileServer {
     artifacts:
     - {{name: kubelet, arch: {a}, os: linux, uri: "{b}/1.31.3/kubelet", checksum_uri: "{b}/1.31.3/kubelet.sha256"}}
     - {{name: kubectl, arch: {a}, os: linux, uri: "{b}/1.31.3/kubectl", checksum_uri: "{b}/1.31.3/kubectl.sha256"}}
+    - {{name: ecr-credential-provider, arch: {a}, os: linux, uri: "{b}/1.31.3/ecr-credential-provider", checksum_uri: "{b}/1.31.3/ecr-credential-provider.sha256"}}
+    - {{name: cni-plugins, arch: {a}, os: linux, uri: "{b}/1.31.3/cni-plugins.tgz", checksum_uri: "{b}/1.31.3/cni-plugins.tgz.sha256"}}
 iam_roles_anywhere_releases:
 - version: 1.4.0
   artifacts:
@@ -133,6 +166,12 @@ fn install_verifies_places_records_and_uninstall_removes() {
         ("usr/bin/kubelet", "echo kubelet 1.31.3"),
         ("usr/local/bin/kubectl", "echo kubectl"),
         ("usr/local/bin/aws_signing_helper", "signing helper"),
+        (
+            "etc/eks/image-credential-provider/ecr-credential-provider",
+            "echo ecr-credential-provider",
+        ),
+        ("opt/cni/bin/bridge", "echo bridge"),
+        ("opt/cni/bin/host-local", "echo host-local"),
     ] {
         let p = root.path().join(path);
         assert!(
@@ -156,7 +195,15 @@ fn install_verifies_places_records_and_uninstall_removes() {
     )
     .unwrap();
     assert_eq!(record["version"], "1.31.3");
-    assert_eq!(record["files"].as_array().unwrap().len(), 4);
+    // kubelet, kubectl, ECR provider, signing helper, the CNI archive and its 3 files,
+    // the unit.
+    assert_eq!(record["files"].as_array().unwrap().len(), 9);
+    assert!(
+        text.contains(
+            "installed  /opt/cni/bin (3 files from the verified cni-plugins archive, 3 written)"
+        ),
+        "{text}"
+    );
 
     // Again: nothing downloaded.
     let o = run(
@@ -201,6 +248,14 @@ fn install_verifies_places_records_and_uninstall_removes() {
             .exists()
     );
     assert!(!root.path().join("var/lib/hybridlet/install.json").exists());
+    for gone in [
+        "opt/cni/bin/bridge",
+        "opt/cni/bin/LICENSE",
+        "opt/cni/plugins/cni-plugins.tgz",
+        "etc/eks/image-credential-provider/ecr-credential-provider",
+    ] {
+        assert!(!root.path().join(gone).exists(), "{gone} is still there");
+    }
     assert_eq!(
         std::fs::read_to_string(root.path().join("usr/local/bin/kubectl")).unwrap(),
         "mine"

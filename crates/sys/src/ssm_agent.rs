@@ -249,13 +249,16 @@ fn instance_in(path: &Path) -> Option<String> {
         .then(|| id.to_string())
 }
 
+/// One registration call: the activation and the extra environment.
+pub type RegisterCall = (Activation, Vec<(String, String)>);
+
 /// A registrar that writes the registration file itself (tests of the callers).
 #[derive(Debug)]
 pub struct FakeRegistrar {
     root: PathBuf,
     instance: String,
     failures: std::sync::Mutex<Vec<RefusalKind>>,
-    calls: std::sync::Mutex<Vec<(Activation, Vec<(String, String)>)>>,
+    calls: std::sync::Mutex<Vec<RegisterCall>>,
 }
 
 impl FakeRegistrar {
@@ -279,7 +282,7 @@ impl FakeRegistrar {
     }
 
     /// The calls so far.
-    pub fn calls(&self) -> Vec<(Activation, Vec<(String, String)>)> {
+    pub fn calls(&self) -> Vec<RegisterCall> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

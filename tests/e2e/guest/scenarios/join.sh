@@ -26,11 +26,17 @@ if grep -Eq '"maxPods": 7([^0-9]|$)' /etc/kubernetes/kubelet/config.json; then e
 exec sleep infinity
 SH
 printf '#!/bin/sh\necho aws_signing_helper stand-in\n' > /tmp/mirror/aws_signing_helper
+printf '#!/bin/sh\necho ecr-credential-provider stand-in\n' > /tmp/mirror/ecr-credential-provider
+# The CNI plugins tarball as upstream lays it out (./ and the programs at the top).
+mkdir -p /tmp/cni && printf '#!/bin/sh\necho bridge\n' > /tmp/cni/bridge && printf '#!/bin/sh\necho host-local\n' > /tmp/cni/host-local
+chmod 755 /tmp/cni/bridge /tmp/cni/host-local
+tar -C /tmp/cni -czf /tmp/mirror/cni-plugins.tgz .
 # For `upgrade`: 1.32.1 is the same stand-in (another build), 1.33.0 a kubelet that dies.
 mkdir -p /tmp/mirror/1.32.1 /tmp/mirror/1.33.0
 { cat /tmp/mirror/kubelet; echo "# 1.32.1"; } > /tmp/mirror/1.32.1/kubelet
 printf '#!/bin/sh\necho "kubelet 1.33.0: unsupported flag" >&2\nexit 1\n' > /tmp/mirror/1.33.0/kubelet
 (cd /tmp/mirror && sha256sum kubelet > kubelet.sha256 && sha256sum aws_signing_helper > aws_signing_helper.sha256 \
+  && sha256sum ecr-credential-provider > ecr-credential-provider.sha256 && sha256sum cni-plugins.tgz > cni-plugins.tgz.sha256 \
   && sha256sum 1.32.1/kubelet > 1.32.1/kubelet.sha256 && sha256sum 1.33.0/kubelet > 1.33.0/kubelet.sha256)
 cat > /tmp/mirror/manifest.yaml <<'YAML'
 supported_eks_releases:
@@ -42,6 +48,8 @@ supported_eks_releases:
     release_date: "2025-02-01"
     artifacts:
     - {name: kubelet, arch: amd64, os: linux, uri: "file:///tmp/mirror/kubelet", checksum_uri: "file:///tmp/mirror/kubelet.sha256"}
+    - {name: ecr-credential-provider, arch: amd64, os: linux, uri: "file:///tmp/mirror/ecr-credential-provider", checksum_uri: "file:///tmp/mirror/ecr-credential-provider.sha256"}
+    - {name: cni-plugins, arch: amd64, os: linux, uri: "file:///tmp/mirror/cni-plugins.tgz", checksum_uri: "file:///tmp/mirror/cni-plugins.tgz.sha256"}
 - major_minor_version: "1.32"
   latest_patch_version: "1"
   patch_releases:
@@ -103,6 +111,8 @@ expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
 cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet not placed"
 expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
 [ -x /usr/local/bin/aws_signing_helper ] || fail "the IAM Roles Anywhere signing helper was not installed"
+[ -x /etc/eks/image-credential-provider/ecr-credential-provider ] || fail "the ECR credential provider was not installed"
+cmp /tmp/cni/bridge /opt/cni/bin/bridge && [ -x /opt/cni/bin/host-local ] || fail "the CNI plugins were not unpacked into /opt/cni/bin"
 systemctl cat kubelet.service | grep -q 'ExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS' || fail "kubelet unit not installed"
 echo "tampered" >> /tmp/mirror/kubelet
 if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then true; fi
@@ -121,6 +131,10 @@ expect_eq "kubelet" active "$(systemctl is-active kubelet)"
 expect_eq "kubelet enabled" enabled "$(systemctl is-enabled kubelet)"
 grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/rig-node-1"' /etc/kubernetes/kubelet/config.json \
   || fail "kubelet config lacks the providerID"
+grep -q 'credential_process = /usr/local/bin/aws_signing_helper credential-process .*--role-session-name rig-node-1' /etc/aws/hybrid/config \
+  || fail "no IAM Roles Anywhere AWS config"
+grep -q -- '--image-credential-provider-config=/etc/eks/image-credential-provider/config.json' /etc/eks/kubelet/environment \
+  || fail "the kubelet does not use the ECR credential provider"
 tr '\0' '\n' < "/proc/$(systemctl show -p MainPID --value kubelet)/environ" | grep -q '^NODEADM_KUBELET_ARGS=' \
   || fail "the kubelet did not get /etc/eks/kubelet/environment"
 c_pid=$(pid containerd); k_pid=$(pid kubelet)
@@ -205,7 +219,8 @@ expect_eq "kubelet" inactive "$(systemctl is-active kubelet || true)"
 systemctl cat kubelet.service >/dev/null 2>&1 && fail "systemd still knows kubelet.service (no daemon-reload after removing it)"
 for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml \
          /etc/sysctl.d/99-hybridlet.conf /etc/modules-load.d/hybridlet.conf \
-         /usr/bin/kubelet /usr/local/bin/aws_signing_helper /etc/systemd/system/kubelet.service; do
+         /usr/bin/kubelet /usr/local/bin/aws_signing_helper /etc/systemd/system/kubelet.service \
+         /opt/cni/bin/bridge /etc/eks/image-credential-provider/ecr-credential-provider /etc/aws/hybrid/config; do
   [ ! -e "$f" ] || fail "$f is still there"
 done
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"
