@@ -6,7 +6,13 @@
 //! CHAP credentials come only from the node-stage secrets (`node.session.auth.username`,
 //! `node.session.auth.password`, optional `..._in` for mutual CHAP, and
 //! `discovery.sendtargets.auth.username` / `...password`), never from the PV, and are never
-//! logged or written to disk. `portals` (multipath) is refused in this build.
+//! logged or written to disk.
+//!
+//! Multipath: `portals` lists more portals of the same target (a JSON array as
+//! csi-driver-iscsi takes it, `["10.0.1.5:3260", "10.0.2.5"]`, or a comma-separated
+//! list; at most 8). Stage logs in through every portal, waits for the path disks, and
+//! uses the dm-multipath map multipathd assembles over them; unstage removes the map
+//! first, then the paths.
 //!
 //! A record per staged volume (`<stateDir>/iscsi/<volume>.conf`, written atomically, no
 //! secrets) keeps the target, portal and LUN from stage time, so unstage logs out of the
@@ -24,8 +30,10 @@ use crate::CsiError;
 /// A validated iSCSI volume.
 #[derive(Debug, Clone)]
 pub struct IscsiVolume {
-    /// Target and portal.
+    /// Target and portal (`targetPortal`).
     pub target: IscsiTarget,
+    /// More portals of the same target (`portals`): more than none means multipath.
+    pub extra_paths: Vec<IscsiTarget>,
     /// LUN number.
     pub lun: u32,
     /// Filesystem for mount access (`ext4` or `xfs`).
@@ -72,6 +80,40 @@ pub fn portal(value: &str) -> Result<String, CsiError> {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
     })
+}
+
+/// The `portals` attribute: a JSON array of strings or a comma-separated list.
+fn portal_list(value: &str) -> Result<Vec<String>, CsiError> {
+    let value = value.trim();
+    let items: Vec<String> = if value.starts_with('[') {
+        serde_json::from_str::<Vec<String>>(value).map_err(|e| {
+            CsiError::InvalidArgument(format!(
+                "volumeAttributes.portals {value:?} is not a JSON list of portals: {e}"
+            ))
+        })?
+    } else {
+        value
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect()
+    };
+    if items.len() > 8 {
+        return Err(CsiError::InvalidArgument(format!(
+            "volumeAttributes.portals lists {} portals; at most 8 paths are supported",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .map(|p| {
+            portal(p).map_err(|_| {
+                CsiError::InvalidArgument(format!(
+                    "volumeAttributes.portals entry {p:?} must be an IP address with an optional :port"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// An iSCSI qualified name (`iqn.YYYY-MM.reversed.domain[:suffix]`, `eui.` + 16 hex
@@ -173,15 +215,20 @@ pub fn volume(
             ))
         })
     };
-    if get(context, "portals").is_some_and(|p| !matches!(p.trim(), "" | "[]")) {
-        return Err(CsiError::FailedPrecondition(
-            "volumeAttributes.portals (multipath) is not supported by this build of hybridlet; use targetPortal alone".into(),
-        ));
-    }
     let target = IscsiTarget {
         portal: portal(required("targetPortal")?)?,
         iqn: iqn(required("iqn")?)?,
     };
+    let mut extra_paths: Vec<IscsiTarget> = Vec::new();
+    for p in portal_list(get(context, "portals").unwrap_or(""))? {
+        let t = IscsiTarget {
+            portal: p,
+            iqn: target.iqn.clone(),
+        };
+        if t != target && !extra_paths.contains(&t) {
+            extra_paths.push(t);
+        }
+    }
     let lun_text = required("lun")?;
     let lun = lun_text
         .parse::<u32>()
@@ -229,6 +276,7 @@ pub fn volume(
     };
     Ok(IscsiVolume {
         target,
+        extra_paths,
         lun,
         fs_type: fs_type.to_string(),
         session_chap,
@@ -249,8 +297,27 @@ pub struct StageRecord {
     pub fs_type: String,
     /// Raw block access.
     pub block: bool,
-    /// The device at stage time (e.g. `/dev/sdb`); may be empty before the device appeared.
+    /// The device at stage time (e.g. `/dev/sdb`, or the multipath map
+    /// `/dev/mapper/mpatha`); may be empty before the device appeared.
     pub device: PathBuf,
+    /// Multipath: every path (the first is `target`) and its disk once it appeared.
+    pub paths: Vec<(IscsiTarget, PathBuf)>,
+}
+
+impl StageRecord {
+    /// Whether the volume is used through a dm-multipath map.
+    pub fn multipath(&self) -> bool {
+        self.paths.len() > 1
+    }
+
+    /// Every target (portal) the volume is logged in through.
+    pub fn targets(&self) -> Vec<IscsiTarget> {
+        if self.paths.is_empty() {
+            vec![self.target.clone()]
+        } else {
+            self.paths.iter().map(|(t, _)| t.clone()).collect()
+        }
+    }
 }
 
 /// The records of staged iSCSI volumes, one file each.
@@ -289,7 +356,7 @@ impl Records {
     pub fn save(&self, r: &StageRecord) -> Result<(), CsiError> {
         hybridlet_sys::ensure_dir(&self.dir, 0o700)
             .map_err(|e| CsiError::Internal(format!("creating {}: {e}", self.dir.display())))?;
-        let text = format!(
+        let mut text = format!(
             "version=1\nvolumeId={}\nportal={}\niqn={}\nlun={}\nfsType={}\nblock={}\ndevice={}\n",
             r.volume_id,
             r.target.portal,
@@ -299,6 +366,15 @@ impl Records {
             r.block,
             r.device.display()
         );
+        if !r.paths.is_empty() {
+            // `portal|device;...`: neither a portal nor a device path holds '|' or ';'.
+            let paths: Vec<String> = r
+                .paths
+                .iter()
+                .map(|(t, d)| format!("{}|{}", t.portal, d.display()))
+                .collect();
+            text.push_str(&format!("paths={}\n", paths.join(";")));
+        }
         hybridlet_sys::atomic_write(&self.path(&r.volume_id), text.as_bytes(), 0o600)
             .map_err(|e| CsiError::Internal(format!("saving the stage record: {e}")))
     }
@@ -363,6 +439,22 @@ fn parse(text: &str) -> Option<StageRecord> {
         fs_type: fields.get("fsType").unwrap_or(&"ext4").to_string(),
         block: fields.get("block") == Some(&"true"),
         device: PathBuf::from(fields.get("device").unwrap_or(&"")),
+        paths: match fields.get("paths") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(';')
+                .map(|p| {
+                    let (portal, device) = p.split_once('|')?;
+                    Some((
+                        IscsiTarget {
+                            portal: portal.to_string(),
+                            iqn: fields.get("iqn")?.to_string(),
+                        },
+                        PathBuf::from(device),
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()?,
+        },
     })
 }
 
@@ -444,10 +536,44 @@ mod tests {
         assert_eq!(v.fs_type, "xfs");
         assert!(!format!("{v:?}").contains("hunter22"));
         let mut multi = ctx.clone();
-        multi.insert("portals".into(), "[\"10.0.0.6:3260\"]".into());
+        multi.insert("sessionCHAPAuth".into(), "false".into());
+        multi.insert(
+            "portals".into(),
+            "[\"10.0.0.6:3260\", \"127.0.0.1\", \"[fd00::6]\"]".into(),
+        );
+        let v = volume(&multi, &HashMap::new(), "").unwrap();
+        // targetPortal itself is not a second path.
+        let extra: Vec<&str> = v.extra_paths.iter().map(|t| t.portal.as_str()).collect();
+        assert_eq!(extra, ["10.0.0.6:3260", "[fd00::6]:3260"]);
+        assert!(v.extra_paths.iter().all(|t| t.iqn == v.target.iqn));
+        multi.insert("portals".into(), "10.0.0.6, 10.0.0.7:3261".into());
         assert_eq!(
-            volume(&multi, &HashMap::new(), "").unwrap_err().code(),
-            tonic::Code::FailedPrecondition
+            volume(&multi, &HashMap::new(), "")
+                .unwrap()
+                .extra_paths
+                .len(),
+            2
+        );
+        for bad in [
+            "[\"san.example.com\"]",
+            "10.0.0.6;rm",
+            "[1, 2]",
+            "[\"10.0.0.6\"",
+        ] {
+            multi.insert("portals".into(), bad.into());
+            assert_eq!(
+                volume(&multi, &HashMap::new(), "").unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad}"
+            );
+        }
+        let many: Vec<String> = (1..=9).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        multi.insert("portals".into(), format!("[{}]", many.join(",")));
+        assert!(
+            volume(&multi, &HashMap::new(), "")
+                .unwrap_err()
+                .to_string()
+                .contains("at most 8")
         );
         let mut bad_fs = ctx.clone();
         bad_fs.insert("sessionCHAPAuth".into(), "false".into());
@@ -468,6 +594,7 @@ mod tests {
             fs_type: "ext4".into(),
             block: true,
             device: "/dev/sdb".into(),
+            paths: Vec::new(),
         };
         records.save(&r).unwrap();
         assert_eq!(records.load(&r.volume_id).unwrap(), Some(r.clone()));
@@ -481,5 +608,25 @@ mod tests {
         records.remove(&r.volume_id).unwrap();
         records.remove(&r.volume_id).unwrap();
         assert_eq!(records.load(&r.volume_id).unwrap(), None);
+
+        // Multipath: the paths and their disks survive, IPv6 portals included.
+        let mut m = r.clone();
+        m.device = "/dev/mapper/mpatha".into();
+        m.paths = vec![
+            (m.target.clone(), "/dev/sdb".into()),
+            (
+                IscsiTarget {
+                    portal: "[fd00::6]:3260".into(),
+                    iqn: m.target.iqn.clone(),
+                },
+                PathBuf::new(),
+            ),
+        ];
+        records.save(&m).unwrap();
+        let back = records.load(&m.volume_id).unwrap().unwrap();
+        assert_eq!(back, m);
+        assert!(back.multipath());
+        assert_eq!(back.targets().len(), 2);
+        assert_eq!(r.targets(), vec![r.target.clone()]);
     }
 }

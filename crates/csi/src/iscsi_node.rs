@@ -10,7 +10,7 @@ use hybridlet_proto::csi::v1::volume_usage::Unit;
 use hybridlet_proto::csi::v1::{
     NodeExpandVolumeRequest, NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage,
 };
-use hybridlet_sys::iscsi::{DiskFormat, IscsiError};
+use hybridlet_sys::iscsi::{DiskFormat, IscsiError, IscsiTarget};
 use hybridlet_sys::mount::{MountRequest, topmost};
 
 use crate::iscsi::{self, Records, StageRecord};
@@ -33,31 +33,48 @@ fn iscsi_error(e: IscsiError) -> CsiError {
     }
 }
 
-/// Log out of the record's target unless another staged volume still uses it (then only
-/// this LUN's SCSI disk is removed), and forget the record. Logging out of a target
+/// Detach the record's LUN: for multipath, flush and remove the dm-multipath map first
+/// (a path must not go while the map still uses it); then, per path, log out of the
+/// target unless another staged volume still uses that target through that portal (then
+/// only this LUN's SCSI disk is removed), and forget the record. Logging out of a target
 /// another volume uses would pull the disk from under it.
 pub(crate) fn detach(host: &Host, records: &Records, record: &StageRecord) -> Result<(), CsiError> {
     // Unmounted already; write out what the block layer still buffers (raw block users
     // write through it) before the disk goes away.
-    if !record.device.as_os_str().is_empty()
-        && record.device.exists()
-        && let Err(e) = host.disks.flush(&record.device)
-    {
+    let device_present = !record.device.as_os_str().is_empty() && record.device.exists();
+    if device_present && let Err(e) = host.disks.flush(&record.device) {
         tracing::warn!(volume_id = %record.volume_id, error = %e, "flushing the LUN's buffers failed");
     }
-    let shared = records
+    if record.multipath() && !record.device.as_os_str().is_empty() {
+        host.disks.remove_multipath(&record.device).map_err(|e| {
+            CsiError::Internal(format!(
+                "{e}; the paths stay logged in while the multipath map exists (is something still using {}?)",
+                record.device.display()
+            ))
+        })?;
+    }
+    let others: Vec<IscsiTarget> = records
         .all()
         .iter()
-        .any(|r| r.volume_id != record.volume_id && r.target == record.target);
-    if shared {
-        if !record.device.as_os_str().is_empty()
-            && record.device.exists()
-            && let Err(e) = host.disks.remove_scsi_device(&record.device)
-        {
-            tracing::warn!(volume_id = %record.volume_id, error = %e, "could not remove the LUN's SCSI disk; it stays until the target is logged out");
-        }
+        .filter(|r| r.volume_id != record.volume_id)
+        .flat_map(StageRecord::targets)
+        .collect();
+    let paths: Vec<(IscsiTarget, PathBuf)> = if record.paths.is_empty() {
+        vec![(record.target.clone(), record.device.clone())]
     } else {
-        host.initiator.logout(&record.target).map_err(iscsi_error)?;
+        record.paths.clone()
+    };
+    for (target, disk) in &paths {
+        if others.contains(target) {
+            if !disk.as_os_str().is_empty()
+                && disk.exists()
+                && let Err(e) = host.disks.remove_scsi_device(disk)
+            {
+                tracing::warn!(volume_id = %record.volume_id, error = %e, "could not remove the LUN's SCSI disk; it stays until the target is logged out");
+            }
+        } else {
+            host.initiator.logout(target).map_err(iscsi_error)?;
+        }
     }
     records.remove(&record.volume_id)
 }
@@ -93,10 +110,15 @@ impl NodeService {
             format!("staging volume {volume_id}"),
             move || {
                 let mounted = host.mounter.mount_at(&staging)?;
+                let paths: Vec<IscsiTarget> = std::iter::once(volume.target.clone())
+                    .chain(volume.extra_paths.iter().cloned())
+                    .collect();
+                let multipath = paths.len() > 1;
                 if let Some(existing) = records.load(&id)? {
                     if existing.target != volume.target
                         || existing.lun != volume.lun
                         || existing.block != block
+                        || existing.targets() != paths
                     {
                         return Err(CsiError::AlreadyExists(format!(
                             "volume {id} is already staged as LUN {} of {} on {} ({} access)",
@@ -106,11 +128,8 @@ impl NodeService {
                             if existing.block { "block" } else { "mount" }
                         )));
                     }
-                    let logged_in = host
-                        .initiator
-                        .sessions()
-                        .map_err(iscsi_error)?
-                        .contains(&volume.target);
+                    let sessions = host.initiator.sessions().map_err(iscsi_error)?;
+                    let logged_in = paths.iter().any(|t| sessions.contains(t));
                     if logged_in && (block || mounted.is_some()) {
                         return Ok(()); // already staged
                     }
@@ -123,20 +142,37 @@ impl NodeService {
                 }
 
                 if let Some(chap) = &volume.discovery_chap {
-                    let offered = host
-                        .initiator
-                        .discover(&volume.target.portal, Some(chap))
-                        .map_err(iscsi_error)?;
-                    if !offered.contains(&volume.target) {
-                        return Err(CsiError::NotFound(format!(
-                            "portal {} does not offer target {}",
-                            volume.target.portal, volume.target.iqn
-                        )));
+                    for path in &paths {
+                        let offered = host
+                            .initiator
+                            .discover(&path.portal, Some(chap))
+                            .map_err(iscsi_error)?;
+                        if !offered.contains(path) {
+                            return Err(CsiError::NotFound(format!(
+                                "portal {} does not offer target {}",
+                                path.portal, path.iqn
+                            )));
+                        }
                     }
                 }
-                host.initiator
-                    .login(&volume.target, volume.session_chap.as_ref())
-                    .map_err(iscsi_error)?;
+                // Every path is tried; with multipath, the volume works (degraded) as long
+                // as one path logs in, and multipathd adds the others when they come back.
+                let mut logged_in = Vec::new();
+                let mut first_error = None;
+                for path in &paths {
+                    match host.initiator.login(path, volume.session_chap.as_ref()) {
+                        Ok(()) => logged_in.push(path.clone()),
+                        Err(e) => {
+                            tracing::warn!(volume_id = %id, portal = %path.portal, error = %e, "iSCSI login through this portal failed");
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                if logged_in.is_empty() {
+                    return Err(first_error.map(iscsi_error).unwrap_or_else(|| {
+                        CsiError::Internal("no portal to log in through".into())
+                    }));
+                }
                 // Recorded before anything else can fail, so unstage logs out even if
                 // this stage never finishes.
                 let mut record = StageRecord {
@@ -146,12 +182,43 @@ impl NodeService {
                     fs_type: volume.fs_type.clone(),
                     block,
                     device: PathBuf::new(),
+                    paths: if multipath {
+                        paths.iter().map(|t| (t.clone(), PathBuf::new())).collect()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 records.save(&record)?;
-                let device = host
-                    .disks
-                    .wait_for(&volume.target.by_path(volume.lun), DEVICE_WAIT)
-                    .map_err(iscsi_error)?;
+                let device = if multipath {
+                    let mut disks = Vec::new();
+                    for path in &logged_in {
+                        match host.disks.wait_for(&path.by_path(volume.lun), DEVICE_WAIT) {
+                            Ok(disk) => {
+                                if let Some(slot) = record.paths.iter_mut().find(|(t, _)| t == path) {
+                                    slot.1 = disk.clone();
+                                }
+                                disks.push(disk);
+                            }
+                            Err(e) => {
+                                tracing::warn!(volume_id = %id, portal = %path.portal, error = %e, "no disk through this portal");
+                            }
+                        }
+                    }
+                    if disks.is_empty() {
+                        return Err(CsiError::NotFound(format!(
+                            "no portal of {} presents LUN {}",
+                            volume.target.iqn, volume.lun
+                        )));
+                    }
+                    records.save(&record)?;
+                    host.disks
+                        .multipath_device(&disks, DEVICE_WAIT)
+                        .map_err(|e| CsiError::FailedPrecondition(e.to_string()))?
+                } else {
+                    host.disks
+                        .wait_for(&volume.target.by_path(volume.lun), DEVICE_WAIT)
+                        .map_err(iscsi_error)?
+                };
                 record.device = device.clone();
                 records.save(&record)?;
                 if block {
@@ -358,7 +425,15 @@ impl NodeService {
                         path.display()
                     )));
                 }
-                host.initiator.rescan(&record.target).map_err(iscsi_error)?;
+                for target in record.targets() {
+                    host.initiator.rescan(&target).map_err(iscsi_error)?;
+                }
+                if record.multipath() {
+                    // The map keeps its old size until multipathd re-reads the paths.
+                    host.disks
+                        .resize_multipath(&record.device)
+                        .map_err(iscsi_error)?;
+                }
                 if !record.block {
                     grow(&host, &record, &path)?;
                 }

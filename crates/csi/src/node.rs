@@ -137,6 +137,13 @@ pub(crate) fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
     a.device == b.device && a.root == b.root
 }
 
+fn not_staged(volume_id: &str, staging: &Path) -> CsiError {
+    CsiError::FailedPrecondition(format!(
+        "volume {volume_id} is not staged at {}; NodeStageVolume must succeed first",
+        staging.display()
+    ))
+}
+
 impl NodeService {
     pub(crate) fn new(settings: Arc<CsiSettings>, host: Host, metrics: CsiMetrics) -> Self {
         Self {
@@ -265,14 +272,35 @@ impl NodeService {
             self.settings.mount_timeout,
             format!("publishing volume {volume_id}"),
             move || {
+                // The kubelet's first call for a volume: the target does not exist yet, so
+                // nothing can be mounted there. Then the kernel says in one statx(2)
+                // whether the staging path is mounted, and the mount table (the costly
+                // part) is not read at all.
+                if matches!(std::fs::symlink_metadata(&target), Err(e) if e.kind() == io::ErrorKind::NotFound)
+                {
+                    match mounter.is_mount_point(&staging) {
+                        Some(true) => {
+                            std::fs::create_dir(&target).map_err(|e| {
+                                CsiError::Internal(format!(
+                                    "creating target path {}: {e}",
+                                    target.display()
+                                ))
+                            })?;
+                            if let Err(e) = mounter.bind(&staging, &target, read_only) {
+                                let _ = std::fs::remove_dir(&target);
+                                return Err(e.into());
+                            }
+                            return Ok(());
+                        }
+                        Some(false) => return Err(not_staged(&vid, &staging)),
+                        None => {}
+                    }
+                }
                 // One read of the mount table answers both questions.
                 let table = mounter.mount_table()?;
-                let staged = topmost(&table, &staging).cloned().ok_or_else(|| {
-                    CsiError::FailedPrecondition(format!(
-                        "volume {vid} is not staged at {}; NodeStageVolume must succeed first",
-                        staging.display()
-                    ))
-                })?;
+                let staged = topmost(&table, &staging)
+                    .cloned()
+                    .ok_or_else(|| not_staged(&vid, &staging))?;
                 if let Some(existing) = topmost(&table, &target) {
                     if same_volume(existing, &staged) && existing.read_only() == read_only {
                         return Ok(());

@@ -512,3 +512,144 @@ async fn iscsi_disabled_is_a_failed_precondition() {
     assert!(h.iscsi.calls().is_empty());
     h.stop.cancel();
 }
+
+fn second_path() -> IscsiTarget {
+    IscsiTarget {
+        portal: "127.0.0.2:3260".into(),
+        iqn: IQN.into(),
+    }
+}
+
+/// Multipath: stage logs in through both portals, mounts the dm-multipath map (not a
+/// path disk), and works degraded when one portal is down; unstage removes the map before
+/// the paths, and logs out of a portal only when no other volume uses it.
+#[tokio::test]
+async fn multipath_uses_the_map_and_tears_down_in_order() {
+    let mut h = start(true).await;
+    // LUN 0 through the second portal is /dev/sdd; multipathd joins sdb and sdd.
+    h.iscsi
+        .add_lun(&second_path(), 0, Path::new("/dev/sdd"), 1 << 30);
+    h.iscsi.add_multipath(
+        Path::new("/dev/mapper/mpatha"),
+        &[Path::new("/dev/sdb"), Path::new("/dev/sdd")],
+        1 << 30,
+    );
+    let portals = [("portals", "[\"127.0.0.2:3260\"]")];
+    let staging = h.path("staging/mp/globalmount");
+    h.node
+        .node_stage_volume(h.stage("mp", 0, false, &portals, &[]))
+        .await
+        .unwrap();
+    h.node
+        .node_stage_volume(h.stage("mp", 0, false, &portals, &[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.iscsi.calls(),
+        [
+            format!("login {IQN} 127.0.0.1:3260"),
+            format!("login {IQN} 127.0.0.2:3260"),
+            "format /dev/mapper/mpatha ext4".to_string()
+        ],
+        "both paths, the map formatted, and a second stage changes nothing"
+    );
+    let m = h
+        .mounter
+        .table()
+        .into_iter()
+        .find(|m| m.mount_point == staging)
+        .unwrap();
+    assert_eq!(m.source, "/dev/mapper/mpatha", "a path disk was mounted");
+
+    // Another volume (LUN 1) through the first portal only.
+    h.node
+        .node_stage_volume(h.stage("single", 1, false, &[], &[]))
+        .await
+        .unwrap();
+    // The same volume with a different portal set is another volume.
+    let e = h
+        .node
+        .node_stage_volume(h.stage("mp", 0, false, &[], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // Expansion rescans both paths and resizes the map.
+    h.node
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: "mp".into(),
+            volume_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let calls = h.iscsi.calls();
+    for want in [
+        format!("rescan {IQN} 127.0.0.1:3260"),
+        format!("rescan {IQN} 127.0.0.2:3260"),
+        "multipathd resize /dev/mapper/mpatha".to_string(),
+        "grow /dev/mapper/mpatha ext4 ".to_string() + &staging.display().to_string(),
+    ] {
+        assert!(calls.contains(&want), "{want} not in {calls:?}");
+    }
+
+    let before = h.iscsi.calls().len();
+    h.node.node_unstage_volume(h.unstage("mp")).await.unwrap();
+    let teardown: Vec<String> = h.iscsi.calls()[before..].to_vec();
+    // The map goes first; portal 1 stays (LUN 1 uses it): only its path disk is removed
+    // (sdb does not exist on this machine, so nothing to remove); portal 2 is logged out.
+    assert_eq!(
+        teardown,
+        [
+            "multipath -f /dev/mapper/mpatha".to_string(),
+            format!("logout {IQN} 127.0.0.2:3260"),
+        ],
+        "{teardown:?}"
+    );
+    assert_eq!(h.iscsi.current_sessions(), vec![target()]);
+    h.node.node_unstage_volume(h.unstage("mp")).await.unwrap();
+    h.stop.cancel();
+}
+
+#[tokio::test]
+async fn multipath_stages_degraded_and_fails_clearly_without_a_map() {
+    let mut h = start(true).await;
+    // The second portal is down (no LUN there): one path, still a map.
+    h.iscsi.add_multipath(
+        Path::new("/dev/mapper/mpathb"),
+        &[Path::new("/dev/sdb"), Path::new("/dev/sdd")],
+        1 << 30,
+    );
+    let portals = [("portals", "127.0.0.9")];
+    h.node
+        .node_stage_volume(h.stage("deg", 0, true, &portals, &[]))
+        .await
+        .unwrap();
+    assert_eq!(h.iscsi.current_sessions(), vec![target()]);
+    h.node.node_unstage_volume(h.unstage("deg")).await.unwrap();
+    assert!(h.iscsi.current_sessions().is_empty());
+
+    // No multipathd map over the paths: FAILED_PRECONDITION naming multipathd; the
+    // record is kept so unstage logs out.
+    let mut h = start(true).await;
+    h.iscsi
+        .add_lun(&second_path(), 1, Path::new("/dev/sde"), 1 << 30);
+    let portals = [("portals", "127.0.0.2")];
+    let e = h
+        .node
+        .node_stage_volume(h.stage("nomap", 1, false, &portals, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("multipathd"), "{}", e.message());
+    assert_eq!(h.iscsi.current_sessions().len(), 2);
+    h.node
+        .node_unstage_volume(h.unstage("nomap"))
+        .await
+        .unwrap();
+    assert!(
+        h.iscsi.current_sessions().is_empty(),
+        "paths left logged in"
+    );
+    h.stop.cancel();
+}

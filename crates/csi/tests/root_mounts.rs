@@ -129,6 +129,37 @@ async fn real_bind_mounts_stats_and_unmounts() {
     .await
     .unwrap();
     assert!(!mounted(&staging));
+
+    // Not staged any more: the kernel's mount-root answer (no mount table read) refuses
+    // the publish and creates nothing.
+    let e = node
+        .node_publish_volume(Request::new(NodePublishVolumeRequest {
+            volume_id: "v1".into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: t1.display().to_string(),
+            volume_capability: cap(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(!t1.exists());
+    // A same-file-system bind mount counts as staged (the kernel marks its root too).
+    let other = dir.path().join("plain");
+    std::fs::create_dir(&other).unwrap();
+    mounter.bind(&other, &staging, false).unwrap();
+    node.node_publish_volume(Request::new(NodePublishVolumeRequest {
+        volume_id: "v2".into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: t1.display().to_string(),
+        volume_capability: cap(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert!(mounted(&t1));
+    mounter.unmount(&t1, false).unwrap();
+    mounter.unmount(&staging, false).unwrap();
 }
 
 #[tokio::test]

@@ -104,6 +104,16 @@ pub enum IscsiError {
         /// How long.
         timeout: Duration,
     },
+    /// No dm-multipath map came up over the LUN's paths.
+    #[error(
+        "no dm-multipath device over {paths} appeared within {timeout:?}: is multipathd running (systemctl enable --now multipathd), and are these disks not blacklisted in /etc/multipath.conf?"
+    )]
+    NoMultipath {
+        /// The path devices, comma-separated.
+        paths: String,
+        /// How long.
+        timeout: Duration,
+    },
     /// Reading device facts failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -170,6 +180,16 @@ pub trait Disks: Send + Sync + std::fmt::Debug {
     fn remove_scsi_device(&self, device: &Path) -> Result<(), IscsiError>;
     /// Write the device's buffered blocks out (`blockdev --flushbufs`) before it goes.
     fn flush(&self, device: &Path) -> Result<(), IscsiError>;
+    /// The dm-multipath device multipathd assembles over the path devices `paths` (all
+    /// of them must be held by the same multipath map), waiting up to `timeout`.
+    fn multipath_device(&self, paths: &[PathBuf], timeout: Duration)
+    -> Result<PathBuf, IscsiError>;
+    /// Remove the multipath map `device` (`multipath -f`; its buffers flushed first by
+    /// the caller). A map that is already gone is fine.
+    fn remove_multipath(&self, device: &Path) -> Result<(), IscsiError>;
+    /// Make the multipath map `device` take the size its paths now have
+    /// (`multipathd resize map`), after the paths were rescanned.
+    fn resize_multipath(&self, device: &Path) -> Result<(), IscsiError>;
 }
 
 fn run(
@@ -425,18 +445,66 @@ fn which(program: &str) -> bool {
     Path::new(&locate(program)).is_file()
 }
 
-/// The real block device operations (blkid, mkfs, fsck, resize2fs, xfs_growfs, sysfs).
+/// The real block device operations (blkid, mkfs, fsck, resize2fs, xfs_growfs,
+/// multipath, sysfs).
 #[derive(Debug, Clone)]
 pub struct SystemDisks {
     /// Deadline for mkfs and resize (large LUNs take a while).
     pub format_timeout: Duration,
+    /// Where sysfs is (`/sys`; tests point it at a tree).
+    pub sysfs: PathBuf,
+    /// Where device nodes are (`/dev`).
+    pub dev: PathBuf,
 }
 
 impl Default for SystemDisks {
     fn default() -> Self {
         Self {
             format_timeout: Duration::from_secs(100),
+            sysfs: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
         }
+    }
+}
+
+impl SystemDisks {
+    /// The multipath map (`dm-N`) holding the block device `name`, if exactly one does.
+    fn multipath_holder(&self, name: &str) -> Option<String> {
+        let holders =
+            std::fs::read_dir(self.sysfs.join("block").join(name).join("holders")).ok()?;
+        let maps: Vec<String> = holders
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|h| {
+                // A multipath map, not LVM or crypt over a single path.
+                std::fs::read_to_string(self.sysfs.join("block").join(h).join("dm/uuid"))
+                    .is_ok_and(|u| u.trim().starts_with("mpath-"))
+            })
+            .collect();
+        match maps.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
+
+    /// `dm-N` of a device given as `/dev/dm-N` or `/dev/mapper/<name>`.
+    fn dm_name(&self, device: &Path) -> Option<String> {
+        let canonical = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
+        let file = canonical.file_name()?.to_string_lossy().into_owned();
+        if file.starts_with("dm-") {
+            return Some(file);
+        }
+        // /dev/mapper/<name> without udev's symlink: search the maps by name.
+        let wanted = device.file_name()?.to_string_lossy().into_owned();
+        std::fs::read_dir(self.sysfs.join("block"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("dm-"))
+            .find(|n| {
+                std::fs::read_to_string(self.sysfs.join("block").join(n).join("dm/name"))
+                    .is_ok_and(|name| name.trim() == wanted)
+            })
     }
 }
 
@@ -594,12 +662,109 @@ impl Disks for SystemDisks {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let delete = PathBuf::from(format!("/sys/block/{name}/device/delete"));
+        let delete = self.sysfs.join(format!("block/{name}/device/delete"));
         std::fs::write(&delete, "1").map_err(|source| IscsiError::Io {
             what: "writing",
             path: delete,
             source,
         })
+    }
+
+    fn multipath_device(
+        &self,
+        paths: &[PathBuf],
+        timeout: Duration,
+    ) -> Result<PathBuf, IscsiError> {
+        let names: Vec<String> = paths
+            .iter()
+            .filter_map(|p| {
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .collect();
+        let started = Instant::now();
+        loop {
+            let holders: Vec<Option<String>> =
+                names.iter().map(|n| self.multipath_holder(n)).collect();
+            if let Some(Some(first)) = holders.first()
+                && !names.is_empty()
+                && holders.iter().all(|h| h.as_ref() == Some(first))
+            {
+                let map_name =
+                    std::fs::read_to_string(self.sysfs.join("block").join(first).join("dm/name"))
+                        .map(|n| n.trim().to_string())
+                        .unwrap_or_default();
+                let mapper = self.dev.join("mapper").join(&map_name);
+                return Ok(if !map_name.is_empty() && mapper.exists() {
+                    mapper
+                } else {
+                    self.dev.join(first)
+                });
+            }
+            if started.elapsed() >= timeout {
+                return Err(IscsiError::NoMultipath {
+                    paths: names.join(", "),
+                    timeout,
+                });
+            }
+            #[allow(clippy::disallowed_methods)] // on a blocking thread, waiting for multipathd
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn remove_multipath(&self, device: &Path) -> Result<(), IscsiError> {
+        let Some(dm) = self.dm_name(device) else {
+            return Ok(()); // gone already
+        };
+        if !self.sysfs.join("block").join(&dm).exists() {
+            return Ok(());
+        }
+        let name = std::fs::read_to_string(self.sysfs.join("block").join(&dm).join("dm/name"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or(dm);
+        let what = format!("multipath -f {name}");
+        check_ok(
+            &what,
+            run(
+                "multipath",
+                &["-f", &name],
+                &what,
+                Duration::from_secs(60),
+                &[],
+            )?,
+            &[],
+        )
+        .map(drop)
+    }
+
+    fn resize_multipath(&self, device: &Path) -> Result<(), IscsiError> {
+        let dm = self.dm_name(device).unwrap_or_default();
+        let name = std::fs::read_to_string(self.sysfs.join("block").join(&dm).join("dm/name"))
+            .map(|n| n.trim().to_string())
+            .map_err(|source| IscsiError::Io {
+                what: "reading the multipath map of",
+                path: device.to_path_buf(),
+                source,
+            })?;
+        let what = format!("multipathd resize map {name}");
+        let (code, out) = run(
+            "multipathd",
+            &["resize", "map", &name],
+            &what,
+            Duration::from_secs(60),
+            &[],
+        )?;
+        // multipathd answers "ok" or "fail" with exit status 0 either way.
+        if code != 0 || out.trim() == "fail" {
+            return Err(IscsiError::Failed {
+                what,
+                code,
+                message: out,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -619,6 +784,8 @@ struct FakeIscsiState {
     sessions: BTreeSet<IscsiTarget>,
     formats: BTreeMap<PathBuf, DiskFormat>,
     sizes: BTreeMap<PathBuf, u64>,
+    /// Multipath maps: the map device and its path devices.
+    maps: BTreeMap<PathBuf, BTreeSet<PathBuf>>,
     calls: Vec<String>,
     missing: bool,
 }
@@ -658,6 +825,17 @@ impl FakeIscsi {
     /// Grow a LUN.
     pub fn set_size(&self, device: &Path, size: u64) {
         self.lock().sizes.insert(device.to_path_buf(), size);
+    }
+
+    /// multipathd assembles `map` (blank, `size` bytes) over the path devices `paths`.
+    pub fn add_multipath(&self, map: &Path, paths: &[&Path], size: u64) {
+        let mut s = self.lock();
+        s.maps.insert(
+            map.to_path_buf(),
+            paths.iter().map(|p| p.to_path_buf()).collect(),
+        );
+        s.formats.insert(map.to_path_buf(), DiskFormat::Blank);
+        s.sizes.insert(map.to_path_buf(), size);
     }
 
     /// Pretend iscsiadm is not installed.
@@ -805,6 +983,41 @@ impl Disks for FakeIscsi {
             .push(format!("flush {}", device.display()));
         Ok(())
     }
+
+    fn multipath_device(
+        &self,
+        paths: &[PathBuf],
+        timeout: Duration,
+    ) -> Result<PathBuf, IscsiError> {
+        let s = self.lock();
+        let wanted: BTreeSet<PathBuf> = paths.iter().cloned().collect();
+        s.maps
+            .iter()
+            .find(|(_, p)| !wanted.is_empty() && wanted.is_subset(p))
+            .map(|(m, _)| m.clone())
+            .ok_or_else(|| IscsiError::NoMultipath {
+                paths: paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                timeout,
+            })
+    }
+
+    fn remove_multipath(&self, device: &Path) -> Result<(), IscsiError> {
+        self.lock()
+            .calls
+            .push(format!("multipath -f {}", device.display()));
+        Ok(())
+    }
+
+    fn resize_multipath(&self, device: &Path) -> Result<(), IscsiError> {
+        self.lock()
+            .calls
+            .push(format!("multipathd resize {}", device.display()));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -934,5 +1147,84 @@ mod tests {
             disks.wait_for(&dir.path().join("missing"), Duration::from_millis(50)),
             Err(IscsiError::NoDevice { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod multipath_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A sysfs tree: sdb and sdc held by dm-3 (a multipath map named `mpatha`), sdd held
+    /// by an LVM volume dm-4.
+    fn tree(dir: &Path) -> SystemDisks {
+        let sys = dir.join("sys");
+        let mk = |p: &str| std::fs::create_dir_all(sys.join(p)).unwrap();
+        let put = |p: &str, text: &str| std::fs::write(sys.join(p), text).unwrap();
+        for d in [
+            "block/sdb/holders/dm-3",
+            "block/sdc/holders/dm-3",
+            "block/sdd/holders/dm-4",
+            "block/dm-3/dm",
+            "block/dm-4/dm",
+        ] {
+            mk(d);
+        }
+        put("block/dm-3/dm/uuid", "mpath-36001405abcdef\n");
+        put("block/dm-3/dm/name", "mpatha\n");
+        put("block/dm-4/dm/uuid", "LVM-xyz\n");
+        put("block/dm-4/dm/name", "vg-lv\n");
+        SystemDisks {
+            format_timeout: Duration::from_secs(5),
+            sysfs: sys,
+            dev: dir.join("dev"),
+        }
+    }
+
+    #[test]
+    fn finds_the_map_over_all_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = tree(dir.path());
+        let paths = [PathBuf::from("/dev/sdb"), PathBuf::from("/dev/sdc")];
+        // No /dev/mapper node in the tree: the dm node.
+        assert_eq!(
+            disks
+                .multipath_device(&paths, Duration::from_millis(10))
+                .unwrap(),
+            dir.path().join("dev/dm-3")
+        );
+        std::fs::create_dir_all(dir.path().join("dev/mapper")).unwrap();
+        std::fs::write(dir.path().join("dev/mapper/mpatha"), "").unwrap();
+        assert_eq!(
+            disks
+                .multipath_device(&paths, Duration::from_millis(10))
+                .unwrap(),
+            dir.path().join("dev/mapper/mpatha")
+        );
+        assert_eq!(
+            disks.dm_name(Path::new("/dev/mapper/mpatha")).as_deref(),
+            Some("dm-3")
+        );
+    }
+
+    #[test]
+    fn no_common_multipath_map_is_an_error_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = tree(dir.path());
+        // sdd is held by LVM, not multipath; sde by nothing.
+        for paths in [
+            vec![PathBuf::from("/dev/sdb"), PathBuf::from("/dev/sdd")],
+            vec![PathBuf::from("/dev/sde")],
+        ] {
+            let e = disks
+                .multipath_device(&paths, Duration::from_millis(200))
+                .unwrap_err();
+            assert!(matches!(e, IscsiError::NoMultipath { .. }), "{e}");
+            assert!(e.to_string().contains("multipathd"), "{e}");
+        }
+        // A map that is gone is removed already.
+        disks
+            .remove_multipath(Path::new("/dev/mapper/nothing"))
+            .unwrap();
     }
 }

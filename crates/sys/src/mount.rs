@@ -144,6 +144,12 @@ pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
     fn mount_at(&self, target: &Path) -> Result<Option<MountEntry>, MountError> {
         Ok(topmost(&self.mount_table()?, target).cloned())
     }
+    /// Whether `path` is a mount point, when this can be told without reading the mount
+    /// table (`None`: ask [`Mounter::mount_at`]).
+    fn is_mount_point(&self, path: &Path) -> Option<bool> {
+        let _ = path;
+        None
+    }
     /// Usage of the filesystem at `path`.
     fn stats(&self, path: &Path) -> Result<FsStats, MountError>;
     /// Whether `mount(8)` can mount `fs_type` (its helper, e.g. `mount.nfs`, is installed).
@@ -170,6 +176,12 @@ impl SystemMounter {
 }
 
 impl Mounter for SystemMounter {
+    fn is_mount_point(&self, path: &Path) -> Option<bool> {
+        // One statx(2) instead of parsing the whole mount table: the kernel (5.8+) marks
+        // the root of every mount, bind mounts of the same file system included.
+        crate::tree::kernel_mount_root(path)
+    }
+
     fn mount(&self, request: &MountRequest) -> Result<(), MountError> {
         let mut cmd = Command::new("mount");
         cmd.arg("-t").arg(&request.fs_type);

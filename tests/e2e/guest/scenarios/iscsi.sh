@@ -11,6 +11,9 @@ by_path() { echo "/dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$1-lun-$2"; }
 session_count() { iscsiadm -m session 2>/dev/null | grep -c " $1 " || true; }
 
 step "LIO target"
+# multipathd runs only in the multipath step, with its own configuration: left to its
+# defaults it could claim the single-path LUNs of the other steps.
+systemctl stop multipathd.socket multipathd >/dev/null 2>&1 || true
 modprobe loop
 truncate -s 256M /var/tmp/lun0.img
 truncate -s 64M /var/tmp/lun1.img
@@ -116,4 +119,43 @@ grep -rq rig-chap-secret /var/lib/hybridlet && fail "the CHAP password was writt
 csi_ok unstage --volume-id v2 --staging "$st2"
 expect_eq "no sessions left" 0 "$(iscsiadm -m session 2>/dev/null | wc -l)"
 expect_eq "no mounts left" 0 "$(mounts_under /var/lib/kubelet)"
+
+step "multipath: one target through two portals, the dm-multipath map staged and torn down map first"
+mp_iqn=iqn.2024-01.io.example.rig:multipath
+truncate -s 96M /var/tmp/lun3.img
+targetcli >>/tmp/targetcli.log 2>&1 <<TCLI
+/backstores/fileio create name=lun3 file_or_dev=/var/tmp/lun3.img size=96M
+/iscsi create $mp_iqn
+/iscsi/$mp_iqn/tpg1/luns create /backstores/fileio/lun3
+/iscsi/$mp_iqn/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
+exit
+TCLI
+# The target listens on 0.0.0.0:3260, so 127.0.0.1 and 127.0.0.2 are two paths to it.
+cat > /etc/multipath.conf <<'CONF'
+defaults {
+    user_friendly_names yes
+    find_multipaths yes
+}
+CONF
+systemctl restart multipathd
+st3=$base/v3/globalmount; mkdir -p "$st3"
+mp=(--attr targetPortal=127.0.0.1 --attr 'portals=["127.0.0.2:3260"]' --attr iqn=$mp_iqn --attr lun=0 --mode single-writer)
+csi_ok stage --volume-id v3 --staging "$st3" "${mp[@]}"
+csi_ok stage --volume-id v3 --staging "$st3" "${mp[@]}"
+expect_eq "sessions to the target (one per portal)" 2 "$(session_count $mp_iqn)"
+src=$(findmnt -n -o SOURCE --mountpoint "$st3")
+case "$src" in /dev/mapper/*) echo "    ok: staged on $src" ;; *) fail "staged on $src, not a multipath map" ;; esac
+expect_eq "paths in the map" 2 "$(multipath -ll "$(basename "$src")" | grep -c 'active ready running')"
+expect_eq "filesystem on the map" ext4 "$(blkid -o value -s TYPE "$src")"
+echo before > "$st3/marker"; sync
+# One path goes away: I/O carries on through the other.
+iscsiadm -m node -T $mp_iqn -p 127.0.0.2:3260 -u >/dev/null
+echo after > "$st3/marker2"; sync
+expect_eq "written with one path left" after "$(cat "$st3/marker2")"
+csi_ok unstage --volume-id v3 --staging "$st3"
+csi_ok unstage --volume-id v3 --staging "$st3"
+expect_eq "sessions to the multipath target" 0 "$(session_count $mp_iqn)"
+[ -z "$(dmsetup ls --target multipath 2>/dev/null | grep -v 'No devices found')" ] || fail "multipath map left: $(dmsetup ls --target multipath)"
+systemctl stop multipathd.socket multipathd >/dev/null 2>&1 || true
+rm -f /etc/multipath.conf
 remove_hybridlet
