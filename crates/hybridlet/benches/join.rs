@@ -180,6 +180,7 @@ fn main() {
             // What `install` leaves: the kubelet and its unit.
             std::fs::create_dir_all(root.path().join("usr/bin")).expect("mkdir");
             std::fs::write(root.path().join("usr/bin/kubelet"), b"kubelet").expect("kubelet");
+            hybridlet_fixtures::place_iam_ra_pki(root.path(), "fra1-r12-n07").expect("pki");
             f.push(hybridlet(
                 root.path(),
                 &["init", "--no-start", "--config", cfg],

@@ -230,37 +230,7 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         out.push(("SR-IOV PF", outcome));
     }
 
-    if let Some(ra) = config
-        .node
-        .as_ref()
-        .and_then(|n| n.spec.hybrid.as_ref())
-        .and_then(|h| h.iam_roles_anywhere.as_ref())
-    {
-        for (name, field, value) in [
-            (
-                "IAM Roles Anywhere certificate",
-                "spec.hybrid.iamRolesAnywhere.certificatePath",
-                &ra.certificate_path,
-            ),
-            (
-                "IAM Roles Anywhere private key",
-                "spec.hybrid.iamRolesAnywhere.privateKeyPath",
-                &ra.private_key_path,
-            ),
-        ] {
-            out.push((
-                name,
-                match resolve(value) {
-                    Err(e) => Outcome::Fail(e),
-                    Ok(path) if path.is_file() => Outcome::Ok(path.display().to_string()),
-                    Ok(path) => Outcome::Fail(format!(
-                        "{} does not exist; place the node's file there or set {field}",
-                        path.display()
-                    )),
-                },
-            ));
-        }
-    }
+    out.extend(crate::preflight::iam_ra_certificate(config, root));
     out
 }
 

@@ -18,6 +18,7 @@ use hybridlet_bootstrap::{
     ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
 };
 use hybridlet_config::{Config, CredentialProvider, NodeConfig};
+use hybridlet_sys::HostRoot;
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
 use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
@@ -71,8 +72,14 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
             Ok(describe_cluster(&eks_client(&sdk), &c.name, DESCRIBE_TIMEOUT).await)
         })?
         .map_err(|e| {
+            let text = e.to_string();
+            if signature_time_refused(&text) {
+                return Failure::Runtime(anyhow::anyhow!(
+                    "{text}. AWS refused the request's signature time: this host's clock is probably more than 5 minutes off, which also breaks the kubelet's EKS token. Enable time sync (`timedatectl set-ntp true`, or chrony with a reachable NTP server) and run init again; `hybridlet check` measures the offset"
+                ));
+            }
             Failure::Runtime(anyhow::anyhow!(
-                "{e}. Either give the node eks:DescribeCluster, or set spec.cluster.apiServerEndpoint, certificateAuthority and cidr"
+                "{text}. Either give the node eks:DescribeCluster, or set spec.cluster.apiServerEndpoint, certificateAuthority and cidr"
             ))
         })?;
     if info.status != "ACTIVE" {
@@ -187,7 +194,119 @@ fn check_node_ip(node: &NodeConfig, remote: &[String]) -> Result<(), Failure> {
     )))
 }
 
-fn identity(node: &NodeConfig) -> Result<NodeIdentity, Failure> {
+/// AWS's answers when a SigV4 signature's time is too far from its own.
+fn signature_time_refused(error: &str) -> bool {
+    [
+        "Signature expired",
+        "RequestTimeTooSkewed",
+        "InvalidSignatureException: Signature not yet current",
+        "Signature not yet current",
+    ]
+    .iter()
+    .any(|m| error.contains(m))
+}
+
+/// The API server's clock against ours, on the machine being joined: far off (> 5 min),
+/// the EKS token the kubelet presents is refused, so the join is refused before anything
+/// is written; a smaller offset is a warning; an API server that does not answer yet is
+/// only mentioned (the kubelet keeps trying).
+fn check_clock(cluster: &ClusterCoordinates) -> Result<(), Failure> {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(
+            cluster
+                .certificate_authority
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect::<String>(),
+        )
+        .ok();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let probed = runtime.block_on(hybridlet_kube::probe(
+        &cluster.endpoint,
+        ca.as_deref(),
+        Duration::from_secs(3),
+    ));
+    let date = match probed {
+        Ok(p) => p.date,
+        Err((_, e)) => {
+            outln!(
+                "note: the API server does not answer yet ({e}); the clock was not compared with it"
+            );
+            return Ok(());
+        }
+    };
+    let Some(date) = date else {
+        return Ok(());
+    };
+    match crate::preflight::skew_outcome(date, std::time::SystemTime::now(), &cluster.endpoint) {
+        crate::preflight::Outcome::Fail(m) => Err(Failure::Runtime(anyhow::anyhow!(
+            "{m}. Nothing was changed"
+        ))),
+        crate::preflight::Outcome::Warn(m) => {
+            outln!("warning: {m}");
+            Ok(())
+        }
+        crate::preflight::Outcome::Ok(_) => Ok(()),
+    }
+}
+
+/// IAM Roles Anywhere: the certificate and key must be in place, the certificate's CN
+/// must be the node name (the trust policy compares the role session name with it) and
+/// it must be valid now. A certificate close to expiry is a warning.
+fn check_iam_ra_pki(
+    ra: &hybridlet_config::IamRolesAnywhereOptions,
+    root: &HostRoot,
+) -> Result<(), Failure> {
+    let resolve = |p: &str| {
+        root.resolve(p)
+            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
+    };
+    let cert_path = resolve(&ra.certificate_path)?;
+    let pem = std::fs::read_to_string(&cert_path).map_err(|e| Failure::Unsupported {
+        field: "spec.hybrid.iamRolesAnywhere.certificatePath",
+        message: format!(
+            "cannot read {} ({e}): place the node's PEM certificate there (issued by the trust anchor's CA, with CN = nodeName)",
+            ra.certificate_path
+        ),
+    })?;
+    if !resolve(&ra.private_key_path)?.is_file() {
+        return Err(Failure::Unsupported {
+            field: "spec.hybrid.iamRolesAnywhere.privateKeyPath",
+            message: format!(
+                "no private key at {}: place the key of the node's certificate there",
+                ra.private_key_path
+            ),
+        });
+    }
+    let facts = crate::x509::parse_pem(&pem).map_err(|e| Failure::Unsupported {
+        field: "spec.hybrid.iamRolesAnywhere.certificatePath",
+        message: format!(
+            "{} is not a PEM X.509 certificate: {e}",
+            ra.certificate_path
+        ),
+    })?;
+    match crate::x509::check_node_certificate(&facts, &ra.node_name, std::time::SystemTime::now()) {
+        Ok(None) => Ok(()),
+        Ok(Some(warning)) => {
+            outln!("warning: {}: {warning}", ra.certificate_path);
+            Ok(())
+        }
+        Err(e) if e.contains("nodeName") => Err(Failure::Unsupported {
+            field: "spec.hybrid.iamRolesAnywhere.nodeName",
+            message: e,
+        }),
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "{}: {e}",
+            ra.certificate_path
+        ))),
+    }
+}
+
+fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure> {
     let hybrid = node
         .spec
         .hybrid
@@ -202,6 +321,7 @@ fn identity(node: &NodeConfig) -> Result<NodeIdentity, Failure> {
                 .iam_roles_anywhere
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("unreachable"))?;
+            check_iam_ra_pki(ra, root)?;
             Ok(NodeIdentity {
                 node_name: ra.node_name.clone(),
                 credential_provider: "iam-ra".into(),
@@ -257,13 +377,18 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
                 &mut |line| outln!("{line}"),
             )?
         }
-        None => identity(node)?,
+        None => identity(node, &root)?,
     };
     let mut who = who;
     who.ecr_credential_provider = root
         .resolve(hybridlet_bootstrap::ECR_CREDENTIAL_PROVIDER)
         .is_ok_and(|p| p.is_file());
     let cluster = coordinates(node)?;
+    if root.is_system() {
+        // Only on the machine itself: under --root the API server is someone else's
+        // concern (and tests stay on loopback).
+        check_clock(&cluster)?;
+    }
     let rendered = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
         .map_err(|e| Failure::Runtime(e.into()))?;
     outln!(
@@ -615,6 +740,86 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use hybridlet_sys::systemd::FakeServiceManager;
+
+    /// An HTTPS server (the metrics test certificate, for 127.0.0.1) whose `Date` is
+    /// `offset` seconds from now; its URL. Runs on its own thread and runtime.
+    fn dated_server(offset: i64) -> (String, String) {
+        use base64::Engine as _;
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../metrics/tests/fixtures");
+        let config =
+            hybridlet_metrics::tls_config(&fixtures.join("cert.pem"), &fixtures.join("key.pem"))
+                .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                    let mut buf = vec![0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let now = std::time::SystemTime::now();
+                    let when = if offset >= 0 {
+                        now + Duration::from_secs(offset as u64)
+                    } else {
+                        now - Duration::from_secs(offset.unsigned_abs())
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 401 Unauthorized\r\nDate: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        httpdate::fmt_http_date(when)
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        });
+        let ca = base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(fixtures.join("cert.pem")).unwrap());
+        (url, ca)
+    }
+
+    fn coordinates_at(endpoint: &str, ca: &str) -> ClusterCoordinates {
+        ClusterCoordinates {
+            name: "c".into(),
+            region: "eu-west-1".into(),
+            endpoint: endpoint.into(),
+            certificate_authority: ca.into(),
+            service_cidr: "172.16.0.0/16".into(),
+        }
+    }
+
+    #[test]
+    fn a_clock_far_off_the_api_servers_refuses_the_join() {
+        let (url, ca) = dated_server(-900);
+        let e = check_clock(&coordinates_at(&url, &ca))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ahead of the API server's") && e.contains("timedatectl"),
+            "{e}"
+        );
+        let (url, ca) = dated_server(0);
+        assert!(check_clock(&coordinates_at(&url, &ca)).is_ok());
+        // Nobody answers: only a note.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", closed.local_addr().unwrap());
+        drop(closed);
+        assert!(check_clock(&coordinates_at(&url, &ca)).is_ok());
+        assert!(signature_time_refused(
+            "eks:DescribeCluster c: InvalidSignatureException: Signature expired: 20261126T000000Z is now earlier than ..."
+        ));
+        assert!(!signature_time_refused(
+            "ResourceNotFoundException: No cluster found"
+        ));
+    }
 
     #[tokio::test]
     async fn wait_ready_reports_each_state_until_ready() {

@@ -36,6 +36,7 @@ pub mod tls;
 mod token;
 mod uninstall;
 mod upgrade;
+mod x509;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

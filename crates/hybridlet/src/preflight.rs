@@ -202,6 +202,60 @@ pub fn iam_ra_config_file(node: &hybridlet_config::NodeConfig) -> Option<std::pa
     path.exists().then_some(path)
 }
 
+/// IAM Roles Anywhere: the node's certificate and key are in place, the certificate's CN
+/// is the node name, and it is valid (30 days before expiry: a warning).
+pub fn iam_ra_certificate(config: &Config, root: &HostRoot) -> Option<(&'static str, Outcome)> {
+    let ra = config
+        .node
+        .as_ref()?
+        .spec
+        .hybrid
+        .as_ref()?
+        .iam_roles_anywhere
+        .as_ref()?;
+    let name = "IAM Roles Anywhere certificate";
+    let Some(pem) = read(root, &ra.certificate_path) else {
+        return Some((
+            name,
+            Outcome::Fail(format!(
+                "cannot read {}: place the node's PEM certificate there (spec.hybrid.iamRolesAnywhere.certificatePath), issued by the trust anchor's CA with CN = {}",
+                ra.certificate_path, ra.node_name
+            )),
+        ));
+    };
+    if !root
+        .resolve(&ra.private_key_path)
+        .is_ok_and(|p| p.is_file())
+    {
+        return Some((
+            name,
+            Outcome::Fail(format!(
+                "no private key at {} (spec.hybrid.iamRolesAnywhere.privateKeyPath)",
+                ra.private_key_path
+            )),
+        ));
+    }
+    let outcome = match crate::x509::parse_pem(&pem) {
+        Err(e) => Outcome::Fail(format!(
+            "{} is not a PEM X.509 certificate: {e}",
+            ra.certificate_path
+        )),
+        Ok(facts) => {
+            match crate::x509::check_node_certificate(&facts, &ra.node_name, SystemTime::now()) {
+                Ok(None) => Outcome::Ok(format!(
+                    "{}: CN {} = nodeName, valid until {}",
+                    ra.certificate_path,
+                    ra.node_name,
+                    crate::x509::show(facts.not_after)
+                )),
+                Ok(Some(w)) => Outcome::Warn(format!("{}: {w}", ra.certificate_path)),
+                Err(e) => Outcome::Fail(format!("{}: {e}", ra.certificate_path)),
+            }
+        }
+    };
+    Some((name, outcome))
+}
+
 /// Whether the node's AWS credentials work: STS GetCallerIdentity.
 pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
     let node = config.node.as_ref()?;

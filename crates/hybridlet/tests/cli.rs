@@ -132,9 +132,23 @@ fn host_check_failures_exit_1() {
         text(&out)
     );
 
+    // Not a certificate: named as such.
     std::fs::create_dir_all(root.path().join("etc/iam/pki")).unwrap();
     std::fs::write(root.path().join("etc/iam/pki/server.pem"), "x").unwrap();
     std::fs::write(root.path().join("etc/iam/pki/server.key"), "x").unwrap();
+    assert!(
+        text(&check(&[])).contains("is not a PEM X.509 certificate"),
+        "{}",
+        text(&check(&[]))
+    );
+    // Another node's certificate: its CN is not this node's name.
+    hybridlet_fixtures::place_iam_ra_pki(root.path(), "other-node").unwrap();
+    assert!(
+        text(&check(&[])).contains("CN is \"other-node\" but nodeName is \"fra1-r12-n07\""),
+        "{}",
+        text(&check(&[]))
+    );
+    hybridlet_fixtures::place_iam_ra_pki(root.path(), "fra1-r12-n07").unwrap();
     for (path, text) in [
         ("proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n"),
         ("proc/sys/net/ipv4/ip_forward", "1\n"),

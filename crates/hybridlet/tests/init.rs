@@ -12,7 +12,16 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/config/good")
 }
 
+/// The IAM Roles Anywhere fixture's certificate (CN fra1-r12-n07) and key where the
+/// configuration expects them, unless the test put one there: init checks them.
+fn place_pki(root: &Path) {
+    if !root.join("etc/iam/pki/server.pem").exists() {
+        hybridlet_fixtures::place_iam_ra_pki(root, "fra1-r12-n07").unwrap();
+    }
+}
+
 fn run(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    place_pki(root);
     let home = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
     cmd.arg("--root")
@@ -71,9 +80,15 @@ fn iam_ra_dry_run_shows_files_and_changes_nothing() {
         text.contains("dry run: 13 files, 13 would be written; nothing was changed"),
         "{text}"
     );
-    assert!(
-        std::fs::read_dir(root.path()).unwrap().next().is_none(),
-        "dry run wrote something"
+    let written: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(written, ["etc"], "dry run wrote something");
+    assert_eq!(
+        std::fs::read_dir(root.path().join("etc")).unwrap().count(),
+        1,
+        "dry run wrote something besides the test's etc/iam"
     );
 
     // A file already in place with the same contents is "unchanged"; another is "changed".
@@ -511,4 +526,45 @@ fn uninstall_deregisters_an_ssm_node() {
     // Signed with the agent's credentials.
     let auth = ssm.requests().last().unwrap().headers["authorization"].clone();
     assert!(auth.contains("Credential=AKIDAGENT/"), "{auth}");
+}
+
+/// IAM Roles Anywhere: the certificate's CN must be the node name (exit 78 naming
+/// nodeName), and a missing certificate names certificatePath; nothing is written.
+#[test]
+fn the_node_certificate_is_checked_before_joining() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let pki = root.path().join("etc/iam/pki");
+    hybridlet_fixtures::place_iam_ra_pki(root.path(), "other-node").unwrap();
+    let o = run(
+        root.path(),
+        &["init", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("spec.hybrid.iamRolesAnywhere.nodeName"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CN is \"other-node\" but nodeName is \"fra1-r12-n07\""),
+        "{text}"
+    );
+    assert!(!root.path().join("etc/kubernetes").exists(), "{text}");
+
+    std::fs::remove_file(pki.join("server.pem")).unwrap();
+    // Run without `run` (it would put the fixture certificate back).
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["init", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("spec.hybrid.iamRolesAnywhere.certificatePath"),
+        "{text}"
+    );
 }

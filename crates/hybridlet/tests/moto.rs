@@ -121,6 +121,7 @@ fn create_cluster(moto: &Moto, name: &str, node_cidr: &str) {
 }
 
 fn hybridlet(root: &Path, args: &[&str], moto: &Moto) -> Output {
+    hybridlet_fixtures::place_iam_ra_pki(root, "fra1-r12-n07").unwrap();
     Command::new(env!("CARGO_BIN_EXE_hybridlet"))
         .arg("--root")
         .arg(root)
@@ -246,10 +247,13 @@ fn init_resolves_the_cluster_with_describe_cluster_against_moto() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("nowhere"), "{}", text(&o));
-    assert!(
-        std::fs::read_dir(root.path()).unwrap().next().is_none(),
-        "a dry run wrote something"
-    );
+    // Only the certificate the test placed.
+    let written: Vec<_> = std::fs::read_dir(root.path().join("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(written, ["iam"], "a dry run wrote something");
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
 }
 
 #[test]

@@ -98,6 +98,11 @@ YAML
 }
 pid() { systemctl show -p MainPID --value "$1"; }
 
+# The node's IAM Roles Anywhere certificate (init checks that its CN is the node name).
+mkdir -p /etc/iam/pki
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=rig-node-1 \
+  -keyout /etc/iam/pki/server.key -out /etc/iam/pki/server.pem 2>/dev/null
+
 step "init before install: refused, nothing changed"
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
 write_config 110
@@ -140,10 +145,8 @@ tr '\0' '\n' < "/proc/$(systemctl show -p MainPID --value kubelet)/environ" | gr
 c_pid=$(pid containerd); k_pid=$(pid kubelet)
 
 step "check on the joined node: init applied its modules and sysctls; services and ports from the real host"
-# The node's IAM Roles Anywhere certificate and key (stand-ins: check only looks for them).
-mkdir -p /etc/iam/pki && touch /etc/iam/pki/server.pem /etc/iam/pki/server.key
 out=$(hybridlet check --offline 2>&1) || fail "check fails on the joined node: $out"
-for want in "ok: swap: off" "ok: cgroup: v2" "ok: kernel module: overlay loaded" "ok: kernel module: br_netfilter loaded" \
+for want in "ok: IAM Roles Anywhere certificate: /etc/iam/pki/server.pem: CN rig-node-1 = nodeName" "ok: swap: off" "ok: cgroup: v2" "ok: kernel module: overlay loaded" "ok: kernel module: br_netfilter loaded" \
             "ok: IP forwarding" "ok: service: containerd.service active" "ok: service: kubelet.service active" "ok: port: 10250/tcp"; do
   echo "$out" | grep -qF "$want" || fail "check: no '$want' in: $out"
 done
@@ -228,6 +231,6 @@ expect_eq "containerd left running" active "$(systemctl is-active containerd)"
 
 systemctl disable --now containerd  # kubelet.service went with uninstall
 rm -f /etc/systemd/system/containerd.service
-rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/systemd/system/*.service.d
+rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/iam /etc/systemd/system/*.service.d
 systemctl daemon-reload
 remove_hybridlet
