@@ -696,7 +696,14 @@ impl Disks for SystemDisks {
                     std::fs::read_to_string(self.sysfs.join("block").join(first).join("dm/name"))
                         .map(|n| n.trim().to_string())
                         .unwrap_or_default();
+                // The stable name (`/dev/mapper/<name>`, which the record keeps) appears
+                // when udev has processed the map, a moment after sysfs shows it.
                 let mapper = self.dev.join("mapper").join(&map_name);
+                let named_by = Instant::now() + Duration::from_secs(5).min(timeout);
+                while !map_name.is_empty() && !mapper.exists() && Instant::now() < named_by {
+                    #[allow(clippy::disallowed_methods)] // on a blocking thread, waiting for udev
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 return Ok(if !map_name.is_empty() && mapper.exists() {
                     mapper
                 } else {

@@ -144,8 +144,10 @@ csi_ok stage --volume-id v3 --staging "$st3" "${mp[@]}"
 csi_ok stage --volume-id v3 --staging "$st3" "${mp[@]}"
 expect_eq "sessions to the target (one per portal)" 2 "$(session_count $mp_iqn)"
 src=$(findmnt -n -o SOURCE --mountpoint "$st3")
-case "$src" in /dev/mapper/*) echo "    ok: staged on $src" ;; *) fail "staged on $src, not a multipath map" ;; esac
-expect_eq "paths in the map" 2 "$(multipath -ll "$(basename "$src")" | grep -c 'active ready running')"
+dmsetup table "$src" | grep -q ' multipath ' || fail "staged on $src, not a multipath map: $(dmsetup table "$src" 2>&1)"
+map=$(dmsetup info -c --noheadings -o name "$src")
+case "$src" in /dev/mapper/*) echo "    ok: staged on $src" ;; *) fail "staged on $src, not the map's stable /dev/mapper name ($map)" ;; esac
+expect_eq "paths in the map" 2 "$(multipath -ll "$map" | grep -c 'active ready running')"
 expect_eq "filesystem on the map" ext4 "$(blkid -o value -s TYPE "$src")"
 echo before > "$st3/marker"; sync
 # One path goes away: I/O carries on through the other.
