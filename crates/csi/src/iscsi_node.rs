@@ -2,7 +2,6 @@
 //! block publish, block stats, expansion, and the reference-counted detach.
 
 use std::collections::HashMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use hybridlet_sys::iscsi::{DiskFormat, IscsiError, IscsiTarget};
 use hybridlet_sys::mount::{MountRequest, topmost};
 
 use crate::iscsi::{self, Records, StageRecord};
-use crate::node::{Capability, NodeService, blocking};
+use crate::node::{Capability, NodeService, TargetKind, blocking, prepare_target};
 use crate::{CsiError, Host, validate};
 
 /// How long to wait for the LUN's by-path link after login (udev under load is slow).
@@ -314,37 +313,7 @@ impl NodeService {
                         target.display()
                     )));
                 }
-                let created = match std::fs::symlink_metadata(&target) {
-                    Ok(meta) if meta.file_type().is_symlink() => {
-                        return Err(CsiError::InvalidArgument(format!(
-                            "target path {} is a symlink; refusing to mount through it",
-                            target.display()
-                        )));
-                    }
-                    Ok(meta) if meta.is_file() => false,
-                    Ok(_) => {
-                        return Err(CsiError::AlreadyExists(format!(
-                            "target path {} exists and is not a file (block volumes are published on a file)",
-                            target.display()
-                        )));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&target)
-                            .map_err(|e| {
-                                CsiError::Internal(format!("creating {}: {e}", target.display()))
-                            })?;
-                        true
-                    }
-                    Err(e) => {
-                        return Err(CsiError::Internal(format!(
-                            "inspecting {}: {e}",
-                            target.display()
-                        )));
-                    }
-                };
+                let created = prepare_target(&target, TargetKind::File)?;
                 if let Err(e) = mounter.bind(device, &target, read_only) {
                     if created {
                         let _ = std::fs::remove_file(&target);

@@ -137,6 +137,60 @@ pub(crate) fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
     a.device == b.device && a.root == b.root
 }
 
+/// What a publish target is: a directory (mount access) or a file (a raw block device is
+/// bound onto a file).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TargetKind {
+    Directory,
+    File,
+}
+
+/// Make sure the publish target can take a bind mount, without following a symlink:
+/// create it when missing (`Ok(true)`: the caller removes it if the bind fails), accept
+/// an existing one of the right kind (`Ok(false)`).
+pub(crate) fn prepare_target(target: &Path, kind: TargetKind) -> Result<bool, CsiError> {
+    let what = match kind {
+        TargetKind::Directory => "a directory",
+        TargetKind::File => "a file (block volumes are published on a file)",
+    };
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(CsiError::InvalidArgument(format!(
+            "target path {} is a symlink; refusing to mount through it",
+            target.display()
+        ))),
+        Ok(meta)
+            if match kind {
+                TargetKind::Directory => meta.is_dir(),
+                TargetKind::File => meta.is_file(),
+            } =>
+        {
+            Ok(false)
+        }
+        Ok(_) => Err(CsiError::AlreadyExists(format!(
+            "target path {} exists and is not {what}",
+            target.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let made = match kind {
+                TargetKind::Directory => std::fs::create_dir(target),
+                TargetKind::File => std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(target)
+                    .map(drop),
+            };
+            made.map_err(|e| {
+                CsiError::Internal(format!("creating target path {}: {e}", target.display()))
+            })?;
+            Ok(true)
+        }
+        Err(e) => Err(CsiError::Internal(format!(
+            "inspecting {}: {e}",
+            target.display()
+        ))),
+    }
+}
+
 fn not_staged(volume_id: &str, staging: &Path) -> CsiError {
     CsiError::FailedPrecondition(format!(
         "volume {volume_id} is not staged at {}; NodeStageVolume must succeed first",
@@ -280,12 +334,7 @@ impl NodeService {
                 {
                     match mounter.is_mount_point(&staging) {
                         Some(true) => {
-                            std::fs::create_dir(&target).map_err(|e| {
-                                CsiError::Internal(format!(
-                                    "creating target path {}: {e}",
-                                    target.display()
-                                ))
-                            })?;
+                            prepare_target(&target, TargetKind::Directory)?;
                             if let Err(e) = mounter.bind(&staging, &target, read_only) {
                                 let _ = std::fs::remove_dir(&target);
                                 return Err(e.into());
@@ -315,36 +364,7 @@ impl NodeService {
                         }
                     )));
                 }
-                let created = match std::fs::symlink_metadata(&target) {
-                    Ok(meta) if meta.file_type().is_symlink() => {
-                        return Err(CsiError::InvalidArgument(format!(
-                            "target path {} is a symlink; refusing to mount through it",
-                            target.display()
-                        )));
-                    }
-                    Ok(meta) if !meta.is_dir() => {
-                        return Err(CsiError::AlreadyExists(format!(
-                            "target path {} exists and is not a directory",
-                            target.display()
-                        )));
-                    }
-                    Ok(_) => false,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        std::fs::create_dir(&target).map_err(|e| {
-                            CsiError::Internal(format!(
-                                "creating target path {}: {e}",
-                                target.display()
-                            ))
-                        })?;
-                        true
-                    }
-                    Err(e) => {
-                        return Err(CsiError::Internal(format!(
-                            "inspecting {}: {e}",
-                            target.display()
-                        )));
-                    }
-                };
+                let created = prepare_target(&target, TargetKind::Directory)?;
                 if let Err(e) = mounter.bind(&staging, &target, read_only) {
                     if created {
                         let _ = std::fs::remove_dir(&target);
