@@ -43,6 +43,8 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
     let mut results = host_checks(config, &root);
     if config.mode() == Mode::Joined {
         results.extend(crate::preflight::kernel(&root));
+        results.extend(crate::preflight::kernel_defaults(&root));
+        results.extend(crate::preflight::binaries(config, &root));
         if root.is_system() {
             results.extend(crate::preflight::services(
                 &hybridlet_sys::systemd::Systemctl::default(),

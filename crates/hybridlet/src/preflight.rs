@@ -109,6 +109,135 @@ pub fn kernel(root: &HostRoot) -> Vec<(&'static str, Outcome)> {
     out
 }
 
+/// The sysctls init writes besides forwarding, with the value the kubelet's
+/// `protectKernelDefaults` insists on.
+const KERNEL_DEFAULTS: &[(&str, &str)] = &[
+    ("vm/overcommit_memory", "1"),
+    ("kernel/panic", "10"),
+    ("kernel/panic_on_oops", "1"),
+];
+
+/// The sysctls the kubelet checks when `protectKernelDefaults` is on (a mismatch makes it
+/// refuse to start): warnings, since it is off unless configured.
+pub fn kernel_defaults(root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let mut wrong = Vec::new();
+    for (key, want) in KERNEL_DEFAULTS {
+        if let Some(v) = read(root, &format!("/proc/sys/{key}"))
+            && v.trim() != *want
+        {
+            wrong.push(format!(
+                "{} = {} (want {want})",
+                key.replace('/', "."),
+                v.trim()
+            ));
+        }
+    }
+    vec![(
+        "sysctls",
+        if wrong.is_empty() {
+            Outcome::Ok(
+                "vm.overcommit_memory, kernel.panic, kernel.panic_on_oops as the kubelet expects"
+                    .into(),
+            )
+        } else {
+            Outcome::Warn(format!(
+                "{}: a kubelet with protectKernelDefaults refuses to start. `hybridlet init` writes /etc/sysctl.d/99-hybridlet.conf; `sysctl --system` applies it",
+                wrong.join(", ")
+            ))
+        },
+    )]
+}
+
+fn executable(root: &HostRoot, path: &str) -> Option<Result<(), String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = root.resolve(path).ok()?;
+    let meta = std::fs::metadata(&p).ok()?;
+    Some(
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            Ok(())
+        } else {
+            Err(format!("{path} is not an executable file"))
+        },
+    )
+}
+
+/// The programs a joined node runs: the kubelet, containerd, the credential provider's
+/// tool (the IAM Roles Anywhere signing helper or the SSM agent) and CNI plugins. Not
+/// installed yet is a warning with the command that installs it; present but not
+/// executable is a failure.
+pub fn binaries(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let mut out = Vec::new();
+    let mut program = |name: &'static str, paths: &[&str], install: &str| {
+        let found = paths
+            .iter()
+            .find_map(|p| executable(root, p).map(|r| (*p, r)));
+        out.push((
+            name,
+            match found {
+                Some((p, Ok(()))) => Outcome::Ok(p.to_string()),
+                Some((_, Err(e))) => Outcome::Fail(format!("{e}: {install}")),
+                None => Outcome::Warn(format!(
+                    "not installed yet ({}): {install}",
+                    paths.join(" or ")
+                )),
+            },
+        ));
+    };
+    program(
+        "program: kubelet",
+        &["/usr/bin/kubelet"],
+        "run `hybridlet install <version>`",
+    );
+    program(
+        "program: containerd",
+        &[
+            "/usr/bin/containerd",
+            "/usr/local/bin/containerd",
+            "/usr/sbin/containerd",
+        ],
+        "install your distribution's containerd package",
+    );
+    let hybrid = config.node.as_ref().and_then(|n| n.spec.hybrid.as_ref());
+    if hybrid.is_some_and(|h| h.iam_roles_anywhere.is_some()) {
+        program(
+            "program: IAM Roles Anywhere signing helper",
+            &[hybridlet_bootstrap::SIGNING_HELPER],
+            "run `hybridlet install <version> --credential-provider iam-ra`; every credential request runs it",
+        );
+    }
+    if hybrid.is_some_and(|h| h.ssm.is_some()) {
+        program(
+            "program: SSM agent",
+            &[
+                "/usr/bin/amazon-ssm-agent",
+                "/snap/amazon-ssm-agent/current/amazon-ssm-agent",
+            ],
+            "install amazon-ssm-agent (or `hybridlet install <version> --credential-provider ssm` from a mirror that carries it)",
+        );
+    }
+    let plugins = root
+        .resolve("/opt/cni/bin")
+        .ok()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0);
+    out.push((
+        "CNI plugins",
+        if plugins > 0 {
+            Outcome::Ok(format!("{plugins} in /opt/cni/bin"))
+        } else {
+            Outcome::Warn(
+                "/opt/cni/bin is empty: pods get no network until plugins are there (`hybridlet install` puts the standard ones; your CNI's DaemonSet adds its own)".into(),
+            )
+        },
+    ));
+    out
+}
+
 /// Whether `addr` can be listened on now.
 pub fn port_free(addr: SocketAddr) -> Result<(), std::io::Error> {
     TcpListener::bind(addr).map(drop)
@@ -545,6 +674,68 @@ mod tests {
                 .iter()
                 .all(|(_, o)| matches!(o, Outcome::Ok(_)))
         );
+    }
+
+    #[test]
+    fn programs_and_kernel_defaults_are_read_under_the_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let put = |p: &str, text: &str, mode: u32| {
+            let path = dir.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let config = hybridlet_config::load(&hybridlet_config::ConfigSources {
+            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
+            file_required: true,
+            drop_in_dir: None,
+        })
+        .unwrap()
+        .config;
+        let got = binaries(&config, &root);
+        let text = format!("{got:?}");
+        assert!(
+            got.iter().all(|(_, o)| matches!(o, Outcome::Warn(_))),
+            "{text}"
+        );
+        assert!(
+            text.contains("signing helper") && text.contains("--credential-provider iam-ra"),
+            "{text}"
+        );
+        put("usr/bin/kubelet", "", 0o755);
+        put("usr/local/bin/containerd", "", 0o755);
+        put("usr/local/bin/aws_signing_helper", "", 0o644);
+        put("opt/cni/bin/bridge", "", 0o755);
+        let got = binaries(&config, &root);
+        assert!(
+            matches!(&got[0].1, Outcome::Ok(p) if p == "/usr/bin/kubelet"),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[1].1, Outcome::Ok(p) if p == "/usr/local/bin/containerd"),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[2].1, Outcome::Fail(m) if m.contains("not an executable")),
+            "{got:?}"
+        );
+        assert!(
+            matches!(&got[3].1, Outcome::Ok(m) if m == "1 in /opt/cni/bin"),
+            "{got:?}"
+        );
+
+        put("proc/sys/vm/overcommit_memory", "0\n", 0o644);
+        put("proc/sys/kernel/panic", "10\n", 0o644);
+        let got = kernel_defaults(&root);
+        assert!(
+            matches!(&got[0].1, Outcome::Warn(m) if m.contains("vm.overcommit_memory = 0 (want 1)") && !m.contains("kernel.panic =")),
+            "{got:?}"
+        );
+        put("proc/sys/vm/overcommit_memory", "1\n", 0o644);
+        assert!(matches!(&kernel_defaults(&root)[0].1, Outcome::Ok(_)));
     }
 
     #[test]
