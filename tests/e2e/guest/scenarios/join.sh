@@ -100,7 +100,7 @@ pid() { systemctl show -p MainPID --value "$1"; }
 
 # The node's IAM Roles Anywhere certificate (init checks that its CN is the node name).
 mkdir -p /etc/iam/pki
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=rig-node-1 \
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -subj /CN=rig-node-1 \
   -keyout /etc/iam/pki/server.key -out /etc/iam/pki/server.pem 2>/dev/null
 
 step "init before install: refused, nothing changed"

@@ -11,6 +11,8 @@
 # registration, the credentials and the package.
 . /mnt/share/guest/lib.sh
 
+# A scenario before this one that failed half-way may have left a join behind.
+rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/iam /etc/aws /var/lib/hybridlet
 cat > /etc/systemd/system/containerd.service <<'UNIT'
 [Service]
 ExecStart=/bin/sleep infinity
