@@ -108,15 +108,60 @@ async fn connect(
     Err((ReachStep::Tcp, last))
 }
 
-/// Open a CONNECT tunnel to `host:port` through the proxy at `stream`.
+/// `scheme://user:password@host` → (`scheme://host` for messages, `user:password`
+/// percent-decoded for `Proxy-Authorization`).
+fn split_credentials(proxy: &str) -> (String, Option<String>) {
+    let (scheme, rest) = proxy.split_once("://").unwrap_or(("http", proxy));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        None => (proxy.to_string(), None),
+        Some(at) => (
+            format!("{scheme}://{}", &rest[at + 1..]),
+            Some(percent_decode(&rest[..at])),
+        ),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Open a CONNECT tunnel to `host:port` through the proxy at `stream` (`proxy` is shown
+/// in messages without credentials; `credentials` go in `Proxy-Authorization`).
 async fn tunnel(
     stream: &mut TcpStream,
     proxy: &str,
+    credentials: Option<&str>,
     host: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<(), (ReachStep, String)> {
-    let request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    use base64::Engine as _;
+    let auth = credentials
+        .map(|c| {
+            format!(
+                "Proxy-Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )
+        })
+        .unwrap_or_default();
+    let request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n");
     let exchange = async {
         stream.write_all(request.as_bytes()).await?;
         // Read the status line and headers, up to the blank line, byte by byte so that
@@ -145,6 +190,18 @@ async fn tunnel(
     let code = status.split_whitespace().nth(1).unwrap_or("");
     if code.starts_with('2') {
         Ok(())
+    } else if code == "407" {
+        Err((
+            ReachStep::Proxy,
+            format!(
+                "{proxy} wants authentication for CONNECT {host}:{port} ({status:?}){}",
+                if credentials.is_some() {
+                    ": the user and password in spec.proxy were refused"
+                } else {
+                    ": put them in spec.proxy (http://user:password@proxy:port)"
+                }
+            ),
+        ))
     } else if status.is_empty() {
         Err((
             ReachStep::Proxy,
@@ -182,18 +239,20 @@ pub async fn reach(
     let mut stream = match proxy {
         None => connect(&host, port, timeout).await?,
         Some(p) => {
+            let (shown, credentials) = split_credentials(p);
             let (phost, pport, _) =
-                host_port(p, 3128).map_err(|e| (ReachStep::Address, format!("proxy {e}")))?;
+                host_port(&shown, 3128).map_err(|e| (ReachStep::Address, format!("proxy {e}")))?;
             let mut s = connect(&phost, pport, timeout)
                 .await
                 .map_err(|(step, e)| (step, format!("proxy {e}")))?;
-            tunnel(&mut s, p, &host, port, timeout).await?;
+            tunnel(&mut s, &shown, credentials.as_deref(), &host, port, timeout).await?;
             s
         }
     };
     let reached = Reached {
         endpoint: format!("{host}:{port}"),
-        via_proxy: proxy.map(str::to_string),
+        // Never the credentials.
+        via_proxy: proxy.map(|p| split_credentials(p).0),
     };
     if !tls {
         return Ok(reached);
@@ -355,6 +414,33 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(step, ReachStep::Address);
+    }
+
+    #[tokio::test]
+    async fn proxy_credentials_are_sent_and_never_shown() {
+        let port = tls_server().await;
+        let url = format!("https://127.0.0.1:{port}");
+        let proxy = hybridlet_fixtures::proxy::ConnectProxy::start_with_auth("svc:p@ss");
+        let bare = proxy.url.clone();
+        let with = bare.replace("http://", "http://svc:p%40ss@");
+        let r = reach(&url, Some(&with), &[], test_roots(), T)
+            .await
+            .unwrap();
+        assert_eq!(r.via_proxy.as_deref(), Some(bare.as_str()));
+        let (step, e) = reach(&url, Some(&bare), &[], test_roots(), T)
+            .await
+            .unwrap_err();
+        assert_eq!(step, ReachStep::Proxy);
+        assert!(
+            e.contains("wants authentication") && e.contains("spec.proxy"),
+            "{e}"
+        );
+        let wrong = bare.replace("http://", "http://svc:nope@");
+        let (_, e) = reach(&url, Some(&wrong), &[], test_roots(), T)
+            .await
+            .unwrap_err();
+        assert!(e.contains("were refused") && !e.contains("nope"), "{e}");
+        assert_eq!(percent_decode("a%40b%2"), "a@b%2");
     }
 
     #[test]

@@ -352,6 +352,16 @@ pub fn proxy_dropin_for(config: &Config, unit: &str) -> Option<RenderedFile> {
     })
 }
 
+/// Everything `unit` needs to run behind `spec.proxy`: its drop-in, and the root-only
+/// environment file the drop-in points at when the settings cannot be inline.
+pub fn proxy_files_for(config: &Config, unit: &str) -> Vec<RenderedFile> {
+    let mut files: Vec<RenderedFile> = proxy_dropin_for(config, unit).into_iter().collect();
+    if !files.is_empty() {
+        files.extend(proxy_env_file(config));
+    }
+    files
+}
+
 /// `spec.proxy` as environment variables for a program init runs itself.
 pub fn proxy_env(config: &Config) -> Vec<(String, String)> {
     let p = &config.agent.proxy;
@@ -368,10 +378,49 @@ pub fn proxy_env(config: &Config) -> Vec<(String, String)> {
     env
 }
 
+/// Where the proxy settings go when they cannot be inline in a unit (see
+/// [`proxy_needs_env_file`]): readable by root only.
+pub const PROXY_ENV_FILE: &str = "/etc/hybridlet/proxy.env";
+
+/// A proxy URL with credentials must not sit in a world-readable drop-in (nor show in
+/// `systemctl show`), and a `%` (percent-encoded credentials) would be taken as a
+/// systemd specifier in `Environment=`; both go to a root-only `EnvironmentFile=`.
+fn proxy_needs_env_file(config: &Config) -> bool {
+    let p = &config.agent.proxy;
+    p.has_credentials()
+        || [&p.http_proxy, &p.https_proxy]
+            .into_iter()
+            .flatten()
+            .any(|u| u.contains('%'))
+}
+
+/// The root-only environment file for the proxy, when the drop-ins point at one.
+fn proxy_env_file(config: &Config) -> Option<RenderedFile> {
+    if !proxy_needs_env_file(config) {
+        return None;
+    }
+    let mut contents = String::from(
+        "# Written by hybridlet init from spec.proxy (root only: it may hold credentials).\n",
+    );
+    for (k, v) in proxy_env(config) {
+        let _ = writeln!(contents, "{k}={v}");
+    }
+    Some(RenderedFile {
+        path: PROXY_ENV_FILE.into(),
+        mode: 0o600,
+        contents,
+    })
+}
+
 fn proxy_dropin(config: &Config) -> Option<String> {
     let p = &config.agent.proxy;
     if p.http_proxy.is_none() && p.https_proxy.is_none() {
         return None;
+    }
+    if proxy_needs_env_file(config) {
+        return Some(format!(
+            "# Written by hybridlet init from spec.proxy.\n[Service]\nEnvironmentFile={PROXY_ENV_FILE}\n"
+        ));
     }
     let mut out = String::from("# Written by hybridlet init from spec.proxy.\n[Service]\n");
     if let Some(v) = &p.http_proxy {
@@ -557,6 +606,7 @@ pub fn render(
             .into_iter()
             .filter_map(|u| proxy_dropin_for(config, u)),
     );
+    files.extend(proxy_env_file(config));
     if let Some(ra) = spec
         .and_then(|s| s.hybrid.as_ref())
         .and_then(|h| h.iam_roles_anywhere.as_ref())

@@ -480,8 +480,9 @@ pub struct RegistryMirror {
     pub override_path: bool,
 }
 
-/// `spec.proxy`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `spec.proxy`. The URLs may carry credentials (`http://user:password@proxy:3128`):
+/// `Debug` shows them as `***@`.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct ProxySpec {
     /// `http://proxy:3128` for plain HTTP traffic.
@@ -493,4 +494,69 @@ pub struct ProxySpec {
     /// Hosts, domains (`.internal`) and CIDRs that bypass the proxy.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub no_proxy: Vec<String>,
+}
+
+impl fmt::Debug for ProxySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxySpec")
+            .field(
+                "http_proxy",
+                &self.http_proxy.as_deref().map(redact_userinfo),
+            )
+            .field(
+                "https_proxy",
+                &self.https_proxy.as_deref().map(redact_userinfo),
+            )
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
+impl ProxySpec {
+    /// Whether a proxy URL carries credentials (`user:password@`).
+    pub fn has_credentials(&self) -> bool {
+        [&self.http_proxy, &self.https_proxy]
+            .into_iter()
+            .flatten()
+            .any(|u| redact_userinfo(u) != *u)
+    }
+}
+
+/// `scheme://user:password@host` → `scheme://***@host` (unchanged without userinfo), for
+/// messages and logs.
+pub fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+
+    #[test]
+    fn proxy_credentials_are_redacted() {
+        assert_eq!(
+            redact_userinfo("http://svc:p%40ss@proxy.corp:3128"),
+            "http://***@proxy.corp:3128"
+        );
+        assert_eq!(
+            redact_userinfo("http://proxy.corp:3128/"),
+            "http://proxy.corp:3128/"
+        );
+        assert_eq!(redact_userinfo("http://proxy/a@b"), "http://proxy/a@b");
+        let p = ProxySpec {
+            https_proxy: Some("http://svc:hunter2@proxy:3128".into()),
+            ..ProxySpec::default()
+        };
+        assert!(p.has_credentials());
+        assert!(!format!("{p:?}").contains("hunter2"));
+        assert!(!ProxySpec::default().has_credentials());
+    }
 }

@@ -357,9 +357,13 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
         ("spec.proxy.httpsProxy", &agent.proxy.https_proxy),
     ] {
         if let Some(url) = value
-            && let Err(why) = check_http_url(url)
+            && let Err(why) = check_proxy_url(url)
         {
-            r.error(field, format!("{url:?}: {why}"));
+            // The URL may hold a password: never repeat it.
+            r.error(
+                field,
+                format!("{:?}: {why}", crate::types::redact_userinfo(url)),
+            );
         }
     }
     for (i, entry) in agent.proxy.no_proxy.iter().enumerate() {
@@ -516,6 +520,13 @@ fn check_https_url(value: &str) -> Result<(), String> {
         return Err("expected https://HOST[:PORT] with no path".to_string());
     }
     Ok(())
+}
+
+/// A proxy URL may carry `user:password@` (corporate proxies often want it); init keeps
+/// such settings in a root-only file and every message redacts them.
+fn check_proxy_url(value: &str) -> Result<(), String> {
+    let without = crate::types::redact_userinfo(value).replacen("***@", "", 1);
+    check_http_url(&without)
 }
 
 fn check_http_url(value: &str) -> Result<(), String> {

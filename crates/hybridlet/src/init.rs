@@ -593,12 +593,23 @@ pub(crate) fn join(
     let Some(sm) = services else {
         return Ok(report);
     };
-    let changed = |unit: &str| {
+    let wrote = |path: &str| {
         rendered
             .iter()
             .zip(&report.states)
-            .any(|(f, s)| *s != FileState::Unchanged && unit_of(&f.path).as_deref() == Some(unit))
+            .any(|(f, s)| *s != FileState::Unchanged && f.path == path)
     };
+    // The root-only proxy environment file belongs to every unit whose drop-in uses it.
+    let proxy_env_changed = wrote(hybridlet_bootstrap::PROXY_ENV_FILE);
+    let changed =
+        |unit: &str| {
+            rendered.iter().zip(&report.states).any(|(f, s)| {
+                *s != FileState::Unchanged && unit_of(&f.path).as_deref() == Some(unit)
+            }) || (proxy_env_changed
+                && rendered
+                    .iter()
+                    .any(|f| f.path == format!("/etc/systemd/system/{unit}.d/http-proxy.conf")))
+        };
     // Credential units (the SSM agent's drop-in, the signing helper's refresher) before
     // the runtime and the kubelet that depend on them.
     let mut units: Vec<String> = Vec::new();
@@ -951,6 +962,55 @@ mod tests {
                 "enable kubelet.service",
                 "restart kubelet.service"
             ]
+        );
+    }
+
+    /// A new proxy password changes only the root-only environment file; every unit
+    /// whose drop-in reads it restarts all the same.
+    #[test]
+    fn a_proxy_env_file_change_restarts_the_units_that_use_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let render = |password: &str| {
+            let rendered = vec![
+                RenderedFile {
+                    path: "/etc/systemd/system/kubelet.service.d/http-proxy.conf".into(),
+                    mode: 0o644,
+                    contents: "[Service]\nEnvironmentFile=/etc/hybridlet/proxy.env\n".into(),
+                },
+                RenderedFile {
+                    path: hybridlet_bootstrap::PROXY_ENV_FILE.into(),
+                    mode: 0o600,
+                    contents: format!("HTTPS_PROXY=http://u:{password}@proxy:3128\n"),
+                },
+            ];
+            let files: Vec<DesiredFile> = rendered
+                .iter()
+                .map(|f| DesiredFile {
+                    path: dir.path().join(f.path.trim_start_matches('/')),
+                    mode: f.mode,
+                    contents: f.contents.clone().into_bytes(),
+                })
+                .collect();
+            (rendered, files)
+        };
+        let sm = FakeServiceManager::with_units(&[CONTAINERD, KUBELET]);
+        sm.restart(CONTAINERD).unwrap();
+        sm.restart(KUBELET).unwrap();
+        let backups = dir.path().join("backups");
+        let (rendered, files) = render("one");
+        join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        let before = sm.calls().len();
+        let (rendered, files) = render("two");
+        let report = join(&rendered, &files, &backups, Some(&sm), Duration::ZERO).unwrap();
+        assert_eq!(report.written(), 1);
+        assert_eq!(
+            &sm.calls()[before..],
+            [
+                "daemon-reload",
+                "enable kubelet.service",
+                "restart kubelet.service"
+            ],
+            "containerd has no proxy drop-in here, so it stays"
         );
     }
 

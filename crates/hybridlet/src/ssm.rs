@@ -211,24 +211,29 @@ fn start_agent(
     // Behind a proxy the agent needs its drop-in before it starts, not after init's
     // other files (which need the credentials it fetches).
     let mut dropin_changed = false;
-    if let Some(f) = hybridlet_bootstrap::proxy_dropin_for(p.config, unit) {
-        let path = p
-            .root
-            .resolve(&f.path)
-            .map_err(|e| runtime(e.to_string()))?;
-        let applied = fileset::apply(
-            &[DesiredFile {
-                path,
+    let files = hybridlet_bootstrap::proxy_files_for(p.config, unit);
+    if !files.is_empty() {
+        let mut desired = Vec::with_capacity(files.len());
+        for f in &files {
+            desired.push(DesiredFile {
+                path: p
+                    .root
+                    .resolve(&f.path)
+                    .map_err(|e| runtime(e.to_string()))?,
                 mode: f.mode,
-                contents: f.contents.into_bytes(),
-            }],
-            p.backups,
-        )
-        .map_err(|e| Failure::Runtime(e.into()))?;
-        if applied.states[0] != FileState::Unchanged {
-            dropin_changed = true;
+                contents: f.contents.clone().into_bytes(),
+            });
+        }
+        let applied =
+            fileset::apply(&desired, p.backups).map_err(|e| Failure::Runtime(e.into()))?;
+        for (f, state) in files.iter().zip(&applied.states) {
+            if *state != FileState::Unchanged {
+                dropin_changed = true;
+                say(format!("{:>9}  {}", state.as_str(), f.path));
+            }
+        }
+        if dropin_changed {
             sm.daemon_reload().map_err(err)?;
-            say(format!("{:>9}  {}", applied.states[0].as_str(), f.path));
         }
     }
     let state = sm.state(unit).map_err(err)?;
@@ -523,7 +528,7 @@ mod tests {
         assert!(
             calls[0].1.contains(&(
                 "HTTPS_PROXY".into(),
-                "http://proxy.example.internal:3128".into()
+                "http://svc-hybrid:s3cr%40t@proxy.example.internal:3128".into()
             )),
             "{:?}",
             calls[0].1
@@ -532,10 +537,26 @@ mod tests {
         let dropin = dir
             .path()
             .join("etc/systemd/system/amazon-ssm-agent.service.d/http-proxy.conf");
+        // The settings themselves are in the root-only file (the URL holds a password).
         assert!(
             std::fs::read_to_string(&dropin)
                 .unwrap()
-                .contains("HTTPS_PROXY=")
+                .contains("EnvironmentFile=/etc/hybridlet/proxy.env")
+        );
+        let env = dir.path().join("etc/hybridlet/proxy.env");
+        assert!(
+            std::fs::read_to_string(&env)
+                .unwrap()
+                .contains("HTTPS_PROXY=http://svc-hybrid:")
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&env).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !said.join("\n").contains("s3cr"),
+            "the proxy password is never shown"
         );
         assert_eq!(
             sm.calls(),
