@@ -105,7 +105,7 @@ apiVersion: hybridlet.io/v1alpha1
 kind: AgentConfig
 spec:
   proxy:
-    httpsProxy: http://127.0.0.1:3128
+    httpsProxy: http://svc:p%40ss@127.0.0.1:3128
     noProxy: [localhost, 127.0.0.1]
 YAML
 }
@@ -140,10 +140,13 @@ rm -f /var/log/ssm-register.log
 expect_ok hybridlet init
 grep -q -- '-register -y -region eu-west-1 -code AbCdEfGhIjKlMnOpQrStUv+123/xyz -id 8b7a2d3c-1f2e-4a5b-9c8d-0e1f2a3b4c5d' /var/log/ssm-register.log \
   || fail "register arguments: $(cat /var/log/ssm-register.log)"
-grep -q '^HTTPS_PROXY=http://127.0.0.1:3128$' /var/log/ssm-register.log || fail "registration did not get the proxy"
+grep -q '^HTTPS_PROXY=http://svc:p%40ss@127.0.0.1:3128$' /var/log/ssm-register.log || fail "registration did not get the proxy"
 expect_eq "agent" active "$(systemctl is-active amazon-ssm-agent)"
 expect_eq "agent enabled" enabled "$(systemctl is-enabled amazon-ssm-agent)"
-expect_eq "the agent's proxy (drop-in)" "http://127.0.0.1:3128" "$(cat /run/ssm-agent.proxy)"
+expect_eq "the agent's proxy (drop-in + root-only env file)" "http://svc:p%40ss@127.0.0.1:3128" "$(cat /run/ssm-agent.proxy)"
+expect_eq "proxy.env mode" 600 "$(stat -c %a /etc/hybridlet/proxy.env)"
+systemctl show -p Environment amazon-ssm-agent kubelet | grep -q 'p%40ss' && fail "the proxy password shows in systemctl show"
+grep -rq 'p%40ss' /etc/systemd/system && fail "the proxy password is in a world-readable unit file"
 [ -s /root/.aws/credentials ] || fail "no credentials file"
 expect_eq "/eks-hybrid/.aws" /root/.aws "$(readlink /eks-hybrid/.aws)"
 grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/mi-0e2e0000000000001"' /etc/kubernetes/kubelet/config.json \
