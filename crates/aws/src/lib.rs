@@ -26,6 +26,17 @@ pub use token::{EksToken, TOKEN_LIFETIME, TokenError, eks_token, sts_host};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 
+/// The regional host of `service` (`sts`, `ssm`, `rolesanywhere`, `eks`) in `region`,
+/// China partition included.
+pub fn regional_host(service: &str, region: &str) -> String {
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    format!("{service}.{region}.{suffix}")
+}
+
 /// Where and as whom to call AWS.
 #[derive(Debug, Clone, Default)]
 pub struct AwsSettings {

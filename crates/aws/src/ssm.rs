@@ -88,11 +88,7 @@ pub struct ManagedInstance {
 
 /// The regional SSM endpoint (China partition included).
 pub fn ssm_endpoint(region: &str) -> String {
-    if region.starts_with("cn-") {
-        format!("https://ssm.{region}.amazonaws.com.cn")
-    } else {
-        format!("https://ssm.{region}.amazonaws.com")
-    }
+    format!("https://{}", crate::regional_host("ssm", region))
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;

@@ -44,11 +44,7 @@ pub enum TokenError {
 
 /// The regional STS host for `region` (China partition included).
 pub fn sts_host(region: &str) -> String {
-    if region.starts_with("cn-") {
-        format!("sts.{region}.amazonaws.com.cn")
-    } else {
-        format!("sts.{region}.amazonaws.com")
-    }
+    crate::regional_host("sts", region)
 }
 
 /// Presign the token for `cluster` with `credentials` at time `now`.

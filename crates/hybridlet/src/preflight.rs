@@ -420,14 +420,8 @@ pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
 /// The regional endpoint of `service` (`ssm`, `rolesanywhere`, `eks`), or the standard
 /// `AWS_ENDPOINT_URL_<SERVICE>` / `AWS_ENDPOINT_URL` override the node's tools honour.
 fn aws_endpoint(service: &str, env_name: &str, region: &str) -> String {
-    hybridlet_aws::endpoint_from_env(env_name).unwrap_or_else(|| {
-        let suffix = if region.starts_with("cn-") {
-            "amazonaws.com.cn"
-        } else {
-            "amazonaws.com"
-        };
-        format!("https://{service}.{region}.{suffix}")
-    })
+    hybridlet_aws::endpoint_from_env(env_name)
+        .unwrap_or_else(|| format!("https://{}", hybridlet_aws::regional_host(service, region)))
 }
 
 /// The AWS endpoints this node's agents call, reached the way they will reach them
