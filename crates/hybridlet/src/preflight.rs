@@ -424,6 +424,53 @@ fn aws_endpoint(service: &str, env_name: &str, region: &str) -> String {
         .unwrap_or_else(|| format!("https://{}", hybridlet_aws::regional_host(service, region)))
 }
 
+/// With a proxy: whether init's drop-ins (and the root-only environment file they may
+/// read) are in place for containerd, the kubelet and the SSM agent.
+pub fn proxy_settings(config: &Config, root: &HostRoot) -> Option<(&'static str, Outcome)> {
+    config.agent.proxy.https_proxy.as_ref()?;
+    let node = config.node.as_ref()?;
+    let mut missing = Vec::new();
+    let mut units = vec!["containerd.service", "kubelet.service"];
+    let agent = hybridlet_sys::ssm_agent::find_agent(root);
+    if node.spec.hybrid.as_ref().is_some_and(|h| h.ssm.is_some()) {
+        units.push(
+            agent
+                .as_ref()
+                .map_or("amazon-ssm-agent.service", |a| a.unit.as_str()),
+        );
+    }
+    for unit in units {
+        let path = format!("/etc/systemd/system/{unit}.d/http-proxy.conf");
+        match read(root, &path) {
+            None => missing.push(path),
+            // A drop-in that reads the root-only file needs the file.
+            Some(text)
+                if text.contains(hybridlet_bootstrap::PROXY_ENV_FILE)
+                    && !root
+                        .resolve(hybridlet_bootstrap::PROXY_ENV_FILE)
+                        .is_ok_and(|p| p.exists())
+                    && !missing
+                        .iter()
+                        .any(|m| m == hybridlet_bootstrap::PROXY_ENV_FILE) =>
+            {
+                missing.push(hybridlet_bootstrap::PROXY_ENV_FILE.to_string());
+            }
+            Some(_) => {}
+        }
+    }
+    Some((
+        "proxy settings",
+        if missing.is_empty() {
+            Outcome::Ok("the proxy drop-ins init writes are in place".into())
+        } else {
+            Outcome::Warn(format!(
+                "spec.proxy is set but {} missing, so those services go direct: run `hybridlet init`",
+                missing.join(", ")
+            ))
+        },
+    ))
+}
+
 /// The AWS endpoints this node's agents call, reached the way they will reach them
 /// (through `spec.proxy` unless `noProxy` exempts the host): the credential provider's
 /// (SSM or IAM Roles Anywhere) and EKS when init needs DescribeCluster. With a proxy,
@@ -456,35 +503,7 @@ pub fn aws_endpoint_checks(config: &Config, root: &HostRoot) -> Vec<(&'static st
     let proxy = &config.agent.proxy;
     let https_proxy = proxy.https_proxy.as_deref();
     let mut out = Vec::new();
-    if https_proxy.is_some() {
-        let mut missing = Vec::new();
-        let mut units = vec!["containerd.service", "kubelet.service"];
-        let agent = hybridlet_sys::ssm_agent::find_agent(root);
-        if node.spec.hybrid.as_ref().is_some_and(|h| h.ssm.is_some()) {
-            units.push(
-                agent
-                    .as_ref()
-                    .map_or("amazon-ssm-agent.service", |a| a.unit.as_str()),
-            );
-        }
-        for unit in units {
-            let path = format!("/etc/systemd/system/{unit}.d/http-proxy.conf");
-            if !root.resolve(&path).is_ok_and(|p| p.exists()) {
-                missing.push(path);
-            }
-        }
-        out.push((
-            "proxy settings",
-            if missing.is_empty() {
-                Outcome::Ok("the proxy drop-ins init writes are in place".into())
-            } else {
-                Outcome::Warn(format!(
-                    "spec.proxy is set but {} missing, so those services go direct: run `hybridlet init`",
-                    missing.join(", ")
-                ))
-            },
-        ));
-    }
+    out.extend(proxy_settings(config, root));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -730,6 +749,53 @@ mod tests {
         );
         put("proc/sys/vm/overcommit_memory", "1\n", 0o644);
         assert!(matches!(&kernel_defaults(&root)[0].1, Outcome::Ok(_)));
+    }
+
+    #[test]
+    fn proxy_drop_ins_and_their_env_file_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::new(dir.path());
+        let config = hybridlet_config::load(&hybridlet_config::ConfigSources {
+            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/config/good/ssm-proxy.yaml"),
+            file_required: true,
+            drop_in_dir: None,
+        })
+        .unwrap()
+        .config;
+        let (_, o) = proxy_settings(&config, &root).unwrap();
+        assert!(
+            matches!(&o, Outcome::Warn(m) if m.contains("containerd.service.d") && m.contains("amazon-ssm-agent.service.d")),
+            "{o:?}"
+        );
+        for unit in ["containerd", "kubelet", "amazon-ssm-agent"] {
+            let d = dir
+                .path()
+                .join(format!("etc/systemd/system/{unit}.service.d"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("http-proxy.conf"),
+                "[Service]\nEnvironmentFile=/etc/hybridlet/proxy.env\n",
+            )
+            .unwrap();
+        }
+        let (_, o) = proxy_settings(&config, &root).unwrap();
+        assert!(
+            matches!(&o, Outcome::Warn(m) if m.contains("/etc/hybridlet/proxy.env missing") || m.contains("but /etc/hybridlet/proxy.env")),
+            "{o:?}"
+        );
+        std::fs::create_dir_all(dir.path().join("etc/hybridlet")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/hybridlet/proxy.env"),
+            "HTTPS_PROXY=x\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            proxy_settings(&config, &root).unwrap().1,
+            Outcome::Ok(_)
+        ));
+        // The proxy's password never appears in the verdicts.
+        assert!(!format!("{o:?}").contains("s3cr"));
     }
 
     #[test]
