@@ -81,11 +81,12 @@ fn iam_roles_anywhere_with_mirrors_proxy_and_overrides() {
     );
 }
 
-#[test]
-fn ssm_with_defaults() {
+/// The SSM cases' cluster (as DescribeCluster would give it) and node (a managed
+/// instance), with the agent's unit and whether the ECR provider is installed.
+fn ssm_case(case: &str, config_file: &str, agent_unit: &str, ecr_credential_provider: bool) {
     check(
-        "ssm",
-        "ssm.yaml",
+        case,
+        config_file,
         ClusterCoordinates {
             name: "prod-hybrid".into(),
             region: "us-west-2".into(),
@@ -99,33 +100,24 @@ fn ssm_with_defaults() {
             node_name: "mi-0123456789abcdef0".into(),
             credential_provider: "ssm".into(),
             aws_config_file: None,
-            ssm_agent_unit: Some("amazon-ssm-agent.service".into()),
-            ecr_credential_provider: false,
+            ssm_agent_unit: Some(agent_unit.into()),
+            ecr_credential_provider,
         },
     );
 }
 
 #[test]
+fn ssm_with_defaults() {
+    ssm_case("ssm", "ssm.yaml", "amazon-ssm-agent.service", false);
+}
+
+#[test]
 fn ssm_behind_a_proxy() {
-    check(
+    ssm_case(
         "ssm-proxy",
         "ssm-proxy.yaml",
-        ClusterCoordinates {
-            name: "prod-hybrid".into(),
-            region: "us-west-2".into(),
-            endpoint: "https://0123456789ABCDEF.gr7.us-west-2.eks.amazonaws.com".into(),
-            certificate_authority:
-                "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
-                    .into(),
-            service_cidr: "10.100.0.0/16".into(),
-        },
-        NodeIdentity {
-            node_name: "mi-0123456789abcdef0".into(),
-            credential_provider: "ssm".into(),
-            aws_config_file: None,
-            ssm_agent_unit: Some("snap.amazon-ssm-agent.amazon-ssm-agent.service".into()),
-            ecr_credential_provider: true,
-        },
+        "snap.amazon-ssm-agent.amazon-ssm-agent.service",
+        true,
     );
 }
 

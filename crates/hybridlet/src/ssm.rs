@@ -707,6 +707,18 @@ mod tests {
         );
     }
 
+    /// Deregistration against the stand-in, with short pauses.
+    fn deregistering<'a>(root: &'a HostRoot, fake: &FakeSsm) -> Deregister<'a> {
+        Deregister {
+            root,
+            region: "us-west-2",
+            endpoint: Some(fake.endpoint.clone()),
+            timeout: Duration::from_secs(5),
+            attempts: 3,
+            pause: Duration::from_millis(10),
+        }
+    }
+
     fn registered_root(dir: &Path) -> HostRoot {
         let root = with_agent(dir);
         FakeRegistrar::new(dir, MI)
@@ -737,14 +749,7 @@ mod tests {
         let fake = FakeSsm::start();
         fake.add_instance(MI, "Online");
         fake.fail_next(&[(400, "ThrottlingException")]);
-        let d = Deregister {
-            root: &root,
-            region: "us-west-2",
-            endpoint: Some(fake.endpoint.clone()),
-            timeout: Duration::from_secs(5),
-            attempts: 3,
-            pause: Duration::from_millis(10),
-        };
+        let d = deregistering(&root, &fake);
         let mut said = Vec::new();
         assert_eq!(
             deregister(&d, &mut |l| said.push(l)).unwrap().as_deref(),
@@ -793,14 +798,7 @@ mod tests {
         let fake = FakeSsm::start();
         fake.add_instance(MI, "ConnectionLost");
         fake.fail_next(&[(400, "AccessDeniedException")]);
-        let d = Deregister {
-            root: &root,
-            region: "us-west-2",
-            endpoint: Some(fake.endpoint.clone()),
-            timeout: Duration::from_secs(5),
-            attempts: 3,
-            pause: Duration::from_millis(10),
-        };
+        let d = deregistering(&root, &fake);
         let text = deregister(&d, &mut |_| {}).unwrap_err().to_string();
         assert!(text.contains("AccessDeniedException"), "{text}");
         assert!(

@@ -246,6 +246,12 @@ fn check_ok(
     }
 }
 
+/// Run a block-device tool (blockdev, multipath) and require success.
+fn run_ok(program: &str, args: &[&str], timeout: Duration) -> Result<(), IscsiError> {
+    let what = format!("{program} {}", args.join(" "));
+    check_ok(&what, run(program, args, &what, timeout, &[])?, &[]).map(drop)
+}
+
 /// iscsiadm exit statuses (open-iscsi's iscsi_err.h).
 const ERR_NO_OBJS_FOUND: i32 = 21;
 const ERR_SESS_EXISTS: i32 = 15;
@@ -487,6 +493,13 @@ impl SystemDisks {
         }
     }
 
+    /// The name of device-mapper device `dm` (`dm-N`): `mpatha`, a WWID, ...
+    fn map_name(&self, dm: &str) -> Option<String> {
+        std::fs::read_to_string(self.sysfs.join("block").join(dm).join("dm/name"))
+            .ok()
+            .map(|n| n.trim().to_string())
+    }
+
     /// `dm-N` of a device given as `/dev/dm-N` or `/dev/mapper/<name>`.
     fn dm_name(&self, device: &Path) -> Option<String> {
         let canonical = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
@@ -501,10 +514,7 @@ impl SystemDisks {
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("dm-"))
-            .find(|n| {
-                std::fs::read_to_string(self.sysfs.join("block").join(n).join("dm/name"))
-                    .is_ok_and(|name| name.trim() == wanted)
-            })
+            .find(|n| self.map_name(n).is_some_and(|name| name == wanted))
     }
 }
 
@@ -641,20 +651,11 @@ impl Disks for SystemDisks {
     }
 
     fn flush(&self, device: &Path) -> Result<(), IscsiError> {
-        let dev = device.to_string_lossy();
-        let what = format!("blockdev --flushbufs {dev}");
-        check_ok(
-            &what,
-            run(
-                "blockdev",
-                &["--flushbufs", &dev],
-                &what,
-                Duration::from_secs(60),
-                &[],
-            )?,
-            &[],
+        run_ok(
+            "blockdev",
+            &["--flushbufs", &device.to_string_lossy()],
+            Duration::from_secs(60),
         )
-        .map(drop)
     }
 
     fn remove_scsi_device(&self, device: &Path) -> Result<(), IscsiError> {
@@ -692,10 +693,7 @@ impl Disks for SystemDisks {
                 && !names.is_empty()
                 && holders.iter().all(|h| h.as_ref() == Some(first))
             {
-                let map_name =
-                    std::fs::read_to_string(self.sysfs.join("block").join(first).join("dm/name"))
-                        .map(|n| n.trim().to_string())
-                        .unwrap_or_default();
+                let map_name = self.map_name(first).unwrap_or_default();
                 // The stable name (`/dev/mapper/<name>`, which the record keeps) appears
                 // when udev has processed the map, a moment after sysfs shows it.
                 let mapper = self.dev.join("mapper").join(&map_name);
@@ -728,33 +726,17 @@ impl Disks for SystemDisks {
         if !self.sysfs.join("block").join(&dm).exists() {
             return Ok(());
         }
-        let name = std::fs::read_to_string(self.sysfs.join("block").join(&dm).join("dm/name"))
-            .map(|n| n.trim().to_string())
-            .unwrap_or(dm);
-        let what = format!("multipath -f {name}");
-        check_ok(
-            &what,
-            run(
-                "multipath",
-                &["-f", &name],
-                &what,
-                Duration::from_secs(60),
-                &[],
-            )?,
-            &[],
-        )
-        .map(drop)
+        let name = self.map_name(&dm).unwrap_or(dm);
+        run_ok("multipath", &["-f", &name], Duration::from_secs(60))
     }
 
     fn resize_multipath(&self, device: &Path) -> Result<(), IscsiError> {
         let dm = self.dm_name(device).unwrap_or_default();
-        let name = std::fs::read_to_string(self.sysfs.join("block").join(&dm).join("dm/name"))
-            .map(|n| n.trim().to_string())
-            .map_err(|source| IscsiError::Io {
-                what: "reading the multipath map of",
-                path: device.to_path_buf(),
-                source,
-            })?;
+        let name = self.map_name(&dm).ok_or_else(|| IscsiError::Io {
+            what: "reading the multipath map of",
+            path: device.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
         let what = format!("multipathd resize map {name}");
         let (code, out) = run(
             "multipathd",

@@ -94,3 +94,29 @@ start_nfs_server() {
   exportfs -ra
   wait_for 30 "NFS server exporting /srv/export" sh -c 'showmount -e 127.0.0.1 | grep -q /srv/export'
 }
+
+# Join scenarios: a containerd stand-in unit (the image has no containerd).
+containerd_stand_in() {
+  cat > /etc/systemd/system/containerd.service <<'UNIT'
+[Service]
+ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+# Join scenarios: the start of a NodeConfig whose cluster is fully given (no AWS call),
+# up to `spec:` followed by its `cluster:` block; the caller appends the rest of `spec`.
+node_config_head() {
+  cat <<'YAML'
+apiVersion: node.eks.aws/v1alpha1
+kind: NodeConfig
+spec:
+  cluster:
+    name: e2e
+    region: eu-west-1
+    apiServerEndpoint: https://127.0.0.1:6443
+    certificateAuthority: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJzekNDQVZtZ0F3SUJBZ0lVWG05amEwTkJabTl5U0hsaWNtbGtiR1YwVkdWemRITXdDZ1lJS29aSXpqMEUKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=
+    cidr: 172.16.0.0/16
+YAML
+}

@@ -7,12 +7,7 @@
 # uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
 . /mnt/share/guest/lib.sh
 
-cat > /etc/systemd/system/containerd.service <<'UNIT'
-[Service]
-ExecStart=/bin/sleep infinity
-[Install]
-WantedBy=multi-user.target
-UNIT
+containerd_stand_in
 # A release mirror on file:// with a stand-in kubelet binary; `hybridlet install` places
 # it and its real unit. The stand-in starts only with the arguments init writes
 # (--config, --kubeconfig), a kubeconfig, a CA, and a config whose maxPods is not 7.
@@ -75,16 +70,7 @@ systemctl daemon-reload
 
 write_config() {
   mkdir -p /etc/hybridlet
-  cat > /etc/hybridlet/config.yaml <<YAML
-apiVersion: node.eks.aws/v1alpha1
-kind: NodeConfig
-spec:
-  cluster:
-    name: e2e
-    region: eu-west-1
-    apiServerEndpoint: https://127.0.0.1:6443
-    certificateAuthority: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJzekNDQVZtZ0F3SUJBZ0lVWG05amEwTkJabTl5U0hsaWNtbGtiR1YwVkdWemRITXdDZ1lJS29aSXpqMEUKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=
-    cidr: 172.16.0.0/16
+  { node_config_head; cat <<YAML
   kubelet:
     config:
       maxPods: $1
@@ -95,6 +81,7 @@ spec:
       profileArn: arn:aws:rolesanywhere:eu-west-1:111122223333:profile/0a1b2c3d-0000-4000-8000-000000000002
       roleArn: arn:aws:iam::111122223333:role/AmazonEKSHybridNodesRole
 YAML
+  } > /etc/hybridlet/config.yaml
 }
 pid() { systemctl show -p MainPID --value "$1"; }
 

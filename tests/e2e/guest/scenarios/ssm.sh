@@ -13,12 +13,7 @@
 
 # A scenario before this one that failed half-way may have left a join behind.
 rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/iam /etc/aws /var/lib/hybridlet
-cat > /etc/systemd/system/containerd.service <<'UNIT'
-[Service]
-ExecStart=/bin/sleep infinity
-[Install]
-WantedBy=multi-user.target
-UNIT
+containerd_stand_in
 
 step "a release mirror with a kubelet stand-in and the agent stand-in as a .deb"
 mkdir -p /tmp/mirror /tmp/pkg/DEBIAN /tmp/pkg/usr/bin /tmp/pkg/lib/systemd/system
@@ -85,16 +80,7 @@ DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
 
 write_config() {  # write_config ACTIVATION_CODE
   mkdir -p /etc/hybridlet
-  cat > /etc/hybridlet/config.yaml <<YAML
-apiVersion: node.eks.aws/v1alpha1
-kind: NodeConfig
-spec:
-  cluster:
-    name: e2e
-    region: eu-west-1
-    apiServerEndpoint: https://127.0.0.1:6443
-    certificateAuthority: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJzekNDQVZtZ0F3SUJBZ0lVWG05amEwTkJabTl5U0hsaWNtbGtiR1YwVkdWemRITXdDZ1lJS29aSXpqMEUKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=
-    cidr: 172.16.0.0/16
+  { node_config_head; cat <<YAML
   hybrid:
     enableCredentialsFile: true
     ssm:
@@ -108,6 +94,7 @@ spec:
     httpsProxy: http://svc:p%40ss@127.0.0.1:3128
     noProxy: [localhost, 127.0.0.1]
 YAML
+  } > /etc/hybridlet/config.yaml
 }
 pid() { systemctl show -p MainPID --value "$1"; }
 
