@@ -284,6 +284,10 @@ pub struct AgentSpec {
     pub kubelet_root_dir: String,
     /// How long `hybridlet run` waits for subsystems to stop after SIGTERM. Default `30s`.
     pub shutdown_grace_period: GoDuration,
+    /// How long a kubelet plugin (CSI, each DRA driver) may stay unregistered after it
+    /// starts before `hybridlet_kubelet_plugin_registration_overdue` is raised (and a
+    /// warning logged). Readiness never waits for the kubelet. Default `5m`.
+    pub plugin_registration_timeout: GoDuration,
     /// Dynamic Resource Allocation drivers.
     pub dra: DraSpec,
     /// The CSI node plugin.
@@ -303,6 +307,7 @@ impl Default for AgentSpec {
             state_dir: DEFAULT_STATE_DIR.to_string(),
             kubelet_root_dir: DEFAULT_KUBELET_ROOT_DIR.to_string(),
             shutdown_grace_period: GoDuration(std::time::Duration::from_secs(30)),
+            plugin_registration_timeout: GoDuration(std::time::Duration::from_secs(300)),
             dra: DraSpec::default(),
             csi: CsiSpec::default(),
             sriov: SriovSpec::default(),

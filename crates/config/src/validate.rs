@@ -246,6 +246,18 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    let timeout = agent.plugin_registration_timeout.get();
+    if timeout < std::time::Duration::from_secs(1)
+        || timeout > std::time::Duration::from_secs(86_400)
+    {
+        r.error(
+            "spec.pluginRegistrationTimeout",
+            format!(
+                "{} is out of range; use between 1s and 24h (the kubelet registers a plugin within seconds of both running)",
+                agent.plugin_registration_timeout
+            ),
+        );
+    }
     for (field, name) in [
         ("spec.dra.gpu.driverName", &agent.dra.gpu.driver_name),
         ("spec.dra.sriov.driverName", &agent.dra.sriov.driver_name),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hybridlet_config::Config;
 use hybridlet_csi::{CsiMetrics, CsiSettings, services_with_metrics};
 use hybridlet_kubelet_plugin::{
-    PluginSocket, RegistrationMetrics, RegistrationService, registration_socket_path, serve,
+    PluginMetrics, PluginSocket, RegistrationService, registration_socket_path, serve,
     service_socket_path,
 };
 use hybridlet_proto::csi::v1::identity_server::IdentityServer;
@@ -29,8 +29,9 @@ pub struct CsiPlugin {
     csi_socket: PathBuf,
     registration_socket: PathBuf,
     kubelet_root: PathBuf,
-    metrics: RegistrationMetrics,
+    metrics: PluginMetrics,
     csi_metrics: CsiMetrics,
+    registration_timeout: std::time::Duration,
 }
 
 /// How often the volume gauges are sampled (the mount table and, with iSCSI, iscsiadm):
@@ -67,7 +68,7 @@ impl CsiPlugin {
         node: &str,
         kubelet_root: &Path,
         state_dir: &Path,
-        registrations: RegistrationMetrics,
+        registrations: PluginMetrics,
         registry: &mut hybridlet_metrics::Registry,
     ) -> Self {
         let driver = &config.agent.csi.driver_name;
@@ -82,6 +83,7 @@ impl CsiPlugin {
             kubelet_root: kubelet_root.to_path_buf(),
             metrics: registrations,
             csi_metrics: CsiMetrics::register(registry),
+            registration_timeout: config.agent.plugin_registration_timeout.get(),
             settings,
         }
     }
@@ -105,8 +107,9 @@ impl CsiPlugin {
             // other volume types and the sockets still work.
             tracing::error!("CSI: {e}");
         }
-        let csi_socket = PluginSocket::bind(&self.csi_socket)?;
-        let registration_socket = PluginSocket::bind(&self.registration_socket)?;
+        let csi_socket = PluginSocket::bind(&self.csi_socket)?.with_metrics(&self.metrics);
+        let registration_socket =
+            PluginSocket::bind(&self.registration_socket)?.with_metrics(&self.metrics);
         let registration = RegistrationService::new(
             PluginInfo {
                 r#type: CSI_PLUGIN.to_string(),
@@ -116,6 +119,7 @@ impl CsiPlugin {
             },
             self.metrics,
         );
+        let overdue = registration.watch_overdue(self.registration_timeout, ctx.shutdown.clone());
         let csi_router = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity))
             .add_service(NodeServer::new(node));
@@ -129,13 +133,14 @@ impl CsiPlugin {
             "CSI node plugin serving"
         );
         ctx.ready.set_ready();
-        let (a, b) = tokio::join!(
+        let (a, b, ()) = tokio::join!(
             serve(csi_socket, csi_router, ctx.shutdown.clone()),
             serve(
                 registration_socket,
                 registration_router,
                 ctx.shutdown.clone()
             ),
+            overdue,
         );
         a?;
         b?;

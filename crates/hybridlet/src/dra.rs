@@ -20,7 +20,7 @@ use hybridlet_dra::{
     SliceDevice, SlicePublisher, V1Health, V1Service, V1alpha1Health, V1beta1Service,
 };
 use hybridlet_kubelet_plugin::{
-    PluginSocket, RegistrationMetrics, RegistrationService, registration_socket_path, serve,
+    PluginMetrics, PluginSocket, RegistrationService, registration_socket_path, serve,
     service_socket_path,
 };
 use hybridlet_proto::dra::{v1, v1beta1};
@@ -422,7 +422,8 @@ pub struct DraPlugin {
     boot_id: String,
     backend: Arc<dyn DeviceBackend>,
     devices: Vec<SliceDevice>,
-    metrics: RegistrationMetrics,
+    metrics: PluginMetrics,
+    registration_timeout: Duration,
     /// Where to record who holds each device, and device name → key there.
     holders: Option<(Holders, BTreeMap<String, String>)>,
     /// The devices' health: the health stream and the slice taints read it.
@@ -494,7 +495,7 @@ impl DraPlugin {
         paths: DraPaths,
         backend: Arc<dyn DeviceBackend>,
         devices: Vec<SliceDevice>,
-        metrics: RegistrationMetrics,
+        metrics: PluginMetrics,
     ) -> Self {
         let health = HealthBoard::new(devices.iter().map(|d| d.name.clone()));
         Self {
@@ -511,8 +512,16 @@ impl DraPlugin {
             backend,
             devices,
             metrics,
+            registration_timeout: Duration::from_secs(300),
             holders: None,
         }
+    }
+
+    /// Raise `kubelet_plugin_registration_overdue` when no kubelet registered the driver
+    /// this long after start (`spec.pluginRegistrationTimeout`).
+    pub fn registration_timeout(mut self, after: Duration) -> Self {
+        self.registration_timeout = after;
+        self
     }
 
     /// Export this driver's calls, checkpoint writes, prepared state, unhealthy devices
@@ -541,7 +550,7 @@ impl DraPlugin {
         node: &str,
         paths: DraPaths,
         report: Report,
-        metrics: RegistrationMetrics,
+        metrics: PluginMetrics,
         holders: Holders,
     ) -> Self {
         let gpus: BTreeMap<String, GpuView> = report
@@ -572,7 +581,7 @@ impl DraPlugin {
         paths: DraPaths,
         report: &Report,
         binding: Arc<dyn DriverBinding>,
-        metrics: RegistrationMetrics,
+        metrics: PluginMetrics,
         holders: Holders,
     ) -> Self {
         let mut vfs = BTreeMap::new();
@@ -643,8 +652,8 @@ impl DraPlugin {
         }
         let dra_path = service_socket_path(&self.kubelet_root, &self.driver, "dra.sock");
         let reg_path = registration_socket_path(&self.kubelet_root, &self.driver);
-        let dra_socket = PluginSocket::bind(&dra_path)?;
-        let reg_socket = PluginSocket::bind(&reg_path)?;
+        let dra_socket = PluginSocket::bind(&dra_path)?.with_metrics(&self.metrics);
+        let reg_socket = PluginSocket::bind(&reg_path)?.with_metrics(&self.metrics);
         let registration = RegistrationService::new(
             PluginInfo {
                 r#type: DRA_PLUGIN.to_string(),
@@ -661,6 +670,7 @@ impl DraPlugin {
             },
             self.metrics,
         );
+        let overdue = registration.watch_overdue(self.registration_timeout, ctx.shutdown.clone());
         let health_service = HealthService::new(&self.node, self.health.clone());
         let dra_router = tonic::transport::Server::builder()
             .add_service(v1::dra_plugin_server::DraPluginServer::new(V1Service(
@@ -738,10 +748,11 @@ impl DraPlugin {
                 }
             }
         };
-        let (a, b, ()) = tokio::join!(
+        let (a, b, (), ()) = tokio::join!(
             serve(dra_socket, dra_router, ctx.shutdown.clone()),
             serve(reg_socket, reg_router, ctx.shutdown.clone()),
             publish,
+            overdue,
         );
         a?;
         b?;

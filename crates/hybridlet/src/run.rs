@@ -105,7 +105,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     // The Kubernetes node name, as init gave it to the kubelet.
     let node = crate::csi::node_name(&config, &root);
     // One family for every plugin's registration verdicts (labelled by plugin).
-    let registrations = hybridlet_kubelet_plugin::RegistrationMetrics::register(&mut registry);
+    let registrations = hybridlet_kubelet_plugin::PluginMetrics::register(&mut registry);
     if config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled {
         let plugin = crate::csi::CsiPlugin::new(
             &config,
@@ -149,7 +149,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 registrations.clone(),
                 device_holders.clone(),
             )
-            .with_metrics(&dra_metrics);
+            .with_metrics(&dra_metrics)
+            .registration_timeout(config.agent.plugin_registration_timeout.get());
             devices_summary.add_health_policy(Arc::new(crate::health::VfHealth::new(
                 dra.health(),
                 &config.agent.dra.sriov.driver_name,
@@ -166,7 +167,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 registrations.clone(),
                 device_holders,
             )
-            .with_metrics(&dra_metrics);
+            .with_metrics(&dra_metrics)
+            .registration_timeout(config.agent.plugin_registration_timeout.get());
             devices_summary.add_health_policy(Arc::new(crate::health::GpuHealth::new(
                 dra.health(),
                 &config.agent.dra.gpu.driver_name,

@@ -8,14 +8,22 @@
 //!   so that no node-driver-registrar sidecar is needed. `GetInfo` never blocks; failed
 //!   registrations are logged and counted.
 //! * [`serve`]: run a tonic router on a plugin socket until shutdown, then remove it.
+//!   Each connection passes through [`conn::KubeletConnection`], which makes any
+//!   `:authority` a Unix-socket gRPC client sends acceptable to the HTTP/2 server (the
+//!   kubelet's plugin watcher sends the socket path, which h2 refuses) and logs and counts
+//!   ([`PluginMetrics`]) requests refused below the gRPC layer.
 //!
 //! What this crate must never do: know about DRA or CSI semantics, or touch sockets it did
 //! not create (a live socket at our path belongs to someone else and is left alone).
 
+pub mod conn;
+pub mod hpack;
+mod metrics;
 mod registration;
 mod socket;
 
-pub use registration::{RegistrationMetrics, RegistrationService, RegistrationState};
+pub use metrics::PluginMetrics;
+pub use registration::{RegistrationService, RegistrationState};
 pub use socket::{PluginSocket, SocketError, connect, serve};
 
 use std::path::{Path, PathBuf};

@@ -2,9 +2,15 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use hybridlet_runtime::CancellationToken;
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::PluginMetrics;
+use crate::conn::{KubeletConnection, SocketObserver};
 
 /// Problems creating or serving a plugin socket.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,7 @@ fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SocketEr
 pub struct PluginSocket {
     path: PathBuf,
     listener: UnixListener,
+    metrics: Option<PluginMetrics>,
 }
 
 impl PluginSocket {
@@ -106,7 +113,14 @@ impl PluginSocket {
         // (the kubelet's plugin watcher reacts to the file) gets ECONNREFUSED. So bind and
         // listen under a temporary name, set the mode, then rename: the socket appears
         // complete, listening and 0600, in one step.
-        let tmp = path.with_file_name(format!(".{}.sock", std::process::id()));
+        // The name is unique per bind, not per process: one process binds several sockets
+        // in the same directory at once (CSI and both DRA drivers in plugins_registry).
+        static BINDS: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_file_name(format!(
+            ".{}-{}.sock",
+            std::process::id(),
+            BINDS.fetch_add(1, Ordering::Relaxed)
+        ));
         let listener = if tmp.as_os_str().len() <= 107 {
             let _ = std::fs::remove_file(&tmp);
             let listener = UnixListener::bind(&tmp).map_err(io_err("binding", &tmp))?;
@@ -129,7 +143,14 @@ impl PluginSocket {
         Ok(Self {
             path: path.to_path_buf(),
             listener,
+            metrics: None,
         })
+    }
+
+    /// Count requests refused on this socket in `metrics` (they are logged either way).
+    pub fn with_metrics(mut self, metrics: &PluginMetrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
     }
 
     /// The socket path.
@@ -139,13 +160,22 @@ impl PluginSocket {
 }
 
 /// Serve `router` on `socket` until `shutdown` is cancelled, then remove the socket file.
+///
+/// Every connection goes through [`KubeletConnection`], so any `:authority` a Unix-socket
+/// client sends is served (see `conn.rs`), and refusals below gRPC are logged and counted.
 pub async fn serve(
     socket: PluginSocket,
     router: tonic::transport::server::Router,
     shutdown: CancellationToken,
 ) -> Result<(), SocketError> {
-    let PluginSocket { path, listener } = socket;
-    let incoming = UnixListenerStream::new(listener);
+    let PluginSocket {
+        path,
+        listener,
+        metrics,
+    } = socket;
+    let observer = SocketObserver::new(&path, metrics);
+    let incoming = UnixListenerStream::new(listener)
+        .map(move |conn| conn.map(|c| KubeletConnection::new(c, observer.clone())));
     let result = router
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;

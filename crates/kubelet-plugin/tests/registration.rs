@@ -5,8 +5,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use hybridlet_kubelet_plugin::{
-    PluginSocket, RegistrationMetrics, RegistrationService, RegistrationState, SocketError,
-    connect, registration_socket_path, serve,
+    PluginMetrics, PluginSocket, RegistrationService, RegistrationState, SocketError, connect,
+    registration_socket_path, serve,
 };
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 use hybridlet_proto::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus};
@@ -31,7 +31,7 @@ async fn get_info_and_status_over_the_socket() {
         info(Path::new(
             "/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock",
         )),
-        RegistrationMetrics::register(&mut registry),
+        PluginMetrics::register(&mut registry),
     );
     let mut state = service.subscribe();
     let socket = PluginSocket::bind(&path).unwrap();
@@ -82,18 +82,72 @@ async fn get_info_and_status_over_the_socket() {
     state.changed().await.unwrap();
     assert_eq!(*state.borrow(), RegistrationState::Registered);
 
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let text = scrape(&registry);
     assert!(
         text.contains(
             "kubelet_plugin_registrations_total{plugin=\"csi.hybridlet.io\",result=\"failed\"} 1"
         ),
         "{text}"
     );
+    assert!(
+        text.contains("kubelet_plugin_registered{plugin=\"csi.hybridlet.io\"} 1"),
+        "{text}"
+    );
 
     stop.cancel();
     server.await.unwrap().unwrap();
     assert!(!path.exists(), "socket not removed on shutdown");
+}
+
+fn scrape(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_unregistered_past_its_deadline_is_overdue_until_the_kubelet_registers_it() {
+    use hybridlet_proto::pluginregistration::registration_server::Registration as _;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let service = RegistrationService::new(
+        info(Path::new(
+            "/var/lib/kubelet/plugins/csi.hybridlet.io/csi.sock",
+        )),
+        PluginMetrics::register(&mut registry),
+    );
+    let stop = CancellationToken::new();
+    let watch =
+        tokio::spawn(service.watch_overdue(std::time::Duration::from_secs(300), stop.clone()));
+    let overdue = |registry: &prometheus_client::registry::Registry, v: u8| {
+        let text = scrape(registry);
+        let line =
+            format!("kubelet_plugin_registration_overdue{{plugin=\"csi.hybridlet.io\"}} {v}");
+        assert!(text.contains(&line), "want {line}:\n{text}");
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(299)).await;
+    overdue(&registry, 0);
+    // A failed verdict is not a registration.
+    service
+        .notify_registration_status(tonic::Request::new(RegistrationStatus {
+            plugin_registered: false,
+            error: "no handler".into(),
+        }))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    overdue(&registry, 1);
+    service
+        .notify_registration_status(tonic::Request::new(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        }))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    overdue(&registry, 0);
+    assert!(scrape(&registry).contains("kubelet_plugin_registered{plugin=\"csi.hybridlet.io\"} 1"));
+    stop.cancel();
+    watch.await.unwrap();
 }
 
 #[tokio::test]
