@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the VM rig needs on the host, idempotently: debootstrap, and QEMU 10 from
+# Install what the VM rig needs on the host, idempotently: grpc-go (Debian's, for the
+# kubelet stand-in), debootstrap, and QEMU 10 from
 # bookworm-backports (its igb device offers SR-IOV VFs that come up as network interfaces;
 # bookworm's QEMU 7.2 would also remove the machine's qemu-utils 10). The backports source
 # reuses the URI of the machine's existing Debian apt source; no mirror is named here.
@@ -8,6 +9,12 @@ set -euo pipefail
 sudo_=""; [ "$(id -u)" -ne 0 ] && sudo_="sudo"
 
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+
+# grpc-go, for the kubelet stand-in's dialer (tests/peers/kubelet-dial).
+if ! command -v go >/dev/null 2>&1 || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ]; then
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends golang-go golang-google-grpc-dev
+fi
 
 need=0
 command -v debootstrap >/dev/null 2>&1 || need=1

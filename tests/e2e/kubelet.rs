@@ -4,23 +4,31 @@
 //! can assert exact status codes:
 //!   0 = OK, 3 = the call returned a gRPC error (printed as `ERR <Code> <message>`),
 //!   1 = could not connect or the deadline passed before an answer.
-#![allow(clippy::print_stdout, clippy::print_stderr)] // a test tool whose output is its result
+//!
+//! It dials the way the kubelet does, with the kubelet's gRPC library: requests are encoded
+//! here, and sent by `kubelet-dial` (grpc-go, `tests/peers/kubelet-dial`, found beside this
+//! program) with the dial of the kubelet client that makes the call — the plugin watcher's
+//! bare-path dial for registration, the DRA client's for DRA (bare path too), the CSI
+//! client's (`WithAuthority("localhost")`) for CSI. The bare-path dials send the socket path
+//! percent-encoded as `:authority`, as the grpc-go in current kubelets does.
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::disallowed_methods)] // a synchronous test tool whose output is its result
 
 use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Duration;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Parser, Subcommand};
-use hybridlet_proto::csi::v1::identity_client::IdentityClient;
-use hybridlet_proto::csi::v1::node_client::NodeClient;
 use hybridlet_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
 use hybridlet_proto::csi::v1::*;
 use hybridlet_proto::dra::v1 as dra;
-use hybridlet_proto::pluginregistration::InfoRequest;
-use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
+use hybridlet_proto::pluginregistration::{InfoRequest, PluginInfo, RegistrationStatus};
+use prost::Message;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +42,13 @@ struct Args {
     /// Give up after this many seconds (the kubelet's own deadlines are of this order).
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// The grpc-go client (default: `kubelet-dial` beside this program).
+    #[arg(long)]
+    dialer: Option<PathBuf>,
+    /// The `:authority` of the bare-path dials: `percent` (current kubelets' grpc-go) or
+    /// `default` (what Debian's older grpc-go sends: the raw path).
+    #[arg(long, default_value = "percent")]
+    authority: String,
     #[command(subcommand)]
     call: Call,
 }
@@ -63,7 +78,8 @@ struct Volume {
 
 #[derive(Subcommand)]
 enum Call {
-    /// pluginregistration GetInfo on a registration socket.
+    /// The plugin watcher's registration on a registration socket: GetInfo, then
+    /// NotifyRegistrationStatus(registered) on the same connection.
     Register,
     /// CSI GetPluginInfo, Probe and NodeGetInfo.
     Info,
@@ -164,138 +180,188 @@ fn map(pairs: &[(String, String)]) -> HashMap<String, String> {
     pairs.iter().cloned().collect()
 }
 
-async fn call(args: Args) -> Result<String, CallError> {
-    let channel = hybridlet_kubelet_plugin::connect(&args.socket)
-        .await
-        .map_err(|e| CallError::Connect(format!("{}: {e}", args.socket.display())))?;
-    let mut node = NodeClient::new(channel.clone());
-    let answer = match args.call {
-        Call::Register => {
-            let info = RegistrationClient::new(channel)
-                .get_info(InfoRequest {})
-                .await?
-                .into_inner();
-            format!("{info:?}")
-        }
-        Call::Info => {
-            let mut identity = IdentityClient::new(channel);
-            let plugin = identity
-                .get_plugin_info(GetPluginInfoRequest {})
-                .await?
-                .into_inner();
-            let probe = identity.probe(ProbeRequest {}).await?.into_inner();
-            let info = node
-                .node_get_info(NodeGetInfoRequest {})
-                .await?
-                .into_inner();
-            format!("{plugin:?} {probe:?} {info:?}")
-        }
-        Call::Stage { volume, staging } => {
-            let req = NodeStageVolumeRequest {
+/// One RPC for `kubelet-dial`.
+struct Rpc {
+    method: &'static str,
+    request: Vec<u8>,
+    stream: u32,
+}
+
+fn rpc(method: &'static str, request: &impl Message) -> Rpc {
+    Rpc {
+        method,
+        request: request.encode_to_vec(),
+        stream: 0,
+    }
+}
+
+/// What the kubelet's client for a call is: the registration watcher, the DRA client or
+/// the CSI client (see `tests/peers/kubelet-dial`).
+fn dial_mode(call: &Call) -> &'static str {
+    match call {
+        Call::Register => "watcher",
+        Call::DraPrepare { .. } | Call::DraHealth | Call::DraUnprepare { .. } => "dra-old",
+        _ => "csi",
+    }
+}
+
+/// The RPCs a call makes, in order.
+fn rpcs(call: &Call) -> Result<Vec<Rpc>, CallError> {
+    let claim = |namespace: &str, name: &str, uid: &str| dra::Claim {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.into(),
+    };
+    Ok(match call {
+        Call::Register => vec![
+            rpc("/pluginregistration.Registration/GetInfo", &InfoRequest {}),
+            rpc(
+                "/pluginregistration.Registration/NotifyRegistrationStatus",
+                &RegistrationStatus {
+                    plugin_registered: true,
+                    error: String::new(),
+                },
+            ),
+        ],
+        Call::Info => vec![
+            rpc("/csi.v1.Identity/GetPluginInfo", &GetPluginInfoRequest {}),
+            rpc("/csi.v1.Identity/Probe", &ProbeRequest {}),
+            rpc("/csi.v1.Node/NodeGetInfo", &NodeGetInfoRequest {}),
+        ],
+        Call::Stage { volume, staging } => vec![rpc(
+            "/csi.v1.Node/NodeStageVolume",
+            &NodeStageVolumeRequest {
                 volume_id: volume.volume_id.clone(),
-                staging_target_path: staging,
-                volume_capability: Some(capability(&volume).map_err(CallError::Usage)?),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(capability(volume).map_err(CallError::Usage)?),
                 volume_context: map(&volume.attrs),
                 secrets: map(&volume.secrets),
                 ..Default::default()
-            };
-            format!("{:?}", node.node_stage_volume(req).await?.into_inner())
-        }
-        Call::Unstage { volume_id, staging } => {
-            let req = NodeUnstageVolumeRequest {
-                volume_id,
-                staging_target_path: staging,
-            };
-            format!("{:?}", node.node_unstage_volume(req).await?.into_inner())
-        }
+            },
+        )],
+        Call::Unstage { volume_id, staging } => vec![rpc(
+            "/csi.v1.Node/NodeUnstageVolume",
+            &NodeUnstageVolumeRequest {
+                volume_id: volume_id.clone(),
+                staging_target_path: staging.clone(),
+            },
+        )],
         Call::Publish {
             volume,
             staging,
             target,
             readonly,
-        } => {
-            let req = NodePublishVolumeRequest {
+        } => vec![rpc(
+            "/csi.v1.Node/NodePublishVolume",
+            &NodePublishVolumeRequest {
                 volume_id: volume.volume_id.clone(),
-                staging_target_path: staging,
-                target_path: target,
-                volume_capability: Some(capability(&volume).map_err(CallError::Usage)?),
-                readonly,
+                staging_target_path: staging.clone(),
+                target_path: target.clone(),
+                volume_capability: Some(capability(volume).map_err(CallError::Usage)?),
+                readonly: *readonly,
                 volume_context: map(&volume.attrs),
                 secrets: map(&volume.secrets),
                 ..Default::default()
-            };
-            format!("{:?}", node.node_publish_volume(req).await?.into_inner())
-        }
-        Call::Unpublish { volume_id, target } => {
-            let req = NodeUnpublishVolumeRequest {
-                volume_id,
-                target_path: target,
-            };
-            format!("{:?}", node.node_unpublish_volume(req).await?.into_inner())
-        }
-        Call::Stats { volume_id, path } => {
-            let req = NodeGetVolumeStatsRequest {
-                volume_id,
-                volume_path: path,
+            },
+        )],
+        Call::Unpublish { volume_id, target } => vec![rpc(
+            "/csi.v1.Node/NodeUnpublishVolume",
+            &NodeUnpublishVolumeRequest {
+                volume_id: volume_id.clone(),
+                target_path: target.clone(),
+            },
+        )],
+        Call::Stats { volume_id, path } => vec![rpc(
+            "/csi.v1.Node/NodeGetVolumeStats",
+            &NodeGetVolumeStatsRequest {
+                volume_id: volume_id.clone(),
+                volume_path: path.clone(),
                 ..Default::default()
-            };
-            format!("{:?}", node.node_get_volume_stats(req).await?.into_inner())
-        }
+            },
+        )],
         Call::Expand {
             volume_id,
             path,
             required_bytes,
-        } => {
-            let req = NodeExpandVolumeRequest {
-                volume_id,
-                volume_path: path,
+        } => vec![rpc(
+            "/csi.v1.Node/NodeExpandVolume",
+            &NodeExpandVolumeRequest {
+                volume_id: volume_id.clone(),
+                volume_path: path.clone(),
                 capacity_range: Some(CapacityRange {
-                    required_bytes,
+                    required_bytes: *required_bytes,
                     limit_bytes: 0,
                 }),
                 ..Default::default()
-            };
-            format!("{:?}", node.node_expand_volume(req).await?.into_inner())
-        }
+            },
+        )],
         Call::DraPrepare {
             namespace,
             name,
             uid,
-        } => {
-            let resp = dra::dra_plugin_client::DraPluginClient::new(channel)
-                .node_prepare_resources(dra::NodePrepareResourcesRequest {
-                    claims: vec![dra::Claim {
-                        namespace,
-                        name,
-                        uid: uid.clone(),
-                    }],
-                })
-                .await?
-                .into_inner();
+        } => vec![rpc(
+            "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources",
+            &dra::NodePrepareResourcesRequest {
+                claims: vec![claim(namespace, name, uid)],
+            },
+        )],
+        Call::DraHealth => vec![Rpc {
+            stream: 1,
+            ..rpc(
+                "/v1alpha1.DRAResourceHealth/NodeWatchResources",
+                &hybridlet_proto::dra_health::v1alpha1::NodeWatchResourcesRequest {},
+            )
+        }],
+        Call::DraUnprepare {
+            namespace,
+            name,
+            uid,
+        } => vec![rpc(
+            "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources",
+            &dra::NodeUnprepareResourcesRequest {
+                claims: vec![claim(namespace, name, uid)],
+            },
+        )],
+    })
+}
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, CallError> {
+    M::decode(bytes).map_err(|e| CallError::Usage(format!("undecodable answer: {e}")))
+}
+
+/// The answer line for a call whose RPCs all succeeded with `responses`.
+fn render(call: &Call, responses: &[Vec<u8>]) -> Result<String, CallError> {
+    let first = || responses.first().map(Vec::as_slice).unwrap_or_default();
+    Ok(match call {
+        Call::Register => format!("{:?}", decode::<PluginInfo>(first())?),
+        Call::Info => format!(
+            "{:?} {:?} {:?}",
+            decode::<GetPluginInfoResponse>(&responses[0])?,
+            decode::<ProbeResponse>(&responses[1])?,
+            decode::<NodeGetInfoResponse>(&responses[2])?
+        ),
+        Call::Stage { .. } => format!("{:?}", decode::<NodeStageVolumeResponse>(first())?),
+        Call::Unstage { .. } => format!("{:?}", decode::<NodeUnstageVolumeResponse>(first())?),
+        Call::Publish { .. } => format!("{:?}", decode::<NodePublishVolumeResponse>(first())?),
+        Call::Unpublish { .. } => {
+            format!("{:?}", decode::<NodeUnpublishVolumeResponse>(first())?)
+        }
+        Call::Stats { .. } => format!("{:?}", decode::<NodeGetVolumeStatsResponse>(first())?),
+        Call::Expand { .. } => format!("{:?}", decode::<NodeExpandVolumeResponse>(first())?),
+        Call::DraPrepare { uid, .. } => {
+            let resp = decode::<dra::NodePrepareResourcesResponse>(first())?;
             // A per-claim error is the DRA API's way to fail; report it like a status.
-            match resp.claims.get(&uid) {
+            match resp.claims.get(uid) {
                 Some(r) if !r.error.is_empty() => {
-                    return Err(CallError::Status(tonic::Status::unknown(r.error.clone())));
+                    return Err(CallError::Status(2, r.error.clone()));
                 }
                 Some(r) => format!("{:?}", r.devices),
-                None => {
-                    return Err(CallError::Status(tonic::Status::unknown(
-                        "no result for the claim",
-                    )));
-                }
+                None => return Err(CallError::Status(2, "no result for the claim".into())),
             }
         }
         Call::DraHealth => {
             use hybridlet_proto::dra_health::v1alpha1 as health;
-            let mut stream =
-                health::dra_resource_health_client::DraResourceHealthClient::new(channel)
-                    .node_watch_resources(health::NodeWatchResourcesRequest {})
-                    .await?
-                    .into_inner();
-            let first = stream
-                .message()
-                .await?
-                .ok_or_else(|| tonic::Status::unknown("the health stream ended at once"))?;
+            let first = decode::<health::NodeWatchResourcesResponse>(first())?;
             first
                 .devices
                 .iter()
@@ -309,76 +375,160 @@ async fn call(args: Args) -> Result<String, CallError> {
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        Call::DraUnprepare {
-            namespace,
-            name,
-            uid,
-        } => {
-            let resp = dra::dra_plugin_client::DraPluginClient::new(channel)
-                .node_unprepare_resources(dra::NodeUnprepareResourcesRequest {
-                    claims: vec![dra::Claim {
-                        namespace,
-                        name,
-                        uid: uid.clone(),
-                    }],
-                })
-                .await?
-                .into_inner();
-            match resp.claims.get(&uid) {
+        Call::DraUnprepare { uid, .. } => {
+            let resp = decode::<dra::NodeUnprepareResourcesResponse>(first())?;
+            match resp.claims.get(uid) {
                 Some(r) if !r.error.is_empty() => {
-                    return Err(CallError::Status(tonic::Status::unknown(r.error.clone())));
+                    return Err(CallError::Status(2, r.error.clone()));
                 }
                 _ => "unprepared".to_string(),
             }
         }
+    })
+}
+
+/// Run the call's RPCs through `kubelet-dial` on one connection.
+fn call(args: &Args) -> Result<String, CallError> {
+    let rpcs = rpcs(&args.call)?;
+    let dialer = match &args.dialer {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| CallError::Usage(format!("locating kubelet-dial: {e}")))?
+            .with_file_name("kubelet-dial"),
     };
-    Ok(answer)
+    let mode = dial_mode(&args.call);
+    let authority = if mode == "csi" {
+        "default"
+    } else {
+        &args.authority
+    };
+    let mut child = Command::new(&dialer)
+        .arg("-socket")
+        .arg(&args.socket)
+        .args(["-dial", mode, "-authority", authority])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CallError::Usage(format!("{}: {e}", dialer.display())))?;
+    let timeout_ms = args.timeout * 1000;
+    let mut input = String::new();
+    for r in &rpcs {
+        input.push_str(&format!(
+            "{{\"method\":\"{}\",\"request\":\"{}\",\"stream\":{},\"timeout_ms\":{timeout_ms}}}\n",
+            r.method,
+            B64.encode(&r.request),
+            r.stream
+        ));
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    // kubelet-dial applies the deadline to each call; this bounds the dial and the rest.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout + 5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CallError::Deadline);
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() {
+        return Err(CallError::Connect(format!(
+            "{}: {}",
+            args.socket.display(),
+            err.trim()
+        )));
+    }
+    let mut responses = Vec::new();
+    for line in out.lines() {
+        let (code, message, answers) = parse_answer(line)
+            .ok_or_else(|| CallError::Usage(format!("kubelet-dial answered {line:?}")))?;
+        match code {
+            0 => responses.push(answers.into_iter().next().unwrap_or_default()),
+            // UNAVAILABLE: nothing serves the socket (yet).
+            14 => {
+                return Err(CallError::Connect(format!(
+                    "{}: {message}",
+                    args.socket.display()
+                )));
+            }
+            4 => return Err(CallError::Deadline),
+            code => return Err(CallError::Status(code, message)),
+        }
+    }
+    if responses.len() != rpcs.len() {
+        return Err(CallError::Usage(format!(
+            "kubelet-dial answered {} of {} calls",
+            responses.len(),
+            rpcs.len()
+        )));
+    }
+    render(&args.call, &responses)
+}
+
+/// `{"code": N, "message": "...", "responses": ["<base64>", ...]}` from kubelet-dial.
+fn parse_answer(line: &str) -> Option<(u32, String, Vec<Vec<u8>>)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let code = u32::try_from(v["code"].as_u64()?).ok()?;
+    let message = v["message"].as_str().unwrap_or_default().to_string();
+    let responses = v["responses"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| B64.decode(r.as_str()?).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((code, message, responses))
 }
 
 enum CallError {
     Connect(String),
     Usage(String),
-    Status(tonic::Status),
+    /// A gRPC status code and message.
+    Status(u32, String),
+    Deadline,
 }
 
-impl From<tonic::Status> for CallError {
-    fn from(s: tonic::Status) -> Self {
-        CallError::Status(s)
-    }
+/// gRPC status code names as tonic prints them (`NotFound`, `FailedPrecondition`, ...).
+fn code_name(code: u32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code as i32))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let deadline = Duration::from_secs(args.timeout);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("e2e-kubelet: runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(async { tokio::time::timeout(deadline, call(args)).await }) {
-        Ok(Ok(answer)) => {
+    match call(&args) {
+        Ok(answer) => {
             println!("OK {answer}");
             ExitCode::SUCCESS
         }
-        Ok(Err(CallError::Status(s))) => {
-            println!("ERR {:?} {}", s.code(), s.message());
+        Err(CallError::Status(code, message)) => {
+            println!("ERR {} {message}", code_name(code));
             ExitCode::from(3)
         }
-        Ok(Err(CallError::Connect(e))) => {
+        Err(CallError::Connect(e)) => {
             println!("CONNECT {e}");
             ExitCode::from(1)
         }
-        Ok(Err(CallError::Usage(e))) => {
+        Err(CallError::Usage(e)) => {
             eprintln!("e2e-kubelet: {e}");
             ExitCode::from(64)
         }
-        Err(_) => {
-            println!("DEADLINE no answer within {deadline:?}");
+        Err(CallError::Deadline) => {
+            println!("DEADLINE no answer within {}s", args.timeout);
             ExitCode::from(1)
         }
     }

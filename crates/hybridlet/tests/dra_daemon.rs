@@ -5,139 +5,17 @@
 //! unhealthy on the kubelet's health stream, an application XID changes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hybridlet_fixtures::apiserver::FakeApiServer;
+mod common;
+
+use common::{Daemon, is_socket, wait_until};
 use hybridlet_proto::dra::v1;
 use hybridlet_proto::pluginregistration::InfoRequest;
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 use serde_json::json;
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn is_socket(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
-}
-
-/// `hybridlet run` under a fresh `--root` with a fake API server: `fixture` writes the
-/// sysfs tree, `config` edits the IAM Roles Anywhere fixture config (node fra1-r12-n07).
-struct Daemon {
-    api: FakeApiServer,
-    root: tempfile::TempDir,
-    kubelet: std::path::PathBuf,
-    child: std::process::Child,
-    log: std::thread::JoinHandle<Vec<String>>,
-    extra: Vec<String>,
-}
-
-/// `hybridlet run` under `root`, its stderr collected by a thread.
-fn spawn(
-    root: &Path,
-    extra: &[String],
-) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-        .args([
-            "--root",
-            root.to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-        ])
-        .args(extra)
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    (child, log)
-}
-
-impl Daemon {
-    async fn start(
-        fixture: impl FnOnce(&Path),
-        config: impl FnOnce(String) -> String,
-        extra_args: impl FnOnce(&Path) -> Vec<String>,
-    ) -> Self {
-        let api = FakeApiServer::start().await.unwrap();
-        api.put("/api/v1/nodes/fra1-r12-n07", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "fra1-r12-n07", "uid": "node-uid"}}));
-        let root = tempfile::tempdir().unwrap();
-        fixture(root.path());
-        let kubelet = root.path().join("var/lib/kubelet");
-        std::fs::create_dir_all(&kubelet).unwrap();
-        std::fs::write(
-            kubelet.join("kubeconfig"),
-            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
-        )
-        .unwrap();
-        let etc = root.path().join("etc/hybridlet");
-        std::fs::create_dir_all(&etc).unwrap();
-        // The node name comes from the IAM Roles Anywhere nodeName.
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
-        )
-        .unwrap()
-        .replace(
-            "listenAddress: 127.0.0.1:19464",
-            "listenAddress: 127.0.0.1:0",
-        );
-        std::fs::write(etc.join("config.yaml"), config(text)).unwrap();
-        let extra = extra_args(root.path());
-        let (child, log) = spawn(root.path(), &extra);
-        Self {
-            api,
-            root,
-            kubelet,
-            child,
-            log,
-            extra,
-        }
-    }
-
-    /// SIGKILL (a crash: no clean-up runs), then start again with the same arguments.
-    fn crash_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (child, log) = spawn(self.root.path(), &self.extra);
-        self.child = child;
-        let old = std::mem::replace(&mut self.log, log);
-        let _ = old.join();
-    }
-
-    /// SIGTERM, wait up to 15 s; the exit status and the log.
-    async fn stop(mut self) -> (std::process::ExitStatus, String) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "did not stop");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        (status, self.log.join().unwrap().join("\n"))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gpu_dra_publishes_prepares_and_unprepares() {

@@ -39,7 +39,7 @@ fn generated_code_is_up_to_date() {
         let fresh = std::fs::read_to_string(out.path().join(name)).expect("generated file");
         let committed = std::fs::read_to_string(gen_dir.join(name)).unwrap_or_default();
         if fresh != committed {
-            if std::env::var_os("HYBRIDLET_REGENERATE").is_some() {
+            if std::env::var("HYBRIDLET_REGENERATE").as_deref() == Ok("1") {
                 std::fs::write(gen_dir.join(name), &fresh).unwrap();
             } else {
                 drift.push(name);

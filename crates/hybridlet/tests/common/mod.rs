@@ -1,0 +1,233 @@
+//! Shared harness for the tests that run the real `hybridlet run`: a daemon under a fresh
+//! `--root` with the fake API server as its cluster, its log followed as it is written,
+//! its admin server scraped. Each test binary uses part of it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod peers;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hybridlet_fixtures::apiserver::FakeApiServer;
+use serde_json::json;
+
+/// The node name of the IAM Roles Anywhere fixture configuration.
+pub const NODE: &str = "fra1-r12-n07";
+
+/// Poll `f` every 20 ms for up to 20 s.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `p` is a Unix socket.
+pub fn is_socket(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The IAM Roles Anywhere fixture (NodeConfig + AgentConfig, node `fra1-r12-n07`) with the
+/// admin server on an ephemeral loopback port, for `Daemon::start`'s `config` to edit.
+pub fn iam_ra_config() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/config/good/iam-ra-with-agent.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "listenAddress: 127.0.0.1:19464",
+        "listenAddress: 127.0.0.1:0",
+    )
+}
+
+/// `hybridlet run` under a fresh `--root`, with the fake API server as its cluster (the
+/// kubelet's kubeconfig points at it, and the node object exists).
+pub struct Daemon {
+    pub api: FakeApiServer,
+    pub root: tempfile::TempDir,
+    pub kubelet: PathBuf,
+    pub child: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// `fixture` writes the host tree under the root, `config` edits the IAM Roles Anywhere
+    /// fixture configuration ([`iam_ra_config`]), `extra_args` come after `run`.
+    pub async fn start(
+        fixture: impl FnOnce(&Path),
+        config: impl FnOnce(String) -> String,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Self {
+        Self::start_with_env(fixture, config, extra_args, Vec::new()).await
+    }
+
+    /// As `start`, with extra environment variables for the daemon.
+    pub async fn start_with_env(
+        fixture: impl FnOnce(&Path),
+        config: impl FnOnce(String) -> String,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Self {
+        let api = FakeApiServer::start().await.unwrap();
+        api.put(
+            &format!("/api/v1/nodes/{NODE}"),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "uid": "node-uid"}}),
+        );
+        let root = tempfile::tempdir().unwrap();
+        fixture(root.path());
+        let kubelet = root.path().join("var/lib/kubelet");
+        std::fs::create_dir_all(&kubelet).unwrap();
+        std::fs::write(
+            kubelet.join("kubeconfig"),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\ncontexts:\n- name: k\n  context: {{cluster: c, user: u}}\ncurrent-context: k\nusers:\n- name: u\n  user:\n    token: node-token\n", api.url()),
+        )
+        .unwrap();
+        let etc = root.path().join("etc/hybridlet");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("config.yaml"), config(iam_ra_config())).unwrap();
+        let args = extra_args(root.path());
+        let log = Arc::default();
+        let (child, reader) = spawn(root.path(), &args, &envs, &log);
+        Self {
+            api,
+            root,
+            kubelet,
+            child,
+            log,
+            reader: Some(reader),
+            args,
+            envs,
+        }
+    }
+
+    /// The log so far, one JSON object per line.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The first log line (as JSON) whose `message` starts with `prefix`, waiting for it.
+    pub async fn wait_log(&self, prefix: &str) -> serde_json::Value {
+        let mut found = None;
+        wait_until(&format!("log line {prefix:?}"), || {
+            found = self.log().iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(prefix))
+                    .then_some(v)
+            });
+            found.is_some()
+        })
+        .await;
+        found.unwrap()
+    }
+
+    /// The admin server's `IP:PORT`, from its start-up log line.
+    pub async fn admin_address(&self) -> String {
+        self.wait_log("admin server listening").await["address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// One `GET /metrics` (text format).
+    pub async fn scrape(&self) -> String {
+        let addr = self.admin_address().await;
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).unwrap();
+            buf.split_once("\r\n\r\n").unwrap().1.to_string()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// SIGKILL (a crash: no clean-up runs), then start again with the same arguments.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let (child, reader) = spawn(self.root.path(), &self.args, &self.envs, &self.log);
+        self.child = child;
+        self.reader = Some(reader);
+    }
+
+    /// SIGTERM, wait up to 15 s; the exit status and the whole log.
+    pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        (status, self.log().join("\n"))
+    }
+}
+
+/// `hybridlet run` under `root`; a thread appends its stderr lines to `log` (emptied first).
+fn spawn(
+    root: &Path,
+    args: &[String],
+    envs: &[(String, String)],
+    log: &Arc<Mutex<Vec<String>>>,
+) -> (std::process::Child, std::thread::JoinHandle<()>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+        .args([
+            "--root",
+            root.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "run",
+        ])
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = log.clone();
+    log.lock().unwrap().clear();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.lock().unwrap().push(line);
+        }
+    });
+    (child, reader)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
