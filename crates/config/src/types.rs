@@ -418,6 +418,9 @@ pub struct CsiSpec {
     /// Topology segments NodeGetInfo reports, e.g. `topology.hybridlet.io/site: fra1`, so
     /// PVs can carry node affinity to the site whose storage they live on. Default none.
     pub topology: std::collections::BTreeMap<String, String>,
+    /// How long one mount helper (mount.nfs, iscsiadm login) may run before it and
+    /// everything it started are killed and the call fails. Default `100s`.
+    pub mount_timeout: GoDuration,
 }
 
 impl Default for CsiSpec {
@@ -427,6 +430,7 @@ impl Default for CsiSpec {
             nfs: Toggle::default(),
             iscsi: Toggle::default(),
             topology: std::collections::BTreeMap::new(),
+            mount_timeout: GoDuration(std::time::Duration::from_secs(100)),
         }
     }
 }

@@ -289,6 +289,16 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    let mount = agent.csi.mount_timeout.get();
+    if mount < std::time::Duration::from_secs(5) || mount > std::time::Duration::from_secs(600) {
+        r.error(
+            "spec.csi.mountTimeout",
+            format!(
+                "{} is out of range; use between 5s and 10m (the kubelet gives a CSI call about 2m)",
+                agent.csi.mount_timeout
+            ),
+        );
+    }
     for (key, value) in &agent.csi.topology {
         let path = format!("spec.csi.topology[{key:?}]");
         if !is_label_key(key) {

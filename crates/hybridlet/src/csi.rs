@@ -77,6 +77,7 @@ impl CsiPlugin {
         settings.iscsi_enabled = config.agent.csi.iscsi.enabled;
         settings.state_dir = state_dir.join("csi");
         settings.topology = config.agent.csi.topology.clone().into_iter().collect();
+        settings.mount_timeout = config.agent.csi.mount_timeout.get();
         Self {
             csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
             registration_socket: registration_socket_path(kubelet_root, driver),

@@ -50,11 +50,12 @@ pub trait DriverBinding: Send + Sync + std::fmt::Debug {
 
 impl Sysfs {
     fn write(&self, address: &PciAddress, path: PathBuf, value: &str) -> Result<(), BindError> {
-        std::fs::write(&path, value).map_err(|source| BindError::Write {
-            address: address.to_string(),
-            path,
-            source,
-        })
+        self.write_attribute(&path, value)
+            .map_err(|source| BindError::Write {
+                address: address.to_string(),
+                path,
+                source,
+            })
     }
 
     /// The driver_override protocol: set the override, unbind from the current driver,
@@ -211,36 +212,82 @@ mod tests {
     use super::*;
     use crate::HostRoot;
 
-    /// On a generated sysfs tree (no kernel behind it) the protocol's writes land in the
-    /// right files, and a kernel that does not bind is reported as such.
+    fn writes(kernel: &hybridlet_fixtures::kernel::KernelStandIn) -> Vec<String> {
+        kernel
+            .writes()
+            .into_iter()
+            .map(|(path, value)| format!("{path} <- {}", value.trim()).trim_end().to_string())
+            .collect()
+    }
+
+    /// The override protocol's writes, in order, against the kernel stand-in: the override
+    /// is written before the unbind, the probe comes last, and the function ends on the
+    /// wanted driver; release clears the override and the probe brings its own driver back.
     #[test]
-    fn sysfs_bind_writes_the_override_protocol_and_checks_the_result() {
+    fn sysfs_bind_writes_the_override_protocol_in_order() {
         let dir = tempfile::tempdir().unwrap();
         hybridlet_fixtures::e810_server(dir.path()).unwrap();
-        let sysfs = Sysfs::new(&HostRoot::new(dir.path()));
+        let kernel = hybridlet_fixtures::kernel::KernelStandIn::new(dir.path());
+        let sysfs = Sysfs::new(&HostRoot::new(dir.path()))
+            .with_writer(std::sync::Arc::new(kernel.writer()));
         let vf = PciAddress::parse("0000:81:00.2").unwrap();
-        let before = sysfs.driver(&vf);
-        assert_eq!(before.as_deref(), Some("iavf"));
-        let err = sysfs.bind(&vf, "vfio-pci").unwrap_err();
-        assert!(matches!(err, BindError::NotBound { .. }), "{err}");
-        let dev = dir.path().join("sys/bus/pci/devices/0000:81:00.2");
-        // The failed bind cleared its override again.
+        assert_eq!(sysfs.driver(&vf).as_deref(), Some("iavf"));
+        sysfs.bind(&vf, "vfio-pci").unwrap();
+        assert_eq!(sysfs.driver(&vf).as_deref(), Some("vfio-pci"));
         assert_eq!(
-            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
-            "\n"
+            writes(&kernel),
+            [
+                "bus/pci/devices/0000:81:00.2/driver_override <- vfio-pci",
+                "bus/pci/devices/0000:81:00.2/driver/unbind <- 0000:81:00.2",
+                "bus/pci/drivers_probe <- 0000:81:00.2",
+            ]
         );
-        assert_eq!(
-            std::fs::read_to_string(dev.join("driver/unbind")).unwrap(),
-            "0000:81:00.2"
-        );
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("sys/bus/pci/drivers_probe")).unwrap(),
-            "0000:81:00.2"
-        );
+        // Bound already: nothing is written.
+        sysfs.bind(&vf, "vfio-pci").unwrap();
+        assert_eq!(writes(&kernel).len(), 3);
         sysfs.release(&vf).unwrap();
+        assert_eq!(sysfs.driver(&vf).as_deref(), Some("iavf"));
         assert_eq!(
-            std::fs::read_to_string(dev.join("driver_override")).unwrap(),
-            "\n"
+            writes(&kernel)[3..],
+            [
+                "bus/pci/devices/0000:81:00.2/driver_override <-",
+                "bus/pci/devices/0000:81:00.2/driver/unbind <- 0000:81:00.2",
+                "bus/pci/drivers_probe <- 0000:81:00.2",
+            ]
+        );
+    }
+
+    /// A kernel that will not bind (vfio-pci not loaded): the error says so, and the
+    /// override is cleared and the function's own driver probed back.
+    #[test]
+    fn a_refused_bind_is_reported_and_leaves_no_override() {
+        let dir = tempfile::tempdir().unwrap();
+        hybridlet_fixtures::e810_server(dir.path()).unwrap();
+        let kernel = hybridlet_fixtures::kernel::KernelStandIn::new(dir.path());
+        kernel.refuse("vfio-pci");
+        let sysfs = Sysfs::new(&HostRoot::new(dir.path()))
+            .with_writer(std::sync::Arc::new(kernel.writer()));
+        let vf = PciAddress::parse("0000:81:00.2").unwrap();
+        let err = sysfs.bind(&vf, "vfio-pci").unwrap_err();
+        assert!(
+            matches!(&err, BindError::NotBound { current, .. } if current == "none"),
+            "{err}"
+        );
+        assert_eq!(sysfs.driver(&vf).as_deref(), Some("iavf"));
+        let w = writes(&kernel);
+        assert_eq!(
+            w[0],
+            "bus/pci/devices/0000:81:00.2/driver_override <- vfio-pci"
+        );
+        assert_eq!(w[3], "bus/pci/devices/0000:81:00.2/driver_override <-");
+        assert_eq!(w.last().unwrap(), "bus/pci/drivers_probe <- 0000:81:00.2");
+        assert_eq!(
+            std::fs::read_to_string(
+                dir.path()
+                    .join("sys/bus/pci/devices/0000:81:00.2/driver_override")
+            )
+            .unwrap(),
+            "(null)\n"
         );
     }
 }

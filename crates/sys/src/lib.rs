@@ -24,5 +24,7 @@ pub mod systemd;
 pub mod tree;
 
 pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
-pub use pci::{NetdevCounters, PciAddress, PciDevice, Sysfs, SysfsError, Topology};
+pub use pci::{
+    AttributeWriter, NetdevCounters, PciAddress, PciDevice, Sysfs, SysfsError, Topology,
+};
 pub use root::{HostRoot, RootError};

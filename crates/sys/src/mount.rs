@@ -579,13 +579,42 @@ mod tests {
         assert!(m[1].read_only());
     }
 
+    /// Whether `pid` is alive: present in /proc and not a zombie (a killed process whose
+    /// new parent has not reaped it yet is dead).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+            })
+            .is_some_and(|state| state != "Z" && state != "X")
+    }
+
     #[test]
     fn helper_timeout_kills_the_process_group() {
+        // The helper starts a background child (as mount(8) starts mount.nfs) and records
+        // its PID; both must be dead once the deadline passes, not only the direct child.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg("sleep 30 & sleep 30");
-        let started = std::time::Instant::now();
-        let out = crate::process::run_with_deadline(cmd, Duration::from_millis(200)).unwrap();
-        assert!(out.is_none());
-        assert!(started.elapsed() < Duration::from_secs(5));
+        cmd.arg("-c").arg(format!(
+            "sleep 30 & echo $! > {}; sleep 30",
+            pidfile.display()
+        ));
+        let out = crate::process::run_with_deadline(cmd, Duration::from_millis(300)).unwrap();
+        assert!(out.is_none(), "the deadline passed");
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SIGKILL is delivered at once; allow the scheduler a moment to act on it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            #[allow(clippy::disallowed_methods)] // a plain test thread, no runtime
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!alive(pid), "the helper's background child {pid} survived");
     }
 }

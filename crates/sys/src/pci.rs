@@ -201,10 +201,38 @@ pub struct NetdevCounters {
     pub tx_dropped: Option<u64>,
 }
 
+/// Writes to sysfs attribute files. The kernel acts on each write (creating VFs, binding
+/// drivers) and refuses some (`EBUSY`), so the values and their order are behaviour: the
+/// real writer is `fs::write`; tests put a kernel stand-in here that records every write
+/// and applies the kernel's rules to the generated tree. Any `Fn(&Path, &str)` is one.
+pub trait AttributeWriter: Send + Sync {
+    /// Write `value` to the attribute at `path`.
+    fn write(&self, path: &Path, value: &str) -> io::Result<()>;
+}
+
+impl<F: Fn(&Path, &str) -> io::Result<()> + Send + Sync> AttributeWriter for F {
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        self(path, value)
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value)
+}
+
 /// sysfs under a host root.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Sysfs {
     sys: PathBuf,
+    writer: std::sync::Arc<dyn AttributeWriter>,
+}
+
+impl std::fmt::Debug for Sysfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sysfs")
+            .field("sys", &self.sys)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sysfs {
@@ -212,7 +240,19 @@ impl Sysfs {
     pub fn new(root: &HostRoot) -> Self {
         Self {
             sys: root.dir().join("sys"),
+            writer: std::sync::Arc::new(write_file),
         }
+    }
+
+    /// The same sysfs with attribute writes going to `writer` (a kernel stand-in in tests).
+    pub fn with_writer(mut self, writer: std::sync::Arc<dyn AttributeWriter>) -> Self {
+        self.writer = writer;
+        self
+    }
+
+    /// Write an attribute through this sysfs's writer.
+    pub(crate) fn write_attribute(&self, path: &Path, value: &str) -> io::Result<()> {
+        self.writer.write(path, value)
     }
 
     /// The `sys` directory.
@@ -473,10 +513,11 @@ impl Sysfs {
             return Ok(());
         }
         let write = |n: u32| {
-            fs::write(&numvfs_path, format!("{n}\n")).map_err(|source| SysfsError::Provision {
-                path: numvfs_path.clone(),
-                message: format!("writing {n}: {source}"),
-            })
+            self.write_attribute(&numvfs_path, &format!("{n}\n"))
+                .map_err(|source| SysfsError::Provision {
+                    path: numvfs_path.clone(),
+                    message: format!("writing {n}: {source}"),
+                })
         };
         if current != 0 {
             write(0)?;

@@ -162,18 +162,54 @@ fn broken_tree_skips_bad_devices_naming_paths() {
 fn provisioning_goes_through_zero_and_respects_totalvfs() {
     let dir = tempfile::tempdir().unwrap();
     fx::e810_server(dir.path()).unwrap();
-    let sysfs = Sysfs::new(&HostRoot::new(dir.path()));
+    // The kernel stand-in records each write and refuses 64 → 32 directly (EBUSY).
+    let kernel = fx::kernel::KernelStandIn::new(dir.path());
+    let sysfs =
+        Sysfs::new(&HostRoot::new(dir.path())).with_writer(std::sync::Arc::new(kernel.writer()));
     let pf = addr("0000:81:00.0");
+    let numvfs = "devices/pci0000:80/0000:80:02.0/0000:81:00.0/sriov_numvfs";
+    let err = sysfs.set_num_vfs(&pf, 129).unwrap_err();
+    assert!(err.to_string().contains("at most 128 VFs"), "{err}");
+    assert_eq!(kernel.writes(), []);
+    sysfs.set_num_vfs(&pf, 32).unwrap();
+    assert_eq!(
+        kernel.writes(),
+        [
+            (numvfs.to_string(), "0\n".to_string()),
+            (numvfs.to_string(), "32\n".to_string())
+        ]
+    );
+    assert_eq!(sysfs.pci_device(&pf).unwrap().virtfns.len(), 32);
+    // Same count: nothing written. From zero: one write.
+    sysfs.set_num_vfs(&pf, 32).unwrap();
+    sysfs.set_num_vfs(&pf, 0).unwrap();
+    sysfs.set_num_vfs(&pf, 4).unwrap();
+    let counts: Vec<String> = kernel
+        .writes()
+        .into_iter()
+        .skip(2)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(counts, ["0\n", "4\n"]);
+    assert_eq!(sysfs.pci_device(&pf).unwrap().virtfns.len(), 4);
+    let err = sysfs.set_num_vfs(&addr("0000:80:02.0"), 1).unwrap_err();
+    assert!(err.to_string().contains("does not support SR-IOV"), "{err}");
+}
+
+#[test]
+fn the_kernel_stand_in_refuses_what_the_kernel_refuses() {
+    // The stand-in itself: a direct N → M write is EBUSY, as on a real kernel, so a
+    // provisioning that skipped the 0 would fail in the test above.
+    let dir = tempfile::tempdir().unwrap();
+    fx::e810_server(dir.path()).unwrap();
+    let kernel = fx::kernel::KernelStandIn::new(dir.path());
+    let write = kernel.writer();
     let numvfs = dir
         .path()
         .join("sys/devices/pci0000:80/0000:80:02.0/0000:81:00.0/sriov_numvfs");
-    let err = sysfs.set_num_vfs(&pf, 129).unwrap_err();
-    assert!(err.to_string().contains("at most 128 VFs"), "{err}");
+    let err = write(&numvfs, "32\n").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy);
     assert_eq!(std::fs::read_to_string(&numvfs).unwrap(), "64\n");
-    sysfs.set_num_vfs(&pf, 32).unwrap();
-    assert_eq!(std::fs::read_to_string(&numvfs).unwrap(), "32\n");
-    let err = sysfs.set_num_vfs(&addr("0000:80:02.0"), 1).unwrap_err();
-    assert!(err.to_string().contains("does not support SR-IOV"), "{err}");
 }
 
 #[test]

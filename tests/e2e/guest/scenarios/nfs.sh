@@ -10,6 +10,8 @@ spec:
   csi:
     nfs:
       enabled: true
+    # A hung mount helper is killed after 20 s (the default, 100 s, is too slow a test).
+    mountTimeout: 20s
 YAML
 
 step "NFS server in the VM"
@@ -86,6 +88,20 @@ echo "    stats: $(echo "$out" | head -c 300)"
 [ $(( $(date +%s) - t0 )) -le 30 ] || fail "stats took more than 30 s with the server down"
 echo "$out" | grep -q 'abnormal: true' || fail "stats with a dead server did not report an abnormal volume"
 echo "    ok: stats answered in $(( $(date +%s) - t0 ))s with an abnormal condition"
+# A stage that runs mount(8) against the dead server: mount.nfs hangs (it retries for
+# minutes) until spec.csi.mountTimeout, then it and everything it started are killed.
+staging_hung=/var/lib/kubelet/plugins/kubernetes.io/csi/$csi_driver/e2e0002/globalmount
+mkdir -p "$staging_hung"
+t0=$(date +%s)
+out=$(kubelet --timeout 90 stage --volume-id "127.0.0.1#/srv/export#pv-hung" --staging "$staging_hung" \
+  --attr server=127.0.0.1 --attr share=/srv/export 2>&1) || true
+echo "    hung stage: $(echo "$out" | head -c 300) ($(( $(date +%s) - t0 ))s)"
+case "$out" in "ERR DeadlineExceeded "*) ;; *) fail "a stage against a dead server did not time out: $out" ;; esac
+sleep 1
+left=$(pgrep -a -f 'mount(\.nfs)? ' || true)
+[ -z "$left" ] || fail "the hung stage left mount helpers running: $left"
+echo "    ok: the hung stage's mount(8) and mount.nfs are gone"
+expect_eq "nothing mounted by the hung stage" 0 "$(awk -v p="$staging_hung" '$5 == p' /proc/self/mountinfo | wc -l)"
 t0=$(date +%s)
 out=$(kubelet --timeout 150 publish --volume-id "$vol" --staging "$staging" --target "$target_ro" --readonly "${attrs[@]}" 2>&1) || true
 echo "    publish: $(echo "$out" | head -c 300) ($(( $(date +%s) - t0 ))s)"

@@ -11,6 +11,14 @@ done
 [ -n "$pf" ] || fail "no igb (8086:10c9) device in the VM; is QEMU >= 8 with -device igb?"
 echo "    igb PF at $pf, sriov_totalvfs=$(cat /sys/bus/pci/devices/$pf/sriov_totalvfs)"
 expect_eq "VFs before" 0 "$(cat /sys/bus/pci/devices/$pf/sriov_numvfs)"
+# Start from a non-zero count, so hybridlet's change is N -> M, which the kernel refuses
+# unless it goes through 0 (EBUSY): shown here first, then hybridlet must manage it.
+echo 1 > /sys/bus/pci/devices/$pf/sriov_numvfs
+if err=$(sh -c "echo 3 > /sys/bus/pci/devices/$pf/sriov_numvfs" 2>&1); then
+  fail "the kernel accepted 1 -> 3 VFs without going through 0"
+fi
+echo "    ok: the kernel refuses 1 -> 3 directly ($err)"
+expect_eq "VFs before hybridlet" 1 "$(cat /sys/bus/pci/devices/$pf/sriov_numvfs)"
 
 cat > /tmp/sriov.yaml <<YAML
 apiVersion: hybridlet.io/v1alpha1
@@ -22,7 +30,7 @@ spec:
         numVfs: 2
 YAML
 
-step "hybridlet creates the VFs at start-up"
+step "hybridlet changes the VF count at start-up (1 -> 0 -> 2)"
 install_hybridlet /tmp/sriov.yaml
 expect_eq "sriov_numvfs" 2 "$(cat /sys/bus/pci/devices/$pf/sriov_numvfs)"
 for i in 0 1; do
@@ -105,6 +113,11 @@ kill %1 2>/dev/null || true
 
 step "a restart with the same setting keeps the VFs (no 0 -> N churn)"
 vf0=$(readlink -f /sys/bus/pci/devices/$pf/virtfn0)
+wait_for 10 "VF 0 with a netdev" sh -c "ls $vf0/net/ | grep -q ."
+# A VF destroyed and created again gets a new netdev, with a new ifindex.
+ifindex_before=$(cat "$vf0"/net/*/ifindex)
 expect_ok systemctl restart hybridlet
 expect_eq "sriov_numvfs after restart" 2 "$(cat /sys/bus/pci/devices/$pf/sriov_numvfs)"
+expect_eq "VF 0 is the same device" "$vf0" "$(readlink -f /sys/bus/pci/devices/$pf/virtfn0)"
+expect_eq "VF 0's netdev ifindex (unchanged: not recreated)" "$ifindex_before" "$(cat "$vf0"/net/*/ifindex)"
 remove_hybridlet
