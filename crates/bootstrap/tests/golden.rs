@@ -72,7 +72,10 @@ fn consumers_read(
             let runc = &cri["containerd"]["runtimes"]["runc"];
             assert_eq!(runc["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
             assert_eq!(runc["options"]["SystemdCgroup"].as_bool(), Some(true));
-            assert_eq!(t["grpc"]["address"].as_str(), Some("/run/containerd/containerd.sock"));
+            assert_eq!(
+                t["grpc"]["address"].as_str(),
+                Some("/run/containerd/containerd.sock")
+            );
         }
         p if p.starts_with("/etc/containerd/certs.d/") && p.ends_with("/hosts.toml") => {
             let t = toml_of(f);
@@ -92,7 +95,10 @@ fn consumers_read(
         }
         p if p.starts_with("/etc/containerd/config.d/") => {
             toml_of(f);
-            assert_eq!(f.mode, 0o600, "{p}: the user's TOML may hold registry credentials");
+            assert_eq!(
+                f.mode, 0o600,
+                "{p}: the user's TOML may hold registry credentials"
+            );
         }
         "/etc/kubernetes/kubelet/config.json" => {
             let v: serde_json::Value = serde_json::from_str(&f.contents).unwrap();
@@ -105,7 +111,10 @@ fn consumers_read(
                 v["authentication"]["x509"]["clientCAFile"],
                 "/etc/kubernetes/pki/ca.crt"
             );
-            assert_eq!(v["containerRuntimeEndpoint"], "unix:///run/containerd/containerd.sock");
+            assert_eq!(
+                v["containerRuntimeEndpoint"],
+                "unix:///run/containerd/containerd.sock"
+            );
             assert_eq!(v["cgroupDriver"], "systemd");
         }
         "/var/lib/kubelet/kubeconfig" => {
@@ -118,7 +127,13 @@ fn consumers_read(
             assert_eq!(exec["command"], "/usr/bin/hybridlet");
             assert_eq!(
                 exec["args"],
-                serde_json::json!(["token", "--cluster-id", cluster.name, "--region", cluster.region])
+                serde_json::json!([
+                    "token",
+                    "--cluster-id",
+                    cluster.name,
+                    "--region",
+                    cluster.region
+                ])
             );
             assert_eq!(exec["apiVersion"], "client.authentication.k8s.io/v1beta1");
         }
@@ -136,13 +151,20 @@ fn consumers_read(
                 "--config=/etc/kubernetes/kubelet/config.json".to_string(),
                 "--kubeconfig=/var/lib/kubelet/kubeconfig".to_string(),
             ] {
-                assert!(args.contains(&want.as_str()), "{path}: no {want} in {args:?}");
+                assert!(
+                    args.contains(&want.as_str()),
+                    "{path}: no {want} in {args:?}"
+                );
             }
             let labels = args
                 .iter()
                 .find_map(|a| a.strip_prefix("--node-labels="))
                 .unwrap();
-            assert!(labels.split(',').any(|l| l == "eks.amazonaws.com/compute-type=hybrid"));
+            assert!(
+                labels
+                    .split(',')
+                    .any(|l| l == "eks.amazonaws.com/compute-type=hybrid")
+            );
             assert!(labels.split(',').any(|l| l
                 == format!(
                     "eks.amazonaws.com/hybrid-credential-provider={}",
@@ -160,7 +182,10 @@ fn consumers_read(
         }
         "/etc/sysctl.d/99-hybridlet.conf" => {
             let kv = key_values(f);
-            assert!(kv.contains(&("net.ipv4.ip_forward".into(), "1".into())), "{kv:?}");
+            assert!(
+                kv.contains(&("net.ipv4.ip_forward".into(), "1".into())),
+                "{kv:?}"
+            );
         }
         "/etc/modules-load.d/hybridlet.conf" => {
             let modules: Vec<&str> = f
@@ -300,7 +325,13 @@ fn ssm_behind_a_proxy() {
 #[test]
 fn kubelet_unit_for_install() {
     let unit = hybridlet_bootstrap::kubelet_unit();
-    assert!(unit.contents.contains("\nExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS\n"));
-    assert!(unit.contents.contains("\nEnvironmentFile=/etc/eks/kubelet/environment\n"));
+    assert!(
+        unit.contents
+            .contains("\nExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS\n")
+    );
+    assert!(
+        unit.contents
+            .contains("\nEnvironmentFile=/etc/eks/kubelet/environment\n")
+    );
     compare("install", &[unit]);
 }
