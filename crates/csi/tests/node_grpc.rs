@@ -586,29 +586,45 @@ async fn node_get_info_reports_the_configured_topology() {
     h.stop.cancel();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_operations_on_one_volume_are_aborted() {
     let h = start().await;
-    h.mounter.set_mount_delay(Duration::from_millis(500));
     let staging = h.staging();
+    // v1's mount blocks (a helper waiting on its server) until released; released
+    // whatever happens, so a failing assertion cannot leave the runtime waiting on it.
+    h.mounter.hold_mounts_at(&staging);
+    struct Release(Arc<FakeMounter>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release_mounts();
+        }
+    }
+    let _release = Release(h.mounter.clone());
     let (mut a, mut b) = (h.node.clone(), h.node.clone());
     let first = tokio::spawn({
         let req = h.stage_req("v1", &staging);
         async move { a.node_stage_volume(req).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mounter = h.mounter.clone();
+    let parked =
+        tokio::task::spawn_blocking(move || mounter.wait_parked(1, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(parked, "v1's mount never started");
+    // While v1's stage is certainly in flight: a second call on v1 is ABORTED ...
     let second = b
         .node_stage_volume(h.stage_req("v1", &staging))
         .await
         .unwrap_err();
     assert_eq!(second.code(), Code::Aborted);
-    first.await.unwrap().unwrap();
-    // Other volumes are not blocked by it.
-    h.mounter.set_mount_delay(Duration::ZERO);
+    // ... and another volume is not blocked by it: v2 completes before v1 does.
     let staging2 = h.dir.path().join("s2");
     b.node_stage_volume(h.stage_req("v2", &staging2))
         .await
         .unwrap();
+    assert!(!first.is_finished(), "v1 finished before it was released");
+    h.mounter.release_mounts();
+    first.await.unwrap().unwrap();
     h.stop.cancel();
 }
 

@@ -71,26 +71,30 @@ fn bad_fixture_is_a_clear_error() {
     );
 }
 
-/// The real NVML path: on a machine without the NVIDIA library it reports no source
-/// (zero GPUs); on a GPU machine it must list GPUs with plausible values.
+/// Opening NVML never fails the agent: without `libnvidia-ml.so.1` (every CI machine)
+/// there is simply no source, and with it a session opens.
 #[test]
-fn nvml_path_runs_here() {
-    match NvmlSource::open().unwrap() {
-        None => assert!(
-            std::env::var("HYBRIDLET_EXPECT_GPU").is_err(),
-            "HYBRIDLET_EXPECT_GPU is set but libnvidia-ml.so.1 could not be loaded"
-        ),
-        Some(source) => {
-            let gpus = source.gpus().unwrap();
-            if std::env::var("HYBRIDLET_EXPECT_GPU").is_ok() {
-                assert!(!gpus.is_empty());
-            }
-            for g in gpus {
-                assert!(g.uuid.starts_with("GPU-"), "{g:?}");
-                assert!(PciAddress::parse(&g.pci_bus_id).is_some(), "{g:?}");
-                assert!(g.memory_total_bytes > 0);
-            }
-        }
+fn opening_nvml_without_the_library_is_no_source_not_an_error() {
+    let opened = NvmlSource::open();
+    assert!(opened.is_ok(), "{:?}", opened.err());
+}
+
+/// The hardware tier: the real NVML lists the GPUs with plausible values. On a machine
+/// without NVML this reports as skipped (it is ignored); run it on a GPU host with
+/// `HYBRIDLET_EXPECT_GPU=1 cargo nextest run -p hybridlet-gpu --run-ignored only -E 'test(/^hardware_/)'`
+/// (tests/hw does).
+#[test]
+#[ignore = "hardware tier: needs NVML and GPUs (skipped: no NVML here)"]
+fn hardware_nvml_lists_the_gpus() {
+    let source = NvmlSource::open()
+        .unwrap()
+        .expect("libnvidia-ml.so.1 could not be loaded on this GPU host");
+    let gpus = source.gpus().unwrap();
+    assert!(!gpus.is_empty(), "NVML answered with no GPUs");
+    for g in gpus {
+        assert!(g.uuid.starts_with("GPU-"), "{g:?}");
+        assert!(PciAddress::parse(&g.pci_bus_id).is_some(), "{g:?}");
+        assert!(g.memory_total_bytes > 0, "{g:?}");
     }
 }
 

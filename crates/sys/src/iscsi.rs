@@ -461,6 +461,9 @@ pub struct SystemDisks {
     pub sysfs: PathBuf,
     /// Where device nodes are (`/dev`).
     pub dev: PathBuf,
+    /// The directory of `multipath` and `multipathd`; `None`: from `PATH` (tests use
+    /// stand-ins).
+    pub multipath_tools: Option<PathBuf>,
 }
 
 impl Default for SystemDisks {
@@ -469,11 +472,19 @@ impl Default for SystemDisks {
             format_timeout: Duration::from_secs(100),
             sysfs: PathBuf::from("/sys"),
             dev: PathBuf::from("/dev"),
+            multipath_tools: None,
         }
     }
 }
 
 impl SystemDisks {
+    fn multipath_tool(&self, name: &str) -> String {
+        match &self.multipath_tools {
+            Some(dir) => dir.join(name).display().to_string(),
+            None => name.to_string(),
+        }
+    }
+
     /// The multipath map (`dm-N`) holding the block device `name`, if exactly one does.
     fn multipath_holder(&self, name: &str) -> Option<String> {
         let holders =
@@ -727,7 +738,11 @@ impl Disks for SystemDisks {
             return Ok(());
         }
         let name = self.map_name(&dm).unwrap_or(dm);
-        run_ok("multipath", &["-f", &name], Duration::from_secs(60))
+        run_ok(
+            &self.multipath_tool("multipath"),
+            &["-f", &name],
+            Duration::from_secs(60),
+        )
     }
 
     fn resize_multipath(&self, device: &Path) -> Result<(), IscsiError> {
@@ -739,7 +754,7 @@ impl Disks for SystemDisks {
         })?;
         let what = format!("multipathd resize map {name}");
         let (code, out) = run(
-            "multipathd",
+            &self.multipath_tool("multipathd"),
             &["resize", "map", &name],
             &what,
             Duration::from_secs(60),
@@ -1059,6 +1074,67 @@ mod tests {
         ), "{log}");
     }
 
+    /// SendTargets discovery with CHAP: the discoverydb record is created, its CHAP set,
+    /// then `--discover`; the targets offered are parsed; a refusal names the portal and
+    /// never the password.
+    #[test]
+    fn discovery_with_chap_sets_the_record_then_discovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = stand_in(
+            dir.path(),
+            "case \"$*\" in *--discover*) echo '127.0.0.1:3260,1 iqn.2024-01.io.example:a'; echo '[fd00::1]:3260,1 iqn.2024-01.io.example:b';; esac; exit 0",
+        );
+        let adm = Iscsiadm::new(program.to_str().unwrap(), Duration::from_secs(5));
+        let chap = Chap {
+            username: "disc".into(),
+            password: "disc-pass-1".into(),
+            username_in: None,
+            password_in: None,
+        };
+        let found = adm.discover("127.0.0.1:3260", Some(&chap)).unwrap();
+        assert_eq!(
+            found,
+            [
+                IscsiTarget {
+                    portal: "127.0.0.1:3260".into(),
+                    iqn: "iqn.2024-01.io.example:a".into()
+                },
+                IscsiTarget {
+                    portal: "[fd00::1]:3260".into(),
+                    iqn: "iqn.2024-01.io.example:b".into()
+                },
+            ]
+        );
+        let base = "-m discoverydb -t sendtargets -p 127.0.0.1:3260";
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("log")).unwrap(),
+            format!(
+                "{base} -o new\n{base} -o update -n discovery.sendtargets.auth.authmethod -v CHAP\n{base} -o update -n discovery.sendtargets.auth.username -v disc\n{base} -o update -n discovery.sendtargets.auth.password -v disc-pass-1\n{base} --discover\n"
+            )
+        );
+        // Refused (iscsiadm exits 24, authorization failure), echoing its arguments.
+        let program = stand_in(
+            dir.path(),
+            "case \"$*\" in *--discover*) echo \"iscsiadm: Login failed to authorize with target: $*\" >&2; exit 24;; esac; echo \"$*\" >&2; exit 0",
+        );
+        let adm = Iscsiadm::new(program.to_str().unwrap(), Duration::from_secs(5));
+        let e = adm.discover("127.0.0.1:3260", Some(&chap)).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("SendTargets discovery on 127.0.0.1:3260"),
+            "{text}"
+        );
+        assert!(!text.contains("disc-pass-1"), "{text}");
+        // Without CHAP: no auth settings at all.
+        std::fs::remove_file(dir.path().join("log")).unwrap();
+        let program = stand_in(dir.path(), "exit 0");
+        Iscsiadm::new(program.to_str().unwrap(), Duration::from_secs(5))
+            .discover("10.0.0.9:3260", None)
+            .unwrap();
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        assert!(!log.contains("auth"), "{log}");
+    }
+
     #[test]
     fn exit_statuses_that_mean_already_done_are_success() {
         let dir = tempfile::tempdir().unwrap();
@@ -1167,7 +1243,59 @@ mod multipath_tests {
             format_timeout: Duration::from_secs(5),
             sysfs: sys,
             dev: dir.join("dev"),
+            multipath_tools: Some(dir.join("bin")),
         }
+    }
+
+    /// A stand-in tool in `<dir>/bin` that logs its arguments and runs `body`.
+    fn tool(dir: &Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let path = bin.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"{name} $*\" >> {}/log\n{body}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// multipathd answers "ok" or "fail" with exit status 0 either way: only "ok" is
+    /// success. The map is named by its dm name, not the device path.
+    #[test]
+    fn resizing_a_map_asks_multipathd_by_name_and_reads_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = tree(dir.path());
+        tool(dir.path(), "multipathd", "echo ok");
+        disks.resize_multipath(Path::new("/dev/dm-3")).unwrap();
+        tool(dir.path(), "multipathd", "echo fail");
+        let e = disks.resize_multipath(Path::new("/dev/dm-3")).unwrap_err();
+        assert!(matches!(e, IscsiError::Failed { .. }), "{e}");
+        assert!(e.to_string().contains("resize map mpatha"), "{e}");
+        tool(
+            dir.path(),
+            "multipathd",
+            "echo 'timeout receiving packet' >&2; exit 1",
+        );
+        assert!(disks.resize_multipath(Path::new("/dev/dm-3")).is_err());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("log")).unwrap(),
+            "multipathd resize map mpatha\n".repeat(3)
+        );
+        // Not a map: nothing to ask.
+        assert!(disks.resize_multipath(Path::new("/dev/sde")).is_err());
+        tool(dir.path(), "multipath", "exit 0");
+        std::fs::create_dir_all(dir.path().join("sys/block/dm-3")).unwrap();
+        disks.remove_multipath(Path::new("/dev/dm-3")).unwrap();
+        assert!(
+            std::fs::read_to_string(dir.path().join("log"))
+                .unwrap()
+                .ends_with("multipath -f mpatha\n")
+        );
     }
 
     #[test]

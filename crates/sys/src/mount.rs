@@ -337,6 +337,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 #[derive(Debug, Default)]
 pub struct FakeMounter {
     state: Mutex<FakeState>,
+    /// Wakes mounts held by [`FakeMounter::hold_mounts_at`], and whoever waits for them.
+    gate: std::sync::Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -347,7 +349,8 @@ struct FakeState {
     stats: BTreeMap<PathBuf, Result<FsStats, String>>,
     missing_helpers: Vec<String>,
     next_device: u32,
-    mount_delay: Duration,
+    held_targets: std::collections::BTreeSet<PathBuf>,
+    parked: usize,
     hung_stats: std::collections::BTreeSet<PathBuf>,
     busy: std::collections::BTreeSet<PathBuf>,
     stats_calls: usize,
@@ -380,9 +383,26 @@ impl FakeMounter {
         self.lock().stats.insert(path.to_path_buf(), stats);
     }
 
-    /// Make every `mount` take this long (to exercise concurrency and deadlines).
-    pub fn set_mount_delay(&self, delay: Duration) {
-        self.lock().mount_delay = delay;
+    /// Make mounts onto `target` block, like a helper waiting on its server, until
+    /// [`FakeMounter::release_mounts`]; [`FakeMounter::wait_parked`] tells when one is.
+    pub fn hold_mounts_at(&self, target: &Path) {
+        self.lock().held_targets.insert(target.to_path_buf());
+    }
+
+    /// Wait up to `timeout` until `n` mounts are blocked by `hold_mounts_at`.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let s = self.lock();
+        let (s, _) = self
+            .gate
+            .wait_timeout_while(s, timeout, |s| s.parked < n)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.parked >= n
+    }
+
+    /// Let every held mount go on.
+    pub fn release_mounts(&self) {
+        self.lock().held_targets.clear();
+        self.gate.notify_all();
     }
 
     /// Make `stats` of this path block until [`FakeMounter::release_stats`], like statvfs
@@ -419,12 +439,17 @@ impl FakeMounter {
 
 impl Mounter for FakeMounter {
     fn mount(&self, request: &MountRequest) -> Result<(), MountError> {
-        let delay = self.lock().mount_delay;
-        if !delay.is_zero() {
-            #[allow(clippy::disallowed_methods)] // the fake stands in for a blocking helper
-            std::thread::sleep(delay);
-        }
         let mut s = self.lock();
+        if s.held_targets.contains(&request.target) {
+            s.parked += 1;
+            self.gate.notify_all();
+            // The fake stands in for a blocking helper: it blocks its (blocking) thread.
+            s = self
+                .gate
+                .wait_while(s, |s| s.held_targets.contains(&request.target))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.parked -= 1;
+        }
         s.calls.push(format!(
             "mount {} {} {}",
             request.fs_type,

@@ -163,11 +163,21 @@ impl PackageManager for SystemPackages {
     }
 
     fn remove(&self, name: &str) -> Result<(), PackageError> {
-        let installed = match self.format {
-            PackageFormat::Deb => self
-                .run(&["-s".as_ref(), name.as_ref()])
-                .is_ok_and(|o| o.contains("Status: install ok installed")),
-            PackageFormat::Rpm => self.run(&["-q".as_ref(), name.as_ref()]).is_ok(),
+        let query: &[&std::ffi::OsStr] = match self.format {
+            PackageFormat::Deb => &["-s".as_ref(), name.as_ref()],
+            PackageFormat::Rpm => &["-q".as_ref(), name.as_ref()],
+        };
+        // Only "not installed" means there is nothing to do; any other failure to ask
+        // (a locked or broken database) is an error, not a silent skip.
+        let installed = match self.run(query) {
+            Ok(out) => match self.format {
+                PackageFormat::Deb => out.contains("Status: install ok installed"),
+                PackageFormat::Rpm => true,
+            },
+            Err(PackageError::Failed { output, .. }) if output.contains("is not installed") => {
+                false
+            }
+            Err(e) => return Err(e),
         };
         if !installed {
             return Ok(());
@@ -227,6 +237,31 @@ mod tests {
                 "--force-confold -i /bad.deb"
             ]
         );
+    }
+
+    /// A package database that cannot be asked is an error, never "not installed".
+    #[test]
+    fn a_query_that_fails_for_another_reason_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rpm");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\necho 'error: cannot open Packages database in /var/lib/rpm' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pm = SystemPackages::with_program(PackageFormat::Rpm, &path, Duration::from_secs(5));
+        let e = pm.remove("amazon-ssm-agent").unwrap_err();
+        assert!(
+            e.to_string().contains("cannot open Packages database"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            "#!/bin/sh\necho \"package $2 is not installed\"\nexit 1\n",
+        )
+        .unwrap();
+        pm.remove("amazon-ssm-agent").unwrap();
     }
 
     #[test]

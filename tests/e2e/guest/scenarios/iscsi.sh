@@ -8,7 +8,17 @@
 open_iqn=iqn.2024-01.io.example.rig:open
 chap_iqn=iqn.2024-01.io.example.rig:chap
 by_path() { echo "/dev/disk/by-path/ip-127.0.0.1:3260-iscsi-$1-lun-$2"; }
-session_count() { iscsiadm -m session 2>/dev/null | grep -c " $1 " || true; }
+# Sessions to a target. iscsiadm exits 21 (ISCSI_ERR_NO_OBJS_FOUND) when there are none;
+# any other failure is a failure, never "0 sessions".
+session_count() {
+  local out rc=0
+  out=$(iscsiadm -m session 2>&1) || rc=$?
+  case "$rc" in
+    0) printf '%s\n' "$out" | grep -c " $1 " || true ;;
+    21) echo 0 ;;
+    *) fail "iscsiadm -m session exited $rc: $out" ;;
+  esac
+}
 
 step "LIO target"
 # multipathd runs only in the multipath step, with its own configuration: left to its
@@ -31,6 +41,7 @@ targetcli >/tmp/targetcli.log 2>&1 <<TCLI
 /iscsi/$chap_iqn/tpg1/luns create /backstores/fileio/lun2
 /iscsi/$chap_iqn/tpg1 set attribute authentication=1 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
 /iscsi/$chap_iqn/tpg1 set auth userid=rig password=rig-chap-secret
+/iscsi set discovery_auth enable=1 userid=disc password=disc-chap-secret
 exit
 TCLI
 tail -n 3 /tmp/targetcli.log | sed 's/^/    /'
@@ -106,16 +117,22 @@ echo "    filesystem size: $before -> $after bytes"
 csi_ok unstage --volume-id v0 --staging "$st0"
 expect_eq "logged out" 0 "$(session_count $open_iqn)"
 
-step "CHAP from the node-stage secret"
-chap=(--attr targetPortal=127.0.0.1 --attr iqn=$chap_iqn --attr lun=0 --attr sessionCHAPAuth=true --mode single-writer)
+step "CHAP from the node-stage secret (discovery and session)"
+chap=(--attr targetPortal=127.0.0.1 --attr iqn=$chap_iqn --attr lun=0 --attr sessionCHAPAuth=true --attr discoveryCHAPAuth=true --mode single-writer)
+disc=(--secret discovery.sendtargets.auth.username=disc --secret discovery.sendtargets.auth.password=disc-chap-secret)
 csi_code InvalidArgument stage --volume-id v2 --staging "$st2" "${chap[@]}"
-out=$(kubelet stage --volume-id v2 --staging "$st2" "${chap[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=wrong-password 2>&1) || true
+# A wrong discovery password: SendTargets discovery (iscsiadm -m discoverydb) is refused.
+out=$(kubelet stage --volume-id v2 --staging "$st2" "${chap[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=rig-chap-secret --secret discovery.sendtargets.auth.username=disc --secret discovery.sendtargets.auth.password=wrong-discovery 2>&1) || true
+echo "    $out" | head -c 300; echo
+case "$out" in "ERR "*) ;; *) fail "wrong discovery CHAP password: $out" ;; esac
+case "$out" in *wrong-discovery*) fail "the discovery password was echoed" ;; esac
+out=$(kubelet stage --volume-id v2 --staging "$st2" "${chap[@]}" "${disc[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=wrong-password 2>&1) || true
 echo "    $out" | head -c 300; echo
 case "$out" in "ERR FailedPrecondition "*) ;; *) fail "wrong CHAP password: $out" ;; esac
 case "$out" in *wrong-password*) fail "the password was echoed" ;; esac
-if journalctl -u hybridlet --no-pager | grep -q -e wrong-password -e rig-chap-secret; then fail "a CHAP password reached the journal"; fi
-csi_ok stage --volume-id v2 --staging "$st2" "${chap[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=rig-chap-secret
-grep -rq rig-chap-secret /var/lib/hybridlet && fail "the CHAP password was written to the state directory"
+if journalctl -u hybridlet --no-pager | grep -q -e wrong-password -e rig-chap-secret -e disc-chap-secret -e wrong-discovery; then fail "a CHAP password reached the journal"; fi
+csi_ok stage --volume-id v2 --staging "$st2" "${chap[@]}" "${disc[@]}" --secret node.session.auth.username=rig --secret node.session.auth.password=rig-chap-secret
+grep -rq -e rig-chap-secret -e disc-chap-secret /var/lib/hybridlet && fail "a CHAP password was written to the state directory"
 csi_ok unstage --volume-id v2 --staging "$st2"
 expect_eq "no sessions left" 0 "$(iscsiadm -m session 2>/dev/null | wc -l)"
 expect_eq "no mounts left" 0 "$(mounts_under /var/lib/kubelet)"
@@ -123,10 +140,11 @@ expect_eq "no mounts left" 0 "$(mounts_under /var/lib/kubelet)"
 step "multipath: one target through two portals, the dm-multipath map staged and torn down map first"
 mp_iqn=iqn.2024-01.io.example.rig:multipath
 truncate -s 96M /var/tmp/lun3.img
+loop3=$(losetup -f --show /var/tmp/lun3.img)
 targetcli >>/tmp/targetcli.log 2>&1 <<TCLI
-/backstores/fileio create name=lun3 file_or_dev=/var/tmp/lun3.img size=96M
+/backstores/block create name=lun3 dev=$loop3
 /iscsi create $mp_iqn
-/iscsi/$mp_iqn/tpg1/luns create /backstores/fileio/lun3
+/iscsi/$mp_iqn/tpg1/luns create /backstores/block/lun3
 /iscsi/$mp_iqn/tpg1 set attribute authentication=0 demo_mode_write_protect=0 generate_node_acls=1 cache_dynamic_acls=1
 exit
 TCLI
@@ -150,10 +168,29 @@ case "$src" in /dev/mapper/*) echo "    ok: staged on $src" ;; *) fail "staged o
 expect_eq "paths in the map" 2 "$(multipath -ll "$map" | grep -c 'active ready running')"
 expect_eq "filesystem on the map" ext4 "$(blkid -o value -s TYPE "$src")"
 echo before > "$st3/marker"; sync
-# One path goes away: I/O carries on through the other.
+
+step "multipath: NodeExpandVolume rescans both paths, resizes the map, grows ext4"
+before=$(df -B1 --output=size "$st3" | tail -n 1)
+truncate -s 256M /var/tmp/lun3.img
+losetup -c "$loop3"
+csi_ok expand --volume-id v3 --path "$st3" --required-bytes 268435456
+expect_eq "map size after expand" 268435456 "$(blockdev --getsize64 "$src")"
+after=$(df -B1 --output=size "$st3" | tail -n 1)
+echo "    filesystem size: $before -> $after bytes"
+[ "$after" -gt $(( before + 100000000 )) ] || fail "filesystem on the map did not grow"
+
+step "multipath: one path goes away, I/O carries on through the other (direct I/O)"
 iscsiadm -m node -T $mp_iqn -p 127.0.0.2:3260 -u >/dev/null
-echo after > "$st3/marker2"; sync
-expect_eq "written with one path left" after "$(cat "$st3/marker2")"
+expect_eq "active paths in the map after logging out one" 1 "$(multipath -ll "$map" | grep -c 'active ready running')"
+# Direct I/O with the page cache dropped: the block goes to the LUN and comes back from it.
+head -c 4096 /dev/urandom > /tmp/pattern
+dd if=/tmp/pattern of="$st3/marker2" oflag=direct conv=fsync bs=4096 count=1 status=none \
+  || fail "direct write with one path left failed"
+sync; echo 3 > /proc/sys/vm/drop_caches
+dd if="$st3/marker2" iflag=direct bs=4096 count=1 status=none > /tmp/readback \
+  || fail "direct read with one path left failed"
+cmp -s /tmp/pattern /tmp/readback || fail "the block read back (direct) differs from the one written"
+echo "    ok: 4 KiB written and read back with O_DIRECT through the one remaining path"
 csi_ok unstage --volume-id v3 --staging "$st3"
 csi_ok unstage --volume-id v3 --staging "$st3"
 expect_eq "sessions to the multipath target" 0 "$(session_count $mp_iqn)"
@@ -161,3 +198,4 @@ expect_eq "sessions to the multipath target" 0 "$(session_count $mp_iqn)"
 systemctl stop multipathd.socket multipathd >/dev/null 2>&1 || true
 rm -f /etc/multipath.conf
 remove_hybridlet
+targetcli /iscsi set discovery_auth enable=0 >/dev/null 2>&1 || true
