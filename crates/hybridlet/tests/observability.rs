@@ -19,9 +19,12 @@ use hybridlet_proto::dra::v1;
 use hybridlet_proto::pluginregistration::RegistrationStatus;
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
 
+/// A metric name and its `label="value"` matchers.
+type Selector = (String, Vec<(String, String)>);
+
 /// Metric selectors in a PromQL expression: name → its `label="value"` matchers (`=~`,
 /// `!=` and `!~` matchers, as the dashboard's `instance=~"$node"`, are left out).
-fn selectors_in(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+fn selectors_in(text: &str) -> Vec<Selector> {
     let mut out = Vec::new();
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -137,7 +140,7 @@ fn sighup(d: &Daemon) {
 /// the scrape.
 async fn scrape_until(
     d: &Daemon,
-    wanted: &[(String, Vec<(String, String)>)],
+    wanted: &[Selector],
     lines: &[String],
 ) -> String {
     let mut scrape = d.scrape().await;
@@ -239,7 +242,7 @@ async fn every_family_and_every_alert_series_is_live_after_its_events() {
     .unwrap();
     let alerts: serde_json::Value = serde_saphyr::from_str(&alerts_text).unwrap();
     let rules = alerts["groups"][0]["rules"].as_array().unwrap();
-    let mut by_alert: BTreeMap<String, Vec<(String, Vec<(String, String)>)>> = BTreeMap::new();
+    let mut by_alert: BTreeMap<String, Vec<Selector>> = BTreeMap::new();
     for rule in rules {
         let name = rule["alert"].as_str().unwrap().to_string();
         assert!(name.starts_with("Hybridlet"), "{rule}");
