@@ -138,11 +138,7 @@ fn sighup(d: &Daemon) {
 
 /// Scrape until every `(name, matchers)` and every line is present (10 s), then return
 /// the scrape.
-async fn scrape_until(
-    d: &Daemon,
-    wanted: &[Selector],
-    lines: &[String],
-) -> String {
+async fn scrape_until(d: &Daemon, wanted: &[Selector], lines: &[String]) -> String {
     let mut scrape = d.scrape().await;
     for _ in 0..100 {
         if wanted.iter().all(|(n, m)| has_series(&scrape, n, m))
