@@ -629,17 +629,24 @@ async fn a_crash_while_changing_the_host_is_undone_at_the_next_start() {
     // The process dies while the VF is being moved: the intent is on disk.
     let stuck = Arc::new(HostChanging::default());
     *stuck.hold.lock().unwrap() = true;
-    let driver = open(stuck.clone());
-    let crashed = tokio::time::timeout(
-        std::time::Duration::from_millis(300),
-        driver.prepare("ml", "vf", "uid-vf"),
-    )
-    .await;
+    let driver = Arc::new(open(stuck.clone()));
+    let in_flight = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.prepare("ml", "vf", "uid-vf").await }
+    });
+    // Wait (no deadline to beat, only a bound) until attach has started and holds.
+    let bound = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stuck.attached.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < bound, "attach never started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(
-        crashed.is_err(),
+        !in_flight.is_finished(),
         "the prepare should still be inside attach"
     );
     assert_eq!(*stuck.attached.lock().unwrap(), ["vf-1"]);
+    // The crash: the call is gone while the host change is half done.
+    in_flight.abort();
     let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
     assert!(
         disk.contains("\"attaching\"") && disk.contains("vf-1"),

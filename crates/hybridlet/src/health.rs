@@ -33,7 +33,6 @@ pub trait HealthPolicy: Send + Sync + std::fmt::Debug {
 }
 
 /// GPU health from XID errors.
-#[derive(Debug)]
 pub struct GpuHealth {
     board: HealthBoard,
     driver: String,
@@ -42,6 +41,17 @@ pub struct GpuHealth {
     /// GPU UUID → when its last fatal XID arrived.
     fatal: Mutex<BTreeMap<String, Instant>>,
     recovery: Duration,
+    /// The clock (tests drive their own).
+    now: Box<dyn Fn() -> Instant + Send + Sync>,
+}
+
+impl std::fmt::Debug for GpuHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuHealth")
+            .field("driver", &self.driver)
+            .field("recovery", &self.recovery)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GpuHealth {
@@ -58,7 +68,15 @@ impl GpuHealth {
             names,
             fatal: Mutex::new(BTreeMap::new()),
             recovery,
+            now: Box::new(Instant::now),
         }
+    }
+
+    /// The same policy reading time from `now`.
+    #[cfg(test)]
+    fn with_clock(mut self, now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        self.now = Box::new(now);
+        self
     }
 
     fn fatal(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
@@ -82,7 +100,8 @@ impl HealthPolicy for GpuHealth {
         let meaning = event
             .xid
             .map_or("an XID NVML could not decode", hybridlet_gpu::xid_meaning);
-        self.fatal().insert(event.uuid.clone(), Instant::now());
+        let at = (self.now)();
+        self.fatal().insert(event.uuid.clone(), at);
         let message = format!("XID {code}: {meaning}");
         if self.board.set_unhealthy(
             device,
@@ -102,7 +121,8 @@ impl HealthPolicy for GpuHealth {
         let recovered: Vec<String> = fatal
             .iter()
             .filter(|(uuid, at)| {
-                at.elapsed() >= self.recovery && gpus.iter().any(|s| &s.uuid == *uuid)
+                (self.now)().saturating_duration_since(**at) >= self.recovery
+                    && gpus.iter().any(|s| &s.uuid == *uuid)
             })
             .map(|(uuid, _)| uuid.clone())
             .collect();
@@ -179,12 +199,18 @@ mod tests {
     fn a_fatal_xid_taints_until_the_gpu_reads_again_after_the_recovery_time() {
         let board = HealthBoard::new(["gpu-0".to_string()]);
         let uuid = "GPU-0".to_string();
+        // A clock the test moves: the recovery time passes exactly when it says so.
+        let start = Instant::now();
+        let offset = std::sync::Arc::new(Mutex::new(Duration::ZERO));
+        let clock = offset.clone();
         let policy = GpuHealth::new(
             board.clone(),
             "gpu.hybridlet.io",
             BTreeMap::from([(uuid.clone(), "gpu-0".to_string())]),
-            Duration::from_millis(50),
-        );
+            Duration::from_secs(300),
+        )
+        .with_clock(move || start + *clock.lock().unwrap());
+        let advance = |by: Duration| *offset.lock().unwrap() += by;
         let root = tempfile::tempdir().unwrap();
         let sysfs = Sysfs::new(&hybridlet_sys::HostRoot::new(root.path()));
         let report = Report::default();
@@ -218,10 +244,10 @@ mod tests {
                 effect: "NoSchedule".into()
             })
         );
+        advance(Duration::from_secs(299));
         policy.sampled(&sysfs, &report, std::slice::from_ref(&sample));
         assert!(!board.snapshot()["gpu-0"].healthy, "too early");
-        #[allow(clippy::disallowed_methods)] // a plain unit test, no runtime
-        std::thread::sleep(Duration::from_millis(60));
+        advance(Duration::from_secs(1));
         policy.sampled(&sysfs, &report, &[]);
         assert!(!board.snapshot()["gpu-0"].healthy, "NVML did not read it");
         policy.sampled(&sysfs, &report, &[sample]);

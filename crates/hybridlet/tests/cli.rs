@@ -337,6 +337,11 @@ fn token_prints_an_exec_credential() {
         ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
         ("AWS_SECRET_ACCESS_KEY", "secret"),
     ];
+    let token_of = |out: &Output| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["status"]["token"].as_str().unwrap().to_string()
+    };
+    use hybridlet_fixtures::eks_token::verify;
     let out = token_cmd(
         &[
             "token",
@@ -352,7 +357,9 @@ fn token_prints_an_exec_credential() {
     assert_eq!(v["kind"], "ExecCredential");
     assert_eq!(v["apiVersion"], "client.authentication.k8s.io/v1beta1");
     let token = v["status"]["token"].as_str().unwrap();
-    assert!(token.starts_with("k8s-aws-v1."));
+    // Signed for this cluster and region, as the API server's authenticator checks it.
+    assert_eq!(verify(token, "secret", "prod-hybrid").unwrap(), "eu-west-1");
+    assert!(verify(token, "secret", "another-cluster").is_err());
     let ts = v["status"]["expirationTimestamp"].as_str().unwrap();
     assert_eq!(ts.len(), 20, "{ts}");
     assert!(ts.ends_with('Z'));
@@ -367,6 +374,11 @@ fn token_prints_an_exec_credential() {
         &creds,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        verify(&token_of(&out), "secret", "prod-hybrid").unwrap(),
+        "us-west-2",
+        "the NodeConfig's cluster name and region"
+    );
 
     // No credentials anywhere: a clear failure, not a hang on instance metadata.
     let out = token_cmd(

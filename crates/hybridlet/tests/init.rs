@@ -134,6 +134,8 @@ fn init_writes_files_once_and_backs_up_what_it_replaces() {
     let kubeconfig = root.path().join("var/lib/kubelet/kubeconfig");
     std::fs::create_dir_all(kubeconfig.parent().unwrap()).unwrap();
     std::fs::write(&kubeconfig, "hand-made").unwrap();
+    // Its mode is one the umask would never give, so the backup must have recorded it.
+    std::fs::set_permissions(&kubeconfig, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let o = run(root.path(), &args, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
@@ -161,22 +163,43 @@ fn init_writes_files_once_and_backs_up_what_it_replaces() {
         std::fs::metadata(&kubeconfig).unwrap().permissions().mode() & 0o777,
         0o644
     );
-    // The replaced kubeconfig is in the backup, named by the manifest.
+    // The user's containerd TOML may hold registry credentials: 0600 whatever the umask
+    // (022 here, which would give 0644).
+    assert_eq!(
+        std::fs::metadata(root.path().join("etc/containerd/config.d/00-nodeadm.toml"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // The replaced kubeconfig is in the backup: the manifest names its saved copy and
+    // its old mode; the copy holds the old bytes and is readable by root alone.
     let backups: Vec<_> = std::fs::read_dir(root.path().join("var/lib/hybridlet/init-backups"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(backups.len(), 1, "{backups:?}");
     let manifest = std::fs::read_to_string(backups[0].join("manifest")).unwrap();
+    let line = manifest
+        .lines()
+        .find(|l| l.ends_with("/var/lib/kubelet/kubeconfig"))
+        .unwrap_or_else(|| panic!("no kubeconfig line in {manifest}"));
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(fields[..2], ["changed", "640"], "{line}");
+    let saved = backups[0].join(fields[2]);
+    assert_eq!(std::fs::read_to_string(&saved).unwrap(), "hand-made");
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(
-        manifest.contains("/var/lib/kubelet/kubeconfig"),
+        manifest.contains(&format!(
+            "new\t-\t-\t{}/etc/kubernetes/kubelet/config.json",
+            root.path().display()
+        )),
         "{manifest}"
     );
-    let saved: Vec<String> = std::fs::read_dir(&backups[0])
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    assert!(saved.iter().any(|c| c == "hand-made"), "{saved:?}");
 
     // Again: nothing to do.
     let o = run(root.path(), &args, &[]);

@@ -107,7 +107,8 @@ expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
 cmp /tmp/cni/bridge /opt/cni/bin/bridge && [ -x /opt/cni/bin/host-local ] || fail "the CNI plugins were not unpacked into /opt/cni/bin"
 systemctl cat kubelet.service | grep -q 'ExecStart=/usr/bin/kubelet $NODEADM_KUBELET_ARGS' || fail "kubelet unit not installed"
 echo "tampered" >> /tmp/mirror/kubelet
-if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then true; fi
+rc=0; out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1) || rc=$?
+[ "$rc" -eq 0 ] || fail "the install rerun exited $rc: $out"
 echo "$out" | grep -q 'already this version' || fail "rerun did not see the installed kubelet: $out"
 rm -f /usr/bin/kubelet
 if out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1); then fail "a tampered kubelet was installed"; fi
