@@ -13,7 +13,7 @@ use hybridlet_sys::iscsi::{DiskFormat, IscsiError, IscsiTarget};
 use hybridlet_sys::mount::{MountRequest, topmost};
 
 use crate::iscsi::{self, Records, StageRecord};
-use crate::node::{Capability, NodeService, TargetKind, blocking, prepare_target};
+use crate::node::{Capability, NodeService, TargetKind, blocking, guarded, prepare_target};
 use crate::{CsiError, Host, validate};
 
 /// How long to wait for the LUN's by-path link after login (udev under load is slow).
@@ -97,14 +97,14 @@ impl NodeService {
         for flag in &cap.mount_flags {
             options.push(validate::mount_option(flag)?);
         }
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let host = self.host.clone();
         let records = self.records.clone();
         let timeout = self.settings.mount_timeout;
         let id = volume_id.clone();
         let block = cap.block;
         let read_only = cap.reader_only;
-        blocking(
+        guarded(held,
             timeout + DEVICE_WAIT + Duration::from_secs(30),
             format!("staging volume {volume_id}"),
             move || {
@@ -292,9 +292,10 @@ impl NodeService {
                     "volume {volume_id} is not staged for block access; NodeStageVolume must succeed first"
                 ))
             })?;
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
-        blocking(
+        guarded(
+            held,
             self.settings.mount_timeout,
             format!("publishing block volume {volume_id}"),
             move || {
@@ -369,12 +370,13 @@ impl NodeService {
     /// Rescan the LUN and grow its filesystem; the new size in bytes.
     pub(crate) async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<i64, CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
-        let path = validate::host_path("volume_path", &req.volume_path)?;
-        let _held = self.guard.acquire(&volume_id)?;
+        let path = validate::volume_path(&volume_id, &req.volume_path)?;
+        let held = self.guard.acquire(&volume_id)?;
         let host = self.host.clone();
         let records = self.records.clone();
         let id = volume_id.clone();
-        let size = blocking(
+        let size = guarded(
+            held,
             self.settings.mount_timeout,
             format!("expanding volume {volume_id}"),
             move || {

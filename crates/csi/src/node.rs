@@ -87,6 +87,23 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Host work for a volume whose guard is `held`: the guard goes with the work and is
+/// released when the work really ends — also when the caller stops waiting at `limit` —
+/// so a retry answers ABORTED while a helper that outlived its deadline still runs,
+/// instead of running beside it.
+pub(crate) async fn guarded<T: Send + 'static>(
+    held: crate::guard::Held,
+    limit: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
+) -> Result<T, CsiError> {
+    blocking(limit, what, move || {
+        let _held = held;
+        f()
+    })
+    .await
+}
+
 fn is_stale(e: &MountError) -> bool {
     // ESTALE 116, ENOTCONN 107, EIO 5, EHOSTDOWN 112: the server is gone; only a lazy
     // unmount can detach such a mount.
@@ -244,11 +261,11 @@ impl NodeService {
                 .await;
         }
         let volume = self.nfs_volume(&req.volume_context, &cap)?;
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let timeout = self.settings.mount_timeout;
         let what = format!("staging volume {volume_id}");
-        blocking(timeout + Duration::from_secs(5), what, move || {
+        guarded(held, timeout + Duration::from_secs(5), what, move || {
             if let Some(existing) = mounter.mount_at(&staging)? {
                 if existing.source.trim_end_matches('/') == volume.source.trim_end_matches('/') {
                     return Ok(());
@@ -280,13 +297,14 @@ impl NodeService {
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<(), CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let probes = self.probes.clone();
         let records = self.records.clone();
         let host = self.host.clone();
         let id = volume_id.clone();
-        blocking(
+        guarded(
+            held,
             self.settings.mount_timeout,
             format!("unstaging volume {volume_id}"),
             move || {
@@ -319,10 +337,10 @@ impl NodeService {
         if cap.block {
             return self.publish_block(volume_id, target, read_only).await;
         }
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let vid = volume_id.clone();
-        blocking(
+        guarded(held,
             self.settings.mount_timeout,
             format!("publishing volume {volume_id}"),
             move || {
@@ -382,10 +400,11 @@ impl NodeService {
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let target = validate::host_path("target_path", &req.target_path)?;
-        let _held = self.guard.acquire(&volume_id)?;
+        let held = self.guard.acquire(&volume_id)?;
         let mounter = self.mounter.clone();
         let probes = self.probes.clone();
-        blocking(
+        guarded(
+            held,
             self.settings.mount_timeout,
             format!("unpublishing volume {volume_id}"),
             move || {
@@ -428,7 +447,7 @@ impl NodeService {
         req: NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
-        let path = validate::host_path("volume_path", &req.volume_path)?;
+        let path = validate::volume_path(&volume_id, &req.volume_path)?;
         let mounter = self.mounter.clone();
         let p: PathBuf = path.clone();
         let mounted = blocking(

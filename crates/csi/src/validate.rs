@@ -38,6 +38,18 @@ pub fn host_path(field: &str, value: &str) -> Result<PathBuf, CsiError> {
     Ok(path.to_path_buf())
 }
 
+/// `volume_path` of NodeGetVolumeStats and NodeExpandVolume. Empty is INVALID_ARGUMENT
+/// (the field is required); a path at which none of our volumes can be (relative, with
+/// `..` or control characters) is NOT_FOUND, as the spec's "volume does not exist on the
+/// specified path" and csi-driver-nfs answer, and is never looked at.
+pub fn volume_path(volume_id: &str, value: &str) -> Result<PathBuf, CsiError> {
+    if value.is_empty() {
+        return Err(CsiError::InvalidArgument("volume_path is required".into()));
+    }
+    host_path("volume_path", value)
+        .map_err(|_| CsiError::NotFound(format!("volume {volume_id} is not mounted at {value:?}")))
+}
+
 /// One mount option (from the PV's mountOptions or the mountOptions attribute): no commas
 /// (which would smuggle in more options), spaces, control characters or leading '-'.
 pub fn mount_option(option: &str) -> Result<String, CsiError> {

@@ -653,3 +653,112 @@ async fn mount_failures_are_internal_and_leave_nothing() {
         .unwrap();
     h.stop.cancel();
 }
+
+/// csi-sanity's NodeGetVolumeStats and NodeExpandVolume "volume not found" cases send
+/// `volume_path: "some/path"` and expect NOT_FOUND (as csi-driver-nfs answers); an empty
+/// path stays INVALID_ARGUMENT; nothing is mounted or looked up either way.
+#[tokio::test]
+async fn a_path_where_no_volume_can_be_is_not_found() {
+    let mut h = start().await;
+    for path in ["some/path", "/var/lib/kubelet/../etc", "relative"] {
+        let err = h
+            .node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: "vol-x".into(),
+                volume_path: path.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::NotFound,
+            "stats {path}: {}",
+            err.message()
+        );
+        let err = h
+            .node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "vol-x".into(),
+                volume_path: path.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::NotFound,
+            "expand {path}: {}",
+            err.message()
+        );
+    }
+    let err = h
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "vol-x".into(),
+            volume_path: String::new(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(h.mounter.calls().is_empty(), "{:?}", h.mounter.calls());
+    h.stop.cancel();
+}
+
+/// A mount that outlives the call's deadline keeps the volume's guard: the caller gets
+/// DEADLINE_EXCEEDED, a retry gets ABORTED while the helper still runs (never a second
+/// mount beside it), and once the helper ends the retry goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_is_held_until_the_host_work_really_ends() {
+    let mut settings = CsiSettings::new("csi.hybridlet.io", "node-a");
+    settings.mount_timeout = Duration::from_millis(100);
+    let mut h = start_with(settings).await;
+    let staging = h.staging();
+    h.mounter.hold_mounts_at(&staging);
+    struct Release(Arc<FakeMounter>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release_mounts();
+        }
+    }
+    let _release = Release(h.mounter.clone());
+    let err = h
+        .node
+        .node_stage_volume(h.stage_req("v1", &staging))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(
+        h.mounter.wait_parked(1, Duration::from_secs(1)),
+        "the mount is still running"
+    );
+    let retry = h
+        .node
+        .node_stage_volume(h.stage_req("v1", &staging))
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), Code::Aborted, "{}", retry.message());
+    let mounts = |h: &Harness| {
+        h.mounter
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("mount "))
+            .count()
+    };
+    assert_eq!(mounts(&h), 0, "no second mount beside the running one");
+    h.mounter.release_mounts();
+    // The first mount finishes on its own thread; then the guard is free again.
+    let bound = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match h.node.node_stage_volume(h.stage_req("v1", &staging)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < bound => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(mounts(&h), 1, "{:?}", h.mounter.calls());
+    h.stop.cancel();
+}
