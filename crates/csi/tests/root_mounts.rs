@@ -192,3 +192,57 @@ async fn nfs_stage_failure_is_clean() {
     );
     assert!(!mounted(&staging));
 }
+
+/// A target path swapped for a symlink to someone else's mount (a pod that controls its
+/// volume directory, a confused operator) must never unmount that other mount: not through
+/// NodeUnpublish / NodeUnstage, and not through the mounter, which unmounts with
+/// UMOUNT_NOFOLLOW.
+#[tokio::test]
+#[ignore = "root tier: needs CAP_SYS_ADMIN; run with --run-ignored only"]
+async fn a_symlinked_target_never_unmounts_the_mount_it_points_to() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = dir.path().join("host-data");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let mounter = Arc::new(SystemMounter::new());
+    mounter
+        .mount(&MountRequest {
+            fs_type: "tmpfs".into(),
+            source: "hybridlet-other".into(),
+            target: elsewhere.clone(),
+            options: vec!["size=1m".into()],
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+    std::fs::write(elsewhere.join("precious"), "keep").unwrap();
+    let pods = dir.path().join("pods/p/volumes/kubernetes.io~csi/pv");
+    std::fs::create_dir_all(&pods).unwrap();
+    let target = pods.join("mount");
+    std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+    let staging = dir.path().join("staging-link");
+    std::os::unix::fs::symlink(&elsewhere, &staging).unwrap();
+
+    let (_identity, node) = services(CsiSettings::new("csi.hybridlet.io", "node-a"), mounter.clone());
+    let err = node
+        .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
+            volume_id: "v".into(),
+            target_path: target.display().to_string(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let _ = node
+        .node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+            volume_id: "v".into(),
+            staging_target_path: staging.display().to_string(),
+        }))
+        .await;
+    assert!(mounted(&elsewhere), "unpublish or unstage unmounted the mount a symlink points to");
+    // The mounter itself, handed the symlink (as after a swap between check and unmount).
+    assert!(mounter.unmount(&target, false).is_err());
+    assert!(mounter.unmount(&target, true).is_err(), "not even lazily");
+    assert!(mounted(&elsewhere));
+    assert_eq!(std::fs::read_to_string(elsewhere.join("precious")).unwrap(), "keep");
+    assert!(target.is_symlink() && staging.is_symlink(), "the links were removed");
+    mounter.unmount(&elsewhere, false).unwrap();
+}
