@@ -222,7 +222,10 @@ async fn a_symlinked_target_never_unmounts_the_mount_it_points_to() {
     let staging = dir.path().join("staging-link");
     std::os::unix::fs::symlink(&elsewhere, &staging).unwrap();
 
-    let (_identity, node) = services(CsiSettings::new("csi.hybridlet.io", "node-a"), mounter.clone());
+    let (_identity, node) = services(
+        CsiSettings::new("csi.hybridlet.io", "node-a"),
+        mounter.clone(),
+    );
     let err = node
         .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
             volume_id: "v".into(),
@@ -237,12 +240,21 @@ async fn a_symlinked_target_never_unmounts_the_mount_it_points_to() {
             staging_target_path: staging.display().to_string(),
         }))
         .await;
-    assert!(mounted(&elsewhere), "unpublish or unstage unmounted the mount a symlink points to");
+    assert!(
+        mounted(&elsewhere),
+        "unpublish or unstage unmounted the mount a symlink points to"
+    );
     // The mounter itself, handed the symlink (as after a swap between check and unmount).
     assert!(mounter.unmount(&target, false).is_err());
     assert!(mounter.unmount(&target, true).is_err(), "not even lazily");
     assert!(mounted(&elsewhere));
-    assert_eq!(std::fs::read_to_string(elsewhere.join("precious")).unwrap(), "keep");
-    assert!(target.is_symlink() && staging.is_symlink(), "the links were removed");
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("precious")).unwrap(),
+        "keep"
+    );
+    assert!(
+        target.is_symlink() && staging.is_symlink(),
+        "the links were removed"
+    );
     mounter.unmount(&elsewhere, false).unwrap();
 }

@@ -3,8 +3,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The format version this build writes.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 records, with each device whose host
+/// state a prepare changes, what the device was before (`original`), so unprepare puts
+/// back exactly that; version 1 files are migrated on load, newer ones refused.
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// One prepared device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +26,21 @@ pub struct PreparedDevice {
     /// claim), kept so a restart rebuilds the same CDI spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<serde_json::Value>,
+    /// What the device was before the prepare changed the host (the backend's snapshot:
+    /// a VF's driver and driver_override), for unprepare to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<serde_json::Value>,
+}
+
+/// A device whose host state is being changed for a claim that is not prepared yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Intent {
+    /// Device name.
+    pub device: String,
+    /// What to restore (see [`PreparedDevice::original`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<serde_json::Value>,
 }
 
 /// One prepared claim.
@@ -60,7 +77,7 @@ pub struct Checkpoint {
     /// (by claim UID): recorded before a VF is moved to vfio-pci, so that a crash in
     /// between is undone at the next start.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub attaching: BTreeMap<String, Vec<String>>,
+    pub attaching: BTreeMap<String, Vec<Intent>>,
 }
 
 /// Problems with the checkpoint file.
@@ -69,6 +86,42 @@ pub enum CheckpointError {
     /// Writing failed; the in-memory state was not changed.
     #[error("writing checkpoint: {0}")]
     Write(#[from] hybridlet_sys::AtomicWriteError),
+    /// A newer hybridlet wrote it: this one cannot know what its fields mean, so it
+    /// neither reads nor overwrites it.
+    #[error(
+        "{}: written by a newer hybridlet (checkpoint version {found}; this one reads up to {CHECKPOINT_VERSION}). It records the claims prepared on this node and is left as it is: run the newer hybridlet again, or, once no pod on the node uses a DRA claim, move the file aside and restart",
+        path.display()
+    )]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u64,
+    },
+}
+
+/// Bring an older checkpoint's JSON to the current version, in place.
+fn migrate(value: &mut serde_json::Value) {
+    let version = value
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    if version < 2 {
+        // v1: `attaching` held device names; v2 holds intents with what to restore
+        // (unknown for v1: release falls back to the device's own driver).
+        if let Some(attaching) = value.get_mut("attaching").and_then(|a| a.as_object_mut()) {
+            for devices in attaching.values_mut() {
+                if let Some(list) = devices.as_array_mut() {
+                    for d in list.iter_mut() {
+                        if let Some(name) = d.as_str() {
+                            *d = serde_json::json!({ "device": name });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    value["version"] = serde_json::json!(CHECKPOINT_VERSION);
 }
 
 /// The outcome of loading.
@@ -84,13 +137,14 @@ pub struct Loaded {
 }
 
 impl Checkpoint {
-    /// Load `path`. A missing file is an empty checkpoint; a corrupt one is moved aside
-    /// (never a crash loop) and reported.
-    pub fn load(path: &Path, boot_id: &str) -> Loaded {
+    /// Load `path`. A missing file is an empty checkpoint; an older version is migrated; a
+    /// corrupt one is moved aside (never a crash loop) and reported; one written by a
+    /// newer hybridlet is refused and left untouched.
+    pub fn load(path: &Path, boot_id: &str) -> Result<Loaded, CheckpointError> {
         let text = match std::fs::read(path) {
             Ok(t) => t,
             Err(_) => {
-                return Loaded {
+                return Ok(Loaded {
                     checkpoint: Checkpoint {
                         version: CHECKPOINT_VERSION,
                         boot_id: boot_id.to_string(),
@@ -98,11 +152,28 @@ impl Checkpoint {
                     },
                     moved_aside: None,
                     rebooted: false,
-                };
+                });
             }
         };
-        match serde_json::from_slice::<Checkpoint>(&text) {
-            Ok(checkpoint) => Loaded {
+        let parsed = serde_json::from_slice::<serde_json::Value>(&text).and_then(|mut value| {
+            let found = value.get("version").and_then(serde_json::Value::as_u64);
+            if let Some(found) = found.filter(|v| *v > u64::from(CHECKPOINT_VERSION)) {
+                return Ok(Err(found));
+            }
+            if found != Some(u64::from(CHECKPOINT_VERSION)) {
+                tracing::info!(path = %path.display(), from = ?found, to = CHECKPOINT_VERSION, "migrating the DRA checkpoint");
+                migrate(&mut value);
+            }
+            serde_json::from_value::<Checkpoint>(value).map(Ok)
+        });
+        Ok(match parsed {
+            Ok(Err(found)) => {
+                return Err(CheckpointError::TooNew {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
+            Ok(Ok(checkpoint)) => Loaded {
                 rebooted: !checkpoint.boot_id.is_empty() && checkpoint.boot_id != boot_id,
                 checkpoint,
                 moved_aside: None,
@@ -129,7 +200,7 @@ impl Checkpoint {
                     rebooted: false,
                 }
             }
-        }
+        })
     }
 
     /// Write atomically (temp file, fsync, rename, fsync dir), mode 0600.

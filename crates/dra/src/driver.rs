@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cdi::{self, ContainerEdits};
-use crate::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
+use crate::checkpoint::{Checkpoint, CheckpointError, Intent, PreparedClaim, PreparedDevice};
 use crate::claims::ClaimSource;
 
 /// What a DRA driver's devices are.
@@ -19,14 +19,22 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
         device: &str,
         config: Option<&serde_json::Value>,
     ) -> Result<ContainerEdits, String>;
+    /// What [`DeviceBackend::release`] must put back for `device`, read before
+    /// [`DeviceBackend::attach`] changes anything (an SR-IOV VF's driver and
+    /// driver_override). The driver records it with the intent and the prepared device.
+    /// Default: nothing (GPUs).
+    fn snapshot(&self, _device: &str) -> Result<Option<serde_json::Value>, String> {
+        Ok(None)
+    }
     /// Host changes a device needs before a container can use it (an SR-IOV VF moved to
     /// vfio-pci). Must be idempotent: it runs again when the kubelet repeats a prepare,
     /// e.g. after a reboot. Default: nothing to do (GPUs).
     fn attach(&self, _device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
         Ok(())
     }
-    /// Undo [`DeviceBackend::attach`]; idempotent. Default: nothing to do.
-    fn release(&self, _device: &str) -> Result<(), String> {
+    /// Undo [`DeviceBackend::attach`], putting back `original` (what
+    /// [`DeviceBackend::snapshot`] said) when it is known; idempotent. Default: nothing.
+    fn release(&self, _device: &str, _original: Option<&serde_json::Value>) -> Result<(), String> {
         Ok(())
     }
     /// Whether [`DeviceBackend::attach`] changes the host (then the driver records its
@@ -39,7 +47,7 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
 /// Release every device, logging (not returning) failures: the clean-up path.
 fn release_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) {
     for d in devices {
-        if let Err(e) = backend.release(&d.device) {
+        if let Err(e) = backend.release(&d.device, d.original.as_ref()) {
             tracing::error!(device = %d.device, "releasing after a failed prepare: {e}");
         }
     }
@@ -134,7 +142,7 @@ fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result
     for (i, d) in devices.iter().enumerate() {
         if let Err(e) = backend.attach(&d.device, d.config.as_ref()) {
             for done in devices[..i].iter().rev() {
-                if let Err(undo) = backend.release(&done.device) {
+                if let Err(undo) = backend.release(&done.device, done.original.as_ref()) {
                     tracing::error!(device = %done.device, "releasing after a failed prepare: {undo}");
                 }
             }
@@ -147,6 +155,9 @@ fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// The checkpoint cannot be used (written by a newer hybridlet).
+    #[error("{0}")]
+    Checkpoint(#[from] CheckpointError),
     /// The CDI directory or checkpoint could not be written.
     #[error("{what} {}: {message}", path.display())]
     Io {
@@ -279,7 +290,7 @@ impl Driver {
             path: cdi_dir.to_path_buf(),
             message: e.to_string(),
         })?;
-        let loaded = Checkpoint::load(checkpoint_path, boot_id);
+        let loaded = Checkpoint::load(checkpoint_path, boot_id)?;
         if loaded.rebooted {
             tracing::warn!(
                 driver = backend.driver_name(),
@@ -289,9 +300,9 @@ impl Driver {
         let mut checkpoint = loaded.checkpoint;
         // Prepares that crashed while changing the host: give the devices back (release
         // is idempotent), so nothing stays on vfio-pci for a claim nobody holds.
-        for (uid, devices) in std::mem::take(&mut checkpoint.attaching) {
-            for device in devices {
-                match backend.release(&device) {
+        for (uid, intents) in std::mem::take(&mut checkpoint.attaching) {
+            for Intent { device, original } in intents {
+                match backend.release(&device, original.as_ref()) {
                     Ok(()) => {
                         tracing::warn!(claim_uid = %uid, device = %device, "released a device from a prepare interrupted by a crash")
                     }
@@ -371,13 +382,47 @@ impl Driver {
         .map_err(|e| format!("preparing the devices: {e}"))?
     }
 
-    /// Drop a recorded intent from memory; the next commit writes it away. (A crash
-    /// before that only makes the next start release devices that are already released.)
-    fn forget_intent(&self, uid: &str) {
-        let mut state = self.lock_state();
-        if state.checkpoint.attaching.remove(uid).is_some() {
+    /// Drop a recorded intent and write the checkpoint without it, so a failed prepare
+    /// leaves nothing behind on disk. (Should the write fail, the next start releases
+    /// devices that are released already: harmless.)
+    async fn forget_intent(&self, uid: &str) {
+        let generation = {
+            let mut state = self.lock_state();
+            if state.checkpoint.attaching.remove(uid).is_none() {
+                return;
+            }
             state.generation += 1;
+            state.generation
+        };
+        if let Err(e) = self.persist(generation).await {
+            tracing::warn!(claim_uid = %uid, "writing the checkpoint without a failed prepare's intent: {e}");
         }
+    }
+
+    /// Everything about `devices` that can be known before the host is touched: each is
+    /// usable with its config (so a claim naming a device this node does not have fails
+    /// before any intent is recorded), and what release must put back.
+    async fn inspect(&self, devices: &mut [PreparedDevice]) -> Result<(), String> {
+        let backend = self.backend.clone();
+        let list = devices.to_vec();
+        let originals = tokio::task::spawn_blocking(move || {
+            list.iter()
+                .map(|d| {
+                    backend
+                        .edits(&d.device, d.config.as_ref())
+                        .map_err(|e| format!("device {}: {e}", d.device))?;
+                    backend
+                        .snapshot(&d.device)
+                        .map_err(|e| format!("device {}: {e}", d.device))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+        .map_err(|e| format!("inspecting the devices: {e}"))??;
+        for (d, original) in devices.iter_mut().zip(originals) {
+            d.original = original;
+        }
+        Ok(())
     }
 
     fn unreserve(&self, uid: &str, devices: &[PreparedDevice]) {
@@ -457,8 +502,10 @@ impl Driver {
                 device: a.device.clone(),
                 cdi_device_ids: vec![cdi::cdi_device_id(driver, uid, &a.device)],
                 config: crate::claims::config_for(&claim.configs, driver, &a.request).cloned(),
+                original: None,
             });
         }
+        self.inspect(&mut devices).await?;
         {
             // Reserve every device or none.
             let mut state = self.lock_state();
@@ -480,20 +527,26 @@ impl Driver {
                 let mut state = self.lock_state();
                 state.checkpoint.attaching.insert(
                     uid.to_string(),
-                    devices.iter().map(|d| d.device.clone()).collect(),
+                    devices
+                        .iter()
+                        .map(|d| Intent {
+                            device: d.device.clone(),
+                            original: d.original.clone(),
+                        })
+                        .collect(),
                 );
                 state.generation += 1;
                 state.generation
             };
             if let Err(e) = self.persist(generation).await {
-                self.forget_intent(uid);
+                self.forget_intent(uid).await;
                 self.unreserve(uid, &devices);
                 return Err(e);
             }
         }
         if let Err(e) = self.set_up(uid, &devices).await {
             if intent {
-                self.forget_intent(uid);
+                self.forget_intent(uid).await;
             }
             self.unreserve(uid, &devices);
             return Err(e);
@@ -546,7 +599,7 @@ impl Driver {
             tokio::task::spawn_blocking(move || {
                 for d in &devices {
                     backend
-                        .release(&d.device)
+                        .release(&d.device, d.original.as_ref())
                         .map_err(|e| format!("device {}: {e}", d.device))?;
                 }
                 Ok::<_, String>(())

@@ -224,7 +224,7 @@ async fn prepare_unprepare_with_per_claim_errors() {
     );
     let cp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(rig.checkpoint()).unwrap()).unwrap();
-    assert_eq!(cp["version"], 1);
+    assert_eq!(cp["version"], 2);
     assert_eq!(cp["bootId"], "boot-1");
     assert_eq!(cp["claims"]["uid-a"]["devices"][0]["device"], "gpu-0");
     assert_eq!(cp["claims"].as_object().unwrap().len(), 1);
@@ -327,7 +327,7 @@ async fn corrupt_checkpoint_is_moved_aside() {
         .filter(|n| n.contains("corrupt-"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
-    // Unknown fields from a newer build are tolerated.
+    // Unknown fields (of the same version) are tolerated.
     std::fs::write(rig.checkpoint(), r#"{"version":2,"bootId":"boot-1","future":true,"claims":{"u":{"namespace":"n","name":"c","devices":[{"pool":"node-a","device":"gpu-1","cdiDeviceIds":["x"],"extra":1}]}}}"#).unwrap();
     let driver = rig.open("boot-1");
     assert_eq!(driver.prepared().await["u"].devices[0].device, "gpu-1");
@@ -352,6 +352,9 @@ impl DeviceBackend for Vfs {
         device: &str,
         _config: Option<&serde_json::Value>,
     ) -> Result<ContainerEdits, String> {
+        if device == "vf-missing" {
+            return Err(format!("{device} is not on this node"));
+        }
         Ok(ContainerEdits {
             env: vec![format!("PCIDEVICE={device}")],
             device_nodes: vec!["/dev/vfio/vfio".into()],
@@ -364,8 +367,11 @@ impl DeviceBackend for Vfs {
         }
         Ok(())
     }
-    fn release(&self, device: &str) -> Result<(), String> {
-        self.log.lock().unwrap().push(format!("release {device}"));
+    fn release(&self, device: &str, original: Option<&serde_json::Value>) -> Result<(), String> {
+        self.log.lock().unwrap().push(match original {
+            Some(o) => format!("release {device} original={o}"),
+            None => format!("release {device} original=none"),
+        });
         if self.fail_release.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("device busy".into());
         }
@@ -401,7 +407,7 @@ async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
     assert!(err.contains("vf-bad") && err.contains("refused"), "{err}");
     assert_eq!(
         backend.log.lock().unwrap().clone(),
-        ["attach vf-0", "attach vf-bad", "release vf-0"],
+        ["attach vf-0", "attach vf-bad", "release vf-0 original=none"],
         "a failed prepare must release what it attached"
     );
     assert!(driver.prepared().await.is_empty());
@@ -429,7 +435,10 @@ async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
         .store(false, std::sync::atomic::Ordering::SeqCst);
     driver.unprepare("uid-good").await.unwrap();
     assert!(driver.prepared().await.is_empty());
-    assert_eq!(backend.log.lock().unwrap().last().unwrap(), "release vf-0");
+    assert_eq!(
+        backend.log.lock().unwrap().last().unwrap(),
+        "release vf-0 original=none"
+    );
 }
 
 /// A backend whose attach waits until `parties` attaches are in flight at once: it only
@@ -594,7 +603,7 @@ impl DeviceBackend for HostChanging {
         }
         Ok(())
     }
-    fn release(&self, device: &str) -> Result<(), String> {
+    fn release(&self, device: &str, _original: Option<&serde_json::Value>) -> Result<(), String> {
         self.released.lock().unwrap().push(device.to_string());
         Ok(())
     }
@@ -668,4 +677,115 @@ async fn a_crash_while_changing_the_host_is_undone_at_the_next_start() {
     // Let the stuck thread finish.
     *stuck.hold.lock().unwrap() = false;
     stuck.moved.notify_all();
+}
+
+/// A checkpoint written by a newer hybridlet is refused by name and left byte for byte as
+/// it was (a downgrade must not lose the claims it records); an older one is migrated.
+#[tokio::test]
+async fn checkpoint_versions_newer_refused_and_kept_older_migrated() {
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.checkpoint().parent().unwrap()).unwrap();
+    let newer = r#"{"version":3,"bootId":"boot-1","claims":{"u":{"namespace":"n","name":"c","devices":[]}},"somethingNew":{}}"#;
+    std::fs::write(rig.checkpoint(), newer).unwrap();
+    let err = Driver::open(
+        Arc::new(Vfs::default()),
+        rig.claims.clone(),
+        &rig.checkpoint(),
+        &rig.cdi(),
+        "boot-1",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(
+            "written by a newer hybridlet (checkpoint version 3; this one reads up to 2)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&rig.checkpoint().display().to_string()),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(rig.checkpoint()).unwrap(), newer);
+
+    // Version 1: `attaching` held bare device names. Migrated: the interrupted prepare is
+    // undone (no original known: the backend's fallback), the claim kept, version 2 written.
+    let older = r#"{"version":1,"bootId":"boot-1","claims":{"u":{"namespace":"n","name":"c","devices":[{"pool":"node-a","device":"vf-1","cdiDeviceIds":["x"]}]}},"attaching":{"uid-x":["vf-2"]}}"#;
+    std::fs::write(rig.checkpoint(), older).unwrap();
+    let backend = Arc::new(Vfs::default());
+    let driver = Driver::open(
+        backend.clone(),
+        rig.claims.clone(),
+        &rig.checkpoint(),
+        &rig.cdi(),
+        "boot-1",
+    )
+    .unwrap();
+    assert_eq!(*backend.log.lock().unwrap(), ["release vf-2 original=none"]);
+    assert_eq!(driver.prepared().await["u"].devices[0].device, "vf-1");
+    let cp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rig.checkpoint()).unwrap()).unwrap();
+    assert_eq!(cp["version"], 2);
+    assert!(cp.get("attaching").is_none(), "{cp}");
+}
+
+/// A claim naming a device this node does not have fails before any intent is recorded,
+/// and a prepare that fails after recording one leaves none on disk.
+#[tokio::test]
+async fn a_failed_prepare_leaves_no_intent_behind() {
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.checkpoint().parent().unwrap()).unwrap();
+    rig.claims.put(claim(
+        "gone",
+        "uid-gone",
+        &[("vf", "sriov.hybridlet.io", "node-a", "vf-missing")],
+    ));
+    rig.claims.put(claim(
+        "bad",
+        "uid-bad",
+        &[("vf", "sriov.hybridlet.io", "node-a", "vf-bad")],
+    ));
+    let backend = Arc::new(Vfs::default());
+    let driver = Driver::open(
+        backend.clone(),
+        rig.claims.clone(),
+        &rig.checkpoint(),
+        &rig.cdi(),
+        "boot-1",
+    )
+    .unwrap();
+    let err = driver.prepare("ml", "gone", "uid-gone").await.unwrap_err();
+    assert!(
+        err.contains("vf-missing") && err.contains("not on this node"),
+        "{err}"
+    );
+    assert!(
+        !backend
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("attach")),
+        "attached a device that is not there"
+    );
+    let err = driver.prepare("ml", "bad", "uid-bad").await.unwrap_err();
+    assert!(err.contains("the kernel refused vfio-pci"), "{err}");
+    let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
+    assert!(!disk.contains("attaching"), "{disk}");
+    // And a restart releases nothing: there is nothing left to undo.
+    drop(driver);
+    let fresh = Arc::new(Vfs::default());
+    Driver::open(
+        fresh.clone(),
+        rig.claims.clone(),
+        &rig.checkpoint(),
+        &rig.cdi(),
+        "boot-1",
+    )
+    .unwrap();
+    assert!(
+        fresh.log.lock().unwrap().is_empty(),
+        "{:?}",
+        fresh.log.lock().unwrap()
+    );
 }

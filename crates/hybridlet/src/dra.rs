@@ -28,7 +28,7 @@ use hybridlet_proto::dra_health;
 use hybridlet_proto::pluginregistration::{DRA_PLUGIN, PluginInfo};
 use hybridlet_runtime::{Backoff, BoxError, SubsystemContext};
 use hybridlet_sys::PciAddress;
-use hybridlet_sys::binding::DriverBinding;
+use hybridlet_sys::binding::{BindingState, DriverBinding};
 
 use crate::device_metrics::{Holder, Holders};
 use crate::devices::{GpuView, Report, VfView};
@@ -355,15 +355,41 @@ impl DeviceBackend for SriovBackend {
         true
     }
 
-    fn release(&self, device: &str) -> Result<(), String> {
+    fn snapshot(&self, device: &str) -> Result<Option<serde_json::Value>, String> {
         let vf = self.vf(device)?;
-        if self.binding.driver(&vf.address).as_deref() != Some(VFIO) {
-            return Ok(()); // never attached, or already given back
+        let state = self.binding.state(&vf.address);
+        Ok(Some(serde_json::json!({
+            "driver": state.driver,
+            "driverOverride": state.driver_override,
+        })))
+    }
+
+    fn release(&self, device: &str, original: Option<&serde_json::Value>) -> Result<(), String> {
+        let vf = self.vf(device)?;
+        let Some(original) = original else {
+            // A prepare recorded before originals were (checkpoint v1): the old rule,
+            // give a VF on vfio-pci back to its own driver.
+            if self.binding.driver(&vf.address).as_deref() != Some(VFIO) {
+                return Ok(()); // never attached, or already given back
+            }
+            self.binding
+                .release(&vf.address)
+                .map_err(|e| e.to_string())?;
+            tracing::info!(device, pci = %vf.address, driver = ?self.binding.driver(&vf.address), "VF given back to its driver");
+            return Ok(());
+        };
+        let text = |k: &str| original.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let was = BindingState {
+            driver: text("driver"),
+            driver_override: text("driverOverride"),
+        };
+        if self.binding.state(&vf.address) == was {
+            return Ok(()); // never changed (netdev mode, already on vfio-pci), or back
         }
         self.binding
-            .release(&vf.address)
+            .restore(&vf.address, &was)
             .map_err(|e| e.to_string())?;
-        tracing::info!(device, pci = %vf.address, driver = ?self.binding.driver(&vf.address), "VF given back to its driver");
+        tracing::info!(device, pci = %vf.address, driver = ?was.driver, driver_override = ?was.driver_override, "VF given back as it was before the claim");
         Ok(())
     }
 }

@@ -38,14 +38,28 @@ pub enum BindError {
     },
 }
 
+/// How a function is bound, as the kernel shows it: what `restore` puts back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BindingState {
+    /// The bound driver, if any.
+    pub driver: Option<String>,
+    /// `driver_override`, if one is set (an operator's or driverctl's).
+    pub driver_override: Option<String>,
+}
+
 /// Driver binding of PCI functions.
 pub trait DriverBinding: Send + Sync + std::fmt::Debug {
     /// The driver `address` is bound to, if any.
     fn driver(&self, address: &PciAddress) -> Option<String>;
+    /// The driver and the override of `address`.
+    fn state(&self, address: &PciAddress) -> BindingState;
     /// Bind `address` to `driver` (no-op when it already is).
     fn bind(&self, address: &PciAddress, driver: &str) -> Result<(), BindError>;
     /// Clear the override and let the kernel bind the function's own driver again.
     fn release(&self, address: &PciAddress) -> Result<(), BindError>;
+    /// Put `address` back as `original` was: the same override (or none) and the same
+    /// driver (or none). A no-op when it already is.
+    fn restore(&self, address: &PciAddress, original: &BindingState) -> Result<(), BindError>;
 }
 
 impl Sysfs {
@@ -94,6 +108,52 @@ impl Sysfs {
 }
 
 impl DriverBinding for Sysfs {
+    fn state(&self, address: &PciAddress) -> BindingState {
+        let dev = self.dir().join("bus/pci/devices").join(address.as_str());
+        let driver_override = std::fs::read_to_string(dev.join("driver_override"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|o| !o.is_empty() && o != "(null)");
+        BindingState {
+            driver: self.driver(address),
+            driver_override,
+        }
+    }
+
+    fn restore(&self, address: &PciAddress, original: &BindingState) -> Result<(), BindError> {
+        if self.state(address) == *original {
+            return Ok(());
+        }
+        let dev = self.dir().join("bus/pci/devices").join(address.as_str());
+        // The override first, so no probe in between picks another driver.
+        let over = original.driver_override.as_deref().unwrap_or("\n");
+        self.write(address, dev.join("driver_override"), over)?;
+        if self.driver(address) != original.driver {
+            self.unbind_current(address)?;
+            if let Some(driver) = &original.driver {
+                let bind = self.dir().join("bus/pci/drivers").join(driver).join("bind");
+                // An explicit bind names the driver; should it refuse, a probe still
+                // gets whatever the override or the ID table picks.
+                if self.write(address, bind, address.as_str()).is_err() {
+                    self.write(
+                        address,
+                        self.dir().join("bus/pci/drivers_probe"),
+                        address.as_str(),
+                    )?;
+                }
+            }
+        }
+        let now = self.wait_for_driver(address, original.driver.as_deref());
+        if now != original.driver {
+            return Err(BindError::NotBound {
+                address: address.to_string(),
+                wanted: original.driver.clone().unwrap_or_else(|| "none".into()),
+                current: now.unwrap_or_else(|| "none".into()),
+            });
+        }
+        Ok(())
+    }
+
     fn driver(&self, address: &PciAddress) -> Option<String> {
         let link = self
             .dir()
@@ -143,6 +203,7 @@ pub struct FakeBinding {
 struct FakeBindState {
     current: BTreeMap<String, Option<String>>,
     original: BTreeMap<String, Option<String>>,
+    overrides: BTreeMap<String, String>,
     calls: Vec<String>,
     refuse: Option<String>,
 }
@@ -167,6 +228,11 @@ impl FakeBinding {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `address` has this driver_override (an operator's).
+    pub fn set_override(&self, address: &str, driver: &str) {
+        self.lock().overrides.insert(address.into(), driver.into());
+    }
+
     /// Make binding `address` fail (the kernel refuses, e.g. no IOMMU).
     pub fn refuse(&self, address: &str) {
         self.lock().refuse = Some(address.into());
@@ -183,9 +249,34 @@ impl DriverBinding for FakeBinding {
         self.lock().current.get(address.as_str()).cloned().flatten()
     }
 
+    fn state(&self, address: &PciAddress) -> BindingState {
+        let s = self.lock();
+        BindingState {
+            driver: s.current.get(address.as_str()).cloned().flatten(),
+            driver_override: s.overrides.get(address.as_str()).cloned(),
+        }
+    }
+
+    fn restore(&self, address: &PciAddress, original: &BindingState) -> Result<(), BindError> {
+        let mut s = self.lock();
+        s.calls.push(format!(
+            "restore {address} {} {}",
+            original.driver.as_deref().unwrap_or("-"),
+            original.driver_override.as_deref().unwrap_or("-")
+        ));
+        s.current
+            .insert(address.to_string(), original.driver.clone());
+        match &original.driver_override {
+            Some(o) => s.overrides.insert(address.to_string(), o.clone()),
+            None => s.overrides.remove(address.as_str()),
+        };
+        Ok(())
+    }
+
     fn bind(&self, address: &PciAddress, driver: &str) -> Result<(), BindError> {
         let mut s = self.lock();
         s.calls.push(format!("bind {address} {driver}"));
+        s.overrides.insert(address.to_string(), driver.into());
         if s.refuse.as_deref() == Some(address.as_str()) {
             return Err(BindError::NotBound {
                 address: address.to_string(),
@@ -200,6 +291,7 @@ impl DriverBinding for FakeBinding {
     fn release(&self, address: &PciAddress) -> Result<(), BindError> {
         let mut s = self.lock();
         s.calls.push(format!("release {address}"));
+        s.overrides.remove(address.as_str());
         let original = s.original.get(address.as_str()).cloned().flatten();
         s.current.insert(address.to_string(), original);
         Ok(())
