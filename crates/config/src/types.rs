@@ -358,13 +358,26 @@ fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::
 }
 
 /// `spec.dra`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DraSpec {
     /// The GPU driver (NVML). Default off, driver name `gpu.hybridlet.io`.
     pub gpu: GpuDriverSpec,
     /// The SR-IOV VF driver. Default off, driver name `sriov.hybridlet.io`.
     pub sriov: SriovDriverSpec,
+    /// How long a prepared claim's ResourceClaim must be gone (and its pods off the node)
+    /// before the driver releases its devices itself. Default `5m`.
+    pub orphaned_claim_grace_period: GoDuration,
+}
+
+impl Default for DraSpec {
+    fn default() -> Self {
+        Self {
+            gpu: GpuDriverSpec::default(),
+            sriov: SriovDriverSpec::default(),
+            orphaned_claim_grace_period: GoDuration(std::time::Duration::from_secs(300)),
+        }
+    }
 }
 
 /// `spec.dra.gpu`.

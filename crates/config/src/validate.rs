@@ -246,6 +246,17 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    let grace = agent.dra.orphaned_claim_grace_period.get();
+    if grace < std::time::Duration::from_secs(60) || grace > std::time::Duration::from_secs(86_400)
+    {
+        r.error(
+            "spec.dra.orphanedClaimGracePeriod",
+            format!(
+                "{} is out of range; use between 1m and 24h (shorter risks releasing a claim the API server is still catching up on)",
+                agent.dra.orphaned_claim_grace_period
+            ),
+        );
+    }
     let timeout = agent.plugin_registration_timeout.get();
     if timeout < std::time::Duration::from_secs(1)
         || timeout > std::time::Duration::from_secs(86_400)

@@ -149,17 +149,33 @@ pub enum ClaimError {
     },
 }
 
+/// A pod bound to this node, as far as claims are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePod {
+    /// Its name.
+    pub name: String,
+    /// The ResourceClaims it names (`status.resourceClaimStatuses`, and claims named
+    /// directly in `spec.resourceClaims`).
+    pub claims: Vec<String>,
+    /// Succeeded or Failed: it will not use a device again.
+    pub finished: bool,
+}
+
 /// Where claims come from.
 #[tonic::async_trait]
 pub trait ClaimSource: Send + Sync + std::fmt::Debug + 'static {
     /// Fetch one claim.
     async fn get(&self, namespace: &str, name: &str) -> Result<AllocatedClaim, ClaimError>;
+    /// The pods bound to this node in `namespace`.
+    async fn pods(&self, namespace: &str) -> Result<Vec<NodePod>, ClaimError>;
 }
 
-/// Claims from the API server (`resource.k8s.io/v1`).
+/// Claims from the API server (`resource.k8s.io/v1`), and the pods of `node` (listed with
+/// the field selector `spec.nodeName=<node>`, which the Node authorizer grants a node).
 #[derive(Clone)]
 pub struct KubeClaims {
     client: kube::Client,
+    node: String,
 }
 
 impl std::fmt::Debug for KubeClaims {
@@ -169,9 +185,12 @@ impl std::fmt::Debug for KubeClaims {
 }
 
 impl KubeClaims {
-    /// Over a client.
-    pub fn new(client: kube::Client) -> Self {
-        Self { client }
+    /// Over a client, for the pods of `node`.
+    pub fn new(client: kube::Client, node: &str) -> Self {
+        Self {
+            client,
+            node: node.to_string(),
+        }
     }
 }
 
@@ -192,12 +211,54 @@ impl ClaimSource for KubeClaims {
             }),
         }
     }
+
+    async fn pods(&self, namespace: &str) -> Result<Vec<NodePod>, ClaimError> {
+        use k8s_openapi::api::core::v1::Pod;
+        let api: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), namespace);
+        let list = api
+            .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={}", self.node)))
+            .await
+            .map_err(|e| ClaimError::Unavailable {
+                namespace: namespace.to_string(),
+                name: "(pods of this node)".into(),
+                message: e.to_string(),
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|pod| {
+                let mut claims: Vec<String> = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.resource_claim_statuses.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.resource_claim_name.clone())
+                    .collect();
+                claims.extend(
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.resource_claims.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| c.resource_claim_name.clone()),
+                );
+                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+                NodePod {
+                    name: pod.metadata.name.unwrap_or_default(),
+                    claims,
+                    finished: matches!(phase, Some("Succeeded" | "Failed")),
+                }
+            })
+            .collect())
+    }
 }
 
 /// Claims held in memory, for tests.
 #[derive(Debug, Default)]
 pub struct FakeClaims {
     claims: Mutex<HashMap<(String, String), AllocatedClaim>>,
+    pods: Mutex<HashMap<String, Vec<NodePod>>>,
     unavailable: Mutex<bool>,
 }
 
@@ -208,6 +269,22 @@ impl FakeClaims {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert((claim.namespace.clone(), claim.name.clone()), claim);
+    }
+
+    /// Remove a claim (deleted, or force-deleted while prepared).
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// The pods bound to this node in `namespace`.
+    pub fn set_pods(&self, namespace: &str, pods: Vec<NodePod>) {
+        self.pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(namespace.to_string(), pods);
     }
 
     /// Simulate an API server outage.
@@ -242,5 +319,26 @@ impl ClaimSource for FakeClaims {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             })
+    }
+
+    async fn pods(&self, namespace: &str) -> Result<Vec<NodePod>, ClaimError> {
+        if *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            return Err(ClaimError::Unavailable {
+                namespace: namespace.to_string(),
+                name: "(pods of this node)".into(),
+                message: "API server unreachable".into(),
+            });
+        }
+        Ok(self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default())
     }
 }

@@ -193,6 +193,19 @@ pub struct Driver {
     /// The prepared claims after every change, for whoever labels metrics with them.
     changes: tokio::sync::watch::Sender<BTreeMap<String, PreparedClaim>>,
     metrics: Option<crate::DraMetrics>,
+    /// Prepared claims whose ResourceClaim the API server says is gone, since when.
+    gone: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// What one reconcile of prepared claims against the API server did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Claims unprepared because their ResourceClaim was gone.
+    pub released: Vec<String>,
+    /// Claims whose ResourceClaim is gone, waiting out the grace period or a pod of theirs.
+    pub waiting: Vec<String>,
+    /// The API server did not answer: nothing was decided.
+    pub skipped: bool,
 }
 
 /// The in-memory truth; the checkpoint file lags it by at most one group commit.
@@ -324,6 +337,7 @@ impl Driver {
             claim_locks: std::sync::Mutex::new(HashMap::new()),
             changes: tokio::sync::watch::Sender::new(BTreeMap::new()),
             metrics: None,
+            gone: std::sync::Mutex::new(HashMap::new()),
         };
         for (uid, claim) in &checkpoint.claims {
             if let Err(e) = driver.write_cdi(uid, &claim.devices) {
@@ -628,6 +642,90 @@ impl Driver {
         self.publish_changes();
         tracing::info!(claim_uid = %uid, "claim unprepared");
         Ok(())
+    }
+
+    /// Compare the prepared claims with the API server (at start and periodically): a
+    /// claim whose ResourceClaim is gone — deleted (force-deleted while prepared), or its
+    /// name now held by a claim with another UID — for longer than `grace`, and that no
+    /// unfinished pod on this node still uses, is unprepared and its devices released, so
+    /// they cannot stay reserved for a claim nobody holds. Nothing is decided while the
+    /// API server does not answer or answers with errors. Each release is logged and
+    /// counted.
+    pub async fn reconcile(&self, grace: std::time::Duration) -> Reconciled {
+        let prepared = self.lock_state().checkpoint.claims.clone();
+        let mut out = Reconciled::default();
+        let now = std::time::Instant::now();
+        let mut gone_now = Vec::new();
+        for (uid, claim) in &prepared {
+            match self.claims.get(&claim.namespace, &claim.name).await {
+                Ok(current) if current.uid == *uid => {}
+                Ok(_) | Err(crate::ClaimError::NotFound { .. }) => gone_now.push(uid.clone()),
+                Err(e) => {
+                    tracing::debug!("claim reconcile skipped: {e}");
+                    out.skipped = true;
+                    return out;
+                }
+            }
+        }
+        let due: Vec<String> = {
+            let mut gone = self
+                .gone
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            gone.retain(|uid, _| gone_now.contains(uid));
+            gone_now
+                .iter()
+                .filter(|uid| {
+                    now.duration_since(*gone.entry((*uid).clone()).or_insert(now)) >= grace
+                })
+                .cloned()
+                .collect()
+        };
+        for uid in gone_now.iter().filter(|u| !due.contains(u)) {
+            out.waiting.push(uid.clone());
+        }
+        for uid in due {
+            let claim = &prepared[&uid];
+            let pods = match self.claims.pods(&claim.namespace).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!("claim reconcile skipped: {e}");
+                    out.skipped = true;
+                    return out;
+                }
+            };
+            // Its own pods (those it was reserved for) still running here, or, when it
+            // recorded none, any running pod naming it: leave it to the kubelet.
+            let in_use = pods.iter().filter(|p| !p.finished).any(|p| {
+                if claim.pods.is_empty() {
+                    p.claims.contains(&claim.name)
+                } else {
+                    claim.pods.contains(&p.name)
+                }
+            });
+            if in_use {
+                out.waiting.push(uid);
+                continue;
+            }
+            match self.unprepare(&uid).await {
+                Ok(()) => {
+                    tracing::warn!(claim_uid = %uid, claim = %format!("{}/{}", claim.namespace, claim.name), devices = claim.devices.len(), "released a prepared claim whose ResourceClaim is gone and whose pods have left the node");
+                    if let Some(m) = &self.metrics {
+                        m.orphan_released();
+                    }
+                    self.gone
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&uid);
+                    out.released.push(uid);
+                }
+                Err(e) => {
+                    tracing::error!(claim_uid = %uid, "releasing a prepared claim whose ResourceClaim is gone failed: {e}");
+                    out.waiting.push(uid);
+                }
+            }
+        }
+        out
     }
 
     /// The prepared claims now and after every change (a claim's devices and pods label

@@ -23,10 +23,10 @@ mod slices;
 pub use cdi::{ContainerEdits, cdi_device_id};
 pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice};
 pub use claims::{
-    AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims, OpaqueConfig,
-    config_for,
+    AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims, NodePod,
+    OpaqueConfig, config_for,
 };
-pub use driver::{DeviceBackend, Driver, DriverError};
+pub use driver::{DeviceBackend, Driver, DriverError, Reconciled};
 pub use grpc::{V1Service, V1beta1Service};
 pub use health::{
     DeviceHealth, HEALTH_RESEND, HEALTH_TIMEOUT_SECONDS, HealthBoard, HealthService, Taint,

@@ -23,6 +23,7 @@ pub struct DraMetrics {
     prepared_devices: Family<Labels, Gauge>,
     unhealthy: Family<Labels, Gauge>,
     published: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    orphans: Family<Labels, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -44,6 +45,7 @@ impl DraMetrics {
             prepared_devices: Family::default(),
             unhealthy: Family::default(),
             published: Family::default(),
+            orphans: Family::default(),
         };
         registry.register(
             "dra_operations",
@@ -77,6 +79,11 @@ impl DraMetrics {
             "Devices reported unhealthy (tainted in the slice and on the health stream), by driver",
             m.unhealthy.clone(),
         );
+        registry.register(
+            "dra_orphaned_claims_released",
+            "Prepared claims whose ResourceClaim was gone (deleted, or its name reused with another UID) past the grace period with no pod of theirs left on the node: unprepared and their devices released, by driver",
+            m.orphans.clone(),
+        );
         registry.register_with_unit(
             "dra_slices_published_timestamp",
             "Unix time of the last successful ResourceSlice publication or reconcile, by driver",
@@ -95,6 +102,7 @@ impl DraMetrics {
         for family in [&m.prepared_claims, &m.prepared_devices, &m.unhealthy] {
             family.get_or_create(&m.labels(&[])).set(0);
         }
+        let _ = m.orphans.get_or_create(&m.labels(&[]));
         m
     }
 
@@ -139,6 +147,11 @@ impl DraMetrics {
         self.unhealthy
             .get_or_create(&self.labels(&[]))
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// An orphaned claim was released.
+    pub fn orphan_released(&self) {
+        self.orphans.get_or_create(&self.labels(&[])).inc();
     }
 
     /// The slices were published (or found current) just now.

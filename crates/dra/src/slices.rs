@@ -1,6 +1,6 @@
 //! ResourceSlice publication: one pool per driver per node (pool name = node name),
 //! devices in a stable order, chunked into slices of at most 128 devices, owned by the
-//! Node object (so they go away with it), the pool generation bumped whenever the device
+//! Node object (so they go away with it), the pool generation raised whenever the device
 //! set changes, obsolete slices deleted.
 
 use std::collections::BTreeMap;
@@ -166,6 +166,8 @@ pub struct SlicePublisher {
     node: String,
     /// Set once the API server stored a slice without the taints it was sent.
     taints_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The highest pool generation this process published.
+    published: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl std::fmt::Debug for SlicePublisher {
@@ -193,7 +195,21 @@ impl SlicePublisher {
             driver: driver.to_string(),
             node: node.to_string(),
             taints_dropped: std::sync::Arc::default(),
+            published: std::sync::Arc::default(),
         }
+    }
+
+    /// The generation of a changed pool: above the slices on the server, above anything
+    /// this process published (the kubelet may have wiped the slices), and at least the
+    /// wall clock in milliseconds — so a restart that finds no slices still goes above
+    /// what the previous process published, and a consumer holding an older slice never
+    /// sees a newer pool with a lower generation.
+    fn next_generation(&self, on_server: i64) -> i64 {
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let last = self.published.load(std::sync::atomic::Ordering::Relaxed);
+        on_server.max(last).saturating_add(1).max(clock)
     }
 
     fn err(&self, message: impl std::fmt::Display) -> PublishError {
@@ -332,7 +348,7 @@ impl SlicePublisher {
         let generation = if unchanged {
             current_gen
         } else {
-            current_gen + 1
+            self.next_generation(current_gen)
         };
         let mut done = Published {
             generation,
@@ -395,6 +411,8 @@ impl SlicePublisher {
                 done.deleted += 1;
             }
         }
+        self.published
+            .fetch_max(generation, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(driver = %self.driver, node = %self.node, generation, created = done.created, updated = done.updated, deleted = done.deleted, "ResourceSlices published");
         Ok(done)
     }

@@ -45,7 +45,7 @@ async fn reads_allocations_and_maps_not_found() {
     let (url, paths) = api_stub().await;
     let client =
         kube::Client::try_from(kube::Config::new(url.parse::<http::Uri>().unwrap())).unwrap();
-    let claims = KubeClaims::new(client);
+    let claims = KubeClaims::new(client, "node-a");
     let c = claims.get("ml", "train").await.unwrap();
     assert_eq!(c.uid, "0d6f-uid");
     assert_eq!(c.allocations.len(), 1);
@@ -59,5 +59,49 @@ async fn reads_allocations_and_maps_not_found() {
     assert_eq!(
         paths[0],
         "/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims/train"
+    );
+}
+
+/// The pods of this node, asked as a node may ask (field selector `spec.nodeName`), with
+/// the claims each names and whether it has finished.
+#[tokio::test]
+async fn lists_this_nodes_pods_and_the_claims_they_name() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = hybridlet_fixtures::apiserver::FakeApiServer::start()
+        .await
+        .unwrap();
+    for (name, node, phase, claim) in [
+        ("train-0", "node-a", "Running", "train"),
+        ("done-0", "node-a", "Succeeded", "old"),
+        ("elsewhere", "node-b", "Running", "train"),
+    ] {
+        api.put(
+            &format!("/api/v1/namespaces/ml/pods/{name}"),
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ml"},
+                "spec": {"nodeName": node, "containers": [],
+                         "resourceClaims": [{"name": "gpu", "resourceClaimName": claim}]},
+                "status": {"phase": phase,
+                           "resourceClaimStatuses": [{"name": "gpu", "resourceClaimName": format!("{claim}-generated")}]}}),
+        );
+    }
+    let mut config = kube::Config::new(api.url().parse::<http::Uri>().unwrap());
+    config.default_retry = false;
+    let claims = KubeClaims::new(kube::Client::try_from(config).unwrap(), "node-a");
+    let mut pods = claims.pods("ml").await.unwrap();
+    pods.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    assert_eq!(pods[0].name, "done-0");
+    assert!(pods[0].finished);
+    assert_eq!(pods[1].name, "train-0");
+    assert!(!pods[1].finished);
+    assert_eq!(pods[1].claims, ["train-generated", "train"]);
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/namespaces/ml/pods?")
+                && r.contains("spec.nodeName%3Dnode-a")),
+        "{:?}",
+        api.requests()
     );
 }

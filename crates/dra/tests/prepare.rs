@@ -789,3 +789,93 @@ async fn a_failed_prepare_leaves_no_intent_behind() {
         fresh.log.lock().unwrap()
     );
 }
+
+/// Claims prepared for ResourceClaims that are gone (NVIDIA's driver keeps them forever:
+/// dra-driver-nvidia-gpu#1278): released after the grace period once none of their pods is
+/// left on the node, never while the API server does not answer, and a name reused by a
+/// new claim (another UID) counts as gone.
+#[tokio::test]
+async fn prepared_claims_whose_resourceclaim_is_gone_are_released() {
+    use hybridlet_dra::NodePod;
+    use std::time::Duration;
+    let rig = Rig::new();
+    std::fs::create_dir_all(rig.checkpoint().parent().unwrap()).unwrap();
+    let mut a = claim("a", "uid-a", &[("gpu", DRIVER, "node-a", "gpu-0")]);
+    a.pods = vec!["train-0".into()];
+    rig.claims.put(a);
+    rig.claims
+        .put(claim("b", "uid-b", &[("gpu", DRIVER, "node-a", "gpu-1")]));
+    rig.claims
+        .put(claim("c", "uid-c", &[("gpu", DRIVER, "node-a", "gpu-2")]));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = hybridlet_dra::DraMetrics::register(&mut registry);
+    let driver = Driver::open(
+        Arc::new(Gpus),
+        rig.claims.clone(),
+        &rig.checkpoint(),
+        &rig.cdi(),
+        "boot-1",
+    )
+    .unwrap()
+    .with_metrics(metrics.for_driver(DRIVER));
+    for (name, uid) in [("a", "uid-a"), ("b", "uid-b"), ("c", "uid-c")] {
+        driver.prepare("ml", name, uid).await.unwrap();
+    }
+    let long = Duration::from_secs(3600);
+
+    // All there: nothing to do.
+    assert_eq!(driver.reconcile(Duration::ZERO).await, Default::default());
+    // a is force-deleted while its pod still runs here; b's name is reused by a new claim.
+    rig.claims.remove("ml", "a");
+    rig.claims
+        .put(claim("b", "uid-b2", &[("gpu", DRIVER, "node-a", "gpu-5")]));
+    rig.claims.set_pods(
+        "ml",
+        vec![NodePod {
+            name: "train-0".into(),
+            claims: vec!["a".into()],
+            finished: false,
+        }],
+    );
+    // Within the grace period: both wait.
+    let r = driver.reconcile(long).await;
+    assert_eq!(
+        (r.released.len(), r.waiting.len(), r.skipped),
+        (0, 2, false),
+        "{r:?}"
+    );
+    // The API server is down: nothing is decided, whatever the grace.
+    rig.claims.set_unavailable(true);
+    let r = driver.reconcile(Duration::ZERO).await;
+    assert!(r.skipped && r.released.is_empty(), "{r:?}");
+    rig.claims.set_unavailable(false);
+    // Past the grace: b (its name now another claim's) is released; a waits for its pod.
+    let r = driver.reconcile(Duration::ZERO).await;
+    assert_eq!(r.released, ["uid-b"]);
+    assert_eq!(r.waiting, ["uid-a"]);
+    // The pod finished: a goes too, and its device can serve a new claim.
+    rig.claims.set_pods(
+        "ml",
+        vec![NodePod {
+            name: "train-0".into(),
+            claims: vec!["a".into()],
+            finished: true,
+        }],
+    );
+    let r = driver.reconcile(Duration::ZERO).await;
+    assert_eq!(r.released, ["uid-a"]);
+    let prepared = driver.prepared().await;
+    assert_eq!(prepared.keys().collect::<Vec<_>>(), ["uid-c"]);
+    assert!(!spec_path(&rig.cdi(), "uid-a").exists());
+    rig.claims
+        .put(claim("d", "uid-d", &[("gpu", DRIVER, "node-a", "gpu-0")]));
+    driver.prepare("ml", "d", "uid-d").await.unwrap();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!(
+            "dra_orphaned_claims_released_total{{driver=\"{DRIVER}\"}} 2"
+        )),
+        "{text}"
+    );
+}

@@ -45,9 +45,11 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
     let publisher = SlicePublisher::new(client, "sriov.hybridlet.io", "node-a");
 
     let done = publisher.publish(&devices(300)).await.unwrap();
-    assert_eq!(
-        (done.created, done.updated, done.deleted, done.generation),
-        (3, 0, 0, 1)
+    assert_eq!((done.created, done.updated, done.deleted), (3, 0, 0));
+    let first = done.generation;
+    assert!(
+        first > 1_700_000_000_000,
+        "a clock-based generation: {first}"
     );
     let slices = api.list(SLICES);
     assert_eq!(slices.len(), 3);
@@ -78,7 +80,7 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
     let done = publisher.publish(&devices(300)).await.unwrap();
     assert_eq!(
         (done.created, done.updated, done.deleted, done.generation),
-        (0, 0, 0, 1)
+        (0, 0, 0, first)
     );
     assert!(
         api.requests()[before..]
@@ -90,13 +92,12 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
 
     // Fewer devices: one slice replaced, two deleted, generation bumped.
     let done = publisher.publish(&devices(100)).await.unwrap();
-    assert_eq!(
-        (done.created, done.updated, done.deleted, done.generation),
-        (0, 1, 2, 2)
-    );
+    assert_eq!((done.created, done.updated, done.deleted), (0, 1, 2));
+    assert!(done.generation > first);
+    let second = done.generation;
     let slices = api.list(SLICES);
     assert_eq!(slices.len(), 1);
-    assert_eq!(slices[0]["spec"]["pool"]["generation"], 2);
+    assert_eq!(slices[0]["spec"]["pool"]["generation"], second);
     assert_eq!(slices[0]["spec"]["pool"]["resourceSliceCount"], 1);
 
     // Someone (the kubelet on restart) deletes the slice: the next publish recreates it.
@@ -105,6 +106,26 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
     let done = publisher.publish(&devices(100)).await.unwrap();
     assert_eq!(done.created, 1);
     assert_eq!(api.list(SLICES).len(), 1);
+    // The pool generation never goes back, though no slice of it was left on the server.
+    assert!(
+        done.generation > second,
+        "{} after {second}",
+        done.generation
+    );
+    let third = done.generation;
+    // Nor after a restart (a new publisher) that finds the slices wiped again.
+    api.remove(&format!("{SLICES}/{name}"));
+    let restarted = SlicePublisher::new(
+        {
+            let mut config = kube::Config::new(api.url().parse::<http::Uri>().unwrap());
+            config.default_retry = false;
+            kube::Client::try_from(config).unwrap()
+        },
+        "sriov.hybridlet.io",
+        "node-a",
+    );
+    let done = restarted.publish(&devices(100)).await.unwrap();
+    assert!(done.generation > third, "{} after {third}", done.generation);
 
     // A tainted (unhealthy) device: slices of at most 64, the taint published; the same
     // state again writes nothing, even once the server has stamped timeAdded.

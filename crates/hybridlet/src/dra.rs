@@ -450,6 +450,7 @@ pub struct DraPlugin {
     devices: Vec<SliceDevice>,
     metrics: PluginMetrics,
     registration_timeout: Duration,
+    orphan_grace: Duration,
     /// Where to record who holds each device, and device name → key there.
     holders: Option<(Holders, BTreeMap<String, String>)>,
     /// The devices' health: the health stream and the slice taints read it.
@@ -539,6 +540,7 @@ impl DraPlugin {
             devices,
             metrics,
             registration_timeout: Duration::from_secs(300),
+            orphan_grace: Duration::from_secs(300),
             holders: None,
         }
     }
@@ -547,6 +549,13 @@ impl DraPlugin {
     /// this long after start (`spec.pluginRegistrationTimeout`).
     pub fn registration_timeout(mut self, after: Duration) -> Self {
         self.registration_timeout = after;
+        self
+    }
+
+    /// Release a prepared claim whose ResourceClaim has been gone this long
+    /// (`spec.dra.orphanedClaimGracePeriod`).
+    pub fn orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
         self
     }
 
@@ -659,7 +668,7 @@ impl DraPlugin {
         let devices = self.devices;
         let mut driver = Driver::open(
             self.backend,
-            Arc::new(KubeClaims::new(client.clone())),
+            Arc::new(KubeClaims::new(client.clone(), &self.node)),
             &self.checkpoint,
             &self.cdi_dir,
             &self.boot_id,
@@ -668,6 +677,20 @@ impl DraPlugin {
             driver = driver.with_metrics(m.clone());
         }
         let driver = Arc::new(driver);
+        {
+            // Claims prepared for ResourceClaims that are gone: at start, then every minute.
+            let (driver, grace, shutdown) =
+                (driver.clone(), self.orphan_grace, ctx.shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    driver.reconcile(grace).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                    }
+                }
+            });
+        }
         if let Some((holders, uuids)) = self.holders {
             tokio::spawn(track_holders(
                 driver.subscribe(),

@@ -150,7 +150,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 device_holders.clone(),
             )
             .with_metrics(&dra_metrics)
-            .registration_timeout(config.agent.plugin_registration_timeout.get());
+            .registration_timeout(config.agent.plugin_registration_timeout.get())
+            .orphan_grace(config.agent.dra.orphaned_claim_grace_period.get());
             devices_summary.add_health_policy(Arc::new(crate::health::VfHealth::new(
                 dra.health(),
                 &config.agent.dra.sriov.driver_name,
@@ -168,7 +169,8 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 device_holders,
             )
             .with_metrics(&dra_metrics)
-            .registration_timeout(config.agent.plugin_registration_timeout.get());
+            .registration_timeout(config.agent.plugin_registration_timeout.get())
+            .orphan_grace(config.agent.dra.orphaned_claim_grace_period.get());
             devices_summary.add_health_policy(Arc::new(crate::health::GpuHealth::new(
                 dra.health(),
                 &config.agent.dra.gpu.driver_name,
