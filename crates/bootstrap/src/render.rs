@@ -43,8 +43,13 @@ pub const ECR_CREDENTIAL_PROVIDER: &str =
     "/etc/eks/image-credential-provider/ecr-credential-provider";
 const IMAGE_CREDENTIAL_PROVIDER_CONFIG: &str = "/etc/eks/image-credential-provider/config.json";
 
-/// One file to write.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The containerd unit.
+pub const CONTAINERD_UNIT: &str = "containerd.service";
+/// The kubelet unit.
+pub const KUBELET_UNIT: &str = "kubelet.service";
+
+/// One file to write, and who it belongs to.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RenderedFile {
     /// Absolute host path (the binary resolves it under `--root`).
     pub path: String,
@@ -52,6 +57,70 @@ pub struct RenderedFile {
     pub mode: u32,
     /// Contents.
     pub contents: String,
+    /// The systemd units that read it: they restart when it changes.
+    pub owners: Vec<String>,
+    /// It may hold credentials (a proxy password, registry credentials): its contents
+    /// are shown nowhere — not in `--dry-run`, not in logs, not in `Debug` — and it is
+    /// readable by root only.
+    pub secret: bool,
+}
+
+impl std::fmt::Debug for RenderedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("RenderedFile");
+        d.field("path", &self.path)
+            .field("mode", &format_args!("{:o}", self.mode));
+        if self.secret {
+            d.field(
+                "contents",
+                &format_args!("<{} bytes, secret>", self.contents.len()),
+            );
+        } else {
+            d.field("contents", &self.contents);
+        }
+        d.field("owners", &self.owners).finish()
+    }
+}
+
+impl RenderedFile {
+    /// A file no service owns and without secrets.
+    pub fn new(path: impl Into<String>, mode: u32, contents: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            mode,
+            contents: contents.into(),
+            owners: Vec::new(),
+            secret: false,
+        }
+    }
+
+    /// `unit` reads it.
+    pub fn owned_by(mut self, unit: &str) -> Self {
+        if !self.owners.iter().any(|o| o == unit) {
+            self.owners.push(unit.to_string());
+        }
+        self
+    }
+
+    /// It may hold credentials (and is then readable by root only).
+    pub fn secret(mut self) -> Self {
+        self.secret = true;
+        self.mode &= 0o700;
+        self
+    }
+
+    /// The contents as `--dry-run` and diffs may show them: a secret file's never.
+    pub fn shown(&self) -> std::borrow::Cow<'_, str> {
+        if self.secret {
+            format!(
+                "<{} bytes: may hold credentials, not shown>",
+                self.contents.len()
+            )
+            .into()
+        } else {
+            self.contents.as_str().into()
+        }
+    }
 }
 
 /// Why rendering failed.
@@ -345,10 +414,13 @@ fn image_credential_provider_config(node: &NodeIdentity) -> String {
 
 /// `spec.proxy` as a drop-in for `unit` (`None` without a proxy).
 pub fn proxy_dropin_for(config: &Config, unit: &str) -> Option<RenderedFile> {
-    proxy_dropin(config).map(|contents| RenderedFile {
-        path: format!("/etc/systemd/system/{unit}.d/http-proxy.conf"),
-        mode: 0o644,
-        contents,
+    proxy_dropin(config).map(|contents| {
+        RenderedFile::new(
+            format!("/etc/systemd/system/{unit}.d/http-proxy.conf"),
+            0o644,
+            contents,
+        )
+        .owned_by(unit)
     })
 }
 
@@ -357,7 +429,7 @@ pub fn proxy_dropin_for(config: &Config, unit: &str) -> Option<RenderedFile> {
 pub fn proxy_files_for(config: &Config, unit: &str) -> Vec<RenderedFile> {
     let mut files: Vec<RenderedFile> = proxy_dropin_for(config, unit).into_iter().collect();
     if !files.is_empty() {
-        files.extend(proxy_env_file(config));
+        files.extend(proxy_env_file(config).map(|f| f.owned_by(unit)));
     }
     files
 }
@@ -405,11 +477,7 @@ fn proxy_env_file(config: &Config) -> Option<RenderedFile> {
     for (k, v) in proxy_env(config) {
         let _ = writeln!(contents, "{k}={v}");
     }
-    Some(RenderedFile {
-        path: PROXY_ENV_FILE.into(),
-        mode: 0o600,
-        contents,
-    })
+    Some(RenderedFile::new(PROXY_ENV_FILE, 0o600, contents).secret())
 }
 
 fn proxy_dropin(config: &Config) -> Option<String> {
@@ -540,92 +608,109 @@ pub fn render(
         )
         .map_err(|e| RenderError::CertificateAuthority(format!("not valid base64: {e}")))?;
     let mut files = vec![
-        RenderedFile {
-            path: "/etc/containerd/config.toml".into(),
-            mode: 0o644,
-            contents: containerd_config(sandbox_image),
-        },
-        RenderedFile {
-            path: "/etc/kubernetes/pki/ca.crt".into(),
-            mode: 0o644,
-            contents: String::from_utf8_lossy(&ca).into_owned(),
-        },
-        RenderedFile {
-            path: "/etc/kubernetes/kubelet/config.json".into(),
-            mode: 0o644,
-            contents: kubelet_config(cluster, node, &user_kubelet)?,
-        },
-        RenderedFile {
-            path: "/var/lib/kubelet/kubeconfig".into(),
-            mode: 0o644,
-            contents: kubeconfig(cluster, node),
-        },
-        RenderedFile {
-            path: "/etc/eks/kubelet/environment".into(),
-            mode: 0o644,
-            contents: kubelet_env(node, &user_flags),
-        },
-        RenderedFile {
-            path: MODULES_LOAD_PATH.into(),
-            mode: 0o644,
-            contents: MODULES_LOAD.into(),
-        },
-        RenderedFile {
-            path: SYSCTL_PATH.into(),
-            mode: 0o644,
-            contents: SYSCTL.into(),
-        },
+        RenderedFile::new(
+            "/etc/containerd/config.toml",
+            0o644,
+            containerd_config(sandbox_image),
+        )
+        .owned_by(CONTAINERD_UNIT),
+        RenderedFile::new(
+            "/etc/kubernetes/pki/ca.crt",
+            0o644,
+            String::from_utf8_lossy(&ca).into_owned(),
+        )
+        .owned_by(KUBELET_UNIT),
+        RenderedFile::new(
+            "/etc/kubernetes/kubelet/config.json",
+            0o644,
+            kubelet_config(cluster, node, &user_kubelet)?,
+        )
+        .owned_by(KUBELET_UNIT),
+        RenderedFile::new(
+            "/var/lib/kubelet/kubeconfig",
+            0o644,
+            kubeconfig(cluster, node),
+        )
+        .owned_by(KUBELET_UNIT),
+        RenderedFile::new(
+            "/etc/eks/kubelet/environment",
+            0o644,
+            kubelet_env(node, &user_flags),
+        )
+        .owned_by(KUBELET_UNIT),
+        RenderedFile::new(MODULES_LOAD_PATH, 0o644, MODULES_LOAD),
+        RenderedFile::new(SYSCTL_PATH, 0o644, SYSCTL),
     ];
     if let Some(user_toml) = spec.map(|s| &s.containerd.config).filter(|c| !c.is_empty()) {
-        files.push(RenderedFile {
-            path: "/etc/containerd/config.d/00-nodeadm.toml".into(),
-            // May hold registry credentials.
-            mode: 0o600,
-            contents: user_toml.clone(),
-        });
+        // The user's TOML may hold registry credentials.
+        files.push(
+            RenderedFile::new(
+                "/etc/containerd/config.d/00-nodeadm.toml",
+                0o600,
+                user_toml.clone(),
+            )
+            .owned_by(CONTAINERD_UNIT)
+            .secret(),
+        );
     }
     for mirror in &config.agent.registry_mirrors {
-        files.push(RenderedFile {
-            path: format!("/etc/containerd/certs.d/{}/hosts.toml", mirror.registry),
-            mode: 0o644,
-            contents: hosts_toml(mirror),
-        });
+        files.push(
+            RenderedFile::new(
+                format!("/etc/containerd/certs.d/{}/hosts.toml", mirror.registry),
+                0o644,
+                hosts_toml(mirror),
+            )
+            .owned_by(CONTAINERD_UNIT),
+        );
     }
     if node.ecr_credential_provider {
-        files.push(RenderedFile {
-            path: IMAGE_CREDENTIAL_PROVIDER_CONFIG.into(),
-            mode: 0o644,
-            contents: image_credential_provider_config(node),
-        });
+        // The kubelet reads its credential provider configuration at start.
+        files.push(
+            RenderedFile::new(
+                IMAGE_CREDENTIAL_PROVIDER_CONFIG,
+                0o644,
+                image_credential_provider_config(node),
+            )
+            .owned_by(KUBELET_UNIT),
+        );
     }
     let mut units = vec!["containerd.service", "kubelet.service"];
     // The agent fetches the node's credentials: behind a proxy it needs it as well.
     units.extend(node.ssm_agent_unit.as_deref());
-    files.extend(
-        units
-            .into_iter()
-            .filter_map(|u| proxy_dropin_for(config, u)),
-    );
-    files.extend(proxy_env_file(config));
+    let dropins: Vec<RenderedFile> = units
+        .iter()
+        .filter_map(|u| proxy_dropin_for(config, u))
+        .collect();
+    // The root-only proxy environment file belongs to every unit whose drop-in reads it.
+    if let Some(mut env) = proxy_env_file(config) {
+        for d in &dropins {
+            env.owners.extend(d.owners.iter().cloned());
+        }
+        files.push(env);
+    }
+    files.extend(dropins);
     if let Some(ra) = spec
         .and_then(|s| s.hybrid.as_ref())
         .and_then(|h| h.iam_roles_anywhere.as_ref())
     {
         let with_proxy = config.agent.proxy.https_proxy.is_some();
-        files.push(RenderedFile {
-            path: ra.aws_config_path.clone(),
-            mode: 0o644,
-            contents: iam_ra_aws_config(ra, &cluster.region, with_proxy),
-        });
+        files.push(RenderedFile::new(
+            ra.aws_config_path.clone(),
+            0o644,
+            iam_ra_aws_config(ra, &cluster.region, with_proxy),
+        ));
         if spec
             .and_then(|s| s.hybrid.as_ref())
             .is_some_and(|h| h.enable_credentials_file)
         {
-            files.push(RenderedFile {
-                path: format!("/etc/systemd/system/{SIGNING_HELPER_UPDATE_UNIT}"),
-                mode: 0o644,
-                contents: signing_helper_update_unit(ra, &cluster.region, with_proxy),
-            });
+            files.push(
+                RenderedFile::new(
+                    format!("/etc/systemd/system/{SIGNING_HELPER_UPDATE_UNIT}"),
+                    0o644,
+                    signing_helper_update_unit(ra, &cluster.region, with_proxy),
+                )
+                .owned_by(SIGNING_HELPER_UPDATE_UNIT),
+            );
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));

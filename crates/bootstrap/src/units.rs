@@ -7,10 +7,10 @@ use crate::RenderedFile;
 /// two tools' files stay interchangeable). Ordered after containerd and hybridlet (whose
 /// CSI and DRA sockets the kubelet discovers at start).
 pub fn kubelet_unit() -> RenderedFile {
-    RenderedFile {
-        path: "/etc/systemd/system/kubelet.service".into(),
-        mode: 0o644,
-        contents: "\
+    RenderedFile::new(
+        "/etc/systemd/system/kubelet.service",
+        0o644,
+        "\
 # Written by `hybridlet install`; `hybridlet uninstall` removes it.
 [Unit]
 Description=Kubernetes kubelet (EKS Hybrid Nodes)
@@ -32,7 +32,7 @@ MemoryAccounting=true
 
 [Install]
 WantedBy=multi-user.target
-"
-        .into(),
-    }
+",
+    )
+    .owned_by(crate::KUBELET_UNIT)
 }

@@ -498,11 +498,8 @@ fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Failu
     for (f, state) in rendered.iter().zip(&states) {
         outln!("{:>9}  {:o}  {}", state.as_str(), f.mode, f.path);
     }
-    for f in rendered
-        .iter()
-        .filter(|f| !f.path.ends_with("00-nodeadm.toml"))
-    {
-        outln!("\n--- {} ---\n{}", f.path, f.contents.trim_end());
+    for f in rendered {
+        outln!("\n--- {} ---\n{}", f.path, f.shown().trim_end());
     }
     let changes = states
         .iter()
@@ -515,28 +512,10 @@ fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Failu
     Ok(())
 }
 
-const CONTAINERD: &str = "containerd.service";
+const CONTAINERD: &str = hybridlet_bootstrap::CONTAINERD_UNIT;
 /// How long a restarted unit must stay active to count as started.
 const SETTLE: Duration = Duration::from_secs(3);
-const KUBELET: &str = "kubelet.service";
-
-/// Which unit a file configures (drop-ins, unit files and config files alike).
-fn unit_of(path: &str) -> Option<String> {
-    if path.starts_with("/etc/containerd/") {
-        Some(CONTAINERD.into())
-    } else if path.starts_with("/etc/kubernetes/")
-        || path.starts_with("/var/lib/kubelet/")
-        || path.starts_with("/etc/eks/kubelet/")
-    {
-        Some(KUBELET.into())
-    } else if let Some(rest) = path.strip_prefix("/etc/systemd/system/") {
-        // `<unit>.service` or `<unit>.service.d/<drop-in>`.
-        let unit = rest.split('/').next()?.trim_end_matches(".d");
-        unit.ends_with(".service").then(|| unit.to_string())
-    } else {
-        None
-    }
-}
+const KUBELET: &str = hybridlet_bootstrap::KUBELET_UNIT;
 
 /// What [`join`] did.
 #[derive(Debug)]
@@ -593,33 +572,19 @@ pub(crate) fn join(
     let Some(sm) = services else {
         return Ok(report);
     };
-    let wrote = |path: &str| {
+    // Each rendered file names the units that read it (the renderer knows).
+    let changed = |unit: &str| {
         rendered
             .iter()
             .zip(&report.states)
-            .any(|(f, s)| *s != FileState::Unchanged && f.path == path)
+            .any(|(f, s)| *s != FileState::Unchanged && f.owners.iter().any(|o| o == unit))
     };
-    // The root-only proxy environment file belongs to every unit whose drop-in uses it.
-    let proxy_env_changed = wrote(hybridlet_bootstrap::PROXY_ENV_FILE);
-    let changed =
-        |unit: &str| {
-            rendered.iter().zip(&report.states).any(|(f, s)| {
-                *s != FileState::Unchanged && unit_of(&f.path).as_deref() == Some(unit)
-            }) || (proxy_env_changed
-                && rendered
-                    .iter()
-                    .any(|f| f.path == format!("/etc/systemd/system/{unit}.d/http-proxy.conf")))
-        };
     // Credential units (the SSM agent's drop-in, the signing helper's refresher) before
     // the runtime and the kubelet that depend on them.
     let mut units: Vec<String> = Vec::new();
-    for f in rendered {
-        if let Some(u) = unit_of(&f.path)
-            && u != CONTAINERD
-            && u != KUBELET
-            && !units.contains(&u)
-        {
-            units.push(u);
+    for u in rendered.iter().flat_map(|f| &f.owners) {
+        if u != CONTAINERD && u != KUBELET && !units.contains(u) {
+            units.push(u.clone());
         }
     }
     units.extend([CONTAINERD.to_string(), KUBELET.to_string()]);
@@ -904,16 +869,10 @@ mod tests {
 
     fn fixture(dir: &Path) -> (Vec<RenderedFile>, Vec<DesiredFile>) {
         let rendered = vec![
-            RenderedFile {
-                path: "/etc/containerd/config.toml".into(),
-                mode: 0o644,
-                contents: "version = 3\n".into(),
-            },
-            RenderedFile {
-                path: "/etc/kubernetes/kubelet/config.json".into(),
-                mode: 0o644,
-                contents: "{}\n".into(),
-            },
+            RenderedFile::new("/etc/containerd/config.toml", 0o644, "version = 3\n")
+                .owned_by(CONTAINERD),
+            RenderedFile::new("/etc/kubernetes/kubelet/config.json", 0o644, "{}\n")
+                .owned_by(KUBELET),
         ];
         let files = rendered
             .iter()
@@ -972,16 +931,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let render = |password: &str| {
             let rendered = vec![
-                RenderedFile {
-                    path: "/etc/systemd/system/kubelet.service.d/http-proxy.conf".into(),
-                    mode: 0o644,
-                    contents: "[Service]\nEnvironmentFile=/etc/hybridlet/proxy.env\n".into(),
-                },
-                RenderedFile {
-                    path: hybridlet_bootstrap::PROXY_ENV_FILE.into(),
-                    mode: 0o600,
-                    contents: format!("HTTPS_PROXY=http://u:{password}@proxy:3128\n"),
-                },
+                RenderedFile::new(
+                    "/etc/systemd/system/kubelet.service.d/http-proxy.conf",
+                    0o644,
+                    "[Service]\nEnvironmentFile=/etc/hybridlet/proxy.env\n",
+                )
+                .owned_by(KUBELET),
+                RenderedFile::new(
+                    hybridlet_bootstrap::PROXY_ENV_FILE,
+                    0o600,
+                    format!("HTTPS_PROXY=http://u:{password}@proxy:3128\n"),
+                )
+                .owned_by(KUBELET)
+                .secret(),
             ];
             let files: Vec<DesiredFile> = rendered
                 .iter()
@@ -1025,11 +987,7 @@ mod tests {
                 "net.ipv4.ip_forward = 1\n",
             ),
         ] {
-            rendered.push(RenderedFile {
-                path: path.into(),
-                mode: 0o644,
-                contents: contents.into(),
-            });
+            rendered.push(RenderedFile::new(path, 0o644, contents));
             files.push(DesiredFile {
                 path: dir.path().join(path.trim_start_matches('/')),
                 mode: 0o644,
