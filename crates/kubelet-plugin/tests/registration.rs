@@ -182,3 +182,57 @@ async fn stale_sockets_are_replaced_live_ones_and_files_are_not() {
         Err(SocketError::TooLong { .. })
     ));
 }
+
+/// The CSI plugin and both DRA drivers create their registration sockets in one directory
+/// from one process, at the same moment: each must end up with its own listening socket
+/// (the temporary name a socket is bound under is unique per bind, not per process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_starting_together_each_get_their_own_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("plugins_registry");
+    for round in 0..100 {
+        let names = ["csi.hybridlet.io", "gpu.hybridlet.io", "sriov.hybridlet.io"];
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(names.len()));
+        let handles: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let path = registry.join(format!("{name}-reg.sock"));
+                let barrier = barrier.clone();
+                let rt = tokio::runtime::Handle::current();
+                std::thread::spawn(move || {
+                    let _entered = rt.enter();
+                    barrier.wait();
+                    (path.clone(), PluginSocket::bind(&path))
+                })
+            })
+            .collect();
+        let mut sockets = Vec::new();
+        for h in handles {
+            let (path, bound) = h.join().unwrap();
+            let socket = bound.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            sockets.push((path, socket));
+        }
+        for (path, socket) in &sockets {
+            assert_eq!(socket.path(), path);
+            assert!(
+                std::fs::symlink_metadata(path)
+                    .unwrap()
+                    .file_type()
+                    .is_socket(),
+                "round {round}: {} is not a socket",
+                path.display()
+            );
+            std::os::unix::net::UnixStream::connect(path)
+                .unwrap_or_else(|e| panic!("round {round}: {}: {e}", path.display()));
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(&registry)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+        for (path, _) in &sockets {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
