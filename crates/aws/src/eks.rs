@@ -1,7 +1,5 @@
 use std::time::Duration;
 
-use aws_sdk_eks::error::DisplayErrorContext;
-
 /// What hybridlet needs from EKS DescribeCluster to join a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterInfo {
@@ -66,7 +64,8 @@ pub async fn describe_cluster(
         })?
         .map_err(|e| EksError::DescribeCluster {
             cluster: cluster.to_string(),
-            message: DisplayErrorContext(&e).to_string(),
+            // The chain's texts, not DisplayErrorContext: that ends with the raw response's Debug.
+            message: hybridlet_runtime::error_chain(&e),
         })?;
     let c = output.cluster.ok_or_else(|| EksError::Empty {
         cluster: cluster.to_string(),

@@ -298,6 +298,20 @@ pub struct AgentSpec {
     pub registry_mirrors: Vec<RegistryMirror>,
     /// HTTP proxy for hybridlet, containerd and the kubelet.
     pub proxy: ProxySpec,
+    /// The cluster's remote node and pod networks, for `init` and `check` to judge the
+    /// node's IP and pod CIDRs against when DescribeCluster cannot be asked. Default: ask.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_networks: Option<RemoteNetworksSpec>,
+}
+
+/// `spec.remoteNetworks`: the cluster's `remoteNetworkConfig`, as CIDRs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RemoteNetworksSpec {
+    /// `remoteNodeNetworks[].cidrs`.
+    pub node_cidrs: Vec<String>,
+    /// `remotePodNetworks[].cidrs`.
+    pub pod_cidrs: Vec<String>,
 }
 
 impl Default for AgentSpec {
@@ -313,6 +327,7 @@ impl Default for AgentSpec {
             sriov: SriovSpec::default(),
             registry_mirrors: Vec::new(),
             proxy: ProxySpec::default(),
+            remote_networks: None,
         }
     }
 }

@@ -246,6 +246,27 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             ),
         );
     }
+    if let Some(nets) = &agent.remote_networks {
+        for (list, field) in [
+            (&nets.node_cidrs, "nodeCidrs"),
+            (&nets.pod_cidrs, "podCidrs"),
+        ] {
+            for (i, cidr) in list.iter().enumerate() {
+                if cidr.parse::<ipnet::IpNet>().is_err() {
+                    r.error(
+                        format!("spec.remoteNetworks.{field}[{i}]"),
+                        format!("{cidr:?} is not a CIDR (e.g. 10.80.0.0/16 or fd00:80::/48)"),
+                    );
+                }
+            }
+        }
+        if nets.node_cidrs.is_empty() {
+            r.error(
+                "spec.remoteNetworks.nodeCidrs",
+                "is empty; list the cluster's remote node networks (aws eks describe-cluster --query cluster.remoteNetworkConfig), or leave spec.remoteNetworks out to have them asked of EKS".to_string(),
+            );
+        }
+    }
     let grace = agent.dra.orphaned_claim_grace_period.get();
     if grace < std::time::Duration::from_secs(60) || grace > std::time::Duration::from_secs(86_400)
     {

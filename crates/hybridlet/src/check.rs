@@ -50,6 +50,11 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
                 &hybridlet_sys::systemd::Systemctl::default(),
             ));
         }
+        results.extend(crate::preflight::remote_network_checks(
+            config,
+            &root,
+            args.offline,
+        ));
         if !args.offline {
             results.extend(crate::preflight::api_server_checks(config, &root));
             results.extend(crate::preflight::aws_endpoint_checks(config, &root));

@@ -22,11 +22,12 @@ use hybridlet_sys::HostRoot;
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
 use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{Cli, InitArgs};
 use crate::exit::Failure;
+use crate::preflight::Outcome;
+use crate::remote_networks::RemoteNetworks;
 
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,21 +38,9 @@ fn node_config(config: &Config) -> Result<&NodeConfig, Failure> {
     })
 }
 
-/// The cluster from the configuration when it has endpoint, CA and CIDR; otherwise from
-/// DescribeCluster, with configured values taking precedence.
-fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
+/// DescribeCluster with the node's credentials.
+fn describe(node: &NodeConfig, why: &str) -> Result<hybridlet_aws::ClusterInfo, Failure> {
     let c = &node.spec.cluster;
-    if let (Some(endpoint), Some(ca), Some(cidr)) =
-        (&c.api_server_endpoint, &c.certificate_authority, &c.cidr)
-    {
-        return Ok(ClusterCoordinates {
-            name: c.name.clone(),
-            region: c.region.clone(),
-            endpoint: endpoint.clone(),
-            certificate_authority: ca.clone(),
-            service_cidr: cidr.clone(),
-        });
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -66,7 +55,7 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
             .await;
             if let Err(e) = resolve_credentials(&sdk).await {
                 return Err(Failure::Runtime(anyhow::anyhow!(
-                    "spec.cluster.apiServerEndpoint, certificateAuthority or cidr is not set, so init asks EKS (DescribeCluster), but there are no AWS credentials: {e}. Set the three fields, or provide credentials (SSM: register the agent; IAM Roles Anywhere: AWS_CONFIG_FILE with its credential_process)"
+                    "{why}, so init asks EKS (DescribeCluster), but there are no AWS credentials: {e}"
                 )));
             }
             Ok(describe_cluster(&eks_client(&sdk), &c.name, DESCRIBE_TIMEOUT).await)
@@ -78,9 +67,7 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
                     "{text}. AWS refused the request's signature time: this host's clock is probably more than 5 minutes off, which also breaks the kubelet's EKS token. Enable time sync (`timedatectl set-ntp true`, or chrony with a reachable NTP server) and run init again; `hybridlet check` measures the offset"
                 ));
             }
-            Failure::Runtime(anyhow::anyhow!(
-                "{text}. Either give the node eks:DescribeCluster, or set spec.cluster.apiServerEndpoint, certificateAuthority and cidr"
-            ))
+            Failure::Runtime(anyhow::anyhow!("{text}. {why}"))
         })?;
     if info.status != "ACTIVE" {
         return Err(Failure::Runtime(anyhow::anyhow!(
@@ -89,109 +76,104 @@ fn coordinates(node: &NodeConfig) -> Result<ClusterCoordinates, Failure> {
             info.status
         )));
     }
-    if info.remote_node_cidrs.is_empty() {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "cluster {} has no remote node networks (remoteNetworkConfig); hybrid nodes cannot join it. Add the on-premises node CIDRs to the cluster first",
-            info.name
-        )));
-    }
-    check_node_ip(node, &info.remote_node_cidrs)?;
-    let missing = |what: &str| {
-        Failure::Runtime(anyhow::anyhow!(
-            "DescribeCluster returned no {what} for {}",
-            c.name
-        ))
-    };
-    Ok(ClusterCoordinates {
-        name: c.name.clone(),
-        region: c.region.clone(),
-        endpoint: c
-            .api_server_endpoint
-            .clone()
-            .or(info.endpoint)
-            .ok_or_else(|| missing("endpoint"))?,
-        certificate_authority: c
-            .certificate_authority
-            .clone()
-            .or(info.certificate_authority)
-            .ok_or_else(|| missing("certificate authority"))?,
-        service_cidr: c
-            .cidr
-            .clone()
-            .or(info.service_ipv4_cidr)
-            .ok_or_else(|| missing("service CIDR"))?,
-    })
+    Ok(info)
 }
 
-/// `a.b.c.d/n` (or IPv6) contains `ip`.
-pub(crate) fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
-    let Some((net, bits)) = cidr.trim().split_once('/') else {
-        return false;
+/// The cluster from the configuration when it has endpoint, CA and CIDR; otherwise from
+/// DescribeCluster, with configured values taking precedence. Then the node's IP and pod
+/// CIDRs against the cluster's remote networks, whenever they can be had:
+/// `spec.remoteNetworks`, else DescribeCluster's answer (asked for them alone when the
+/// configuration is complete and credentials allow; a warning says when they could not be).
+fn coordinates(
+    config: &Config,
+    node: &NodeConfig,
+    root: &HostRoot,
+) -> Result<ClusterCoordinates, Failure> {
+    let c = &node.spec.cluster;
+    let configured = config
+        .agent
+        .remote_networks
+        .as_ref()
+        .map(|n| RemoteNetworks {
+            node_cidrs: n.node_cidrs.clone(),
+            pod_cidrs: n.pod_cidrs.clone(),
+            source: "spec.remoteNetworks",
+        });
+    let from_eks = |info: &hybridlet_aws::ClusterInfo| RemoteNetworks {
+        node_cidrs: info.remote_node_cidrs.clone(),
+        pod_cidrs: info.remote_pod_cidrs.clone(),
+        source: "DescribeCluster",
     };
-    let (Ok(net), Ok(bits)) = (net.parse::<IpAddr>(), bits.parse::<u32>()) else {
-        return false;
+    let (cluster, nets) = if let (Some(endpoint), Some(ca), Some(cidr)) =
+        (&c.api_server_endpoint, &c.certificate_authority, &c.cidr)
+    {
+        let cluster = ClusterCoordinates {
+            name: c.name.clone(),
+            region: c.region.clone(),
+            endpoint: endpoint.clone(),
+            certificate_authority: ca.clone(),
+            service_cidr: cidr.clone(),
+        };
+        let nets = match configured {
+            Some(n) => Some(n),
+            None => match describe(
+                node,
+                "the remote networks to check the node against are not in spec.remoteNetworks",
+            ) {
+                Ok(info) => Some(from_eks(&info)),
+                Err(e) => {
+                    outln!(
+                        "warning: the node's IP and pod CIDRs were not checked against the cluster's remote networks ({}); set spec.remoteNetworks to check them without EKS",
+                        e.to_string().trim_end_matches('.')
+                    );
+                    None
+                }
+            },
+        };
+        (cluster, nets)
+    } else {
+        let info = describe(
+            node,
+            "spec.cluster.apiServerEndpoint, certificateAuthority or cidr is not set; set the three fields, or give the node credentials with eks:DescribeCluster (SSM: register the agent; IAM Roles Anywhere: AWS_CONFIG_FILE with its credential_process)",
+        )?;
+        let missing = |what: &str| {
+            Failure::Runtime(anyhow::anyhow!(
+                "DescribeCluster returned no {what} for {}",
+                c.name
+            ))
+        };
+        let nets = configured.unwrap_or_else(|| from_eks(&info));
+        let cluster = ClusterCoordinates {
+            name: c.name.clone(),
+            region: c.region.clone(),
+            endpoint: c
+                .api_server_endpoint
+                .clone()
+                .or(info.endpoint)
+                .ok_or_else(|| missing("endpoint"))?,
+            certificate_authority: c
+                .certificate_authority
+                .clone()
+                .or(info.certificate_authority)
+                .ok_or_else(|| missing("certificate authority"))?,
+            service_cidr: c
+                .cidr
+                .clone()
+                .or(info.service_ipv4_cidr)
+                .ok_or_else(|| missing("service CIDR"))?,
+        };
+        (cluster, Some(nets))
     };
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) if bits <= 32 => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            u32::from(n) & mask == u32::from(i) & mask
+    if let Some(nets) = nets {
+        for (name, outcome) in crate::remote_networks::judge(node, root, &nets) {
+            match outcome {
+                Outcome::Ok(_) => {}
+                Outcome::Warn(d) => outln!("warning: {name}: {d}"),
+                Outcome::Fail(d) => return Err(Failure::Runtime(anyhow::anyhow!("{d}"))),
+            }
         }
-        (IpAddr::V6(n), IpAddr::V6(i)) if bits <= 128 => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - bits)
-            };
-            u128::from(n) & mask == u128::from(i) & mask
-        }
-        _ => false,
     }
-}
-
-/// The IP the kubelet will register: `--node-ip` from spec.kubelet.flags, else the
-/// source address of this host's default route (what the kubelet picks without the flag).
-/// Finding the route sends nothing: connecting a UDP socket only asks the kernel.
-fn node_ip(node: &NodeConfig) -> Option<(IpAddr, &'static str)> {
-    let flag = node
-        .spec
-        .kubelet
-        .flags
-        .iter()
-        .rev()
-        .find_map(|f| f.strip_prefix("--node-ip="))
-        .and_then(|v| v.split(',').find_map(|ip| ip.trim().parse::<IpAddr>().ok()));
-    if let Some(ip) = flag {
-        return Some((ip, "--node-ip in spec.kubelet.flags"));
-    }
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    // A documentation address (RFC 5737): any off-link destination selects the default route.
-    socket.connect("192.0.2.1:443").ok()?;
-    let ip = socket.local_addr().ok()?.ip();
-    (!ip.is_unspecified()).then_some((ip, "the default route's source address"))
-}
-
-/// The kubelet's serving certificate is approved only for node IPs inside the cluster's
-/// remote node networks; outside them it stays Pending and logs/exec/metrics fail. Say so
-/// before joining.
-fn check_node_ip(node: &NodeConfig, remote: &[String]) -> Result<(), Failure> {
-    let Some((ip, from)) = node_ip(node) else {
-        outln!(
-            "warning: could not tell this node's IP (no --node-ip and no default route); make sure it lies in the cluster's remote node networks ({})",
-            remote.join(", ")
-        );
-        return Ok(());
-    };
-    if remote.iter().any(|c| cidr_contains(c, ip)) {
-        return Ok(());
-    }
-    Err(Failure::Runtime(anyhow::anyhow!(
-        "this node's IP {ip} ({from}) is not in the cluster's remote node networks ({}): the API server could not reach the kubelet and its serving certificate would stay Pending (no kubectl logs/exec). Add the node's network to the cluster's remoteNetworkConfig, or set --node-ip=<address inside them> in spec.kubelet.flags",
-        remote.join(", ")
-    )))
+    Ok(cluster)
 }
 
 /// AWS's answers when a SigV4 signature's time is too far from its own.
@@ -383,7 +365,7 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
     who.ecr_credential_provider = root
         .resolve(hybridlet_bootstrap::ECR_CREDENTIAL_PROVIDER)
         .is_ok_and(|p| p.is_file());
-    let cluster = coordinates(node)?;
+    let cluster = coordinates(&loaded.config, node, &root)?;
     if root.is_system() {
         // Only on the machine itself: under --root the API server is someone else's
         // concern (and tests stay on loopback).
@@ -851,20 +833,6 @@ mod tests {
             "{said:?}"
         );
         assert!(said.last().unwrap().contains("Ready after"), "{said:?}");
-    }
-
-    #[test]
-    fn cidrs_contain_addresses() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(cidr_contains("10.80.0.0/16", ip("10.80.4.21")));
-        assert!(!cidr_contains("10.80.0.0/16", ip("10.81.0.1")));
-        assert!(cidr_contains("0.0.0.0/0", ip("192.0.2.7")));
-        assert!(cidr_contains("10.80.4.21/32", ip("10.80.4.21")));
-        assert!(cidr_contains("fd00:80::/32", ip("fd00:80::1")));
-        assert!(!cidr_contains("fd00:80::/32", ip("10.80.4.21")));
-        for bad in ["10.80.0.0", "10.80.0.0/33", "x/8", ""] {
-            assert!(!cidr_contains(bad, ip("10.80.0.1")), "{bad}");
-        }
     }
 
     fn fixture(dir: &Path) -> (Vec<RenderedFile>, Vec<DesiredFile>) {

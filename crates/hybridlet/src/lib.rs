@@ -30,6 +30,7 @@ mod init;
 mod install;
 mod logging;
 mod preflight;
+mod remote_networks;
 mod run;
 mod ssm;
 pub mod tls;

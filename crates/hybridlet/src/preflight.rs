@@ -417,6 +417,71 @@ pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
     ))
 }
 
+/// The node IP and pod CIDRs against the cluster's remote networks: `spec.remoteNetworks`
+/// when set (checked offline too), else DescribeCluster's answer when the node's
+/// credentials get one; a warning says when neither is available.
+pub fn remote_network_checks(
+    config: &Config,
+    root: &HostRoot,
+    offline: bool,
+) -> Vec<(&'static str, Outcome)> {
+    let Some(node) = config.node.as_ref() else {
+        return Vec::new();
+    };
+    if let Some(n) = &config.agent.remote_networks {
+        let nets = crate::remote_networks::RemoteNetworks {
+            node_cidrs: n.node_cidrs.clone(),
+            pod_cidrs: n.pod_cidrs.clone(),
+            source: "spec.remoteNetworks",
+        };
+        return crate::remote_networks::judge(node, root, &nets);
+    }
+    if offline {
+        return Vec::new();
+    }
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let c = &node.spec.cluster;
+    let answer = runtime.block_on(async {
+        let sdk = hybridlet_aws::sdk_config(&hybridlet_aws::AwsSettings {
+            region: c.region.clone(),
+            config_file: iam_ra_config_file(node),
+            ..hybridlet_aws::AwsSettings::default()
+        })
+        .await;
+        hybridlet_aws::resolve_credentials(&sdk).await?;
+        hybridlet_aws::describe_cluster(
+            &hybridlet_aws::eks_client(&sdk),
+            &c.name,
+            PROBE_TIMEOUT * 2,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    });
+    match answer {
+        Ok(info) => crate::remote_networks::judge(
+            node,
+            root,
+            &crate::remote_networks::RemoteNetworks {
+                node_cidrs: info.remote_node_cidrs,
+                pod_cidrs: info.remote_pod_cidrs,
+                source: "DescribeCluster",
+            },
+        ),
+        Err(e) => vec![(
+            "remote node network",
+            Outcome::Warn(format!(
+                "not checked: DescribeCluster {} did not answer ({e}); set spec.remoteNetworks to check the node IP and pod CIDRs without EKS",
+                c.name
+            )),
+        )],
+    }
+}
+
 /// The regional endpoint of `service` (`ssm`, `rolesanywhere`, `eks`), or the standard
 /// `AWS_ENDPOINT_URL_<SERVICE>` / `AWS_ENDPOINT_URL` override the node's tools honour.
 fn aws_endpoint(service: &str, env_name: &str, region: &str) -> String {

@@ -2,18 +2,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn hybridlet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-        .args(args)
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
+    cmd.args(args)
         .env_remove("HYBRIDLET_CONFIG")
         .env_remove("HYBRIDLET_CONFIG_DIR")
         .env_remove("HYBRIDLET_ROOT")
-        .env_remove("JOURNAL_STREAM")
-        .output()
-        .expect("run hybridlet")
+        .env_remove("JOURNAL_STREAM");
+    common::offline_aws(&mut cmd, home.path());
+    cmd.output().expect("run hybridlet")
 }
 
 fn fixtures() -> PathBuf {
@@ -312,19 +315,8 @@ fn check_verifies_configured_pfs_on_the_host() {
 fn token_cmd(args: &[&str], env: &[(&str, &str)]) -> Output {
     let home = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
-    cmd.args(args)
-        // Never reach for instance metadata (169.254.169.254) or the developer's ~/.aws.
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("HOME", home.path())
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_CONFIG_FILE")
-        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE");
+    cmd.args(args);
+    common::offline_aws(&mut cmd, home.path());
     for (k, v) in env {
         cmd.env(k, v);
     }

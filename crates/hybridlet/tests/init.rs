@@ -3,6 +3,8 @@
 //! Roles Anywhere or the SSM registration file, new/changed/unchanged files under --root.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -24,21 +26,8 @@ fn run(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     place_pki(root);
     let home = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
-    cmd.arg("--root")
-        .arg(root)
-        .args(args)
-        .env("HOME", home.path())
-        .env("AWS_EC2_METADATA_DISABLED", "true");
-    for k in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_PROFILE",
-        "AWS_CONFIG_FILE",
-        "AWS_ENDPOINT_URL",
-    ] {
-        cmd.env_remove(k);
-    }
+    cmd.arg("--root").arg(root).args(args);
+    common::offline_aws(&mut cmd, home.path());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -463,7 +452,7 @@ fn ssm_dry_run_asks_eks_and_reads_the_registration() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(
-        out(&o).contains("this node's IP 10.99.0.1 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.80.0.0/16)"),
+        out(&o).contains("this node's IP 10.99.0.1 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.80.0.0/16; DescribeCluster)"),
         "{}",
         out(&o)
     );
@@ -589,5 +578,112 @@ fn the_node_certificate_is_checked_before_joining() {
     assert!(
         text.contains("spec.hybrid.iamRolesAnywhere.certificatePath"),
         "{text}"
+    );
+}
+
+/// `spec.remoteNetworks` judges the node without EKS: an IP outside the node networks, or
+/// a kubelet podCIDR outside the pod networks, refuses the join before anything is written;
+/// without them a complete configuration still joins, warning that nothing was checked
+/// (the AWS endpoint here is a closed loopback port). `check --offline` judges the same.
+#[test]
+fn remote_networks_from_the_configuration_need_no_eks() {
+    let root = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(fixtures().join("iam-ra-with-agent.yaml")).unwrap();
+    let write = |name: &str, nodes: &str, pods: &str, pod_cidr: Option<&str>| {
+        let mut text = base.clone();
+        if let Some(cidr) = pod_cidr {
+            text = text.replace(
+                "      maxPods: 110\n",
+                &format!("      maxPods: 110\n      podCIDR: {cidr}\n"),
+            );
+        }
+        if !nodes.is_empty() {
+            text.push_str(&format!(
+                "  remoteNetworks:\n    nodeCidrs: [{nodes}]\n    podCidrs: [{pods}]\n"
+            ));
+        }
+        let path = root.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let dry = |cfg: &Path| {
+        run(
+            root.path(),
+            &["init", "--dry-run", "--config", cfg.to_str().unwrap()],
+            &[],
+        )
+    };
+
+    let o = dry(&write(
+        "inside.yaml",
+        "10.80.0.0/16",
+        "10.90.0.0/16",
+        Some("10.90.4.0/24"),
+    ));
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(!out(&o).contains("remote"), "{}", out(&o));
+
+    let outside = write(
+        "outside.yaml",
+        "10.99.0.0/16, 192.168.0.0/24",
+        "10.90.0.0/16",
+        None,
+    );
+    let o = dry(&outside);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("this node's IP 10.80.4.21 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.99.0.0/16, 192.168.0.0/24; spec.remoteNetworks)"),
+        "{}",
+        out(&o)
+    );
+    assert!(!out(&o).contains("dry run:"), "{}", out(&o));
+
+    let o = dry(&write(
+        "pods.yaml",
+        "10.80.0.0/16",
+        "10.90.0.0/16",
+        Some("10.91.0.0/24"),
+    ));
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("pod CIDR 10.91.0.0/24 (spec.kubelet.config.podCIDR) is not inside the cluster's remote pod networks (10.90.0.0/16; spec.remoteNetworks)"),
+        "{}",
+        out(&o)
+    );
+
+    let o = dry(&write("unset.yaml", "", "", None));
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(
+        out(&o).contains("warning: the node's IP and pod CIDRs were not checked against the cluster's remote networks"),
+        "{}",
+        out(&o)
+    );
+
+    let o = run(
+        root.path(),
+        &[
+            "check",
+            "--offline",
+            "-o",
+            "json",
+            "--config",
+            outside.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let row = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "remote node network")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(row["status"], "fail", "{row}");
+    assert!(
+        row["detail"]
+            .as_str()
+            .unwrap()
+            .contains("spec.remoteNetworks"),
+        "{row}"
     );
 }

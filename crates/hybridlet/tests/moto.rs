@@ -229,7 +229,7 @@ fn init_resolves_the_cluster_with_describe_cluster_against_moto() {
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
-        text(&o).contains("this node's IP 10.80.4.21 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.99.0.0/16)"),
+        text(&o).contains("this node's IP 10.80.4.21 (--node-ip in spec.kubelet.flags) is not in the cluster's remote node networks (10.99.0.0/16; DescribeCluster)"),
         "{}",
         text(&o)
     );
@@ -351,6 +351,21 @@ fn check_asks_sts_who_the_node_is() {
         ),
     )
     .unwrap();
+    // No such cluster yet: the remote networks are not checked, and the warning says why
+    // in AWS's words, not the SDK's debug dump.
+    let o = hybridlet(
+        root.path(),
+        &["check", "--config", cfg.to_str().unwrap()],
+        &moto,
+    );
+    let t = text(&o);
+    assert!(
+        t.contains("warning: remote node network: not checked: DescribeCluster site-a did not answer (eks:DescribeCluster site-a: service error: ResourceNotFoundException: No cluster found for name: site-a.)"),
+        "{t}"
+    );
+    assert!(!t.contains("ErrorMetadata"), "{t}");
+
+    create_cluster(&moto, "site-a", "10.80.0.0/16");
     let o = hybridlet(
         root.path(),
         &["check", "--config", cfg.to_str().unwrap()],
@@ -359,6 +374,14 @@ fn check_asks_sts_who_the_node_is() {
     assert!(
         text(&o).contains(
             "ok: AWS credentials: STS says this node is arn:aws:sts::123456789012:user/moto"
+        ),
+        "{}",
+        text(&o)
+    );
+    // The node IP against the remote node networks moto's DescribeCluster returns.
+    assert!(
+        text(&o).contains(
+            "ok: remote node network: 10.80.4.21 (--node-ip in spec.kubelet.flags) is in 10.80.0.0/16 (DescribeCluster)"
         ),
         "{}",
         text(&o)
@@ -381,4 +404,10 @@ fn check_asks_sts_who_the_node_is() {
     let t = text(&o);
     assert!(t.contains("FAIL: AWS credentials:"), "{t}");
     assert!(t.contains("SSM: register the agent"), "{t}");
+    assert!(
+        t.contains(
+            "warning: remote node network: not checked: DescribeCluster site-a did not answer"
+        ),
+        "{t}"
+    );
 }

@@ -4,6 +4,8 @@
 //! files that must hold them are readable by root only.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: panics are failures
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -61,13 +63,10 @@ fn run(root: &Path, config: &Path, args: &[&str]) -> Output {
         .arg(root)
         .arg("--config")
         .arg(config)
-        .args(args)
-        .env("HOME", home.path())
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-key-not-shown")
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_CONFIG_FILE");
+        .args(args);
+    common::offline_aws(&mut cmd, home.path());
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-key-not-shown");
     cmd.output().unwrap()
 }
 

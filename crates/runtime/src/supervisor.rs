@@ -171,13 +171,17 @@ impl Supervisor {
 }
 
 /// An error and its sources, `outer: inner: innermost` (library errors often say little
-/// at the top).
+/// at the top). A source whose text the chain already holds is left out: wrappers such
+/// as the AWS SDK's repeat their inner error.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out
@@ -186,6 +190,30 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chains_name_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Leaf(String);
+        #[derive(Debug, thiserror::Error)]
+        #[error("{text}")]
+        struct Wrap {
+            text: String,
+            #[source]
+            inner: Leaf,
+        }
+        let e = Wrap {
+            text: "service error: NotFound: no cluster".into(),
+            inner: Leaf("NotFound: no cluster".into()),
+        };
+        assert_eq!(error_chain(&e), "service error: NotFound: no cluster");
+        let e = Wrap {
+            text: "dispatch failure".into(),
+            inner: Leaf("connection refused".into()),
+        };
+        assert_eq!(error_chain(&e), "dispatch failure: connection refused");
+    }
 
     #[tokio::test]
     async fn clean_shutdown_within_grace() {

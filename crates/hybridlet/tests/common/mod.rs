@@ -18,6 +18,32 @@ use serde_json::json;
 /// The node name of the IAM Roles Anywhere fixture configuration.
 pub const NODE: &str = "fra1-r12-n07";
 
+/// Keep a `hybridlet` command off AWS and the developer's own AWS settings: HOME is `home`,
+/// no credentials or profile from the environment, no instance metadata, and every AWS
+/// endpoint a closed loopback port, so an unexpected call fails at once and never leaves
+/// the machine. A test that wants AWS sets its own variables after this.
+pub fn offline_aws(cmd: &mut Command, home: &Path) {
+    cmd.env("HOME", home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1");
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ENDPOINT_URL_EKS",
+        "AWS_ENDPOINT_URL_SSM",
+        "AWS_ENDPOINT_URL_STS",
+    ] {
+        cmd.env_remove(k);
+    }
+}
+
 /// Poll `f` every 20 ms for up to 20 s.
 pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
