@@ -465,7 +465,8 @@ fn call(args: &Args) -> Result<String, CallError> {
                     args.socket.display()
                 )));
             }
-            4 => return Err(CallError::Deadline),
+            // grpc-go's own deadline; a server's DEADLINE_EXCEEDED carries its message.
+            4 if message == "context deadline exceeded" => return Err(CallError::Deadline),
             code => return Err(CallError::Status(code, message)),
         }
     }

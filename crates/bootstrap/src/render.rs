@@ -261,13 +261,37 @@ fn toml_str(s: &str) -> String {
     format!("{s:?}")
 }
 
+/// The first line of every `hosts.toml` hybridlet writes: a file without it is the
+/// operator's own, and is never replaced or removed by a reload.
+pub const MIRROR_MARKER: &str = "# Written by hybridlet init from spec.registryMirrors.";
+
+/// Where containerd reads the mirrors of `registry` (a host, `HOST:PORT` or `_default`).
+pub fn hosts_toml_path(registry: &str) -> String {
+    format!("/etc/containerd/certs.d/{registry}/hosts.toml")
+}
+
+/// One `hosts.toml` per `spec.registryMirrors` entry. containerd reads these at each pull
+/// (its `config_path`), so changing them needs no restart; the owner is named for `init`,
+/// which restarts containerd with the rest of its files.
+pub fn registry_mirror_files(config: &Config) -> Vec<RenderedFile> {
+    config
+        .agent
+        .registry_mirrors
+        .iter()
+        .map(|mirror| {
+            RenderedFile::new(hosts_toml_path(&mirror.registry), 0o644, hosts_toml(mirror))
+                .owned_by(CONTAINERD_UNIT)
+        })
+        .collect()
+}
+
 fn hosts_toml(mirror: &RegistryMirror) -> String {
     let upstream = match mirror.registry.as_str() {
         "docker.io" => "https://registry-1.docker.io".to_string(),
         "_default" => String::new(),
         other => format!("https://{other}"),
     };
-    let mut out = String::from("# Written by hybridlet init from spec.registryMirrors.\n");
+    let mut out = format!("{MIRROR_MARKER}\n");
     if !upstream.is_empty() {
         // The upstream stays the fallback when every mirror fails.
         let _ = writeln!(out, "server = {}\n", toml_str(&upstream));
@@ -653,16 +677,7 @@ pub fn render(
             .secret(),
         );
     }
-    for mirror in &config.agent.registry_mirrors {
-        files.push(
-            RenderedFile::new(
-                format!("/etc/containerd/certs.d/{}/hosts.toml", mirror.registry),
-                0o644,
-                hosts_toml(mirror),
-            )
-            .owned_by(CONTAINERD_UNIT),
-        );
-    }
+    files.extend(registry_mirror_files(config));
     if node.ecr_credential_provider {
         // The kubelet reads its credential provider configuration at start.
         files.push(

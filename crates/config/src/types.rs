@@ -258,6 +258,8 @@ pub struct AgentConfig {
     pub spec: AgentSpec,
 }
 
+/// Default log level of the daemon.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default admin (metrics, health) listen address: loopback only.
 pub const DEFAULT_ADMIN_LISTEN_ADDRESS: &str = "127.0.0.1:9464";
 /// Default state directory.
@@ -275,6 +277,10 @@ pub const DEFAULT_CSI_DRIVER_NAME: &str = "csi.hybridlet.io";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AgentSpec {
+    /// What the daemon logs: a level (`error`, `warn`, `info`, `debug`, `trace`) or
+    /// comma-separated `target=level` directives. `--log-level`/`HYBRIDLET_LOG` win when
+    /// given. Default `info`.
+    pub log_level: String,
     /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
     pub admin: AdminSpec,
     /// Where hybridlet keeps its state (checkpoints). Default `/var/lib/hybridlet`.
@@ -317,6 +323,7 @@ pub struct RemoteNetworksSpec {
 impl Default for AgentSpec {
     fn default() -> Self {
         Self {
+            log_level: DEFAULT_LOG_LEVEL.to_string(),
             admin: AdminSpec::default(),
             state_dir: DEFAULT_STATE_DIR.to_string(),
             kubelet_root_dir: DEFAULT_KUBELET_ROOT_DIR.to_string(),

@@ -226,6 +226,9 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             r.error(field, why);
         }
     }
+    if let Err(why) = check_log_level(&agent.log_level) {
+        r.error("spec.logLevel", why);
+    }
     if let Some(tls) = &agent.admin.tls {
         for (field, value) in [
             ("spec.admin.tls.certFile", &tls.cert_file),
@@ -642,9 +645,54 @@ fn check_host_path(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `spec.logLevel`: a level, or comma-separated `target=level` directives (the subset of
+/// tracing's filter syntax an operator needs; span filters are not accepted).
+fn check_log_level(value: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    let bad = |what: String| {
+        Err(format!(
+            "{value:?}: {what}; use a level ({}) or target=level pairs, e.g. \"info,hybridlet_csi=debug\"",
+            LEVELS.join(", ")
+        ))
+    };
+    if value.trim().is_empty() {
+        return bad("is empty".into());
+    }
+    for directive in value.split(',') {
+        let directive = directive.trim();
+        let (target, level) = match directive.split_once('=') {
+            Some((t, l)) => (Some(t), l),
+            None => (None, directive),
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return bad(format!("{level:?} is not a level"));
+        }
+        if let Some(t) = target
+            && (t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        {
+            return bad(format!("{t:?} is not a module path"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_levels_or_target_directives() {
+        for good in ["info", "WARN", "off", "info,hybridlet_csi=debug", "hybridlet_dra::driver=trace"] {
+            assert!(check_log_level(good).is_ok(), "{good}");
+        }
+        for bad in ["", "verbose", "info,", "a b=info", "=debug", "info,x=loud"] {
+            let err = check_log_level(bad).unwrap_err();
+            assert!(err.contains("use a level"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn names_and_formats() {

@@ -29,6 +29,7 @@ mod probe;
 mod validate;
 
 pub use error::CsiError;
+pub use guard::VolumeGuard;
 pub use identity::IdentityService;
 pub use metrics::CsiMetrics;
 pub use node::NodeService;

@@ -228,6 +228,14 @@ impl NodeService {
         }
     }
 
+    /// Share `guard` with other instances: a node service started after another stopped
+    /// (a reload restarting the CSI plugin) answers ABORTED for a volume whose host work
+    /// from the old one still runs, instead of running beside it.
+    pub fn with_guard(mut self, guard: VolumeGuard) -> Self {
+        self.guard = guard;
+        self
+    }
+
     fn nfs_volume(
         &self,
         context: &std::collections::HashMap<String, String>,

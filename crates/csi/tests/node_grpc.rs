@@ -762,3 +762,60 @@ async fn the_guard_is_held_until_the_host_work_really_ends() {
     assert_eq!(mounts(&h), 1, "{:?}", h.mounter.calls());
     h.stop.cancel();
 }
+
+/// A node service that replaces a stopped one (a reload restarting the CSI plugin) shares
+/// its volume guard: while the old instance's mount still runs, the new one answers
+/// ABORTED for that volume instead of mounting beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_service_keeps_the_guard_of_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mounter = Arc::new(FakeMounter::new());
+    let guard = hybridlet_csi::VolumeGuard::default();
+    let mut settings = CsiSettings::new("csi.hybridlet.io", "node-a");
+    settings.mount_timeout = Duration::from_millis(100);
+    let instance = |n: u32| {
+        let (_, node) = services(settings.clone(), mounter.clone());
+        let node = node.with_guard(guard.clone());
+        let sock = dir.path().join(format!("csi-{n}.sock"));
+        let socket = PluginSocket::bind(&sock).unwrap();
+        let stop = CancellationToken::new();
+        let router = tonic::transport::Server::builder().add_service(NodeServer::new(node));
+        tokio::spawn(serve(socket, router, stop.clone()));
+        (sock, stop)
+    };
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let request = || NodeStageVolumeRequest {
+        volume_id: "v1".into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: mount_cap(Mode::MultiNodeMultiWriter, &[]),
+        volume_context: nfs_ctx(),
+        ..Default::default()
+    };
+    mounter.hold_mounts_at(&staging);
+    struct Release(Arc<FakeMounter>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release_mounts();
+        }
+    }
+    let _release = Release(mounter.clone());
+
+    let (first, stop_first) = instance(1);
+    let mut client = NodeClient::new(hybridlet_kubelet_plugin::connect(&first).await.unwrap());
+    let err = client.node_stage_volume(request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(mounter.wait_parked(1, Duration::from_secs(1)));
+    stop_first.cancel();
+
+    let (second, stop_second) = instance(2);
+    let mut client = NodeClient::new(hybridlet_kubelet_plugin::connect(&second).await.unwrap());
+    let retry = client.node_stage_volume(request()).await.unwrap_err();
+    assert_eq!(retry.code(), Code::Aborted, "{}", retry.message());
+    assert!(
+        !mounter.calls().iter().any(|c| c.starts_with("mount ")),
+        "{:?}",
+        mounter.calls()
+    );
+    stop_second.cancel();
+}

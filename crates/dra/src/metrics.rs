@@ -106,6 +106,20 @@ impl DraMetrics {
         m
     }
 
+    /// Drop this driver's gauges (a reload disabled it): a stopped driver prepares nothing
+    /// and publishes nothing. Counters and histograms stay.
+    pub fn forget(&self) {
+        let labels = self.labels(&[]);
+        for family in [
+            &self.prepared_claims,
+            &self.prepared_devices,
+            &self.unhealthy,
+        ] {
+            family.remove(&labels);
+        }
+        self.published.remove(&labels);
+    }
+
     fn labels(&self, extra: &[(&str, &str)]) -> Labels {
         let mut l = vec![("driver".to_string(), self.driver.clone())];
         l.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));

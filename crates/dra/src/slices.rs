@@ -283,6 +283,29 @@ impl SlicePublisher {
         }
     }
 
+    /// Delete this pool's slices (the driver was disabled: its devices must leave the
+    /// scheduler's view, not wait for the kubelet to wipe them). Returns how many.
+    pub async fn withdraw(&self) -> Result<usize, PublishError> {
+        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
+        let existing = api
+            .list(&ListParams::default().fields(&format!(
+                "spec.nodeName={},spec.driver={}",
+                self.node, self.driver
+            )))
+            .await
+            .map_err(|e| self.err(format!("listing slices: {e}")))?
+            .items;
+        let mut deleted = 0;
+        for name in existing.iter().filter_map(|s| s.metadata.name.as_deref()) {
+            match api.delete(name, &kube::api::DeleteParams::default()).await {
+                Ok(_) => deleted += 1,
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(self.err(format!("deleting {name}: {e}"))),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Make the API server's slices for this pool match `devices`.
     pub async fn publish(&self, devices: &[SliceDevice]) -> Result<Published, PublishError> {
         let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());

@@ -50,15 +50,10 @@ pub struct Cli {
     pub root: PathBuf,
 
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
-    /// "info,hybridlet_runtime=debug".
-    #[arg(
-        long,
-        global = true,
-        env = "HYBRIDLET_LOG",
-        value_name = "FILTER",
-        default_value = "info"
-    )]
-    pub log_level: String,
+    /// "info,hybridlet_runtime=debug" [default: `run`: spec.logLevel; other commands: info].
+    /// Given, it wins over spec.logLevel, also at reload.
+    #[arg(long, global = true, env = "HYBRIDLET_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
 
     /// Log format. auto: the journal's native protocol when stderr is connected to the
     /// journal (running under systemd), human-readable otherwise.

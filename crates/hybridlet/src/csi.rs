@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hybridlet_config::Config;
-use hybridlet_csi::{CsiMetrics, CsiSettings, services_with_metrics};
+use hybridlet_csi::{CsiMetrics, CsiSettings, VolumeGuard, services_with_metrics};
 use hybridlet_kubelet_plugin::{
     PluginMetrics, PluginSocket, RegistrationService, registration_socket_path, serve,
     service_socket_path,
@@ -32,6 +32,8 @@ pub struct CsiPlugin {
     metrics: PluginMetrics,
     csi_metrics: CsiMetrics,
     registration_timeout: std::time::Duration,
+    /// Shared with the instances before and after this one (reloads restart the plugin).
+    guard: VolumeGuard,
 }
 
 /// How often the volume gauges are sampled (the mount table and, with iSCSI, iscsiadm):
@@ -62,14 +64,15 @@ pub fn node_name(config: &Config, root: &hybridlet_sys::HostRoot) -> String {
 }
 
 impl CsiPlugin {
-    /// Configure from the agent settings; registers the plugin metrics.
+    /// Configure from the agent settings.
     pub fn new(
         config: &Config,
         node: &str,
         kubelet_root: &Path,
         state_dir: &Path,
         registrations: PluginMetrics,
-        registry: &mut hybridlet_metrics::Registry,
+        csi_metrics: CsiMetrics,
+        guard: VolumeGuard,
     ) -> Self {
         let driver = &config.agent.csi.driver_name;
         let mut settings = CsiSettings::new(driver, node);
@@ -83,7 +86,8 @@ impl CsiPlugin {
             registration_socket: registration_socket_path(kubelet_root, driver),
             kubelet_root: kubelet_root.to_path_buf(),
             metrics: registrations,
-            csi_metrics: CsiMetrics::register(registry),
+            csi_metrics,
+            guard,
             registration_timeout: config.agent.plugin_registration_timeout.get(),
             settings,
         }
@@ -96,6 +100,7 @@ impl CsiPlugin {
             Arc::new(SystemMounter::new()),
             self.csi_metrics.clone(),
         );
+        let node = node.with_guard(self.guard);
         tokio::spawn(sample_volumes(
             self.csi_metrics,
             self.kubelet_root.clone(),

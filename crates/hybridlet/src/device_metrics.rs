@@ -89,7 +89,7 @@ pub struct DeviceMetrics {
     latest: Arc<Mutex<Snapshot>>,
     holders: Holders,
     /// Turn XIDs and samples into device health (the DRA drivers' boards).
-    policies: Arc<Mutex<Vec<Arc<dyn HealthPolicy>>>>,
+    policies: Arc<Mutex<BTreeMap<String, Arc<dyn HealthPolicy>>>>,
 }
 
 impl DeviceMetrics {
@@ -118,19 +118,26 @@ impl DeviceMetrics {
         ))
     }
 
-    /// Feed XIDs and samples to `policy` from now on.
-    pub fn add_health_policy(&self, policy: Arc<dyn HealthPolicy>) {
-        self.policies
+    /// Feed XIDs and samples to `policy` (of the DRA driver named `owner`) from now on,
+    /// in place of that owner's previous one; `None` stops feeding the owner's.
+    pub fn set_health_policy(&self, owner: &str, policy: Option<Arc<dyn HealthPolicy>>) {
+        let mut policies = self
+            .policies
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(policy);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match policy {
+            Some(p) => policies.insert(owner.to_string(), p),
+            None => policies.remove(owner),
+        };
     }
 
     fn policies(&self) -> Vec<Arc<dyn HealthPolicy>> {
         self.policies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {

@@ -35,6 +35,8 @@ use crate::devices::{GpuView, Report, VfView};
 
 /// How often slices are reconciled after the first publication.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a disabled driver may spend deleting its slices on the way out.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct GpuBackend {
@@ -457,6 +459,9 @@ pub struct DraPlugin {
     health: HealthBoard,
     /// This driver's share of the DRA families.
     dra_metrics: Option<hybridlet_dra::DraMetrics>,
+    /// Set before stopping the driver for good (a reload disabled it): its slices are
+    /// deleted on the way out, so the scheduler stops placing claims on its devices.
+    withdraw: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a DRA driver lives on the host (resolved under `--root`).
@@ -508,10 +513,12 @@ async fn track_holders(
             .collect();
         holders.set(&owns, by_uuid);
         tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = claims.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => break,
+            changed = claims.changed() => if changed.is_err() { break },
         }
     }
+    // Stopped: the next instance (or none) says who holds what.
+    holders.set(&owns, BTreeMap::new());
 }
 
 impl DraPlugin {
@@ -542,7 +549,13 @@ impl DraPlugin {
             registration_timeout: Duration::from_secs(300),
             orphan_grace: Duration::from_secs(300),
             holders: None,
+            withdraw: Arc::default(),
         }
+    }
+
+    /// Setting this flag before stopping the driver withdraws its slices on the way out.
+    pub fn withdraw_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.withdraw.clone()
     }
 
     /// Raise `kubelet_plugin_registration_overdue` when no kubelet registered the driver
@@ -744,6 +757,7 @@ impl DraPlugin {
         ctx.ready.set_ready();
 
         let publisher = SlicePublisher::new(client, &self.driver, &self.node);
+        let withdraw_publisher = publisher.clone();
         // A deleted slice (the kubelet wipes them when it restarts) is republished at once.
         let republish = Arc::new(tokio::sync::Notify::new());
         {
@@ -803,8 +817,132 @@ impl DraPlugin {
             publish,
             overdue,
         );
+        if self.withdraw.load(std::sync::atomic::Ordering::Relaxed) {
+            match tokio::time::timeout(WITHDRAW_TIMEOUT, withdraw_publisher.withdraw()).await {
+                Ok(Ok(n)) => {
+                    tracing::info!(driver = %self.driver, slices = n, "DRA driver disabled; its ResourceSlices were deleted")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(driver = %self.driver, "DRA driver disabled, but its ResourceSlices stay (the kubelet deletes them once it sees the plugin gone): {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(driver = %self.driver, "DRA driver disabled, but deleting its ResourceSlices took longer than {WITHDRAW_TIMEOUT:?}; the kubelet deletes them once it sees the plugin gone")
+                }
+            }
+        }
         a?;
         b?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hybridlet_dra::{AllocatedClaim, Allocation, FakeClaims};
+    use hybridlet_fixtures::kernel::KernelStandIn;
+    use hybridlet_sys::{HostRoot, Sysfs};
+
+    const DRIVER: &str = "sriov.hybridlet.io";
+
+    fn claim(name: &str, device: &str) -> AllocatedClaim {
+        AllocatedClaim {
+            namespace: "ml".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            allocations: vec![Allocation {
+                request: "vf".into(),
+                driver: DRIVER.into(),
+                pool: "node-a".into(),
+                device: device.into(),
+            }],
+            pods: Vec::new(),
+            configs: Vec::new(),
+        }
+    }
+
+    /// Unprepare puts each VF back exactly as it was before its claim, from what the
+    /// checkpoint recorded (the daemon restarts in between): a VF an operator bound to
+    /// vfio-pci with an override (driverctl) is never touched, one on iavf goes back with
+    /// no override, one an operator pinned to iavf with an override gets that override
+    /// back. The kernel stand-in applies the kernel's rules to every write.
+    #[tokio::test]
+    async fn unprepare_puts_each_vf_back_exactly_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        hybridlet_fixtures::e810_server(dir.path()).unwrap();
+        let devices = dir.path().join("sys/bus/pci/devices");
+        std::fs::write(devices.join("0000:81:00.3/driver_override"), "iavf\n").unwrap();
+        let kernel = KernelStandIn::new(dir.path());
+        let sysfs = Sysfs::new(&HostRoot::new(dir.path())).with_writer(Arc::new(kernel.writer()));
+        let report = crate::devices::discover(&sysfs, None).unwrap();
+        let paths = DraPaths {
+            kubeconfig: dir.path().join("kubeconfig"),
+            kubelet_root: dir.path().join("kubelet"),
+            state_dir: dir.path().join("state"),
+            cdi_dir: dir.path().join("cdi"),
+            dev_dir: dir.path().join("dev"),
+            sys_dir: dir.path().join("sys"),
+            boot_id: "boot-1".into(),
+        };
+        std::fs::create_dir_all(&paths.state_dir).unwrap();
+        let plugin = DraPlugin::sriov(
+            DRIVER,
+            "node-a",
+            paths.clone(),
+            &report,
+            Arc::new(sysfs.clone()),
+            PluginMetrics::default(),
+            Holders::default(),
+        );
+        let claims = Arc::new(FakeClaims::default());
+        let vfs = [
+            ("pinned", "vf-0000-81-08-0", "0000:81:08.0"),
+            ("plain", "vf-0000-81-00-2", "0000:81:00.2"),
+            ("operator", "vf-0000-81-00-3", "0000:81:00.3"),
+        ];
+        for (name, device, _) in vfs {
+            claims.put(claim(name, device));
+        }
+        let state = |address: &str| sysfs.state(&PciAddress::parse(address).unwrap());
+        let before: Vec<BindingState> = vfs.iter().map(|(_, _, a)| state(a)).collect();
+        assert_eq!(before[0].driver_override.as_deref(), Some("vfio-pci"));
+        assert_eq!(before[1].driver_override, None);
+        assert_eq!(before[2].driver_override.as_deref(), Some("iavf"));
+        let open = || {
+            Driver::open(
+                plugin.backend.clone(),
+                claims.clone(),
+                &plugin.checkpoint,
+                &paths.cdi_dir,
+                "boot-1",
+            )
+            .unwrap()
+        };
+
+        let driver = open();
+        for (name, _, address) in vfs {
+            driver
+                .prepare("ml", name, &format!("uid-{name}"))
+                .await
+                .unwrap();
+            assert_eq!(state(address).driver.as_deref(), Some(VFIO), "{address}");
+        }
+        drop(driver);
+        let driver = open();
+        for (name, _, _) in vfs {
+            driver.unprepare(&format!("uid-{name}")).await.unwrap();
+        }
+        let after: Vec<BindingState> = vfs.iter().map(|(_, _, a)| state(a)).collect();
+        assert_eq!(after, before);
+        let touched: Vec<(String, String)> = kernel
+            .writes()
+            .into_iter()
+            .filter(|(path, value)| path.contains("0000:81:08.0") || value.contains("0000:81:08.0"))
+            .collect();
+        assert!(
+            touched.is_empty(),
+            "the operator's vfio-pci VF was written to: {touched:?}"
+        );
     }
 }

@@ -21,6 +21,7 @@ macro_rules! outln {
 mod check;
 mod cli;
 mod csi;
+mod daemon;
 mod device_metrics;
 pub mod devices;
 mod dra;
@@ -30,6 +31,7 @@ mod init;
 mod install;
 mod logging;
 mod preflight;
+mod reload;
 mod remote_networks;
 mod run;
 mod ssm;
@@ -61,7 +63,11 @@ pub fn main_entry(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    if let Err(why) = logging::init(cli.log_format, &cli.log_level) {
+    let level = cli
+        .log_level
+        .as_deref()
+        .unwrap_or(hybridlet_config::DEFAULT_LOG_LEVEL);
+    if let Err(why) = logging::init(cli.log_format, level) {
         eprintln!("hybridlet: --log-level: {why}");
         return ExitCode::from(exit::EX_USAGE);
     }

@@ -3,15 +3,16 @@
 //! Order matters: signal handlers first (so SIGTERM during start-up is a clean stop, not
 //! the default kill), then configuration, then subsystems under the supervisor. READY=1
 //! goes to systemd only when every subsystem reports ready; WATCHDOG=1 comes from this
-//! loop, so a wedged loop is noticed; SIGHUP re-validates the configuration and never
-//! replaces a running configuration with an invalid one.
+//! loop, so a wedged loop is noticed; SIGHUP applies a new configuration as far as it can
+//! be applied live (`reload`, `daemon`) and never replaces a running configuration with
+//! an invalid one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hybridlet_config::{Config, LoadedConfig};
-use hybridlet_metrics::{AdminServer, AgentMetrics};
+use hybridlet_config::LoadedConfig;
+use hybridlet_metrics::AgentMetrics;
 use hybridlet_runtime::{Readiness, Signal, Signals, SubsystemExit, Supervisor};
 use sd_notify::NotifyState;
 
@@ -39,6 +40,15 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let config = loaded.config.clone();
     let root = cli.host_root();
     let mode = config.mode();
+    let log_level_pinned = cli.log_level.is_some();
+    if !log_level_pinned {
+        crate::logging::set_filter(&config.agent.log_level).map_err(|message| {
+            Failure::Unsupported {
+                field: "spec.logLevel",
+                message,
+            }
+        })?;
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         mode = mode.as_str(),
@@ -88,9 +98,9 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let kubelet_root = root
         .resolve(&config.agent.kubelet_root_dir)
         .map_err(|e| anyhow::anyhow!("spec.kubeletRootDir: {e}"))?;
-    let sysfs = hybridlet_sys::Sysfs::new(&root);
     // One GPU source (one NVML session) for the metrics sampler and the DRA driver. Without
     // DRA a broken NVML only costs the GPU metrics; with DRA it stops start-up.
+    let mut nvml_error = None;
     let gpus: Option<Arc<dyn hybridlet_gpu::GpuSource>> =
         match crate::devices::gpu_source(args.nvml_fixture.as_deref()) {
             Ok(source) => source.map(Arc::from),
@@ -98,144 +108,38 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 if args.nvml_fixture.is_none() && !config.agent.dra.gpu.enabled =>
             {
                 tracing::warn!("NVML failed to initialise: {e:#}; GPUs are not reported");
+                nvml_error = Some(format!("{e:#}"));
                 None
             }
             Err(other) => return Err(other),
         };
-    // The Kubernetes node name, as init gave it to the kubelet.
-    let node = crate::csi::node_name(&config, &root);
-    // One family for every plugin's registration verdicts (labelled by plugin).
-    let registrations = hybridlet_kubelet_plugin::PluginMetrics::register(&mut registry);
-    if config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled {
-        let plugin = crate::csi::CsiPlugin::new(
-            &config,
-            &node,
-            &kubelet_root,
-            &state_dir,
-            registrations.clone(),
-            &mut registry,
-        );
-        supervisor.spawn("csi", move |ctx| plugin.run(ctx));
-    }
-    let device_holders = crate::device_metrics::Holders::default();
-    let devices_summary =
-        crate::device_metrics::DeviceMetrics::register(&mut registry, device_holders.clone());
-    if config.agent.dra.gpu.enabled || config.agent.dra.sriov.enabled {
-        let dra_metrics = hybridlet_dra::DraMetrics::register(&mut registry);
-        // The DRA drivers are what talks to the API server; observe their clients.
-        hybridlet_kube::register_metrics(&mut registry);
-        let report = crate::devices::discover(&sysfs, gpus.as_deref())?;
-        let boot_id = hybridlet_sys::read_boot_id(&root.dir().join("proc"))
-            .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
-            .context("reading the kernel boot ID")?;
-        let paths = crate::dra::DraPaths {
-            kubeconfig: kubelet_root.join("kubeconfig"),
-            kubelet_root: kubelet_root.clone(),
-            state_dir: state_dir.clone(),
-            cdi_dir: root
-                .resolve("/var/run/cdi")
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-            dev_dir: root.resolve("/dev").map_err(|e| anyhow::anyhow!("{e}"))?,
-            sys_dir: root.resolve("/sys").map_err(|e| anyhow::anyhow!("{e}"))?,
-            boot_id,
-        };
-        if config.agent.dra.sriov.enabled {
-            let dra = crate::dra::DraPlugin::sriov(
-                &config.agent.dra.sriov.driver_name,
-                &node,
-                paths.clone(),
-                &report,
-                Arc::new(sysfs.clone()),
-                registrations.clone(),
-                device_holders.clone(),
-            )
-            .with_metrics(&dra_metrics)
-            .registration_timeout(config.agent.plugin_registration_timeout.get())
-            .orphan_grace(config.agent.dra.orphaned_claim_grace_period.get());
-            devices_summary.add_health_policy(Arc::new(crate::health::VfHealth::new(
-                dra.health(),
-                &config.agent.dra.sriov.driver_name,
-                dra.devices_by_key(),
-            )));
-            supervisor.spawn("dra-sriov", move |ctx| dra.run(ctx));
-        }
-        if config.agent.dra.gpu.enabled {
-            let dra = crate::dra::DraPlugin::gpu(
-                &config.agent.dra.gpu.driver_name,
-                &node,
-                paths,
-                report,
-                registrations.clone(),
-                device_holders,
-            )
-            .with_metrics(&dra_metrics)
-            .registration_timeout(config.agent.plugin_registration_timeout.get())
-            .orphan_grace(config.agent.dra.orphaned_claim_grace_period.get());
-            devices_summary.add_health_policy(Arc::new(crate::health::GpuHealth::new(
-                dra.health(),
-                &config.agent.dra.gpu.driver_name,
-                dra.devices_by_key(),
-                crate::health::GPU_RECOVERY,
-            )));
-            supervisor.spawn("dra-gpu", move |ctx| dra.run(ctx));
-        }
-    }
-    // After the DRA drivers: their health policies must see the first sample and XIDs.
-    {
-        let device_metrics = devices_summary.clone();
-        let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
-        let interval = args
-            .device_sample_interval
-            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL);
-        supervisor.spawn("devices", move |ctx| {
-            device_metrics.run(sysfs, gpus, interval, ctx)
-        });
-    }
-    let registry = Arc::new(registry);
-
-    let listen = config.agent.admin.listen_address;
-    let startup_delay = args.startup_delay;
-    let admin_tls = match &config.agent.admin.tls {
-        Some(tls) => {
-            let resolve = |p: &str| root.resolve(p).map_err(|e| anyhow::anyhow!("{e}"));
-            let config =
-                hybridlet_metrics::tls_config(&resolve(&tls.cert_file)?, &resolve(&tls.key_file)?)
-                    .map_err(|e| match e {
-                        hybridlet_metrics::AdminServerError::Tls { message } => {
-                            Failure::Unsupported {
-                                field: "spec.admin.tls",
-                                message,
-                            }
-                        }
-                        other => Failure::Runtime(other.into()),
-                    })?;
-            Some(config)
-        }
-        None => None,
+    let families = crate::daemon::Families::register(&mut registry);
+    let mut daemon = crate::daemon::Daemon {
+        // The Kubernetes node name, as init gave it to the kubelet.
+        node: crate::csi::node_name(&config, &root),
+        sysfs: hybridlet_sys::Sysfs::new(&root),
+        root,
+        kubelet_root,
+        state_dir,
+        gpus,
+        nvml_error,
+        families,
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        admin_tls: hybridlet_metrics::AdminTls::default(),
+        log_level_pinned,
+        volume_guard: hybridlet_csi::VolumeGuard::default(),
+        plugins: std::collections::BTreeMap::new(),
     };
-    {
-        let (registry, readiness, metrics) = (registry.clone(), readiness.clone(), metrics.clone());
-        supervisor.spawn("admin", move |ctx| async move {
-            let mut server = AdminServer::bind(listen, registry, readiness, metrics).await?;
-            if let Some(tls) = admin_tls {
-                server = server.with_tls(tls);
-            }
-            tracing::info!(address = %server.local_addr(), tls = server.is_tls(), "admin server listening (/metrics, /healthz, /readyz)");
-            let serve = tokio::spawn(server.serve(ctx.shutdown.clone()));
-            if let Some(delay) = startup_delay {
-                tracing::warn!(?delay, "start-up delay requested (testing aid)");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = ctx.shutdown.cancelled() => {}
-                }
-            }
-            if !ctx.shutdown.is_cancelled() {
-                ctx.ready.set_ready();
-            }
-            serve.await??;
-            Ok(())
-        });
-    }
+    daemon.start_all(
+        &mut supervisor,
+        &config,
+        args.device_sample_interval
+            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL),
+        args.startup_delay,
+    )?;
+    let devices_summary = daemon.families.devices.clone();
 
     let watchdog = sd_notify::watchdog_enabled();
     // systemd's advice: ping at half the interval.
@@ -248,7 +152,24 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let stop = loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signal::Hangup => reload(cli, &mut running_config, &metrics),
+                Signal::Hangup => {
+                    // systemd ≥ 253 (Type=notify-reload) waits for READY=1 after these.
+                    let mut reloading = vec![NotifyState::Reloading];
+                    reloading.extend(NotifyState::monotonic_usec_now().ok());
+                    notify(&reloading);
+                    let reload = daemon.reload(&mut supervisor, || cli.load_config(), &mut running_config);
+                    tokio::pin!(reload);
+                    // Stopping a subsystem may take its grace period: keep systemd's
+                    // watchdog fed meanwhile.
+                    loop {
+                        tokio::select! {
+                            () = &mut reload => break,
+                            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
+                        }
+                    }
+                    let status = status_line(&readiness, mode.as_str(), &devices_summary);
+                    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                }
                 other => break Stop::Signal(other),
             },
             exit = supervisor.next_exit() => break Stop::Failed(exit),
@@ -400,36 +321,6 @@ fn status_line(
         line.push_str(&format!(" (waiting for {})", waiting.join(", ")));
     }
     line
-}
-
-/// SIGHUP: load and validate the configuration again. An invalid one is reported and
-/// the running one is kept; a valid, different one is recorded, and takes effect for
-/// subsystems as they learn to reconfigure (none does yet, so it says so).
-fn reload(cli: &Cli, running: &mut Config, metrics: &AgentMetrics) {
-    match cli.load_config() {
-        Err(failure) => {
-            metrics.config_reloaded(false);
-            let why = match failure {
-                // One line in the journal: the field path and the message.
-                Failure::Unsupported { field, message } => format!("{field}: {message}"),
-                other => other.to_string(),
-            };
-            tracing::error!(
-                "configuration reload rejected; keeping the running configuration: {why}"
-            );
-        }
-        Ok(loaded) => {
-            metrics.config_reloaded(true);
-            if loaded.config == *running {
-                tracing::info!("configuration reloaded: unchanged");
-            } else {
-                tracing::warn!(
-                    "configuration reloaded and valid; the changes take effect at the next restart (systemctl restart hybridlet)"
-                );
-                *running = loaded.config;
-            }
-        }
-    }
 }
 
 /// Tell systemd; a no-op when not started by systemd (no NOTIFY_SOCKET).

@@ -297,7 +297,11 @@ fn sighup_with_a_broken_config_keeps_the_running_one() {
 
     write_config(root.path(), &AGENT.replace("5s", "7s"));
     d.signal("HUP");
-    d.wait_log("configuration reloaded and valid");
+    let line = d.wait_log("configuration reloaded");
+    assert_eq!(
+        line["applied"], "spec.shutdownGracePeriod applied",
+        "{line}"
+    );
 
     d.signal("TERM");
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));

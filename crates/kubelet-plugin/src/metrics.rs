@@ -71,4 +71,12 @@ impl PluginMetrics {
             .get_or_create(&vec![("plugin".to_string(), plugin.to_string())])
             .set(i64::from(overdue));
     }
+
+    /// Drop the gauges of a plugin that was stopped on purpose (a reload disabled it), so
+    /// it does not look registered, or overdue, after it is gone. Counters stay.
+    pub fn forget(&self, plugin: &str) {
+        let labels = vec![("plugin".to_string(), plugin.to_string())];
+        self.registered.remove(&labels);
+        self.overdue.remove(&labels);
+    }
 }

@@ -21,7 +21,7 @@ fn main() {
         commit: "bench".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "joined", readiness);
-    metrics.config_reloaded(true);
+    metrics.config_reloaded("ok");
     for _ in 0..1_000 {
         black_box(hybridlet_metrics::encode(&registry).expect("encode"));
     }

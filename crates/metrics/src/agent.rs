@@ -69,7 +69,7 @@ impl AgentMetrics {
         let config_reloads = Family::default();
         registry.register(
             "config_reloads",
-            "Configuration reloads (SIGHUP) by result",
+            "Configuration reloads (SIGHUP) by result: ok, invalid (refused, nothing changed), failed (valid, a step of applying it failed)",
             config_reloads.clone(),
         );
         let admin_requests = Family::default();
@@ -84,9 +84,9 @@ impl AgentMetrics {
         }
     }
 
-    /// Count a configuration reload.
-    pub fn config_reloaded(&self, ok: bool) {
-        let result = if ok { "ok" } else { "invalid" };
+    /// Count a configuration reload: `ok` (applied), `invalid` (refused; nothing
+    /// changed) or `failed` (valid, but a step of applying it failed; see the log).
+    pub fn config_reloaded(&self, result: &str) {
         self.config_reloads
             .get_or_create(&vec![("result".to_string(), result.to_string())])
             .inc();

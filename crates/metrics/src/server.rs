@@ -59,19 +59,56 @@ struct Shared {
     metrics: AgentMetrics,
 }
 
+/// The admin server's TLS setting, shared with whoever rotates it: each new connection
+/// takes the current one (HTTPS with it, or plain HTTP when there is none), so a reload
+/// swaps certificates without closing the listener or dropping open connections.
+#[derive(Clone, Default)]
+pub struct AdminTls(Arc<std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>>);
+
+impl AdminTls {
+    /// Starting with `config` (`None`: plain HTTP).
+    pub fn new(config: Option<Arc<rustls::ServerConfig>>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    /// Use `config` for connections accepted from now on.
+    pub fn set(&self, config: Option<Arc<rustls::ServerConfig>>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+
+    /// The setting new connections get.
+    pub fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminTls")
+            .field("enabled", &self.current().is_some())
+            .finish()
+    }
+}
+
 /// The admin HTTP server: `/metrics`, `/healthz`, `/readyz`.
 pub struct AdminServer {
     listener: TcpListener,
     addr: SocketAddr,
     shared: Arc<Shared>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: AdminTls,
 }
 
 impl std::fmt::Debug for AdminServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminServer")
             .field("addr", &self.addr)
-            .field("tls", &self.tls.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -126,6 +163,34 @@ impl AdminServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| AdminServerError::Bind { addr, source })?;
+        Self::on(listener, addr, registry, readiness, metrics)
+    }
+
+    /// Serve on a listener bound beforehand (a reload binds the new address first, so a
+    /// taken port is refused while the old server still runs).
+    pub fn from_listener(
+        listener: std::net::TcpListener,
+        registry: Arc<Registry>,
+        readiness: Readiness,
+        metrics: AgentMetrics,
+    ) -> Result<Self, AdminServerError> {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+            .map_err(|source| AdminServerError::Bind { addr, source })?;
+        Self::on(listener, addr, registry, readiness, metrics)
+    }
+
+    fn on(
+        listener: TcpListener,
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        readiness: Readiness,
+        metrics: AgentMetrics,
+    ) -> Result<Self, AdminServerError> {
         let addr = listener
             .local_addr()
             .map_err(|source| AdminServerError::Bind { addr, source })?;
@@ -137,19 +202,24 @@ impl AdminServer {
                 readiness,
                 metrics,
             }),
-            tls: None,
+            tls: AdminTls::default(),
         })
     }
 
     /// Serve HTTPS with `config` instead of plain HTTP.
-    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
-        self.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+    pub fn with_tls(self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.with_tls_setting(AdminTls::new(Some(config)))
+    }
+
+    /// Take the TLS setting from `tls` at each connection (rotation).
+    pub fn with_tls_setting(mut self, tls: AdminTls) -> Self {
+        self.tls = tls;
         self
     }
 
-    /// Whether it serves HTTPS.
+    /// Whether it serves HTTPS now.
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        self.tls.current().is_some()
     }
 
     /// The bound address (useful with port 0).
@@ -177,7 +247,7 @@ impl AdminServer {
                     };
                     let shared = self.shared.clone();
                     let stop = shutdown.clone();
-                    let tls = self.tls.clone();
+                    let tls = self.tls.current().map(tokio_rustls::TlsAcceptor::from);
                     connections.spawn(async move {
                         match tls {
                             None => serve_connection(stream, shared, stop, peer).await,

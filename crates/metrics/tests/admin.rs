@@ -113,7 +113,7 @@ fn docs_list_exactly_the_registered_metrics() {
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness);
     // Families only appear once they have a member.
-    metrics.config_reloaded(true);
+    metrics.config_reloaded("ok");
     metrics
         .admin_requests
         .get_or_create(&vec![
@@ -225,4 +225,86 @@ async fn serves_over_tls_from_pem_files() {
     let err = hybridlet_metrics::tls_config(&fixtures.join("cert.pem"), &fixtures.join("cert.pem"))
         .unwrap_err();
     assert!(err.to_string().contains("spec.admin.tls: keyFile"), "{err}");
+}
+
+/// A TLS client that trusts only the certificate in `ca` (a PEM file of the fixtures).
+async fn tls_get(addr: std::net::SocketAddr, ca: &str) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(fixtures.join(ca)).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    tls.read_to_string(&mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// Rotation: the certificate set on the shared TLS setting is what the next connection
+/// gets, on the same listener; an open connection keeps its own; `None` serves plain
+/// HTTP. The listener can also be bound beforehand (a reload binding a new address).
+#[tokio::test]
+async fn certificates_rotate_without_a_new_listener() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let pair = |cert: &str, key: &str| {
+        hybridlet_metrics::tls_config(&fixtures.join(cert), &fixtures.join(key)).unwrap()
+    };
+    let readiness = Readiness::new();
+    let mut registry = new_registry();
+    let build = BuildInfo {
+        version: "1.2.3".into(),
+        commit: "abc".into(),
+    };
+    let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls = hybridlet_metrics::AdminTls::new(Some(pair("cert.pem", "key.pem")));
+    let server = AdminServer::from_listener(listener, Arc::new(registry), readiness, metrics)
+        .unwrap()
+        .with_tls_setting(tls.clone());
+    let addr = server.local_addr();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server.serve(stop.clone()));
+
+    assert!(
+        tls_get(addr, "cert.pem")
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    let err = tls_get(addr, "rotated-cert.pem").await.unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+
+    tls.set(Some(pair("rotated-cert.pem", "rotated-key.pem")));
+    assert!(
+        tls_get(addr, "rotated-cert.pem")
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(tls_get(addr, "cert.pem").await.is_err());
+
+    tls.set(None);
+    assert_eq!(get(addr, "/healthz", "GET").await.0, 200);
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

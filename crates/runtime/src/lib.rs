@@ -20,6 +20,6 @@ pub use backoff::Backoff;
 pub use readiness::{ComponentStatus, Readiness, ReadyHandle};
 pub use signals::{Signal, Signals};
 pub use supervisor::{
-    BoxError, ShutdownError, SubsystemContext, SubsystemExit, Supervisor, error_chain,
+    BoxError, ShutdownError, Stopped, SubsystemContext, SubsystemExit, Supervisor, error_chain,
 };
 pub use tokio_util::sync::CancellationToken;

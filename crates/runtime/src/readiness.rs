@@ -100,6 +100,14 @@ impl Readiness {
         });
     }
 
+    /// Forget a subsystem (stopped on purpose, not failed): it no longer counts.
+    pub fn remove(&self, name: &str) {
+        let removed = self.lock().components.remove(name).is_some();
+        if removed {
+            self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     /// True when at least one subsystem is registered and all are ready.
     pub fn is_ready(&self) -> bool {
         let state = self.lock();

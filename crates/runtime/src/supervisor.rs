@@ -1,8 +1,8 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::task::{Id, JoinSet};
+use tokio::task::{AbortHandle, Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Readiness, ReadyHandle};
@@ -28,6 +28,19 @@ pub struct SubsystemExit {
     pub result: Result<(), String>,
 }
 
+/// How [`Supervisor::stop`] ended a subsystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// It returned within the grace period.
+    Cleanly,
+    /// It returned an error or panicked while stopping.
+    Failed(String),
+    /// It was still running when the grace period ran out, and was aborted.
+    Aborted,
+    /// No subsystem of that name was running.
+    NotRunning,
+}
+
 /// Why shutdown was not clean.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
@@ -50,13 +63,19 @@ pub enum ShutdownError {
 /// Runs subsystems as tasks that share one cancellation token.
 ///
 /// Any subsystem that ends before shutdown was requested is a failure of the whole
-/// process (the caller decides to shut down); no task's end goes unobserved.
+/// process (the caller decides to shut down); no task's end goes unobserved. One
+/// subsystem can also be stopped on its own ([`Supervisor::stop`], for a reload that
+/// disables or restarts it): it gets its own token cancelled and the same grace period.
 #[derive(Debug)]
 pub struct Supervisor {
     shutdown: CancellationToken,
     readiness: Readiness,
     tasks: JoinSet<Result<(), String>>,
     names: HashMap<Id, String>,
+    /// Each running subsystem's own token and abort handle, by name.
+    handles: HashMap<String, (CancellationToken, AbortHandle)>,
+    /// Exits seen while [`Supervisor::stop`] waited for another subsystem.
+    pending: VecDeque<SubsystemExit>,
 }
 
 impl Supervisor {
@@ -67,6 +86,8 @@ impl Supervisor {
             readiness,
             tasks: JoinSet::new(),
             names: HashMap::new(),
+            handles: HashMap::new(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -82,14 +103,25 @@ impl Supervisor {
         names
     }
 
-    /// Start a subsystem. It is registered (up, not ready) before its task starts.
+    /// Whether a subsystem of this name is running.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.handles.contains_key(name)
+    }
+
+    /// Start a subsystem. It is registered (up, not ready) before its task starts. Names
+    /// are unique: stop the running one first to start another of the same name.
     pub fn spawn<F, Fut>(&mut self, name: &str, start: F)
     where
         F: FnOnce(SubsystemContext) -> Fut,
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
+        debug_assert!(
+            !self.is_running(name),
+            "subsystem {name} is already running"
+        );
+        let token = self.shutdown.child_token();
         let ctx = SubsystemContext {
-            shutdown: self.shutdown.child_token(),
+            shutdown: token.clone(),
             ready: self.readiness.register(name),
         };
         let fut = start(ctx);
@@ -97,15 +129,65 @@ impl Supervisor {
             .tasks
             .spawn(async move { fut.await.map_err(|e| error_chain(e.as_ref())) });
         self.names.insert(handle.id(), name.to_string());
+        self.handles.insert(name.to_string(), (token, handle));
         tracing::debug!(subsystem = name, "subsystem started");
     }
 
     /// Wait for the next subsystem to end. Pending forever when none are running, so it
     /// can sit in a `select!` beside signals.
     pub async fn next_exit(&mut self) -> SubsystemExit {
+        if let Some(exit) = self.pending.pop_front() {
+            return exit;
+        }
         match self.tasks.join_next_with_id().await {
             Some(joined) => self.record(joined),
             None => std::future::pending().await,
+        }
+    }
+
+    /// Stop one subsystem: cancel its token and wait up to `grace` for it to end, then
+    /// abort it. It leaves the readiness set (a disabled subsystem does not hold the
+    /// process unready). Other subsystems that end meanwhile are kept for
+    /// [`Supervisor::next_exit`].
+    pub async fn stop(&mut self, name: &str, grace: Duration) -> Stopped {
+        let Some((token, abort)) = self.handles.get(name).cloned() else {
+            return Stopped::NotRunning;
+        };
+        token.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut aborted = false;
+        loop {
+            let joined = if aborted {
+                self.tasks.join_next_with_id().await
+            } else {
+                match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
+                    Ok(joined) => joined,
+                    Err(_elapsed) => {
+                        tracing::warn!(
+                            subsystem = name,
+                            ?grace,
+                            "subsystem did not stop in time; aborting it"
+                        );
+                        abort.abort();
+                        aborted = true;
+                        continue;
+                    }
+                }
+            };
+            let Some(joined) = joined else {
+                return Stopped::NotRunning;
+            };
+            let exit = self.record(joined);
+            if exit.name != name {
+                self.pending.push_back(exit);
+                continue;
+            }
+            self.readiness.remove(name);
+            return match exit.result {
+                Ok(()) => Stopped::Cleanly,
+                Err(_) if aborted => Stopped::Aborted,
+                Err(e) => Stopped::Failed(e),
+            };
         }
     }
 
@@ -128,6 +210,7 @@ impl Supervisor {
             .names
             .remove(&id)
             .unwrap_or_else(|| format!("task {id}"));
+        self.handles.remove(&name);
         let reason = match &result {
             Ok(()) => "stopped".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -254,6 +337,59 @@ mod tests {
         let exit = sup.next_exit().await;
         assert_eq!(exit.name, "panicker");
         assert_eq!(exit.result.unwrap_err(), "panicked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_subsystem_stops_and_the_others_keep_running() {
+        let readiness = Readiness::new();
+        let mut sup = Supervisor::new(readiness.clone());
+        for name in ["admin", "csi"] {
+            sup.spawn(name, |ctx| async move {
+                ctx.ready.set_ready();
+                ctx.shutdown.cancelled().await;
+                Ok(())
+            });
+        }
+        sup.spawn("stubborn", |ctx| async move {
+            ctx.ready.set_ready();
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        // A subsystem that fails while another is being stopped is not lost.
+        sup.spawn("quitter", |ctx| async move {
+            ctx.ready.set_ready();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err::<(), BoxError>("gone".into())
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            sup.stop("stubborn", Duration::from_secs(1)).await,
+            Stopped::Aborted
+        );
+        assert_eq!(
+            sup.stop("csi", Duration::from_secs(1)).await,
+            Stopped::Cleanly
+        );
+        assert_eq!(
+            sup.stop("csi", Duration::from_secs(1)).await,
+            Stopped::NotRunning
+        );
+        assert_eq!(sup.running(), ["admin"]);
+        let names: Vec<String> = readiness.snapshot().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["admin", "quitter"]);
+        let exit = sup.next_exit().await;
+        assert_eq!(
+            (exit.name.as_str(), exit.result),
+            ("quitter", Err("gone".to_string()))
+        );
+        // The name is free again.
+        sup.spawn("csi", |ctx| async move {
+            ctx.ready.set_ready();
+            ctx.shutdown.cancelled().await;
+            Ok(())
+        });
+        assert!(sup.is_running("csi"));
+        sup.shutdown(Duration::from_secs(1)).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -109,6 +109,8 @@ pub struct Applied {
     pub states: Vec<FileState>,
     /// The backup directory, when anything was written.
     pub backup: Option<PathBuf>,
+    /// Files removed ([`apply_and_remove`]).
+    pub removed: Vec<PathBuf>,
 }
 
 /// Compare each desired file with the disk.
@@ -151,65 +153,78 @@ struct Entry {
 /// Write every new or changed file, keeping the old ones in a fresh directory under
 /// `backup_root` first. Parent directories are created with mode 0755.
 pub fn apply(files: &[DesiredFile], backup_root: &Path) -> Result<Applied, FileSetError> {
+    apply_and_remove(files, &[], backup_root)
+}
+
+/// [`apply`], and remove the files in `remove` that exist (kept in the backup too, so a
+/// rollback puts them back). `Applied::removed` lists those removed.
+pub fn apply_and_remove(
+    files: &[DesiredFile],
+    remove: &[PathBuf],
+    backup_root: &Path,
+) -> Result<Applied, FileSetError> {
     let states = plan(files)?;
-    if states.iter().all(|s| *s == FileState::Unchanged) {
+    let doomed: Vec<&PathBuf> = remove.iter().filter(|p| p.is_file()).collect();
+    if states.iter().all(|s| *s == FileState::Unchanged) && doomed.is_empty() {
         return Ok(Applied {
             states,
             backup: None,
+            removed: Vec::new(),
         });
     }
     let backup = backup_dir(backup_root)?;
+    let save = |i: usize, path: &Path| -> Result<Entry, FileSetError> {
+        let saved = backup.join(format!("{i}.orig"));
+        let backup_err = |source| FileSetError::Backup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = fs::metadata(path).map_err(backup_err)?.permissions().mode() & 0o7777;
+        let bytes = fs::read(path).map_err(backup_err)?;
+        atomic_write(&saved, &bytes, 0o600).map_err(|e| FileSetError::Backup {
+            path: saved.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(Entry {
+            path: path.to_path_buf(),
+            original: Some((saved, mode)),
+        })
+    };
     let mut entries = Vec::new();
-    for (i, (f, state)) in files.iter().zip(&states).enumerate() {
-        if f.path.to_string_lossy().contains(['\n', '\t']) {
+    let paths = files.iter().map(|f| &f.path).chain(doomed.iter().copied());
+    for path in paths {
+        if path.to_string_lossy().contains(['\n', '\t']) {
             return Err(FileSetError::Backup {
-                path: f.path.clone(),
+                path: path.clone(),
                 source: io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "path contains a tab or newline",
                 ),
             });
         }
+    }
+    for (i, (f, state)) in files.iter().zip(&states).enumerate() {
         match state {
             FileState::Unchanged => {}
             FileState::New => entries.push(Entry {
                 path: f.path.clone(),
                 original: None,
             }),
-            FileState::Changed => {
-                let saved = backup.join(format!("{i}.orig"));
-                let backup_err = |source| FileSetError::Backup {
-                    path: f.path.clone(),
-                    source,
-                };
-                let mode = fs::metadata(&f.path)
-                    .map_err(backup_err)?
-                    .permissions()
-                    .mode()
-                    & 0o7777;
-                let bytes = fs::read(&f.path).map_err(backup_err)?;
-                atomic_write(&saved, &bytes, 0o600).map_err(|e| FileSetError::Backup {
-                    path: saved.clone(),
-                    source: io::Error::other(e.to_string()),
-                })?;
-                entries.push(Entry {
-                    path: f.path.clone(),
-                    original: Some((saved, mode)),
-                });
-            }
+            FileState::Changed => entries.push(save(i, &f.path)?),
         }
+    }
+    let writes = entries.len();
+    for (i, path) in doomed.iter().enumerate() {
+        entries.push(save(files.len() + i, path)?);
     }
     write_manifest(&backup, &entries)?;
 
-    let mut written: Vec<&Entry> = Vec::new();
-    let mut entry_iter = entries.iter();
-    for (f, state) in files.iter().zip(&states) {
-        if *state == FileState::Unchanged {
-            continue;
-        }
-        let Some(entry) = entry_iter.next() else {
-            break;
-        };
+    let mut done: Vec<&Entry> = Vec::new();
+    let changed = files
+        .iter()
+        .zip(&states)
+        .filter(|(_, s)| **s != FileState::Unchanged);
+    for ((f, _), entry) in changed.zip(&entries[..writes]) {
         let result = match f.path.parent() {
             Some(parent) => fs::create_dir_all(parent).map_err(|source| AtomicWriteError::Io {
                 step: "create parent directories of",
@@ -220,31 +235,48 @@ pub fn apply(files: &[DesiredFile], backup_root: &Path) -> Result<Applied, FileS
         }
         .and_then(|()| atomic_write(&f.path, &f.contents, f.mode));
         if let Err(write) = result {
-            let mut restored = 0;
-            for done in written.iter().rev() {
-                if let Err(restore) = restore(done) {
-                    return Err(FileSetError::RestoreFailed {
-                        path: f.path.clone(),
-                        write: Box::new(write),
-                        restore_path: done.path.clone(),
-                        restore,
-                        backup,
-                    });
-                }
-                restored += 1;
-            }
-            return Err(FileSetError::Write {
-                path: f.path.clone(),
-                source: write,
-                restored,
-            });
+            return Err(undo(&done, &f.path, write, &backup));
         }
-        written.push(entry);
+        done.push(entry);
+    }
+    for entry in &entries[writes..] {
+        if let Err(source) = fs::remove_file(&entry.path) {
+            let write = AtomicWriteError::Io {
+                step: "remove",
+                path: entry.path.clone(),
+                source,
+            };
+            return Err(undo(&done, &entry.path, write, &backup));
+        }
+        done.push(entry);
     }
     Ok(Applied {
         states,
         backup: Some(backup),
+        removed: doomed.into_iter().cloned().collect(),
     })
+}
+
+/// Put back what was already done after `write` failed on `path`.
+fn undo(done: &[&Entry], path: &Path, write: AtomicWriteError, backup: &Path) -> FileSetError {
+    let mut restored = 0;
+    for entry in done.iter().rev() {
+        if let Err(restore) = restore(entry) {
+            return FileSetError::RestoreFailed {
+                path: path.to_path_buf(),
+                write: Box::new(write),
+                restore_path: entry.path.clone(),
+                restore,
+                backup: backup.to_path_buf(),
+            };
+        }
+        restored += 1;
+    }
+    FileSetError::Write {
+        path: path.to_path_buf(),
+        source: write,
+        restored,
+    }
 }
 
 fn backup_dir(root: &Path) -> Result<PathBuf, FileSetError> {
@@ -432,6 +464,31 @@ mod tests {
         );
         assert_eq!(mode_of(&dir.path().join("a")), 0o640);
         assert!(!dir.path().join("b").exists());
+    }
+
+    #[test]
+    fn removed_files_are_backed_up_and_rolled_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        fs::write(dir.path().join("gone"), "was here").unwrap();
+        fs::set_permissions(dir.path().join("gone"), fs::Permissions::from_mode(0o640)).unwrap();
+        let files = vec![file(dir.path(), "kept", "k", 0o644)];
+        let remove = vec![dir.path().join("gone"), dir.path().join("never-was")];
+        let applied = apply_and_remove(&files, &remove, &backups).unwrap();
+        assert_eq!(applied.removed, vec![dir.path().join("gone")]);
+        assert!(!dir.path().join("gone").exists());
+        assert_eq!(fs::read_to_string(dir.path().join("kept")).unwrap(), "k");
+        // Nothing left to do: no new backup.
+        let again = apply_and_remove(&files, &remove, &backups).unwrap();
+        assert!(again.backup.is_none() && again.removed.is_empty());
+
+        assert_eq!(rollback(&applied.backup.unwrap()).unwrap(), 2);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("gone")).unwrap(),
+            "was here"
+        );
+        assert_eq!(mode_of(&dir.path().join("gone")), 0o640);
+        assert!(!dir.path().join("kept").exists());
     }
 
     #[test]

@@ -644,11 +644,13 @@ impl Disks for SystemDisks {
         if meta.is_file() {
             return Ok(meta.len()); // an image file (tests)
         }
-        let name = device
+        // /dev/mapper/mpatha is a link to /dev/dm-N: sysfs knows the kernel's name.
+        let real = std::fs::canonicalize(device).map_err(io("resolving", device))?;
+        let name = real
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let sysfs = PathBuf::from(format!("/sys/class/block/{name}/size"));
+        let sysfs = self.sysfs.join(format!("class/block/{name}/size"));
         let sectors = std::fs::read_to_string(&sysfs).map_err(io("reading", &sysfs))?;
         sectors
             .trim()
@@ -1245,6 +1247,21 @@ mod multipath_tests {
             dev: dir.join("dev"),
             multipath_tools: Some(dir.join("bin")),
         }
+    }
+
+    /// The size of a multipath map is read under the kernel's name (dm-N), not the map's
+    /// (a real kernel has no /sys/class/block/mpatha: found in the VM).
+    #[test]
+    fn sizes_are_read_under_the_kernel_name_of_a_linked_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = tree(dir.path());
+        // /dev/null stands in for /dev/dm-3: any device node that is not a regular file.
+        std::fs::create_dir_all(disks.sysfs.join("class/block/null")).unwrap();
+        std::fs::write(disks.sysfs.join("class/block/null/size"), "4194304\n").unwrap();
+        std::fs::create_dir_all(dir.path().join("dev/mapper")).unwrap();
+        let map = dir.path().join("dev/mapper/mpatha");
+        std::os::unix::fs::symlink("/dev/null", &map).unwrap();
+        assert_eq!(disks.size_bytes(&map).unwrap(), 4_194_304 * 512);
     }
 
     /// A stand-in tool in `<dir>/bin` that logs its arguments and runs `body`.

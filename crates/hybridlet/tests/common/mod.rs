@@ -157,6 +157,41 @@ impl Daemon {
         found.unwrap()
     }
 
+    /// Every log line (as JSON) whose `message` starts with `prefix`, so far.
+    pub fn logged(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.log()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .collect()
+    }
+
+    /// Replace the configuration file (`config` edits the IAM Roles Anywhere fixture).
+    pub fn write_config(&self, config: impl FnOnce(String) -> String) {
+        std::fs::write(
+            self.root.path().join("etc/hybridlet/config.yaml"),
+            config(iam_ra_config()),
+        )
+        .unwrap();
+    }
+
+    /// SIGHUP, and the reload's verdict: the next log line about the reload (`configuration
+    /// reloaded…` or `configuration reload rejected…`).
+    pub async fn reload(&self) -> serde_json::Value {
+        let before = self.logged("configuration reload").len();
+        Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let mut verdict = None;
+        wait_until("the reload's verdict", || {
+            verdict = self.logged("configuration reload").into_iter().nth(before);
+            verdict.is_some()
+        })
+        .await;
+        verdict.unwrap()
+    }
+
     /// The admin server's `IP:PORT`, from its start-up log line.
     pub async fn admin_address(&self) -> String {
         self.wait_log("admin server listening").await["address"]

@@ -4,6 +4,7 @@
 # without init's arguments and files, or with maxPods 7, so a bad join is visible. init writes the files, reloads
 # systemd, starts both; a rerun restarts nothing; a kubelet-only change restarts only the
 # kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files;
+# a reload with new registry mirrors writes their hosts.toml and restarts nothing;
 # uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
 . /mnt/share/guest/lib.sh
 
@@ -148,6 +149,27 @@ echo "$out" | grep -q 'nothing written' || fail "rerun wrote something: $out"
 expect_eq "containerd not restarted" "$c_pid" "$(pid containerd)"
 expect_eq "kubelet not restarted" "$k_pid" "$(pid kubelet)"
 
+step "systemctl reload with new registry mirrors: hosts.toml written, nothing restarted"
+expect_ok systemctl start hybridlet
+h_pid=$(pid hybridlet)
+mkdir -p /etc/hybridlet/config.d
+cat > /etc/hybridlet/config.d/70-mirrors.yaml <<'YAML'
+apiVersion: hybridlet.io/v1alpha1
+kind: AgentConfig
+spec:
+  registryMirrors:
+    - registry: registry.k8s.io
+      endpoints: ["https://harbor.example.internal/v2/k8s"]
+      overridePath: true
+YAML
+expect_ok systemctl reload hybridlet
+wait_for 30 "hosts.toml for registry.k8s.io" grep -q 'harbor.example.internal/v2/k8s' /etc/containerd/certs.d/registry.k8s.io/hosts.toml
+journalctl -u hybridlet --no-pager -o cat | grep -q 'registry mirrors: 1 hosts.toml written' || fail "the reload did not report the mirror file"
+expect_eq "containerd not restarted" "$c_pid" "$(pid containerd)"
+expect_eq "kubelet not restarted" "$k_pid" "$(pid kubelet)"
+expect_eq "hybridlet not restarted" "$h_pid" "$(pid hybridlet)"
+expect_ok systemctl stop hybridlet
+
 step "a kubelet-only change restarts only the kubelet"
 write_config 120
 expect_ok hybridlet init
@@ -211,7 +233,8 @@ systemctl cat kubelet.service >/dev/null 2>&1 && fail "systemd still knows kubel
 for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml \
          /etc/sysctl.d/99-hybridlet.conf /etc/modules-load.d/hybridlet.conf \
          /usr/bin/kubelet /usr/local/bin/aws_signing_helper /etc/systemd/system/kubelet.service \
-         /opt/cni/bin/bridge /etc/eks/image-credential-provider/ecr-credential-provider /etc/aws/hybrid/config; do
+         /opt/cni/bin/bridge /etc/eks/image-credential-provider/ecr-credential-provider /etc/aws/hybrid/config \
+         /etc/containerd/certs.d/registry.k8s.io/hosts.toml; do
   [ ! -e "$f" ] || fail "$f is still there"
 done
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"

@@ -1,7 +1,9 @@
 # Scenario 1: the .deb of this commit under real systemd. Install enables but does not
 # start; the unit reaches active through Type=notify; /metrics and /readyz answer; a
-# broken config on reload is refused and the old one keeps running; stop is clean;
-# remove keeps the config, purge removes the state.
+# broken config on reload is refused and the old one keeps running; a good one is applied
+# in the same process (log level, TLS and its rotation, the admin address, the CSI plugin
+# and a DRA driver started, restarted and stopped on their own); stop is clean; remove
+# keeps the config, purge removes the state.
 . /mnt/share/guest/lib.sh
 
 step "dpkg -i"
@@ -53,6 +55,89 @@ rm /etc/hybridlet/config.d/99-broken.yaml
 expect_ok systemctl reload hybridlet
 wait_for 20 "good reload counted" sh -c \
   "curl -fsS http://127.0.0.1:9464/metrics | grep -q 'hybridlet_config_reloads_total{result=\"ok\"} 1'"
+
+step "reload applies: log level, TLS and its rotation, admin address, CSI, a DRA driver (one process)"
+pid=$(main_pid)
+tls=/etc/hybridlet/tls
+mkdir -p "$tls"
+cp "$artifacts/tls/cert.pem" "$tls/cert.pem"; cp "$artifacts/tls/key.pem" "$tls/key.pem"
+"$artifacts/fake-apiserver" > /tmp/api.url 2>/tmp/api.err &
+api_pid=$!
+wait_for 10 "fake API server" test -s /tmp/api.url
+api=$(head -n 1 /tmp/api.url)
+curl -fsS -X POST -H 'Content-Type: application/json' \
+  -d "{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{\"name\":\"$(hostname)\"}}" "$api/api/v1/nodes" >/dev/null
+mkdir -p /var/lib/kubelet
+cat > /var/lib/kubelet/kubeconfig <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "$api"}}]
+contexts: [{name: k, context: {cluster: c, user: u}}]
+current-context: k
+users: [{name: u, user: {token: node-token}}]
+KC
+# reload_with CONFIG-BODY: the drop-in's spec, then systemctl reload; the same process.
+reloads=1
+reload_with() {
+  printf 'apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n%s\n' "$1" > /etc/hybridlet/config.d/60-reload.yaml
+  expect_ok systemctl reload hybridlet
+  reloads=$((reloads + 1))
+  wait_for 30 "reload $reloads counted ok" sh -c \
+    "curl -fsS ${2:-http://127.0.0.1:9464}/metrics ${3:-} | grep -q 'hybridlet_config_reloads_total{result=\"ok\"} $reloads'"
+  expect_eq "same main PID after reload $reloads" "$pid" "$(main_pid)"
+}
+since=$(date '+%Y-%m-%d %H:%M:%S')
+reload_with '  logLevel: debug
+  csi: {nfs: {enabled: true}}'
+wait_for 20 "the CSI sockets" test -S "$csi_socket" -a -S "$csi_reg_socket"
+journalctl -u hybridlet --since "$since" -p debug --no-pager -o cat | grep -q 'subsystem started' \
+  || fail "no debug line after logLevel: debug"
+echo "    ok: debug lines in the journal"
+csi_inode=$(stat -c %i "$csi_reg_socket")
+
+reload_with '  logLevel: debug
+  csi: {nfs: {enabled: true}, topology: {topology.hybridlet.io/site: rack-7}}'
+wait_for 20 "a new CSI registration socket" sh -c "[ -S $csi_reg_socket ] && [ \$(stat -c %i $csi_reg_socket) != $csi_inode ]"
+kubelet info | grep -q 'topology.hybridlet.io/site": "rack-7"' || fail "NodeGetInfo without the new topology: $(kubelet info)"
+echo "    ok: NodeGetInfo reports topology.hybridlet.io/site=rack-7"
+csi_inode=$(stat -c %i "$csi_reg_socket")
+
+base='  logLevel: debug
+  csi: {nfs: {enabled: true}, topology: {topology.hybridlet.io/site: rack-7}}'
+reload_with "$base
+  dra: {gpu: {enabled: true}}"
+dra_socket=/var/lib/kubelet/plugins/gpu.hybridlet.io/dra.sock
+wait_for 30 "the GPU DRA socket" test -S "$dra_socket"
+wait_for 30 "its ResourceSlice" sh -c "curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -q '\"driver\":\"gpu.hybridlet.io\"'"
+reload_with "$base"
+wait_for 30 "the GPU DRA socket gone" sh -c "[ ! -e $dra_socket ]"
+wait_for 30 "its ResourceSlice withdrawn" sh -c "! curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -q gpu.hybridlet.io"
+expect_eq "the CSI plugin untouched by the DRA changes" "$csi_inode" "$(stat -c %i "$csi_reg_socket")"
+
+https_base="$base
+  admin: {tls: {certFile: $tls/cert.pem, keyFile: $tls/key.pem}}"
+reload_with "$https_base" https://127.0.0.1:9464 "--cacert $tls/cert.pem"
+expect_fail curl -fsS -o /dev/null http://127.0.0.1:9464/healthz
+echo "    ok: HTTPS with the configured certificate, no plain HTTP"
+cp "$artifacts/tls/rotated-cert.pem" "$tls/cert.pem"; cp "$artifacts/tls/rotated-key.pem" "$tls/key.pem"
+cp "$artifacts/tls/cert.pem" /tmp/old-ca.pem
+reload_with "$https_base" https://127.0.0.1:9464 "--cacert $tls/cert.pem"
+expect_fail curl -fsS -o /dev/null --cacert /tmp/old-ca.pem https://127.0.0.1:9464/healthz
+echo "    ok: the renewed certificate is served after reload; the old one is gone"
+
+reload_with "$base
+  admin: {listenAddress: 127.0.0.1:9465}" http://127.0.0.1:9465
+expect_fail curl -fsS -o /dev/null http://127.0.0.1:9464/healthz
+echo "    ok: the admin server moved to 9465"
+expect_eq "the CSI plugin untouched by the admin changes" "$csi_inode" "$(stat -c %i "$csi_reg_socket")"
+
+rm /etc/hybridlet/config.d/60-reload.yaml
+expect_ok systemctl reload hybridlet
+reloads=$((reloads + 1))
+wait_for 30 "back on 9464 with CSI off" sh -c "[ ! -e $csi_socket ] && curl -fsS http://127.0.0.1:9464/metrics | grep -q 'hybridlet_config_reloads_total{result=\"ok\"} $reloads'"
+expect_eq "same main PID after all reloads" "$pid" "$(main_pid)"
+kill "$api_pid" 2>/dev/null || true
+rm -rf /var/lib/kubelet "$tls"
 
 step "a broken config stops a restart (exit 78) without a restart loop"
 printf 'apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  nope: 1\n' > /etc/hybridlet/config.d/99-broken.yaml
