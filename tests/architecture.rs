@@ -24,16 +24,19 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-metrics", 2),
     // 3 plugin framework
     ("hybridlet-kubelet-plugin", 3),
+    // 4 the DRA framework (driver core, checkpoint, slices, health stream)
     ("hybridlet-dra", 4),
-    // 4 domains
-    ("hybridlet-bootstrap", 4),
-    ("hybridlet-csi", 4),
-    ("hybridlet-gpu", 4),
-    ("hybridlet-sriov", 4),
-    // 5 top
-    ("hybridlet", 5),
+    // 5 domains: never depend on each other
+    ("hybridlet-bootstrap", 5),
+    ("hybridlet-csi", 5),
+    ("hybridlet-gpu", 5),
+    ("hybridlet-sriov", 5),
+    // 6 applications: what the commands do, over the domains
+    ("hybridlet-join", 6),
+    // 7 top: the binary
+    ("hybridlet", 7),
     // workspace-wide tests may use anything
-    ("hybridlet-tests", 6),
+    ("hybridlet-tests", 8),
 ];
 
 fn workspace_root() -> PathBuf {

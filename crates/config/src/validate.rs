@@ -685,7 +685,13 @@ mod tests {
 
     #[test]
     fn log_levels_are_levels_or_target_directives() {
-        for good in ["info", "WARN", "off", "info,hybridlet_csi=debug", "hybridlet_dra::driver=trace"] {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,hybridlet_csi=debug",
+            "hybridlet_dra::driver=trace",
+        ] {
             assert!(check_log_level(good).is_ok(), "{good}");
         }
         for bad in ["", "verbose", "info,", "a b=info", "=debug", "info,x=loud"] {

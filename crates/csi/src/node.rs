@@ -416,16 +416,21 @@ impl NodeService {
             self.settings.mount_timeout,
             format!("unpublishing volume {volume_id}"),
             move || {
-                match std::fs::symlink_metadata(&target) {
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                    Ok(meta) if meta.file_type().is_symlink() => {
-                        return Err(CsiError::FailedPrecondition(format!(
-                            "target path {} is a symlink; not touching it",
-                            target.display()
-                        )));
+                // The mount table first: lstat(2) on a mount whose NFS server is gone blocks
+                // in the kernel (a hard mount retries for minutes; found in the VM); the
+                // table never does. A mount point is never a symlink (the kernel unmounts
+                // it with UMOUNT_NOFOLLOW below); only a path that is not one is looked at.
+                if mounter.mount_at(&target)?.is_none() {
+                    match std::fs::symlink_metadata(&target) {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                        Ok(meta) if meta.file_type().is_symlink() => {
+                            return Err(CsiError::FailedPrecondition(format!(
+                                "target path {} is a symlink; not touching it",
+                                target.display()
+                            )));
+                        }
+                        _ => {}
                     }
-                    // Stale NFS: lstat itself can fail; the mount table decides below.
-                    _ => {}
                 }
                 while mounter.mount_at(&target)?.is_some() {
                     unmount(&mounter, &target, &probes)?;

@@ -323,21 +323,71 @@ impl Cli {
     }
 }
 
-/// Run the chosen command.
+/// Run the chosen command. The join commands get one context: the host root, the
+/// configuration (loaded and validated once), one async runtime.
 pub fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let context = || -> Result<hybridlet_join::Context, Failure> {
+        Ok(hybridlet_join::Context::new(
+            cli.host_root(),
+            cli.load_config()?,
+        )?)
+    };
     match &cli.command {
         Command::Run(args) => crate::run::run(&cli, args),
-        Command::Check(args) => crate::check::check(&cli, args),
-        Command::Token(args) => crate::token::token(&cli, args),
         Command::Version(args) => {
             print_version(args.json);
             Ok(())
         }
         Command::Devices(args) => crate::devices::devices(&cli, args),
-        Command::Init(args) => crate::init::init(&cli, args),
-        Command::Install(args) => crate::install::install(&cli, args),
-        Command::Upgrade(args) => crate::upgrade::upgrade(&cli, args),
-        Command::Uninstall(args) => crate::uninstall::uninstall(&cli, args),
+        Command::Check(a) => Ok(hybridlet_join::check(
+            &context()?,
+            &hybridlet_join::CheckArgs {
+                config_only: a.config_only,
+                offline: a.offline,
+                json: a.output == CheckOutput::Json,
+            },
+        )?),
+        Command::Token(a) => Ok(hybridlet_join::token(
+            &context()?,
+            &hybridlet_join::TokenArgs {
+                cluster_id: a.cluster_id.clone(),
+                region: a.region.clone(),
+            },
+        )?),
+        Command::Init(a) => Ok(hybridlet_join::init(
+            &context()?,
+            &hybridlet_join::InitArgs {
+                dry_run: a.dry_run,
+                no_start: a.no_start,
+                wait: a.wait,
+            },
+        )?),
+        Command::Install(a) => Ok(hybridlet_join::install(
+            &context()?,
+            &hybridlet_join::InstallArgs {
+                kubernetes_version: a.kubernetes_version.clone(),
+                manifest: a.manifest.clone(),
+                credential_provider: a.credential_provider.clone(),
+                dry_run: a.dry_run,
+            },
+        )?),
+        Command::Upgrade(a) => Ok(hybridlet_join::upgrade(
+            &context()?,
+            &hybridlet_join::UpgradeArgs {
+                kubernetes_version: a.kubernetes_version.clone(),
+                manifest: a.manifest.clone(),
+                force: a.force,
+                dry_run: a.dry_run,
+                rollback: a.rollback,
+            },
+        )?),
+        Command::Uninstall(a) => Ok(hybridlet_join::uninstall(
+            &context()?,
+            &hybridlet_join::UninstallArgs {
+                delete_node: a.delete_node,
+                no_deregister: a.no_deregister,
+            },
+        )?),
     }
 }
 

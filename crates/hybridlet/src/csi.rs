@@ -40,29 +40,6 @@ pub struct CsiPlugin {
 /// on a timer, never per scrape, so a scrape cannot block on the host.
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// The Kubernetes node name, as `init` gave it to the kubelet: IAM Roles Anywhere's
-/// `nodeName`; with SSM the managed instance ID (`mi-…`) from the agent's registration
-/// under `root`; else (standalone) the host name.
-pub fn node_name(config: &Config, root: &hybridlet_sys::HostRoot) -> String {
-    let hybrid = config.node.as_ref().and_then(|n| n.spec.hybrid.as_ref());
-    if let Some(name) = hybrid
-        .and_then(|h| h.iam_roles_anywhere.as_ref())
-        .map(|ra| ra.node_name.clone())
-    {
-        return name;
-    }
-    if hybrid.is_some_and(|h| h.ssm.is_some())
-        && let Some(id) = hybridlet_sys::ssm_agent::registered_instance(root)
-    {
-        return id;
-    }
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_ascii_lowercase())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
-}
-
 impl CsiPlugin {
     /// Configure from the agent settings.
     pub fn new(
@@ -188,33 +165,5 @@ async fn sample_volumes(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(SAMPLE_EVERY) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ssm_node_is_named_after_its_managed_instance() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = hybridlet_sys::HostRoot::new(dir.path());
-        let config = hybridlet_config::load(&hybridlet_config::ConfigSources {
-            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/config/good/ssm.yaml"),
-            file_required: true,
-            drop_in_dir: None,
-        })
-        .unwrap()
-        .config;
-        assert_eq!(hybridlet_sys::ssm_agent::registered_instance(&root), None);
-        let reg = dir.path().join("var/lib/amazon/ssm/registration");
-        std::fs::create_dir_all(reg.parent().unwrap()).unwrap();
-        std::fs::write(
-            &reg,
-            r#"{"ManagedInstanceID":"mi-0123456789abcdef0","Region":"us-west-2"}"#,
-        )
-        .unwrap();
-        assert_eq!(node_name(&config, &root), "mi-0123456789abcdef0");
     }
 }

@@ -462,10 +462,16 @@ impl Daemon {
                 };
                 tracing::info!("configuration reloaded: unchanged{tls}");
             } else {
+                // The summary is in the message too: `journalctl -o cat` shows only that.
+                let what = if done.is_empty() {
+                    "nothing to do now".to_string()
+                } else {
+                    done.join("; ")
+                };
                 tracing::info!(
                     applied = %done.join("; "),
                     pending = %pending.join("; "),
-                    "configuration reloaded"
+                    "configuration reloaded: {what}"
                 );
             }
         } else {
@@ -474,7 +480,8 @@ impl Daemon {
                 failed = %failed.join("; "),
                 applied = %done.join("; "),
                 pending = %pending.join("; "),
-                "configuration reloaded, but applying part of it failed"
+                "configuration reloaded, but applying part of it failed: {}",
+                failed.join("; ")
             );
         }
         for line in pending {

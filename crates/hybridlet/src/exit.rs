@@ -37,6 +37,19 @@ impl From<ConfigError> for Failure {
     }
 }
 
+impl From<hybridlet_join::Error> for Failure {
+    fn from(e: hybridlet_join::Error) -> Self {
+        use hybridlet_join::Error as E;
+        match e {
+            E::Config(e) => Failure::Config(e),
+            E::Unsupported { field, message } => Failure::Unsupported { field, message },
+            E::Usage(m) => Failure::Usage(m),
+            E::Refused(m) => Failure::Refused(m),
+            E::Failed(m) => Failure::Runtime(anyhow::anyhow!(m)),
+        }
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Runtime(e)

@@ -18,7 +18,6 @@ macro_rules! outln {
     }};
 }
 
-mod check;
 mod cli;
 mod csi;
 mod daemon;
@@ -27,19 +26,10 @@ pub mod devices;
 mod dra;
 mod exit;
 mod health;
-mod init;
-mod install;
 mod logging;
-mod preflight;
 mod reload;
-mod remote_networks;
 mod run;
-mod ssm;
 pub mod tls;
-mod token;
-mod uninstall;
-mod upgrade;
-mod x509;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

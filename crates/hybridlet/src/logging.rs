@@ -16,13 +16,14 @@ use crate::cli::LogFormat;
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 /// A filter from the operator's directives. The AWS SDK logs each credentials lookup at
-/// info ("loaded base credentials ..."): noise in a command's output. Its warnings stay,
-/// and a filter naming it wins.
+/// info ("loaded base credentials ...") and each provider that fails at warn, with the
+/// error's debug dump: noise in a command's output, whose own message names the failure.
+/// Its errors stay, and a filter naming it wins.
 fn filter(directives: &str) -> Result<EnvFilter, String> {
     let full = if directives.contains("aws") {
         directives.to_string()
     } else {
-        format!("{directives},aws_config=warn,aws_smithy_runtime=warn,aws_runtime=warn")
+        format!("{directives},aws_config=error,aws_smithy_runtime=warn,aws_runtime=warn")
     };
     EnvFilter::try_new(&full).map_err(|e| e.to_string())
 }

@@ -116,7 +116,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     let families = crate::daemon::Families::register(&mut registry);
     let mut daemon = crate::daemon::Daemon {
         // The Kubernetes node name, as init gave it to the kubelet.
-        node: crate::csi::node_name(&config, &root),
+        node: hybridlet_join::node_name(&config, &root),
         sysfs: hybridlet_sys::Sysfs::new(&root),
         root,
         kubelet_root,
@@ -245,7 +245,7 @@ pub fn provision_vfs(
 ) -> Result<(), Failure> {
     for (i, pf) in pfs.iter().enumerate() {
         let field = format!("spec.sriov.physicalFunctions[{i}]");
-        let selector = pf_selector(pf).ok_or_else(|| {
+        let selector = hybridlet_sriov::PfSelector::from_config(pf).ok_or_else(|| {
             Failure::Runtime(anyhow::anyhow!(
                 "{field}: no PF named (validation should have caught this)"
             ))
@@ -271,17 +271,6 @@ pub fn provision_vfs(
         }
     }
     Ok(())
-}
-
-/// The PF a provisioning entry names.
-pub fn pf_selector(pf: &hybridlet_config::PfProvisioning) -> Option<hybridlet_sriov::PfSelector> {
-    match (&pf.pci_address, &pf.interface) {
-        (Some(a), _) => {
-            hybridlet_sys::PciAddress::parse(a).map(hybridlet_sriov::PfSelector::Address)
-        }
-        (None, Some(i)) => Some(hybridlet_sriov::PfSelector::Interface(i.clone())),
-        (None, None) => None,
-    }
 }
 
 fn describe_files(loaded: &LoadedConfig) -> String {

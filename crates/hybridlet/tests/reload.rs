@@ -136,7 +136,11 @@ async fn reload_rotates_the_certificate_moves_the_address_and_sets_the_log_level
         )
     });
     let verdict = d.reload().await;
-    assert_eq!(verdict["message"], "configuration reloaded", "{verdict}");
+    assert_eq!(
+        verdict["message"],
+        "configuration reloaded: log level debug; admin TLS certificate read again; csi started",
+        "{verdict}"
+    );
     assert!(applied(&verdict).contains("log level debug"), "{verdict}");
     assert!(applied(&verdict).contains("csi started"), "{verdict}");
     let started = d.wait_log("subsystem started").await;
@@ -218,8 +222,9 @@ fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
-fn inode(p: &Path) -> u64 {
-    std::fs::symlink_metadata(p).map(|m| m.ino()).unwrap_or(0)
+/// A file's identity: inode and change time (a new file may reuse a freed inode number).
+fn inode(p: &Path) -> (u64, i64, i64) {
+    std::fs::symlink_metadata(p).map_or((0, 0, 0), |m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 fn sriov_and_csi(config: String, sriov: bool, topology: &str) -> String {

@@ -11,6 +11,18 @@ pub enum PfSelector {
     Interface(String),
 }
 
+impl PfSelector {
+    /// The PF a `spec.sriov.physicalFunctions[]` entry names (`None`: neither field set,
+    /// or an address that does not parse; validation refuses both).
+    pub fn from_config(pf: &hybridlet_config::PfProvisioning) -> Option<Self> {
+        match (&pf.pci_address, &pf.interface) {
+            (Some(a), _) => PciAddress::parse(a).map(PfSelector::Address),
+            (None, Some(i)) => Some(PfSelector::Interface(i.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
 impl std::fmt::Display for PfSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

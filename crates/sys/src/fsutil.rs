@@ -109,6 +109,15 @@ pub fn read_boot_id(proc_root: &Path) -> io::Result<String> {
     Ok(id.to_string())
 }
 
+/// This machine's host name, lower-cased (the kernel's, from `/proc`: the name the
+/// kubelet registers when nothing else names the node).
+pub fn host_name() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ pub mod ssm_agent;
 pub mod systemd;
 pub mod tree;
 
-pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, read_boot_id};
+pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, host_name, read_boot_id};
 pub use pci::{
     AttributeWriter, NetdevCounters, PciAddress, PciDevice, Sysfs, SysfsError, Topology,
 };

@@ -44,6 +44,18 @@ kubelet() { "$artifacts/e2e-kubelet" --socket "$csi_socket" "$@"; }
 # csi_ok CALL ARGS...: the call returns OK.
 csi_ok() { expect_ok kubelet "$@"; }
 
+# csi_retry SECONDS CALL ARGS...: repeat the call until it returns OK, as the kubelet
+# does (ABORTED while an earlier call's helper still runs, DEADLINE_EXCEEDED, ...).
+csi_retry() {
+  local limit=$1 out; shift
+  local deadline=$(( $(date +%s) + limit ))
+  until out=$(kubelet "$@" 2>&1); do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "'$1' did not succeed within ${limit}s: $out"
+    sleep 1
+  done
+  echo "    $out" | head -c 300; echo
+}
+
 # csi_code CODE CALL ARGS...: the call returns exactly this gRPC code.
 csi_code() {
   local want=$1 out rc=0; shift

@@ -164,7 +164,7 @@ spec:
 YAML
 expect_ok systemctl reload hybridlet
 wait_for 30 "hosts.toml for registry.k8s.io" grep -q 'harbor.example.internal/v2/k8s' /etc/containerd/certs.d/registry.k8s.io/hosts.toml
-journalctl -u hybridlet --no-pager -o cat | grep -q 'registry mirrors: 1 hosts.toml written' || fail "the reload did not report the mirror file"
+journalctl -u hybridlet --no-pager -o cat | grep -q 'configuration reloaded: registry mirrors: 1 hosts.toml written, 0 removed' || fail "the reload did not report the mirror file: $(journalctl -u hybridlet --no-pager -o cat | tail -n 5)"
 expect_eq "containerd not restarted" "$c_pid" "$(pid containerd)"
 expect_eq "kubelet not restarted" "$k_pid" "$(pid kubelet)"
 expect_eq "hybridlet not restarted" "$h_pid" "$(pid hybridlet)"

@@ -110,19 +110,24 @@ t0=$(date +%s)
 for t in "$target_rw" "$target_ro"; do
   out=$(kubelet --timeout 150 unpublish --volume-id "$vol" --target "$t" 2>&1) || true
   echo "    unpublish $t: $(echo "$out" | head -c 300)"
-  case "$out" in OK*|ERR*) ;; *) fail "unpublish with a dead server did not answer: $out" ;; esac
+  # The mount table, not lstat (which blocks on a dead hard mount), finds the bind mount,
+  # and the unmount detaches it lazily: OK, not a timeout.
+  case "$out" in OK*) ;; *) fail "unpublish with a dead server did not succeed: $out" ;; esac
 done
 out=$(kubelet --timeout 200 unstage --volume-id "$vol" --staging "$staging" 2>&1) || true
 echo "    unstage: $(echo "$out" | head -c 300) ($(( $(date +%s) - t0 ))s for unpublish+unstage)"
-case "$out" in OK*|ERR*) ;; *) fail "unstage with a dead server did not answer: $out" ;; esac
+case "$out" in OK*) ;; *) fail "unstage with a dead server did not succeed: $out" ;; esac
 sleep 1
 left=$(pgrep -a 'mount|umount' || true)
 [ -z "$left" ] || fail "mount helpers left running: $left"
 echo "    ok: no mount helper left running"
 expect_eq "still active" active "$(systemctl is-active hybridlet)"
 
-step "server back: the volume converges"
+step "server back: the volume converges (retried as the kubelet retries)"
 systemctl start nfs-server
-csi_ok unstage --volume-id "$vol" --staging "$staging"
+for t in "$target_rw" "$target_ro"; do
+  csi_retry 120 unpublish --volume-id "$vol" --target "$t"
+done
+csi_retry 120 unstage --volume-id "$vol" --staging "$staging"
 expect_eq "no mounts left under /var/lib/kubelet" 0 "$(mounts_under /var/lib/kubelet)"
 remove_hybridlet

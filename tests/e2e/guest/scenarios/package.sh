@@ -93,14 +93,14 @@ wait_for 20 "the CSI sockets" test -S "$csi_socket" -a -S "$csi_reg_socket"
 journalctl -u hybridlet --since "$since" -p debug --no-pager -o cat | grep -q 'subsystem started' \
   || fail "no debug line after logLevel: debug"
 echo "    ok: debug lines in the journal"
-csi_inode=$(stat -c %i "$csi_reg_socket")
+csi_inode=$(stat -c %i-%z "$csi_reg_socket")
 
 reload_with '  logLevel: debug
   csi: {nfs: {enabled: true}, topology: {topology.hybridlet.io/site: rack-7}}'
-wait_for 20 "a new CSI registration socket" sh -c "[ -S $csi_reg_socket ] && [ \$(stat -c %i $csi_reg_socket) != $csi_inode ]"
+wait_for 20 "a new CSI registration socket" sh -c "[ -S $csi_reg_socket ] && [ \"\$(stat -c %i-%z $csi_reg_socket)\" != '$csi_inode' ]"
 kubelet info | grep -q 'topology.hybridlet.io/site": "rack-7"' || fail "NodeGetInfo without the new topology: $(kubelet info)"
 echo "    ok: NodeGetInfo reports topology.hybridlet.io/site=rack-7"
-csi_inode=$(stat -c %i "$csi_reg_socket")
+csi_inode=$(stat -c %i-%z "$csi_reg_socket")
 
 base='  logLevel: debug
   csi: {nfs: {enabled: true}, topology: {topology.hybridlet.io/site: rack-7}}'
@@ -112,7 +112,7 @@ wait_for 30 "its ResourceSlice" sh -c "curl -fsS $api/apis/resource.k8s.io/v1/re
 reload_with "$base"
 wait_for 30 "the GPU DRA socket gone" sh -c "[ ! -e $dra_socket ]"
 wait_for 30 "its ResourceSlice withdrawn" sh -c "! curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -q gpu.hybridlet.io"
-expect_eq "the CSI plugin untouched by the DRA changes" "$csi_inode" "$(stat -c %i "$csi_reg_socket")"
+expect_eq "the CSI plugin untouched by the DRA changes" "$csi_inode" "$(stat -c %i-%z "$csi_reg_socket")"
 
 https_base="$base
   admin: {tls: {certFile: $tls/cert.pem, keyFile: $tls/key.pem}}"
@@ -129,7 +129,7 @@ reload_with "$base
   admin: {listenAddress: 127.0.0.1:9465}" http://127.0.0.1:9465
 expect_fail curl -fsS -o /dev/null http://127.0.0.1:9464/healthz
 echo "    ok: the admin server moved to 9465"
-expect_eq "the CSI plugin untouched by the admin changes" "$csi_inode" "$(stat -c %i "$csi_reg_socket")"
+expect_eq "the CSI plugin untouched by the admin changes" "$csi_inode" "$(stat -c %i-%z "$csi_reg_socket")"
 
 rm /etc/hybridlet/config.d/60-reload.yaml
 expect_ok systemctl reload hybridlet

@@ -21,8 +21,8 @@ use hybridlet_sys::packages::{PackageFormat, PackageManager as _, SystemPackages
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{Cli, InstallArgs};
-use crate::exit::Failure;
+use crate::Error;
+use crate::{Context, InstallArgs};
 
 /// Where each artifact goes (nodeadm's layout).
 pub(crate) const PLACES: &[(&str, &str, bool)] = &[
@@ -79,20 +79,17 @@ pub(crate) fn tracker_path(state_dir: &Path) -> PathBuf {
     state_dir.join(TRACKER)
 }
 
-pub(crate) fn read_tracker(state_dir: &Path) -> Result<Option<Installed>, Failure> {
+pub(crate) fn read_tracker(state_dir: &Path) -> Result<Option<Installed>, Error> {
     let path = tracker_path(state_dir);
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            Failure::Runtime(anyhow::anyhow!(
+            Error::Failed(format!(
                 "{} is not a valid install record: {e}; move it aside to continue",
                 path.display()
             ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
-            "reading {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(Error::Failed(format!("reading {}: {e}", path.display()))),
     }
 }
 
@@ -151,12 +148,12 @@ impl Progress for Bar {
 }
 
 /// Fetch and parse the release manifest.
-pub(crate) async fn fetch_manifest(fetcher: &Fetcher, url: &str) -> Result<Manifest, Failure> {
+pub(crate) async fn fetch_manifest(fetcher: &Fetcher, url: &str) -> Result<Manifest, Error> {
     let text = fetcher
         .get_bytes(url, 16 << 20)
         .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
-    Manifest::parse(url, &String::from_utf8_lossy(&text)).map_err(|e| Failure::Runtime(e.into()))
+        .map_err(crate::fail)?;
+    Manifest::parse(url, &String::from_utf8_lossy(&text)).map_err(crate::fail)
 }
 
 /// Download `artifact` to `target` (temp file, verify, rename), refusing one without a
@@ -167,9 +164,9 @@ pub(crate) async fn fetch_verified(
     version: &str,
     target: &Path,
     tty: bool,
-) -> Result<(String, Downloaded), Failure> {
+) -> Result<(String, Downloaded), Error> {
     if artifact.checksum_uri.is_empty() {
-        return Err(Failure::Runtime(anyhow::anyhow!(
+        return Err(Error::Failed(format!(
             "{} {version} has no checksum_uri in the manifest; refusing to install an unverifiable file",
             artifact.name,
         )));
@@ -177,7 +174,7 @@ pub(crate) async fn fetch_verified(
     let sum = fetcher
         .checksum(&artifact.checksum_uri)
         .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(crate::fail)?;
     let mut bar = Bar {
         tty,
         name: artifact.name.clone(),
@@ -188,17 +185,14 @@ pub(crate) async fn fetch_verified(
     let got = fetcher
         .download(&artifact.uri, &sum, target, 0o755, &mut bar)
         .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(crate::fail)?;
     Ok((sum, got))
 }
 
-pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
-    let loaded = cli.load_config()?;
-    let root = cli.host_root();
-    let resolve = |p: &str| {
-        root.resolve(p)
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
-    };
+pub fn install(ctx: &Context, args: &InstallArgs) -> Result<(), Error> {
+    let loaded = &ctx.loaded;
+    let root = ctx.root.clone();
+    let resolve = |p: &str| root.resolve(p).map_err(|e| Error::Failed(format!("{e}")));
     let state_dir = resolve(&loaded.config.agent.state_dir)?;
     let provider = match args.credential_provider.as_deref() {
         Some("iam-ra") => Some(CredentialProvider::IamRolesAnywhere),
@@ -210,17 +204,13 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             .and_then(|n| n.spec.hybrid.as_ref())
             .and_then(|h| h.credential_provider()),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Runtime(e.into()))?;
     let arch = arch();
-    runtime.block_on(async {
-        let fetcher = Fetcher::new().map_err(|e| Failure::Runtime(e.into()))?;
+    ctx.block_on(async {
+        let fetcher = Fetcher::new().map_err(crate::fail)?;
         let manifest = fetch_manifest(&fetcher, &args.manifest).await?;
         let release = manifest
             .release(&args.kubernetes_version)
-            .map_err(|e| Failure::Runtime(e.into()))?;
+            .map_err(crate::fail)?;
         outln!(
             "Kubernetes {} (released {}) for linux/{arch} from {}",
             release.version,
@@ -231,7 +221,7 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
         for (name, dest, required) in PLACES {
             match release.artifact(name, arch) {
                 Ok(a) => plan.push((a.clone(), *dest)),
-                Err(e) if *required => return Err(Failure::Runtime(e.into())),
+                Err(e) if *required => return Err(crate::fail(e)),
                 Err(_) => outln!("{name}: not in this release; skipped"),
             }
         }
@@ -239,7 +229,7 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             Some(CredentialProvider::IamRolesAnywhere) => match manifest.signing_helper(arch) {
                 Some(a) => plan.push((a.clone(), SIGNING_HELPER)),
                 None => {
-                    return Err(Failure::Runtime(anyhow::anyhow!(
+                    return Err(Error::Failed(format!(
                         "the release manifest has no IAM Roles Anywhere signing helper for linux/{arch}"
                     )));
                 }
@@ -306,7 +296,7 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             });
             let bin = resolve(CNI_BIN)?;
             let unpacked = hybridlet_artifacts::unpack_flat(&archive, &bin)
-                .map_err(|e| Failure::Runtime(e.into()))?;
+                .map_err(crate::fail)?;
             let written = unpacked.iter().filter(|u| u.written).count();
             for u in &unpacked {
                 let name = u.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -332,12 +322,12 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             }],
             &state_dir.join("install-backups"),
         )
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(crate::fail)?;
         outln!("{:>9}  {}", applied.states[0].as_str(), unit.path);
         installed.files.push(InstalledFile {
             path: unit.path.clone(),
             sha256: hybridlet_artifacts::sha256_file(&unit_path)
-                .map_err(|e| Failure::Runtime(e.into()))?,
+                .map_err(crate::fail)?,
         });
 
         match ssm {
@@ -356,17 +346,17 @@ pub fn install(cli: &Cli, args: &InstallArgs) -> Result<(), Failure> {
             None => {}
         }
 
-        hybridlet_sys::ensure_dir(&state_dir, 0o700).map_err(|e| Failure::Runtime(e.into()))?;
-        let json = serde_json::to_vec_pretty(&installed).map_err(|e| Failure::Runtime(e.into()))?;
+        hybridlet_sys::ensure_dir(&state_dir, 0o700).map_err(crate::fail)?;
+        let json = serde_json::to_vec_pretty(&installed).map_err(crate::fail)?;
         hybridlet_sys::atomic_write(&tracker_path(&state_dir), &json, 0o600)
-            .map_err(|e| Failure::Runtime(e.into()))?;
+            .map_err(crate::fail)?;
 
         if root.is_system() {
             let sm = Systemctl::default();
-            sm.daemon_reload().map_err(|e| Failure::Runtime(e.into()))?;
+            sm.daemon_reload().map_err(crate::fail)?;
             let containerd = sm
                 .state("containerd.service")
-                .map_err(|e| Failure::Runtime(e.into()))?;
+                .map_err(crate::fail)?;
             if containerd.exists {
                 outln!("containerd: found (managed by your distribution or by you; left as it is)");
             } else {
@@ -417,7 +407,7 @@ async fn install_ssm_agent(
     format: PackageFormat,
     state_dir: &Path,
     tty: bool,
-) -> Result<bool, Failure> {
+) -> Result<bool, Error> {
     if !root.is_system() {
         outln!(
             "ssm: not installing the {SSM_AGENT_PACKAGE} package under --root (packages go into this machine's package database)"
@@ -425,7 +415,7 @@ async fn install_ssm_agent(
         return Ok(false);
     }
     let downloads = state_dir.join("downloads");
-    hybridlet_sys::ensure_dir(&downloads, 0o700).map_err(|e| Failure::Runtime(e.into()))?;
+    hybridlet_sys::ensure_dir(&downloads, 0o700).map_err(crate::fail)?;
     let file = downloads.join(format!("{SSM_AGENT_PACKAGE}.{}", format.as_str()));
     fetch_verified(fetcher, artifact, "(ssm)", &file, tty).await?;
     let installed = tokio::task::spawn_blocking(move || {
@@ -435,11 +425,10 @@ async fn install_ssm_agent(
         result
     })
     .await
-    .map_err(|e| Failure::Runtime(e.into()))?;
-    installed
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("installing the SSM agent package: {e}")))?;
+    .map_err(crate::fail)?;
+    installed.map_err(|e| Error::Failed(format!("installing the SSM agent package: {e}")))?;
     let Some(agent) = hybridlet_sys::ssm_agent::find_agent(root) else {
-        return Err(Failure::Runtime(anyhow::anyhow!(
+        return Err(Error::Failed(format!(
             "the {SSM_AGENT_PACKAGE} package from {} installed, but there is no /usr/bin/amazon-ssm-agent: is it the agent's package?",
             artifact.uri
         )));
@@ -458,7 +447,7 @@ async fn install_ssm_agent(
 pub(crate) fn remove_ssm_agent_package(
     root: &hybridlet_sys::HostRoot,
     installed: &Installed,
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     let Some(name) = &installed.ssm_agent_package else {
         return Ok(());
     };
@@ -470,7 +459,7 @@ pub(crate) fn remove_ssm_agent_package(
     };
     SystemPackages::new(format, std::time::Duration::from_secs(300))
         .remove(name)
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("removing the {name} package: {e}")))?;
+        .map_err(|e| Error::Failed(format!("removing the {name} package: {e}")))?;
     outln!("{:>9}  {name} package", "removed");
     Ok(())
 }

@@ -3,16 +3,16 @@ use std::path::Path;
 use hybridlet_config::{Config, CredentialProvider, Mode};
 use hybridlet_sys::HostRoot;
 
-use crate::cli::{CheckArgs, Cli};
-use crate::exit::Failure;
+use crate::Error;
 use crate::preflight::Outcome;
+use crate::{CheckArgs, Context};
 
 /// `hybridlet check`: validate the configuration (exit 78 on errors), then the host
 /// (exit 1 when a host check fails).
-pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
-    let loaded = cli.load_config()?;
+pub fn check(ctx: &Context, args: &CheckArgs) -> Result<(), Error> {
+    let loaded = &ctx.loaded;
     let config = &loaded.config;
-    let json = args.output == crate::cli::CheckOutput::Json;
+    let json = args.json;
     let files: Vec<String> = loaded
         .files
         .iter()
@@ -39,7 +39,7 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
         return Ok(());
     }
 
-    let root = cli.host_root();
+    let root = ctx.root.clone();
     let mut results = host_checks(config, &root);
     if config.mode() == Mode::Joined {
         results.extend(crate::preflight::kernel(&root));
@@ -51,14 +51,15 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
             ));
         }
         results.extend(crate::preflight::remote_network_checks(
+            ctx,
             config,
             &root,
             args.offline,
         ));
         if !args.offline {
-            results.extend(crate::preflight::api_server_checks(config, &root));
-            results.extend(crate::preflight::aws_endpoint_checks(config, &root));
-            results.extend(crate::preflight::credentials_check(config));
+            results.extend(crate::preflight::api_server_checks(ctx, config, &root));
+            results.extend(crate::preflight::aws_endpoint_checks(ctx, config, &root));
+            results.extend(crate::preflight::credentials_check(ctx, config));
         }
     }
     let failed = results
@@ -98,7 +99,7 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> Result<(), Failure> {
         }
     }
     if failed > 0 {
-        return Err(Failure::Runtime(anyhow::anyhow!(
+        return Err(Error::Failed(format!(
             "{failed} host check{} failed (see FAIL lines above)",
             if failed == 1 { "" } else { "s" }
         )));
@@ -206,7 +207,7 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
 
     let sysfs = hybridlet_sys::Sysfs::new(root);
     for (i, pf) in config.agent.sriov.physical_functions.iter().enumerate() {
-        let outcome = match crate::run::pf_selector(pf) {
+        let outcome = match hybridlet_sriov::PfSelector::from_config(pf) {
             None => Outcome::Fail(format!("spec.sriov.physicalFunctions[{i}] names no PF")),
             Some(selector) => {
                 let address = match &selector {

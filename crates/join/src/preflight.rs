@@ -386,13 +386,9 @@ pub fn iam_ra_certificate(config: &Config, root: &HostRoot) -> Option<(&'static 
 }
 
 /// Whether the node's AWS credentials work: STS GetCallerIdentity.
-pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
+pub fn credentials_check(ctx: &crate::Context, config: &Config) -> Option<(&'static str, Outcome)> {
     let node = config.node.as_ref()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()?;
-    let answer = runtime.block_on(async {
+    let answer = ctx.block_on(async {
         let sdk = hybridlet_aws::sdk_config(&hybridlet_aws::AwsSettings {
             region: node.spec.cluster.region.clone(),
             config_file: iam_ra_config_file(node),
@@ -421,6 +417,7 @@ pub fn credentials_check(config: &Config) -> Option<(&'static str, Outcome)> {
 /// when set (checked offline too), else DescribeCluster's answer when the node's
 /// credentials get one; a warning says when neither is available.
 pub fn remote_network_checks(
+    ctx: &crate::Context,
     config: &Config,
     root: &HostRoot,
     offline: bool,
@@ -439,14 +436,8 @@ pub fn remote_network_checks(
     if offline {
         return Vec::new();
     }
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return Vec::new();
-    };
     let c = &node.spec.cluster;
-    let answer = runtime.block_on(async {
+    let answer = ctx.block_on(async {
         let sdk = hybridlet_aws::sdk_config(&hybridlet_aws::AwsSettings {
             region: c.region.clone(),
             config_file: iam_ra_config_file(node),
@@ -540,7 +531,11 @@ pub fn proxy_settings(config: &Config, root: &HostRoot) -> Option<(&'static str,
 /// (through `spec.proxy` unless `noProxy` exempts the host): the credential provider's
 /// (SSM or IAM Roles Anywhere) and EKS when init needs DescribeCluster. With a proxy,
 /// also whether init's proxy drop-ins are in place.
-pub fn aws_endpoint_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+pub fn aws_endpoint_checks(
+    ctx: &crate::Context,
+    config: &Config,
+    root: &HostRoot,
+) -> Vec<(&'static str, Outcome)> {
     let Some(node) = config.node.as_ref() else {
         return Vec::new();
     };
@@ -569,15 +564,8 @@ pub fn aws_endpoint_checks(config: &Config, root: &HostRoot) -> Vec<(&'static st
     let https_proxy = proxy.https_proxy.as_deref();
     let mut out = Vec::new();
     out.extend(proxy_settings(config, root));
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return vec![("AWS endpoints", Outcome::Warn(e.to_string()))],
-    };
     for (name, url) in targets {
-        let reached = runtime.block_on(hybridlet_aws::reach(
+        let reached = ctx.block_on(hybridlet_aws::reach(
             &url,
             https_proxy,
             &proxy.no_proxy,
@@ -640,7 +628,11 @@ pub fn skew_outcome(server_date: SystemTime, now: SystemTime, server: &str) -> O
 }
 
 /// DNS, TCP, TLS with the cluster CA, and the clock against the API server.
-pub fn api_server_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+pub fn api_server_checks(
+    ctx: &crate::Context,
+    config: &Config,
+    root: &HostRoot,
+) -> Vec<(&'static str, Outcome)> {
     let Some((server, ca)) = api_server(config, root) else {
         return vec![(
             "API server",
@@ -650,14 +642,7 @@ pub fn api_server_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str,
             ),
         )];
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return vec![("API server", Outcome::Warn(e.to_string()))],
-    };
-    let probed = runtime.block_on(hybridlet_kube::probe(&server, ca.as_deref(), PROBE_TIMEOUT));
+    let probed = ctx.block_on(hybridlet_kube::probe(&server, ca.as_deref(), PROBE_TIMEOUT));
     match probed {
         Err((stage, e)) => {
             use hybridlet_kube::ProbeStage;

@@ -19,7 +19,7 @@ use hybridlet_sys::ssm_agent::{
 };
 use hybridlet_sys::systemd::ServiceManager;
 
-use crate::exit::Failure;
+use crate::Error;
 
 /// How long registration may keep retrying (nodeadm: 10 s apart within 60 s).
 const REGISTER_WINDOW: Duration = Duration::from_secs(60);
@@ -47,16 +47,13 @@ pub(crate) struct Prepare<'a> {
     pub register_pause: Duration,
 }
 
-fn runtime(message: String) -> Failure {
-    Failure::Runtime(anyhow::anyhow!(message))
+fn runtime(message: String) -> Error {
+    Error::Failed(message)
 }
 
 /// Make sure the agent is registered, running and writing credentials; the node's
 /// identity comes back. Reports each step through `say`.
-pub(crate) fn prepare(
-    p: &Prepare<'_>,
-    say: &mut dyn FnMut(String),
-) -> Result<NodeIdentity, Failure> {
+pub(crate) fn prepare(p: &Prepare<'_>, say: &mut dyn FnMut(String)) -> Result<NodeIdentity, Error> {
     let agent = find_agent(p.root);
     let unit = agent
         .as_ref()
@@ -136,7 +133,7 @@ fn register(
     p: &Prepare<'_>,
     registrar: &dyn SsmRegistrar,
     say: &mut dyn FnMut(String),
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     let activation = Activation {
         region: p.region.to_string(),
         id: p.ssm.activation_id.clone(),
@@ -166,13 +163,13 @@ fn register(
 }
 
 /// The failure with what to do about it.
-fn registration_failure(activation: &Activation, e: &RegisterError) -> Failure {
+fn registration_failure(activation: &Activation, e: &RegisterError) -> Error {
     let fix = match e {
         RegisterError::Refused {
             kind: RefusalKind::Expired,
             ..
         } => {
-            return Failure::Unsupported {
+            return Error::Unsupported {
                 field: "spec.hybrid.ssm.activationId",
                 message: format!(
                     "activation {} has expired ({e}). Create a new one (aws ssm create-activation --iam-role <hybrid nodes role> --registration-limit <n> --region {}) and put its ID and code in spec.hybrid.ssm",
@@ -184,7 +181,7 @@ fn registration_failure(activation: &Activation, e: &RegisterError) -> Failure {
             kind: RefusalKind::Invalid,
             ..
         } => {
-            return Failure::Unsupported {
+            return Error::Unsupported {
                 field: "spec.hybrid.ssm.activationCode",
                 message: format!(
                     "SSM refused activation {} in {} ({e}): the code and ID do not match, the activation is in another region, or its registration limit is used up (aws ssm describe-activations shows RegistrationsCount)",
@@ -206,7 +203,7 @@ fn start_agent(
     unit: &str,
     just_registered: bool,
     say: &mut dyn FnMut(String),
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     let err = |e: hybridlet_sys::systemd::ServiceError| runtime(format!("{e}"));
     // Behind a proxy the agent needs its drop-in before it starts, not after init's
     // other files (which need the credentials it fetches).
@@ -224,8 +221,7 @@ fn start_agent(
                 contents: f.contents.clone().into_bytes(),
             });
         }
-        let applied =
-            fileset::apply(&desired, p.backups).map_err(|e| Failure::Runtime(e.into()))?;
+        let applied = fileset::apply(&desired, p.backups).map_err(crate::fail)?;
         for (f, state) in files.iter().zip(&applied.states) {
             if *state != FileState::Unchanged {
                 dropin_changed = true;
@@ -277,7 +273,7 @@ fn start_agent(
 
 /// `enableCredentialsFile` with SSM: pods that mount `/eks-hybrid/.aws` see the agent's
 /// credentials (a link to root's `.aws`, as nodeadm makes it).
-fn link_pod_credentials(root: &HostRoot, say: &mut dyn FnMut(String)) -> Result<(), Failure> {
+fn link_pod_credentials(root: &HostRoot, say: &mut dyn FnMut(String)) -> Result<(), Error> {
     let dir = Path::new(POD_CREDENTIALS_FILE)
         .parent()
         .unwrap_or(Path::new("/eks-hybrid/.aws"));
@@ -331,9 +327,10 @@ pub(crate) struct Deregister<'a> {
 /// Deregister this node's managed instance (if SSM still has it). Changes nothing on
 /// the host; the caller removes the registration afterwards ([`forget_registration`]).
 pub(crate) fn deregister(
+    ctx: &crate::Context,
     d: &Deregister<'_>,
     say: &mut dyn FnMut(String),
-) -> Result<Option<String>, Failure> {
+) -> Result<Option<String>, Error> {
     let Some(id) = registered_instance(d.root) else {
         say("ssm: the agent is not registered; nothing to deregister".into());
         return Ok(None);
@@ -342,15 +339,11 @@ pub(crate) fn deregister(
         .root
         .resolve(CREDENTIALS_FILE)
         .map_err(|e| runtime(e.to_string()))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Runtime(e.into()))?;
     let manual = format!(
         "Nothing was changed. Give the node's role ssm:DescribeInstanceInformation and ssm:DeregisterManagedInstance, or deregister it yourself (aws ssm deregister-managed-instance --instance-id {id} --region {}) and run uninstall with --no-deregister",
         d.region
     );
-    rt.block_on(async {
+    ctx.block_on(async {
         let sdk = hybridlet_aws::sdk_config(&AwsSettings {
             region: d.region.to_string(),
             credentials_file: credentials_file.exists().then_some(credentials_file),
@@ -403,7 +396,7 @@ pub(crate) fn forget_registration(
     root: &HostRoot,
     services: Option<&dyn ServiceManager>,
     say: &mut dyn FnMut(String),
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     let err = |e: String| runtime(e);
     if let Some(sm) = services {
         let unit = find_agent(root)
@@ -488,7 +481,7 @@ mod tests {
         services: Option<&dyn ServiceManager>,
         registrar: Option<&dyn SsmRegistrar>,
         backups: &Path,
-    ) -> (Result<NodeIdentity, Failure>, Vec<String>) {
+    ) -> (Result<NodeIdentity, Error>, Vec<String>) {
         let ssm = ssm(config);
         let mut said = Vec::new();
         let result = prepare(
@@ -620,7 +613,7 @@ mod tests {
             1,
             "an expired activation is not retried"
         );
-        assert_eq!(err.code(), crate::exit::EX_CONFIG);
+        assert_eq!(err.code(), 78);
         let text = err.to_string();
         assert!(
             text.contains("spec.hybrid.ssm.activationId")
@@ -752,13 +745,20 @@ mod tests {
         let d = deregistering(&root, &fake);
         let mut said = Vec::new();
         assert_eq!(
-            deregister(&d, &mut |l| said.push(l)).unwrap().as_deref(),
+            deregister(&crate::Context::for_tests(dir.path()), &d, &mut |l| said
+                .push(l))
+            .unwrap()
+            .as_deref(),
             Some(MI)
         );
         assert!(!fake.knows(MI));
         assert!(said.iter().any(|l| l.contains("retrying")), "{said:?}");
         // Again: SSM no longer knows it, which is fine.
-        assert!(deregister(&d, &mut |l| said.push(l)).is_ok());
+        assert!(
+            deregister(&crate::Context::for_tests(dir.path()), &d, &mut |l| said
+                .push(l))
+            .is_ok()
+        );
         assert!(
             said.last().unwrap().contains("already deregistered"),
             "{said:?}"
@@ -785,7 +785,9 @@ mod tests {
             );
         }
         assert_eq!(
-            deregister(&d, &mut |l| said.push(l)).unwrap(),
+            deregister(&crate::Context::for_tests(dir.path()), &d, &mut |l| said
+                .push(l))
+            .unwrap(),
             None,
             "nothing registered any more"
         );
@@ -799,7 +801,9 @@ mod tests {
         fake.add_instance(MI, "ConnectionLost");
         fake.fail_next(&[(400, "AccessDeniedException")]);
         let d = deregistering(&root, &fake);
-        let text = deregister(&d, &mut |_| {}).unwrap_err().to_string();
+        let text = deregister(&crate::Context::for_tests(dir.path()), &d, &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(text.contains("AccessDeniedException"), "{text}");
         assert!(
             text.contains(&format!(

@@ -16,8 +16,8 @@ use hybridlet_sys::fileset;
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use hybridlet_sys::tree::{mount_points_under, remove_tree_on_one_fs};
 
-use crate::cli::{Cli, UninstallArgs};
-use crate::exit::Failure;
+use crate::Error;
+use crate::{Context, UninstallArgs};
 
 const KUBELET: &str = "kubelet.service";
 
@@ -38,26 +38,23 @@ fn backups_newest_first(dir: &Path) -> Vec<PathBuf> {
     found.into_iter().rev().map(|(_, p)| p).collect()
 }
 
-pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
-    let loaded = cli.load_config()?;
+pub fn uninstall(ctx: &Context, args: &UninstallArgs) -> Result<(), Error> {
+    let loaded = &ctx.loaded;
     let agent = &loaded.config.agent;
-    let root = cli.host_root();
-    let resolve = |p: &str| {
-        root.resolve(p)
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
-    };
+    let root = ctx.root.clone();
+    let resolve = |p: &str| root.resolve(p).map_err(|e| Error::Failed(format!("{e}")));
     let kubelet_dir = resolve(&agent.kubelet_root_dir)?;
     let state_dir = resolve(&agent.state_dir)?;
     let backups = state_dir.join("init-backups");
 
-    let mounts = mount_points_under(&kubelet_dir).map_err(|e| Failure::Runtime(e.into()))?;
+    let mounts = mount_points_under(&kubelet_dir).map_err(crate::fail)?;
     if !mounts.is_empty() {
         let shown: Vec<String> = mounts
             .iter()
             .take(5)
             .map(|m| m.display().to_string())
             .collect();
-        return Err(Failure::Runtime(anyhow::anyhow!(
+        return Err(Error::Failed(format!(
             "{} mount point(s) are still inside {} ({}{}): pods or volumes are still on this node. Drain it (kubectl drain), make sure the volumes are unmounted, and run uninstall again. Nothing was changed",
             mounts.len(),
             kubelet_dir.display(),
@@ -70,8 +67,8 @@ pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
         // First, while the kubelet's credentials are still here; a failure changes nothing.
         // A running kubelet does not register again (it registers once, at start), and it
         // is stopped next.
-        let node = crate::csi::node_name(&loaded.config, &root);
-        delete_node(&kubelet_dir.join("kubeconfig"), &node)?;
+        let node = crate::node_name(&loaded.config, &root);
+        delete_node(ctx, &kubelet_dir.join("kubeconfig"), &node)?;
     }
     let ssm_region = loaded
         .config
@@ -85,6 +82,7 @@ pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
         // Also before any change: the agent's credentials are needed, and a managed
         // instance left behind keeps counting against the activation and the account.
         crate::ssm::deregister(
+            ctx,
             &crate::ssm::Deregister {
                 root: &root,
                 region,
@@ -106,18 +104,14 @@ pub fn uninstall(cli: &Cli, args: &UninstallArgs) -> Result<(), Failure> {
     if let Some(sm) = services {
         // install's unit is gone too: systemd must forget it.
         sm.daemon_reload()
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| Error::Failed(format!("{e}")))?;
     }
     outln!("uninstall: done; containerd was left as it is");
     Ok(())
 }
 
-fn delete_node(kubeconfig: &Path, node: &str) -> Result<(), Failure> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::Runtime(e.into()))?;
-    let deleted = rt.block_on(async {
+fn delete_node(ctx: &Context, kubeconfig: &Path, node: &str) -> Result<(), Error> {
+    let deleted = ctx.block_on(async {
         let client = hybridlet_kube::client_from_kubeconfig(kubeconfig).await?;
         hybridlet_kube::delete_node(&client, node).await
     });
@@ -125,7 +119,7 @@ fn delete_node(kubeconfig: &Path, node: &str) -> Result<(), Failure> {
         Ok(true) => outln!("Node {node}: deleted from the cluster"),
         Ok(false) => outln!("Node {node}: already gone from the cluster"),
         Err(e) => {
-            return Err(Failure::Runtime(anyhow::anyhow!(
+            return Err(Error::Failed(format!(
                 "deleting Node {node} failed: {e}. Nothing was changed; run uninstall without --delete-node and delete it with kubectl (kubectl delete node {node})"
             )));
         }
@@ -135,13 +129,13 @@ fn delete_node(kubeconfig: &Path, node: &str) -> Result<(), Failure> {
 
 /// Undo `install`: its unit (restored from the backup if it replaced one, else deleted)
 /// and the binaries it recorded, each only while it still has the bytes install placed.
-fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<(), Failure> {
-    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<(), Error> {
+    let runtime = |e: Error| e;
     let unit_backups = state_dir.join("install-backups");
     for dir in backups_newest_first(&unit_backups) {
-        fileset::rollback(&dir).map_err(|e| runtime(e.into()))?;
+        fileset::rollback(&dir).map_err(crate::fail)?;
     }
-    remove_tree_on_one_fs(&unit_backups).map_err(|e| runtime(e.into()))?;
+    remove_tree_on_one_fs(&unit_backups).map_err(crate::fail)?;
     let Some(installed) = crate::install::read_tracker(state_dir)? else {
         return Ok(());
     };
@@ -150,11 +144,12 @@ fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<
     for f in installed.files.iter().filter(|f| f.path != unit) {
         let path = root
             .resolve(&f.path)
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
         match hybridlet_artifacts::sha256_file(&path) {
             Ok(sum) if sum == f.sha256 => {
-                std::fs::remove_file(&path)
-                    .map_err(|e| runtime(anyhow::anyhow!("removing {}: {e}", path.display())))?;
+                std::fs::remove_file(&path).map_err(|e| {
+                    runtime(Error::Failed(format!("removing {}: {e}", path.display())))
+                })?;
                 outln!("{:>9}  {}", "removed", f.path);
             }
             Ok(_) => outln!(
@@ -166,9 +161,9 @@ fn remove_installed(root: &hybridlet_sys::HostRoot, state_dir: &Path) -> Result<
         }
     }
     // The binaries an upgrade kept for rollback go with the install.
-    remove_tree_on_one_fs(&state_dir.join("rollback")).map_err(|e| runtime(e.into()))?;
+    remove_tree_on_one_fs(&state_dir.join("rollback")).map_err(crate::fail)?;
     std::fs::remove_file(crate::install::tracker_path(state_dir))
-        .map_err(|e| runtime(anyhow::anyhow!("removing the install record: {e}")))?;
+        .map_err(|e| runtime(Error::Failed(format!("removing the install record: {e}"))))?;
     outln!("Kubernetes {} components removed", installed.version);
     Ok(())
 }
@@ -178,13 +173,13 @@ pub(crate) fn undo(
     services: Option<&dyn ServiceManager>,
     backups: &Path,
     kubelet_dir: &Path,
-) -> Result<(), Failure> {
-    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+) -> Result<(), Error> {
+    let runtime = |e: Error| e;
     if let Some(sm) = services {
-        let state = sm.state(KUBELET).map_err(|e| runtime(e.into()))?;
+        let state = sm.state(KUBELET).map_err(crate::fail)?;
         if state.exists {
-            sm.stop(KUBELET).map_err(|e| runtime(e.into()))?;
-            sm.disable(KUBELET).map_err(|e| runtime(e.into()))?;
+            sm.stop(KUBELET).map_err(crate::fail)?;
+            sm.disable(KUBELET).map_err(crate::fail)?;
             outln!("systemd: {KUBELET} stopped and disabled");
         }
     }
@@ -192,21 +187,21 @@ pub(crate) fn undo(
     let mut restored = 0;
     for dir in &dirs {
         restored += fileset::rollback(dir).map_err(|e| {
-            runtime(anyhow::anyhow!(
+            runtime(Error::Failed(format!(
                 "{e}; the backups not yet applied are still in {}",
                 backups.display()
-            ))
+            )))
         })?;
     }
     outln!(
         "files: {restored} change(s) from {} init run(s) undone (replaced files restored, created files deleted)",
         dirs.len()
     );
-    remove_tree_on_one_fs(backups).map_err(|e| runtime(e.into()))?;
+    remove_tree_on_one_fs(backups).map_err(crate::fail)?;
     if let Some(sm) = services {
-        sm.daemon_reload().map_err(|e| runtime(e.into()))?;
+        sm.daemon_reload().map_err(crate::fail)?;
     }
-    let removed = remove_tree_on_one_fs(kubelet_dir).map_err(|e| runtime(e.into()))?;
+    let removed = remove_tree_on_one_fs(kubelet_dir).map_err(crate::fail)?;
     outln!("{}: removed ({removed} entries)", kubelet_dir.display());
     Ok(())
 }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use hybridlet_artifacts::Fetcher;
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 
-use crate::cli::{Cli, UpgradeArgs};
-use crate::exit::Failure;
+use crate::Error;
 use crate::install::{Installed, InstalledFile, Previous};
+use crate::{Context, UpgradeArgs};
 
 const KUBELET: &str = "kubelet.service";
 /// How long the restarted kubelet must stay up.
@@ -30,8 +30,8 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// The kubelet may be this many minor versions older than the API server.
 const MAX_KUBELET_SKEW: u32 = 3;
 
-fn runtime(e: impl Into<anyhow::Error>) -> Failure {
-    Failure::Runtime(e.into())
+fn runtime<E: std::error::Error + 'static>(e: E) -> Error {
+    crate::fail(e)
 }
 
 /// `major.minor[.patch]`, from `1.32`, `v1.32.4` or `v1.32.4-eks-1234`.
@@ -128,9 +128,9 @@ fn staged_path(dest: &Path) -> PathBuf {
 }
 
 /// Copy `from` to `to` atomically, executable.
-fn copy_atomic(from: &Path, to: &Path) -> Result<(), Failure> {
+fn copy_atomic(from: &Path, to: &Path) -> Result<(), Error> {
     let bytes = std::fs::read(from)
-        .map_err(|e| runtime(anyhow::anyhow!("reading {}: {e}", from.display())))?;
+        .map_err(|e| runtime(Error::Failed(format!("reading {}: {e}", from.display()))))?;
     hybridlet_sys::atomic_write(to, &bytes, 0o755).map_err(runtime)
 }
 
@@ -140,7 +140,7 @@ fn keep_old(
     installed: &Installed,
     swaps: &[Swap],
     dir: &Path,
-) -> Result<Vec<InstalledFile>, Failure> {
+) -> Result<Vec<InstalledFile>, Error> {
     hybridlet_sys::ensure_dir(dir, 0o700).map_err(runtime)?;
     let mut kept = Vec::new();
     for swap in swaps {
@@ -149,7 +149,7 @@ fn keep_old(
         };
         let current = root
             .resolve(&old.path)
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
         if !current.exists() {
             continue;
         }
@@ -168,31 +168,31 @@ fn file_key(path: &str) -> String {
 }
 
 /// Put the kept binaries of `previous` back (each through a staged copy and a rename).
-fn restore(root: &hybridlet_sys::HostRoot, previous: &Previous, dir: &Path) -> Result<(), Failure> {
+fn restore(root: &hybridlet_sys::HostRoot, previous: &Previous, dir: &Path) -> Result<(), Error> {
     for f in &previous.files {
         let kept = dir.join(file_key(&f.path));
         let sum = hybridlet_artifacts::sha256_file(&kept).map_err(|e| {
-            runtime(anyhow::anyhow!(
+            runtime(Error::Failed(format!(
                 "the kept copy of {} ({}) cannot be read: {e}",
                 f.path,
                 kept.display()
-            ))
+            )))
         })?;
         if sum != f.sha256 {
-            return Err(runtime(anyhow::anyhow!(
+            return Err(runtime(Error::Failed(format!(
                 "the kept copy of {} ({}) has SHA-256 {sum}, not the recorded {}; refusing to restore it",
                 f.path,
                 kept.display(),
                 f.sha256
-            )));
+            ))));
         }
         let dest = root
             .resolve(&f.path)
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
         let staged = staged_path(&dest);
         copy_atomic(&kept, &staged)?;
         std::fs::rename(&staged, &dest)
-            .map_err(|e| runtime(anyhow::anyhow!("replacing {}: {e}", dest.display())))?;
+            .map_err(|e| runtime(Error::Failed(format!("replacing {}: {e}", dest.display()))))?;
     }
     Ok(())
 }
@@ -220,7 +220,7 @@ fn restart_kubelet(sm: &dyn ServiceManager, settle: Duration) -> Result<bool, St
     }
 }
 
-fn write_tracker(state_dir: &Path, installed: &Installed) -> Result<(), Failure> {
+fn write_tracker(state_dir: &Path, installed: &Installed) -> Result<(), Error> {
     let json = serde_json::to_vec_pretty(installed).map_err(runtime)?;
     hybridlet_sys::atomic_write(&crate::install::tracker_path(state_dir), &json, 0o600)
         .map_err(runtime)
@@ -236,10 +236,14 @@ fn commit(
     swaps: &[Swap],
     services: Option<&dyn ServiceManager>,
     settle: Duration,
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     for swap in swaps {
-        std::fs::rename(&swap.staged, &swap.dest)
-            .map_err(|e| runtime(anyhow::anyhow!("replacing {}: {e}", swap.dest.display())))?;
+        std::fs::rename(&swap.staged, &swap.dest).map_err(|e| {
+            runtime(Error::Failed(format!(
+                "replacing {}: {e}",
+                swap.dest.display()
+            )))
+        })?;
         outln!("{:>9}  {}", "replaced", swap.path);
     }
     write_tracker(state_dir, next)?;
@@ -258,7 +262,7 @@ fn commit(
         }
         Err(why) => {
             let Some(previous) = &next.previous else {
-                return Err(runtime(anyhow::anyhow!("{why}")));
+                return Err(runtime(Error::Failed(why.to_string())));
             };
             let dir = PathBuf::from(&previous.dir);
             let undone = restore(root, previous, &dir)
@@ -286,10 +290,10 @@ fn commit(
                     dir.display()
                 ),
             };
-            Err(runtime(anyhow::anyhow!(
+            Err(runtime(Error::Failed(format!(
                 "the kubelet did not stay up on {}: {why}; {outcome}",
                 next.version
-            )))
+            ))))
         }
     }
 }
@@ -314,16 +318,19 @@ async fn cluster_facts(
     Ok((parsed, drain))
 }
 
-pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> Result<(), Failure> {
-    let loaded = cli.load_config()?;
-    let root = cli.host_root();
-    let resolve = |p: &str| root.resolve(p).map_err(|e| runtime(anyhow::anyhow!("{e}")));
+pub fn upgrade(ctx: &Context, args: &UpgradeArgs) -> Result<(), Error> {
+    let loaded = &ctx.loaded;
+    let root = ctx.root.clone();
+    let resolve = |p: &str| {
+        root.resolve(p)
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))
+    };
     let state_dir = resolve(&loaded.config.agent.state_dir)?;
     let Some(installed) = crate::install::read_tracker(&state_dir)? else {
-        return Err(runtime(anyhow::anyhow!(
+        return Err(runtime(Error::Failed(format!(
             "no Kubernetes components installed by hybridlet here ({} is missing); run `hybridlet install <version>` first",
             crate::install::tracker_path(&state_dir).display()
-        )));
+        ))));
     };
     let services: Option<Box<dyn ServiceManager>> = if root.is_system() {
         Some(Box::new(Systemctl::default()))
@@ -334,29 +341,25 @@ pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> Result<(), Failure> {
         return rollback(&root, &state_dir, &installed, services.as_deref());
     }
     let Some(wanted) = args.kubernetes_version.as_deref() else {
-        return Err(Failure::Usage(
+        return Err(Error::Usage(
             "upgrade needs a Kubernetes version (e.g. `hybridlet upgrade 1.33`) or --rollback"
                 .into(),
         ));
     };
     let Some(target) = KubeVersion::parse(wanted) else {
-        return Err(Failure::Usage(format!(
+        return Err(Error::Usage(format!(
             "{wanted:?} is not a Kubernetes version (expected 1.33 or 1.33.2)"
         )));
     };
     let current = KubeVersion::parse(&installed.version).ok_or_else(|| {
-        runtime(anyhow::anyhow!(
+        runtime(Error::Failed(format!(
             "the install record names version {:?}, which does not parse",
             installed.version
-        ))
+        )))
     })?;
-    let node = crate::csi::node_name(&loaded.config, &root);
+    let node = crate::node_name(&loaded.config, &root);
     let kubeconfig = resolve(&loaded.config.agent.kubelet_root_dir)?.join("kubeconfig");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(runtime)?;
-    rt.block_on(async {
+    ctx.block_on(async {
         let fetcher = Fetcher::new().map_err(runtime)?;
         let manifest = crate::install::fetch_manifest(&fetcher, &args.manifest).await?;
         let release = manifest.release(wanted).map_err(runtime)?;
@@ -403,7 +406,7 @@ pub fn upgrade(cli: &Cli, args: &UpgradeArgs) -> Result<(), Failure> {
         }
         if !refusals.is_empty() {
             if !args.force {
-                return Err(Failure::Refused(format!(
+                return Err(Error::Refused(format!(
                     "upgrade refused, nothing was changed:\n  - {}\n(--force skips these checks)",
                     refusals.join("\n  - ")
                 )));
@@ -509,9 +512,9 @@ fn rollback(
     state_dir: &Path,
     installed: &Installed,
     services: Option<&dyn ServiceManager>,
-) -> Result<(), Failure> {
+) -> Result<(), Error> {
     let Some(previous) = &installed.previous else {
-        return Err(Failure::Refused(format!(
+        return Err(Error::Refused(format!(
             "nothing to roll back to: Kubernetes {} was not put here by `hybridlet upgrade` (or was already rolled back)",
             installed.version
         )));
@@ -548,10 +551,10 @@ fn rollback(
             Ok(true) => outln!("kubelet: restarted on {} and stayed up", previous.version),
             Ok(false) => {}
             Err(why) => {
-                return Err(runtime(anyhow::anyhow!(
+                return Err(runtime(Error::Failed(format!(
                     "rolled back to {}, but {why}",
                     previous.version
-                )));
+                ))));
             }
         }
     }

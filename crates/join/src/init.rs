@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use hybridlet_aws::{AwsSettings, describe_cluster, eks_client, resolve_credentials, sdk_config};
 use hybridlet_bootstrap::{
     ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
@@ -24,29 +23,28 @@ use hybridlet_sys::ssm_agent::{AgentCli, SsmRegistrar};
 use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use std::path::{Path, PathBuf};
 
-use crate::cli::{Cli, InitArgs};
-use crate::exit::Failure;
+use crate::Error;
 use crate::preflight::Outcome;
 use crate::remote_networks::RemoteNetworks;
+use crate::{Context, InitArgs};
 
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn node_config(config: &Config) -> Result<&NodeConfig, Failure> {
-    config.node.as_ref().ok_or_else(|| Failure::Unsupported {
+fn node_config(config: &Config) -> Result<&NodeConfig, Error> {
+    config.node.as_ref().ok_or_else(|| Error::Unsupported {
         field: "apiVersion",
         message: "init needs nodeadm's NodeConfig (apiVersion: node.eks.aws/v1alpha1, kind: NodeConfig) in the configuration".into(),
     })
 }
 
 /// DescribeCluster with the node's credentials.
-fn describe(node: &NodeConfig, why: &str) -> Result<hybridlet_aws::ClusterInfo, Failure> {
+fn describe(
+    ctx: &Context,
+    node: &NodeConfig,
+    why: &str,
+) -> Result<hybridlet_aws::ClusterInfo, Error> {
     let c = &node.spec.cluster;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let info = runtime
-        .block_on(async {
+    let info = ctx.block_on(async {
             let sdk = sdk_config(&AwsSettings {
                 region: c.region.clone(),
                 config_file: crate::preflight::iam_ra_config_file(node),
@@ -54,7 +52,7 @@ fn describe(node: &NodeConfig, why: &str) -> Result<hybridlet_aws::ClusterInfo, 
             })
             .await;
             if let Err(e) = resolve_credentials(&sdk).await {
-                return Err(Failure::Runtime(anyhow::anyhow!(
+                return Err(Error::Failed(format!(
                     "{why}, so init asks EKS (DescribeCluster), but there are no AWS credentials: {e}"
                 )));
             }
@@ -63,17 +61,16 @@ fn describe(node: &NodeConfig, why: &str) -> Result<hybridlet_aws::ClusterInfo, 
         .map_err(|e| {
             let text = e.to_string();
             if signature_time_refused(&text) {
-                return Failure::Runtime(anyhow::anyhow!(
+                return Error::Failed(format!(
                     "{text}. AWS refused the request's signature time: this host's clock is probably more than 5 minutes off, which also breaks the kubelet's EKS token. Enable time sync (`timedatectl set-ntp true`, or chrony with a reachable NTP server) and run init again; `hybridlet check` measures the offset"
                 ));
             }
-            Failure::Runtime(anyhow::anyhow!("{text}. {why}"))
+            Error::Failed(format!("{text}. {why}"))
         })?;
     if info.status != "ACTIVE" {
-        return Err(Failure::Runtime(anyhow::anyhow!(
+        return Err(Error::Failed(format!(
             "cluster {} is {}, not ACTIVE; wait for it before joining nodes",
-            info.name,
-            info.status
+            info.name, info.status
         )));
     }
     Ok(info)
@@ -85,10 +82,11 @@ fn describe(node: &NodeConfig, why: &str) -> Result<hybridlet_aws::ClusterInfo, 
 /// `spec.remoteNetworks`, else DescribeCluster's answer (asked for them alone when the
 /// configuration is complete and credentials allow; a warning says when they could not be).
 fn coordinates(
+    ctx: &Context,
     config: &Config,
     node: &NodeConfig,
     root: &HostRoot,
-) -> Result<ClusterCoordinates, Failure> {
+) -> Result<ClusterCoordinates, Error> {
     let c = &node.spec.cluster;
     let configured = config
         .agent
@@ -117,6 +115,7 @@ fn coordinates(
         let nets = match configured {
             Some(n) => Some(n),
             None => match describe(
+                ctx,
                 node,
                 "the remote networks to check the node against are not in spec.remoteNetworks",
             ) {
@@ -133,14 +132,12 @@ fn coordinates(
         (cluster, nets)
     } else {
         let info = describe(
+            ctx,
             node,
             "spec.cluster.apiServerEndpoint, certificateAuthority or cidr is not set; set the three fields, or give the node credentials with eks:DescribeCluster (SSM: register the agent; IAM Roles Anywhere: AWS_CONFIG_FILE with its credential_process)",
         )?;
         let missing = |what: &str| {
-            Failure::Runtime(anyhow::anyhow!(
-                "DescribeCluster returned no {what} for {}",
-                c.name
-            ))
+            Error::Failed(format!("DescribeCluster returned no {what} for {}", c.name))
         };
         let nets = configured.unwrap_or_else(|| from_eks(&info));
         let cluster = ClusterCoordinates {
@@ -169,7 +166,7 @@ fn coordinates(
             match outcome {
                 Outcome::Ok(_) => {}
                 Outcome::Warn(d) => outln!("warning: {name}: {d}"),
-                Outcome::Fail(d) => return Err(Failure::Runtime(anyhow::anyhow!("{d}"))),
+                Outcome::Fail(d) => return Err(Error::Failed(d.to_string())),
             }
         }
     }
@@ -192,7 +189,7 @@ fn signature_time_refused(error: &str) -> bool {
 /// the EKS token the kubelet presents is refused, so the join is refused before anything
 /// is written; a smaller offset is a warning; an API server that does not answer yet is
 /// only mentioned (the kubelet keeps trying).
-fn check_clock(cluster: &ClusterCoordinates) -> Result<(), Failure> {
+fn check_clock(ctx: &Context, cluster: &ClusterCoordinates) -> Result<(), Error> {
     use base64::Engine as _;
     let ca = base64::engine::general_purpose::STANDARD
         .decode(
@@ -203,11 +200,7 @@ fn check_clock(cluster: &ClusterCoordinates) -> Result<(), Failure> {
                 .collect::<String>(),
         )
         .ok();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let probed = runtime.block_on(hybridlet_kube::probe(
+    let probed = ctx.block_on(hybridlet_kube::probe(
         &cluster.endpoint,
         ca.as_deref(),
         Duration::from_secs(3),
@@ -225,9 +218,9 @@ fn check_clock(cluster: &ClusterCoordinates) -> Result<(), Failure> {
         return Ok(());
     };
     match crate::preflight::skew_outcome(date, std::time::SystemTime::now(), &cluster.endpoint) {
-        crate::preflight::Outcome::Fail(m) => Err(Failure::Runtime(anyhow::anyhow!(
-            "{m}. Nothing was changed"
-        ))),
+        crate::preflight::Outcome::Fail(m) => {
+            Err(Error::Failed(format!("{m}. Nothing was changed")))
+        }
         crate::preflight::Outcome::Warn(m) => {
             outln!("warning: {m}");
             Ok(())
@@ -242,13 +235,10 @@ fn check_clock(cluster: &ClusterCoordinates) -> Result<(), Failure> {
 fn check_iam_ra_pki(
     ra: &hybridlet_config::IamRolesAnywhereOptions,
     root: &HostRoot,
-) -> Result<(), Failure> {
-    let resolve = |p: &str| {
-        root.resolve(p)
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
-    };
+) -> Result<(), Error> {
+    let resolve = |p: &str| root.resolve(p).map_err(|e| Error::Failed(format!("{e}")));
     let cert_path = resolve(&ra.certificate_path)?;
-    let pem = std::fs::read_to_string(&cert_path).map_err(|e| Failure::Unsupported {
+    let pem = std::fs::read_to_string(&cert_path).map_err(|e| Error::Unsupported {
         field: "spec.hybrid.iamRolesAnywhere.certificatePath",
         message: format!(
             "cannot read {} ({e}): place the node's PEM certificate there (issued by the trust anchor's CA, with CN = nodeName)",
@@ -256,7 +246,7 @@ fn check_iam_ra_pki(
         ),
     })?;
     if !resolve(&ra.private_key_path)?.is_file() {
-        return Err(Failure::Unsupported {
+        return Err(Error::Unsupported {
             field: "spec.hybrid.iamRolesAnywhere.privateKeyPath",
             message: format!(
                 "no private key at {}: place the key of the node's certificate there",
@@ -264,7 +254,7 @@ fn check_iam_ra_pki(
             ),
         });
     }
-    let facts = crate::x509::parse_pem(&pem).map_err(|e| Failure::Unsupported {
+    let facts = crate::x509::parse_pem(&pem).map_err(|e| Error::Unsupported {
         field: "spec.hybrid.iamRolesAnywhere.certificatePath",
         message: format!(
             "{} is not a PEM X.509 certificate: {e}",
@@ -277,23 +267,20 @@ fn check_iam_ra_pki(
             outln!("warning: {}: {warning}", ra.certificate_path);
             Ok(())
         }
-        Err(e) if e.contains("nodeName") => Err(Failure::Unsupported {
+        Err(e) if e.contains("nodeName") => Err(Error::Unsupported {
             field: "spec.hybrid.iamRolesAnywhere.nodeName",
             message: e,
         }),
-        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
-            "{}: {e}",
-            ra.certificate_path
-        ))),
+        Err(e) => Err(Error::Failed(format!("{}: {e}", ra.certificate_path))),
     }
 }
 
-fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure> {
+fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Error> {
     let hybrid = node
         .spec
         .hybrid
         .as_ref()
-        .ok_or_else(|| Failure::Unsupported {
+        .ok_or_else(|| Error::Unsupported {
             field: "spec.hybrid",
             message: "required".into(),
         })?;
@@ -302,7 +289,7 @@ fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure>
             let ra = hybrid
                 .iam_roles_anywhere
                 .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("unreachable"))?;
+                .ok_or_else(|| Error::failed("spec.hybrid.iamRolesAnywhere is missing (validation should have refused this configuration)"))?;
             check_iam_ra_pki(ra, root)?;
             Ok(NodeIdentity {
                 node_name: ra.node_name.clone(),
@@ -313,23 +300,23 @@ fn identity(node: &NodeConfig, root: &HostRoot) -> Result<NodeIdentity, Failure>
             })
         }
         // SSM identities come from the agent's registration (crate::ssm::prepare).
-        Some(CredentialProvider::Ssm) | None => Err(Failure::Unsupported {
+        Some(CredentialProvider::Ssm) | None => Err(Error::Unsupported {
             field: "spec.hybrid",
             message: "set exactly one of ssm or iamRolesAnywhere".into(),
         }),
     }
 }
 
-pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
-    let loaded = cli.load_config()?;
+pub fn init(ctx: &Context, args: &InitArgs) -> Result<(), Error> {
+    let loaded = &ctx.loaded;
     let node = node_config(&loaded.config)?;
-    let root = cli.host_root();
+    let root = ctx.root.clone();
     let backups = root
         .resolve(format!(
             "{}/init-backups",
             loaded.config.agent.state_dir.trim_end_matches('/')
         ))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| Error::Failed(format!("{e}")))?;
     let manage_services = !args.dry_run && !args.no_start && root.is_system();
     if !args.dry_run && !args.no_start && !manage_services {
         outln!("--root is not /: writing files only; containerd and the kubelet are left alone");
@@ -365,14 +352,14 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
     who.ecr_credential_provider = root
         .resolve(hybridlet_bootstrap::ECR_CREDENTIAL_PROVIDER)
         .is_ok_and(|p| p.is_file());
-    let cluster = coordinates(&loaded.config, node, &root)?;
+    let cluster = coordinates(ctx, &loaded.config, node, &root)?;
     if root.is_system() {
         // Only on the machine itself: under --root the API server is someone else's
         // concern (and tests stay on loopback).
-        check_clock(&cluster)?;
+        check_clock(ctx, &cluster)?;
     }
-    let rendered = render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE)
-        .map_err(|e| Failure::Runtime(e.into()))?;
+    let rendered =
+        render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE).map_err(crate::fail)?;
     outln!(
         "cluster {} ({}), API server {}, node {} ({} credentials)",
         cluster.name,
@@ -384,7 +371,9 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
     let mut files = Vec::with_capacity(rendered.len());
     for f in &rendered {
         files.push(DesiredFile {
-            path: root.resolve(&f.path).map_err(|e| anyhow::anyhow!("{e}"))?,
+            path: root
+                .resolve(&f.path)
+                .map_err(|e| Error::Failed(format!("{e}")))?,
             mode: f.mode,
             contents: f.contents.clone().into_bytes(),
         });
@@ -413,15 +402,11 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
                 "{}/kubeconfig",
                 loaded.config.agent.kubelet_root_dir.trim_end_matches('/')
             ))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        rt.block_on(async {
+            .map_err(|e| Error::Failed(format!("{e}")))?;
+        ctx.block_on(async {
             let client = hybridlet_kube::client_from_kubeconfig(&kubeconfig)
                 .await
-                .map_err(|e| Failure::Runtime(e.into()))?;
+                .map_err(crate::fail)?;
             wait_ready(
                 &client,
                 &who.node_name,
@@ -430,7 +415,7 @@ pub fn init(cli: &Cli, args: &InitArgs) -> Result<(), Failure> {
                 &mut |line| outln!("{line}"),
             )
             .await
-            .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))
+            .map_err(|e| Error::Failed(e.to_string()))
         })?;
     }
     Ok(())
@@ -475,8 +460,8 @@ pub(crate) async fn wait_ready(
     }
 }
 
-fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Failure> {
-    let states = fileset::plan(files).map_err(|e| Failure::Runtime(e.into()))?;
+fn dry_run(rendered: &[RenderedFile], files: &[DesiredFile]) -> Result<(), Error> {
+    let states = fileset::plan(files).map_err(crate::fail)?;
     for (f, state) in rendered.iter().zip(&states) {
         outln!("{:>9}  {:o}  {}", state.as_str(), f.mode, f.path);
     }
@@ -526,26 +511,26 @@ pub(crate) fn join(
     backups: &Path,
     services: Option<&dyn ServiceManager>,
     settle: Duration,
-) -> Result<JoinReport, Failure> {
-    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+) -> Result<JoinReport, Error> {
+    let runtime = |e: Error| e;
     if let Some(sm) = services {
         for unit in [CONTAINERD, KUBELET] {
             let state = sm
                 .state(unit)
-                .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+                .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
             if !state.exists {
                 let how = if unit == KUBELET {
                     "run `hybridlet install <kubernetes-version>` first"
                 } else {
                     "install your distribution's containerd package first"
                 };
-                return Err(runtime(anyhow::anyhow!(
+                return Err(runtime(Error::Failed(format!(
                     "{unit} is not installed on this host, so the node cannot join: {how}, or run `hybridlet init --no-start` to write the files only. Nothing was changed"
-                )));
+                ))));
             }
         }
     }
-    let applied = fileset::apply(files, backups).map_err(|e| runtime(e.into()))?;
+    let applied = fileset::apply(files, backups).map_err(crate::fail)?;
     let mut report = JoinReport {
         states: applied.states,
         backup: applied.backup,
@@ -574,14 +559,14 @@ pub(crate) fn join(
     for unit in &units {
         let state = sm
             .state(unit)
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
         if changed(unit) || !state.active {
             plan.push((unit.as_str(), state.active));
         }
     }
     if report.backup.is_some() {
         sm.daemon_reload()
-            .map_err(|e| runtime(anyhow::anyhow!("{e}")))?;
+            .map_err(|e| runtime(Error::Failed(format!("{e}"))))?;
         report.actions.push("systemd: daemon-reload".into());
     }
     // Kernel settings take effect now, not only at the next boot: systemd's own one-shot
@@ -626,9 +611,9 @@ pub(crate) fn join(
             }
             Err(e) => {
                 let undo = undo_after_failure(sm, report.backup.as_deref(), &restarted, unit);
-                return Err(runtime(anyhow::anyhow!(
+                return Err(runtime(Error::Failed(format!(
                     "{unit} did not start with the new configuration: {e}. {undo} See `journalctl -u {unit}`"
-                )));
+                ))));
             }
         }
     }
@@ -757,20 +742,35 @@ mod tests {
     #[test]
     fn a_clock_far_off_the_api_servers_refuses_the_join() {
         let (url, ca) = dated_server(-900);
-        let e = check_clock(&coordinates_at(&url, &ca))
-            .unwrap_err()
-            .to_string();
+        let e = check_clock(
+            &Context::for_tests(std::path::Path::new("/")),
+            &coordinates_at(&url, &ca),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("ahead of the API server's") && e.contains("timedatectl"),
             "{e}"
         );
         let (url, ca) = dated_server(0);
-        assert!(check_clock(&coordinates_at(&url, &ca)).is_ok());
+        assert!(
+            check_clock(
+                &Context::for_tests(std::path::Path::new("/")),
+                &coordinates_at(&url, &ca)
+            )
+            .is_ok()
+        );
         // Nobody answers: only a note.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("https://{}", closed.local_addr().unwrap());
         drop(closed);
-        assert!(check_clock(&coordinates_at(&url, &ca)).is_ok());
+        assert!(
+            check_clock(
+                &Context::for_tests(std::path::Path::new("/")),
+                &coordinates_at(&url, &ca)
+            )
+            .is_ok()
+        );
         assert!(signature_time_refused(
             "eks:DescribeCluster c: InvalidSignatureException: Signature expired: 20261126T000000Z is now earlier than ..."
         ));

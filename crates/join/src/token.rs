@@ -4,11 +4,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
 use hybridlet_aws::{AwsSettings, eks_token, resolve_credentials, sdk_config};
 
-use crate::cli::{Cli, TokenArgs};
-use crate::exit::Failure;
+use crate::Error;
+use crate::{Context, TokenArgs};
 
 /// RFC 3339 UTC with second precision, from Unix time (civil-from-days arithmetic).
 fn rfc3339(t: SystemTime) -> String {
@@ -31,20 +30,20 @@ fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-pub fn token(cli: &Cli, args: &TokenArgs) -> Result<(), Failure> {
+pub fn token(ctx: &Context, args: &TokenArgs) -> Result<(), Error> {
     // Flags win; otherwise the NodeConfig names the cluster. Only load the configuration
     // when needed, so that the plugin works with flags alone.
     let (cluster, region) = match (&args.cluster_id, &args.region) {
         (Some(c), Some(r)) => (c.clone(), r.clone()),
         _ => {
-            let loaded = cli.load_config()?;
+            let loaded = &ctx.loaded;
             let node = loaded.config.node.as_ref();
             let cluster = args
                 .cluster_id
                 .clone()
                 .or_else(|| node.map(|n| n.spec.cluster.name.clone()))
                 .ok_or_else(|| {
-                    Failure::Usage(
+                    Error::Usage(
                         "no cluster: pass --cluster-id or configure spec.cluster.name".into(),
                     )
                 })?;
@@ -53,18 +52,12 @@ pub fn token(cli: &Cli, args: &TokenArgs) -> Result<(), Failure> {
                 .clone()
                 .or_else(|| node.map(|n| n.spec.cluster.region.clone()))
                 .ok_or_else(|| {
-                    Failure::Usage(
-                        "no region: pass --region or configure spec.cluster.region".into(),
-                    )
+                    Error::Usage("no region: pass --region or configure spec.cluster.region".into())
                 })?;
             (cluster, region)
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let credentials = runtime.block_on(async {
+    let credentials = ctx.block_on(async {
         let config = sdk_config(&AwsSettings {
             region: region.clone(),
             ..AwsSettings::default()
@@ -73,13 +66,12 @@ pub fn token(cli: &Cli, args: &TokenArgs) -> Result<(), Failure> {
         resolve_credentials(&config).await
     });
     let credentials = credentials.map_err(|e| {
-        Failure::Runtime(anyhow::anyhow!(
+        Error::Failed(format!(
             "no AWS credentials for the EKS token: {e}. With SSM, the agent writes /root/.aws/credentials after registration; with IAM Roles Anywhere, AWS_CONFIG_FILE must point at the credential_process profile"
         ))
     })?;
     let now = SystemTime::now();
-    let token =
-        eks_token(&credentials, &region, &cluster, now).map_err(|e| Failure::Runtime(e.into()))?;
+    let token = eks_token(&credentials, &region, &cluster, now).map_err(crate::fail)?;
     let out = serde_json::json!({
         "kind": "ExecCredential",
         "apiVersion": "client.authentication.k8s.io/v1beta1",
