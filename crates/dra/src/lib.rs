@@ -18,7 +18,9 @@ mod driver;
 mod grpc;
 mod health;
 mod metrics;
+mod plugin;
 mod slices;
+mod topology;
 
 pub use cdi::{ContainerEdits, cdi_device_id};
 pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice};
@@ -33,6 +35,8 @@ pub use health::{
     V1Health, V1alpha1Health,
 };
 pub use metrics::DraMetrics;
+pub use plugin::{ClaimsObserver, DraPlugin, DriverParts, PluginPaths, checkpoint_path};
 pub use slices::{
     Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
 };
+pub use topology::topology_attributes;

@@ -11,6 +11,8 @@
 //! What this crate must never do: depend on other domain crates (SR-IOV, CSI), or call
 //! NVML from a metrics scrape (sampling belongs on a timer).
 
+pub mod dra;
+mod health;
 mod nvml;
 
 use std::collections::HashMap;
@@ -19,6 +21,7 @@ use std::path::Path;
 use hybridlet_sys::{PciAddress, PciDevice, Topology};
 use serde::{Deserialize, Serialize};
 
+pub use health::{APPLICATION_XIDS, GPU_RECOVERY, GpuHealth};
 pub use nvml::NvmlSource;
 
 /// CUDA compute capability, e.g. 9.0 for Hopper.

@@ -78,7 +78,9 @@ fn main() {
     let sysfs = Sysfs::new(&HostRoot::new(dir.path()));
     let gpus = FakeSource::from_file(&dir.path().join("fake-nvml.json")).expect("nvml fixture");
 
-    let report = hybridlet::devices::discover(&sysfs, Some(&gpus)).expect("discover");
+    let report = hybridlet::devices::discover(&sysfs, Some(&gpus))
+        .expect("discover")
+        .report();
     let vfs: usize = report_vfs(&report);
     assert_eq!((report.gpus.len(), vfs), (8, 8 * 128));
 

@@ -187,59 +187,62 @@ impl Daemon {
         config: &Config,
         which: &'static str,
     ) -> Result<(), Failure> {
-        let report = crate::devices::discover(&self.sysfs, self.gpus.as_deref())?;
+        let found = crate::devices::discover(&self.sysfs, self.gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&self.root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
             .context("reading the kernel boot ID")?;
-        let paths = crate::dra::DraPaths {
+        let paths = hybridlet_dra::PluginPaths {
             kubeconfig: self.kubelet_root.join("kubeconfig"),
             kubelet_root: self.kubelet_root.clone(),
             state_dir: self.state_dir.clone(),
             cdi_dir: resolve(&self.root, "/var/run/cdi")?,
-            dev_dir: resolve(&self.root, "/dev")?,
-            sys_dir: resolve(&self.root, "/sys")?,
             boot_id,
         };
+        let (dev_dir, sys_dir) = (resolve(&self.root, "/dev")?, resolve(&self.root, "/sys")?);
         let agent = &config.agent;
         let f = &self.families;
-        let (driver, plugin, policy): (
-            String,
-            crate::dra::DraPlugin,
-            Arc<dyn crate::health::HealthPolicy>,
-        ) = if which == DRA_SRIOV {
+        let (label, driver, parts) = if which == DRA_SRIOV {
             let name = agent.dra.sriov.driver_name.clone();
-            let dra = crate::dra::DraPlugin::sriov(
+            let parts = hybridlet_sriov::dra::parts(
                 &name,
                 &self.node,
-                paths,
-                &report,
+                &found.inventory,
                 Arc::new(self.sysfs.clone()),
-                f.registrations.clone(),
-                f.holders.clone(),
+                sys_dir,
+                dev_dir,
             );
-            let policy = Arc::new(crate::health::VfHealth::new(
-                dra.health(),
-                &name,
-                dra.devices_by_key(),
-            ));
-            (name, dra, policy)
+            ("SR-IOV", name, parts)
         } else {
             let name = agent.dra.gpu.driver_name.clone();
-            let dra = crate::dra::DraPlugin::gpu(
-                &name,
-                &self.node,
-                paths,
-                report,
-                f.registrations.clone(),
-                f.holders.clone(),
-            );
-            let policy = Arc::new(crate::health::GpuHealth::new(
-                dra.health(),
-                &name,
-                dra.devices_by_key(),
-                crate::health::GPU_RECOVERY,
-            ));
-            (name, dra, policy)
+            let parts = hybridlet_gpu::dra::parts(&name, &self.node, found.gpus, dev_dir);
+            ("GPU", name, parts)
+        };
+        // Device name → host key (GPU UUID, VF address), and back for the health policies.
+        let keys = parts.keys.clone();
+        let by_key: std::collections::BTreeMap<String, String> =
+            keys.iter().map(|(name, key)| (key.clone(), name.clone())).collect();
+        let plugin = hybridlet_dra::DraPlugin::new(
+            label,
+            &driver,
+            &self.node,
+            paths,
+            parts,
+            f.registrations.clone(),
+        )
+        .observe_claims(crate::device_metrics::holders_observer(f.holders.clone(), keys));
+        let policy = if which == DRA_SRIOV {
+            crate::device_metrics::HealthPolicy::Vf(Arc::new(hybridlet_sriov::VfHealth::new(
+                plugin.health(),
+                &driver,
+                by_key,
+            )))
+        } else {
+            crate::device_metrics::HealthPolicy::Gpu(Arc::new(hybridlet_gpu::GpuHealth::new(
+                plugin.health(),
+                &driver,
+                by_key,
+                hybridlet_gpu::GPU_RECOVERY,
+            )))
         };
         let plugin = plugin
             .with_metrics(&f.dra)

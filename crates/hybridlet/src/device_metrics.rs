@@ -18,9 +18,31 @@ use hybridlet_metrics::prometheus_client::registry::Unit;
 use hybridlet_runtime::{BoxError, SubsystemContext};
 use hybridlet_sys::{NetdevCounters, Sysfs};
 
-use crate::health::HealthPolicy;
+use crate::devices::{Discovery, Report, discover};
 
-use crate::devices::{Report, discover};
+/// What turns the sampler's observations into a DRA driver's device health.
+#[derive(Debug, Clone)]
+pub enum HealthPolicy {
+    /// GPUs: XID errors, and NVML reading the GPU again.
+    Gpu(Arc<hybridlet_gpu::GpuHealth>),
+    /// VFs: their PF's link.
+    Vf(Arc<hybridlet_sriov::VfHealth>),
+}
+
+impl HealthPolicy {
+    fn xid(&self, event: &XidEvent) {
+        if let HealthPolicy::Gpu(p) = self {
+            p.xid(event);
+        }
+    }
+
+    fn sampled(&self, sysfs: &Sysfs, found: &Discovery, samples: &[GpuSample]) {
+        match self {
+            HealthPolicy::Gpu(p) => p.sampled(samples),
+            HealthPolicy::Vf(p) => p.sampled(sysfs, &found.inventory),
+        }
+    }
+}
 
 /// How often discovery runs for metrics.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
@@ -83,13 +105,42 @@ impl Holders {
     }
 }
 
+/// Keep `holders` in step with a DRA driver's prepared claims; `keys` maps each of its
+/// device names to the key the telemetry uses (GPU UUID, VF PCI address). When the driver
+/// stops it is told no claims, and its entries go.
+pub fn holders_observer(
+    holders: Holders,
+    keys: BTreeMap<String, String>,
+) -> hybridlet_dra::ClaimsObserver {
+    let owned: std::collections::BTreeSet<String> = keys.values().cloned().collect();
+    Arc::new(move |claims| {
+        let now = claims
+            .values()
+            .flat_map(|c| {
+                c.devices.iter().filter_map(|d| {
+                    let key = keys.get(&d.device)?;
+                    Some((
+                        key.clone(),
+                        Holder {
+                            namespace: c.namespace.clone(),
+                            claim: c.name.clone(),
+                            pod: c.pods.first().cloned().unwrap_or_default(),
+                        },
+                    ))
+                })
+            })
+            .collect();
+        holders.set(&|k: &str| owned.contains(k), now);
+    })
+}
+
 /// Shared between the sampler and the scrape-time collector.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceMetrics {
     latest: Arc<Mutex<Snapshot>>,
     holders: Holders,
     /// Turn XIDs and samples into device health (the DRA drivers' boards).
-    policies: Arc<Mutex<BTreeMap<String, Arc<dyn HealthPolicy>>>>,
+    policies: Arc<Mutex<BTreeMap<String, HealthPolicy>>>,
 }
 
 impl DeviceMetrics {
@@ -120,7 +171,7 @@ impl DeviceMetrics {
 
     /// Feed XIDs and samples to `policy` (of the DRA driver named `owner`) from now on,
     /// in place of that owner's previous one; `None` stops feeding the owner's.
-    pub fn set_health_policy(&self, owner: &str, policy: Option<Arc<dyn HealthPolicy>>) {
+    pub fn set_health_policy(&self, owner: &str, policy: Option<HealthPolicy>) {
         let mut policies = self
             .policies
             .lock()
@@ -131,7 +182,7 @@ impl DeviceMetrics {
         };
     }
 
-    fn policies(&self) -> Vec<Arc<dyn HealthPolicy>> {
+    fn policies(&self) -> Vec<HealthPolicy> {
         self.policies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -172,7 +223,7 @@ impl DeviceMetrics {
         // Application-caused XIDs are the job's problem, not the GPU's.
         if event
             .xid
-            .is_some_and(|x| crate::health::APPLICATION_XIDS.contains(&x))
+            .is_some_and(|x| hybridlet_gpu::APPLICATION_XIDS.contains(&x))
         {
             tracing::warn!(gpu_uuid = %event.uuid, xid = %code, "GPU XID error {code}: {meaning}");
         } else {
@@ -263,7 +314,8 @@ impl DeviceMetrics {
             let started = Instant::now();
             let policies = self.policies();
             let result = tokio::task::spawn_blocking(move || {
-                let report = discover(&sysfs, gpus.as_deref())?;
+                let found = discover(&sysfs, gpus.as_deref())?;
+                let report = found.report();
                 // Telemetry failing (a GPU fell off the bus) must not hide the inventory.
                 let samples = match gpus.as_deref().map(|g| g.sample()) {
                     Some(Ok(samples)) => samples,
@@ -289,7 +341,7 @@ impl DeviceMetrics {
                     })
                     .collect();
                 for p in &policies {
-                    p.sampled(&sysfs, &report, &samples);
+                    p.sampled(&sysfs, &found, &samples);
                 }
                 Ok::<_, crate::exit::Failure>((report, samples, vf_counters))
             })
@@ -717,7 +769,7 @@ mod tests {
         let source =
             hybridlet_gpu::FakeSource::from_file(&root.path().join("fake-nvml.json")).unwrap();
         let host = hybridlet_sys::HostRoot::new(root.path());
-        let report = discover(&Sysfs::new(&host), Some(&source)).unwrap();
+        let report = discover(&Sysfs::new(&host), Some(&source)).unwrap().report();
         let holders = Holders::default();
         let mut registry = hybridlet_metrics::new_registry();
         let metrics = DeviceMetrics::register(&mut registry, holders.clone());
@@ -780,7 +832,7 @@ mod tests {
         hybridlet_fixtures::e810_server(root.path()).unwrap();
         let host = hybridlet_sys::HostRoot::new(root.path());
         let sysfs = Sysfs::new(&host);
-        let report = discover(&sysfs, None).unwrap();
+        let report = discover(&sysfs, None).unwrap().report();
         let pf = &report.physical_functions[0];
         let counters = pf
             .vfs

@@ -99,7 +99,7 @@ pub struct VfView {
 }
 
 /// A device that was skipped.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SkippedView {
     path: String,
     reason: String,
@@ -142,16 +142,45 @@ fn vf_view(vf: &VirtualFunction) -> VfView {
     }
 }
 
-fn gpu_view(g: Gpu) -> GpuView {
+fn gpu_view(g: &Gpu) -> GpuView {
     GpuView {
         placement: Placement::new(g.topology.as_ref(), g.numa_node),
-        pci_address: g.pci_address.map(|a| a.to_string()),
-        info: g.info,
+        pci_address: g.pci_address.as_ref().map(|a| a.to_string()),
+        info: g.info.clone(),
+    }
+}
+
+/// What one discovery found, in the domain crates' types (the DRA drivers and the health
+/// policies take these), plus what could not be read.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// `nvml`, `fake` or `none`.
+    pub gpu_source: String,
+    /// GPUs, placed in the PCIe topology.
+    pub gpus: Vec<Gpu>,
+    /// SR-IOV PFs and their VFs.
+    pub inventory: Inventory,
+    /// Devices that could not be read, and why.
+    pub skipped: Vec<SkippedView>,
+    /// Inconsistencies (the inventory's included).
+    pub warnings: Vec<String>,
+}
+
+impl Discovery {
+    /// The form `devices -o json|yaml` prints and the metrics read.
+    pub fn report(&self) -> Report {
+        Report {
+            gpu_source: self.gpu_source.clone(),
+            gpus: self.gpus.iter().map(gpu_view).collect(),
+            physical_functions: self.inventory.pfs.iter().map(pf_view).collect(),
+            skipped: self.skipped.clone(),
+            warnings: self.warnings.clone(),
+        }
     }
 }
 
 /// Run discovery once: one sysfs walk shared by the GPU and SR-IOV views.
-pub fn discover(sysfs: &Sysfs, gpu_source: Option<&dyn GpuSource>) -> Result<Report, Failure> {
+pub fn discover(sysfs: &Sysfs, gpu_source: Option<&dyn GpuSource>) -> Result<Discovery, Failure> {
     let (pci, skipped) = sysfs
         .pci_devices()
         .map_err(|e| Failure::Runtime(anyhow::anyhow!("reading PCI devices: {e}")))?;
@@ -175,15 +204,15 @@ pub fn discover(sysfs: &Sysfs, gpu_source: Option<&dyn GpuSource>) -> Result<Rep
         }
         None => (Vec::new(), "none"),
     };
-    let Inventory { pfs, warnings: w } = hybridlet_sriov::discover(sysfs, &pci);
-    warnings.extend(w);
+    let inventory = hybridlet_sriov::discover(sysfs, &pci);
+    warnings.extend(inventory.warnings.iter().cloned());
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    Ok(Report {
+    Ok(Discovery {
         gpu_source: kind.to_string(),
-        gpus: gpus.into_iter().map(gpu_view).collect(),
-        physical_functions: pfs.iter().map(pf_view).collect(),
+        gpus,
+        inventory,
         skipped,
         warnings,
     })
@@ -210,7 +239,7 @@ pub fn gpu_source(
 pub fn devices(cli: &Cli, args: &DevicesArgs) -> Result<(), Failure> {
     let source = gpu_source(args.nvml_fixture.as_deref())?;
     let sysfs = Sysfs::new(&cli.host_root());
-    let report = discover(&sysfs, source.as_deref())?;
+    let report = discover(&sysfs, source.as_deref())?.report();
     let text = match args.output {
         OutputFormat::Json => {
             serde_json::to_string_pretty(&report).context("encoding JSON")? + "\n"

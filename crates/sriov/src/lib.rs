@@ -5,12 +5,15 @@
 //! What this crate must never do: depend on other domain crates (GPU, CSI), or write to
 //! sysfs itself (VF provisioning goes through `hybridlet_sys::Sysfs::set_num_vfs`).
 
+pub mod dra;
+mod health;
 mod provision;
 
 use std::collections::HashMap;
 
 use hybridlet_sys::{PciAddress, PciDevice, Sysfs};
 
+pub use health::VfHealth;
 pub use provision::{PfSelector, ProvisionError, Provisioned, provision};
 
 /// A virtual function.

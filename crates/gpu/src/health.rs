@@ -1,36 +1,22 @@
-//! Device health policies: what makes a GPU or a VF unhealthy, and when it counts as
-//! recovered. They write the DRA drivers' health boards (hybridlet-dra), which feed the
-//! kubelet's health stream and the ResourceSlice taints.
-//!
-//! - GPU: a critical XID error outside the application-caused set (13, 31, 43, 45, 68,
-//!   109, as NVIDIA's own driver ignores them) taints the GPU `<driver>/xid=<code>:NoSchedule`.
-//!   It recovers after [`GPU_RECOVERY`] without another such error, once NVML reads it
-//!   again (a reset GPU, or a transient fault) — taints are not sticky until a restart.
-//! - VF: its PF's link is down (`operstate` `down` or `lowerlayerdown`) → every VF of that PF
-//!   is tainted `<driver>/pf-link-down=<netdev>:NoSchedule`, until the link is up again.
+//! GPU health for the DRA driver: a critical XID error outside the application-caused set
+//! (13, 31, 43, 45, 68, 109, as NVIDIA's own driver ignores them) taints the GPU
+//! `<driver>/xid=<code>:NoSchedule` on its health board (the kubelet's health stream and
+//! the ResourceSlice read it). It recovers after [`GPU_RECOVERY`] without another such
+//! error, once NVML reads it again (a reset GPU, or a transient fault): taints are not
+//! sticky until a restart.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hybridlet_dra::{HealthBoard, Taint};
-use hybridlet_gpu::{GpuSample, XidEvent};
-use hybridlet_sys::Sysfs;
 
-use crate::devices::Report;
+use crate::{GpuSample, XidEvent};
 
 /// XIDs caused by applications (bad memory access, a killed context): not the GPU's fault.
 pub const APPLICATION_XIDS: &[u64] = &[13, 31, 43, 45, 68, 109];
 /// How long a GPU stays unhealthy after its last fatal XID.
 pub const GPU_RECOVERY: Duration = Duration::from_secs(600);
-
-/// Something that turns observations into device health.
-pub trait HealthPolicy: Send + Sync + std::fmt::Debug {
-    /// An XID error arrived.
-    fn xid(&self, _event: &XidEvent) {}
-    /// A device sample finished (on the sampler's blocking thread).
-    fn sampled(&self, _sysfs: &Sysfs, _report: &Report, _gpus: &[GpuSample]) {}
-}
 
 /// GPU health from XID errors.
 pub struct GpuHealth {
@@ -86,8 +72,9 @@ impl GpuHealth {
     }
 }
 
-impl HealthPolicy for GpuHealth {
-    fn xid(&self, event: &XidEvent) {
+impl GpuHealth {
+    /// An XID error arrived: a fatal one makes the GPU unhealthy and taints it.
+    pub fn xid(&self, event: &XidEvent) {
         if event.xid.is_some_and(|x| APPLICATION_XIDS.contains(&x)) {
             return;
         }
@@ -99,7 +86,7 @@ impl HealthPolicy for GpuHealth {
             .map_or_else(|| "unknown".to_string(), |x| x.to_string());
         let meaning = event
             .xid
-            .map_or("an XID NVML could not decode", hybridlet_gpu::xid_meaning);
+            .map_or("an XID NVML could not decode", crate::xid_meaning);
         let at = (self.now)();
         self.fatal().insert(event.uuid.clone(), at);
         let message = format!("XID {code}: {meaning}");
@@ -116,7 +103,9 @@ impl HealthPolicy for GpuHealth {
         }
     }
 
-    fn sampled(&self, _sysfs: &Sysfs, _report: &Report, gpus: &[GpuSample]) {
+    /// A sample finished: a GPU NVML reads again, past the recovery time since its last
+    /// fatal XID, is healthy again.
+    pub fn sampled(&self, gpus: &[GpuSample]) {
         let mut fatal = self.fatal();
         let recovered: Vec<String> = fatal
             .iter()
@@ -137,62 +126,9 @@ impl HealthPolicy for GpuHealth {
     }
 }
 
-/// VF health from the PF's link.
-#[derive(Debug)]
-pub struct VfHealth {
-    board: HealthBoard,
-    driver: String,
-    /// VF PCI address → device name in the slice.
-    names: BTreeMap<String, String>,
-}
-
-impl VfHealth {
-    /// For the SR-IOV driver `driver`, whose devices `names` maps from VF PCI addresses.
-    pub fn new(board: HealthBoard, driver: &str, names: BTreeMap<String, String>) -> Self {
-        Self {
-            board,
-            driver: driver.to_string(),
-            names,
-        }
-    }
-}
-
-impl HealthPolicy for VfHealth {
-    fn sampled(&self, sysfs: &Sysfs, report: &Report, _gpus: &[GpuSample]) {
-        for pf in &report.physical_functions {
-            let Some(netdev) = &pf.netdev else { continue };
-            // Only a clear answer changes health: "unknown" or "dormant" says nothing.
-            let down = match sysfs.oper_state(netdev).as_deref() {
-                Some("up") => false,
-                Some("down" | "lowerlayerdown") => true,
-                _ => continue,
-            };
-            for vf in &pf.vfs {
-                let Some(device) = self.names.get(&vf.pci_address) else {
-                    continue;
-                };
-                if down {
-                    if self.board.set_unhealthy(
-                        device,
-                        &format!("the link of PF {} ({netdev}) is down", pf.pci_address),
-                        Taint {
-                            key: format!("{}/pf-link-down", self.driver),
-                            value: netdev.clone(),
-                            effect: "NoSchedule".into(),
-                        },
-                    ) {
-                        tracing::warn!(device = %device, pf = %pf.pci_address, "VF marked unhealthy and tainted: the PF's link ({netdev}) is down");
-                    }
-                } else if self.board.set_healthy(device) {
-                    tracing::info!(device = %device, pf = %pf.pci_address, "VF healthy again: the PF's link ({netdev}) is up; taint removed");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -211,9 +147,6 @@ mod tests {
         )
         .with_clock(move || start + *clock.lock().unwrap());
         let advance = |by: Duration| *offset.lock().unwrap() += by;
-        let root = tempfile::tempdir().unwrap();
-        let sysfs = Sysfs::new(&hybridlet_sys::HostRoot::new(root.path()));
-        let report = Report::default();
         let sample = GpuSample {
             uuid: uuid.clone(),
             ..GpuSample::default()
@@ -245,12 +178,12 @@ mod tests {
             })
         );
         advance(Duration::from_secs(299));
-        policy.sampled(&sysfs, &report, std::slice::from_ref(&sample));
+        policy.sampled(std::slice::from_ref(&sample));
         assert!(!board.snapshot()["gpu-0"].healthy, "too early");
         advance(Duration::from_secs(1));
-        policy.sampled(&sysfs, &report, &[]);
+        policy.sampled(&[]);
         assert!(!board.snapshot()["gpu-0"].healthy, "NVML did not read it");
-        policy.sampled(&sysfs, &report, &[sample]);
+        policy.sampled(&[sample]);
         assert!(board.snapshot()["gpu-0"].healthy);
         assert_eq!(board.taint("gpu-0"), None);
     }
