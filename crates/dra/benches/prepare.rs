@@ -27,7 +27,7 @@ impl DeviceBackend for Gpus {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, hybridlet_dra::DeviceError> {
         Ok(ContainerEdits {
             env: vec![format!("NVIDIA_VISIBLE_DEVICES={device}")],
             device_nodes: vec!["/dev/nvidia0".into(), "/dev/nvidiactl".into()],

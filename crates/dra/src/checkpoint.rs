@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// One prepared device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PreparedDevice {
     /// The claim requests it satisfies.

@@ -6,6 +6,105 @@ use crate::cdi::{self, ContainerEdits};
 use crate::checkpoint::{Checkpoint, CheckpointError, Intent, PreparedClaim, PreparedDevice};
 use crate::claims::ClaimSource;
 
+/// Why a backend cannot use or change a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// This node has no such device (the slice the scheduler read was stale).
+    #[error("no device {0} on this node (was the slice stale?)")]
+    Unknown(String),
+    /// The claim's opaque parameters for this driver are wrong; the message says how.
+    #[error("{0}")]
+    Config(String),
+    /// The host is not set up to hand the device over (a kernel driver not loaded, no
+    /// IOMMU, a missing device node), or changing it failed; the message says the fix.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// Why one claim could not be prepared or unprepared: the message the kubelet records
+/// for that claim (the others are not affected).
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimFailure {
+    /// The API server could not give the claim.
+    #[error("{0}")]
+    Lookup(#[from] crate::ClaimError),
+    /// The claim the kubelet names is not the one the API server has.
+    #[error(
+        "ResourceClaim {namespace}/{name} has UID {found}, the kubelet asked for {asked} (deleted and recreated?)"
+    )]
+    UidMismatch {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The API server's UID.
+        found: String,
+        /// The kubelet's.
+        asked: String,
+    },
+    /// Nothing of this driver's is allocated to the claim.
+    #[error("ResourceClaim {namespace}/{name} has no devices allocated by {driver}")]
+    NotOurs {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// This driver.
+        driver: String,
+    },
+    /// A device allocated from another node's pool.
+    #[error("device {device} was allocated from pool {pool}, not this node's pool {ours}")]
+    WrongPool {
+        /// The device.
+        device: String,
+        /// Its pool.
+        pool: String,
+        /// This node's.
+        ours: String,
+    },
+    /// The device is prepared for another claim.
+    #[error("device {device} is already prepared for claim {holder}")]
+    Busy {
+        /// The device.
+        device: String,
+        /// The claim UID holding it.
+        holder: String,
+    },
+    /// The backend refused or failed a device.
+    #[error("device {device}: {source}")]
+    Device {
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: DeviceError,
+    },
+    /// Writing state (the checkpoint, a CDI spec) or running the host work failed.
+    #[error("{what}: {message}")]
+    State {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ClaimFailure {
+    fn device(device: &str, source: DeviceError) -> Self {
+        ClaimFailure::Device {
+            device: device.to_string(),
+            source,
+        }
+    }
+
+    fn state(what: &'static str, message: impl std::fmt::Display) -> Self {
+        ClaimFailure::State {
+            what,
+            message: message.to_string(),
+        }
+    }
+}
+
 /// What a DRA driver's devices are.
 pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     /// The DRA driver name, e.g. `gpu.hybridlet.io`.
@@ -18,23 +117,31 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
         &self,
         device: &str,
         config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String>;
+    ) -> Result<ContainerEdits, DeviceError>;
     /// What [`DeviceBackend::release`] must put back for `device`, read before
     /// [`DeviceBackend::attach`] changes anything (an SR-IOV VF's driver and
     /// driver_override). The driver records it with the intent and the prepared device.
     /// Default: nothing (GPUs).
-    fn snapshot(&self, _device: &str) -> Result<Option<serde_json::Value>, String> {
+    fn snapshot(&self, _device: &str) -> Result<Option<serde_json::Value>, DeviceError> {
         Ok(None)
     }
     /// Host changes a device needs before a container can use it (an SR-IOV VF moved to
     /// vfio-pci). Must be idempotent: it runs again when the kubelet repeats a prepare,
     /// e.g. after a reboot. Default: nothing to do (GPUs).
-    fn attach(&self, _device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
+    fn attach(
+        &self,
+        _device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         Ok(())
     }
     /// Undo [`DeviceBackend::attach`], putting back `original` (what
     /// [`DeviceBackend::snapshot`] said) when it is known; idempotent. Default: nothing.
-    fn release(&self, _device: &str, _original: Option<&serde_json::Value>) -> Result<(), String> {
+    fn release(
+        &self,
+        _device: &str,
+        _original: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         Ok(())
     }
     /// Whether [`DeviceBackend::attach`] changes the host (then the driver records its
@@ -44,9 +151,24 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// Release every device, logging (not returning) failures: the clean-up path.
+/// Release `devices`, last first; the first failure stops it (the devices before it stay
+/// attached, so a retry can release them).
+fn release_devices(
+    backend: &dyn DeviceBackend,
+    devices: &[PreparedDevice],
+) -> Result<(), ClaimFailure> {
+    for d in devices.iter().rev() {
+        backend
+            .release(&d.device, d.original.as_ref())
+            .map_err(|e| ClaimFailure::device(&d.device, e))?;
+    }
+    Ok(())
+}
+
+/// Release every device, logging (not returning) failures: the clean-up path after a
+/// failed prepare.
 fn release_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) {
-    for d in devices {
+    for d in devices.iter().rev() {
         if let Err(e) = backend.release(&d.device, d.original.as_ref()) {
             tracing::error!(device = %d.device, "releasing after a failed prepare: {e}");
         }
@@ -58,18 +180,20 @@ fn write_cdi(
     cdi_dir: &Path,
     uid: &str,
     devices: &[PreparedDevice],
-) -> Result<(), String> {
+) -> Result<(), ClaimFailure> {
     let mut entries = Vec::with_capacity(devices.len());
     for d in devices {
         entries.push((
             d.device.clone(),
-            backend.edits(&d.device, d.config.as_ref())?,
+            backend
+                .edits(&d.device, d.config.as_ref())
+                .map_err(|e| ClaimFailure::device(&d.device, e))?,
         ));
     }
     let driver = backend.driver_name();
     let path = cdi::spec_file(cdi_dir, driver, uid);
     hybridlet_sys::atomic_write(&path, cdi::spec(driver, uid, &entries).as_bytes(), 0o644)
-        .map_err(|e| format!("writing CDI spec: {e}"))
+        .map_err(|e| ClaimFailure::state("writing CDI spec", e))
 }
 
 /// After a crash: a CDI spec written for a claim whose prepare never reached the
@@ -138,15 +262,11 @@ impl Drop for ClaimGuard<'_> {
 }
 
 /// Attach every device, or none: on a failure the ones attached are released again.
-fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result<(), String> {
+fn attach_all(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Result<(), ClaimFailure> {
     for (i, d) in devices.iter().enumerate() {
         if let Err(e) = backend.attach(&d.device, d.config.as_ref()) {
-            for done in devices[..i].iter().rev() {
-                if let Err(undo) = backend.release(&done.device, done.original.as_ref()) {
-                    tracing::error!(device = %done.device, "releasing after a failed prepare: {undo}");
-                }
-            }
-            return Err(format!("device {}: {e}", d.device));
+            release_all(backend, &devices[..i]);
+            return Err(ClaimFailure::device(&d.device, e));
         }
     }
     Ok(())
@@ -244,7 +364,7 @@ impl Driver {
     }
 
     /// Write the checkpoint unless a group commit already covered `generation`.
-    async fn persist(&self, generation: u64) -> Result<(), String> {
+    async fn persist(&self, generation: u64) -> Result<(), ClaimFailure> {
         let mut committed = self.committed.lock().await;
         if *committed >= generation {
             return Ok(());
@@ -257,8 +377,8 @@ impl Driver {
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || snapshot.save(&path))
             .await
-            .map_err(|e| format!("writing the checkpoint: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ClaimFailure::state("writing the checkpoint", e))?
+            .map_err(|e| ClaimFailure::state("writing the checkpoint", e))?;
         if let Some(m) = &self.metrics {
             m.checkpoint_written(started.elapsed());
         }
@@ -314,14 +434,20 @@ impl Driver {
         // Prepares that crashed while changing the host: give the devices back (release
         // is idempotent), so nothing stays on vfio-pci for a claim nobody holds.
         for (uid, intents) in std::mem::take(&mut checkpoint.attaching) {
-            for Intent { device, original } in intents {
-                match backend.release(&device, original.as_ref()) {
-                    Ok(()) => {
-                        tracing::warn!(claim_uid = %uid, device = %device, "released a device from a prepare interrupted by a crash")
-                    }
-                    Err(e) => {
-                        tracing::error!(claim_uid = %uid, device = %device, "releasing a device from a prepare interrupted by a crash failed: {e}")
-                    }
+            let devices: Vec<PreparedDevice> = intents
+                .into_iter()
+                .map(|Intent { device, original }| PreparedDevice {
+                    device,
+                    original,
+                    ..PreparedDevice::default()
+                })
+                .collect();
+            match release_devices(backend.as_ref(), &devices) {
+                Ok(()) => {
+                    tracing::warn!(claim_uid = %uid, devices = devices.len(), "released the devices of a prepare interrupted by a crash")
+                }
+                Err(e) => {
+                    tracing::error!(claim_uid = %uid, "releasing the devices of a prepare interrupted by a crash failed: {e}")
                 }
             }
         }
@@ -371,13 +497,13 @@ impl Driver {
         Ok(driver)
     }
 
-    fn write_cdi(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), String> {
+    fn write_cdi(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), ClaimFailure> {
         write_cdi(self.backend.as_ref(), &self.cdi_dir, uid, devices)
     }
 
     /// Attach the devices and write the claim's CDI spec on a blocking thread (sysfs
     /// writes and fsyncs); all or nothing.
-    async fn set_up(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), String> {
+    async fn set_up(&self, uid: &str, devices: &[PreparedDevice]) -> Result<(), ClaimFailure> {
         let (backend, cdi_dir, uid, devices) = (
             self.backend.clone(),
             self.cdi_dir.clone(),
@@ -393,7 +519,7 @@ impl Driver {
             Ok(())
         })
         .await
-        .map_err(|e| format!("preparing the devices: {e}"))?
+        .map_err(|e| ClaimFailure::state("preparing the devices", e))?
     }
 
     /// Drop a recorded intent and write the checkpoint without it, so a failed prepare
@@ -416,7 +542,7 @@ impl Driver {
     /// Everything about `devices` that can be known before the host is touched: each is
     /// usable with its config (so a claim naming a device this node does not have fails
     /// before any intent is recorded), and what release must put back.
-    async fn inspect(&self, devices: &mut [PreparedDevice]) -> Result<(), String> {
+    async fn inspect(&self, devices: &mut [PreparedDevice]) -> Result<(), ClaimFailure> {
         let backend = self.backend.clone();
         let list = devices.to_vec();
         let originals = tokio::task::spawn_blocking(move || {
@@ -424,15 +550,13 @@ impl Driver {
                 .map(|d| {
                     backend
                         .edits(&d.device, d.config.as_ref())
-                        .map_err(|e| format!("device {}: {e}", d.device))?;
-                    backend
-                        .snapshot(&d.device)
-                        .map_err(|e| format!("device {}: {e}", d.device))
+                        .and_then(|_| backend.snapshot(&d.device))
+                        .map_err(|e| ClaimFailure::device(&d.device, e))
                 })
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>, ClaimFailure>>()
         })
         .await
-        .map_err(|e| format!("inspecting the devices: {e}"))??;
+        .map_err(|e| ClaimFailure::state("inspecting the devices", e))??;
         for (d, original) in devices.iter_mut().zip(originals) {
             d.original = original;
         }
@@ -458,7 +582,7 @@ impl Driver {
         namespace: &str,
         name: &str,
         uid: &str,
-    ) -> Result<Vec<PreparedDevice>, String> {
+    ) -> Result<Vec<PreparedDevice>, ClaimFailure> {
         let _claim = self.lock_claim(uid).await;
         let done = self.lock_state().checkpoint.claims.get(uid).cloned();
         if let Some(done) = done {
@@ -473,16 +597,14 @@ impl Driver {
             return Ok(done.devices);
         }
         // Fetch without any driver-wide lock: other claims need not wait for the API server.
-        let claim = self
-            .claims
-            .get(namespace, name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let claim = self.claims.get(namespace, name).await?;
         if claim.uid != uid {
-            return Err(format!(
-                "ResourceClaim {namespace}/{name} has UID {}, the kubelet asked for {uid} (deleted and recreated?)",
-                claim.uid
-            ));
+            return Err(ClaimFailure::UidMismatch {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                found: claim.uid,
+                asked: uid.to_string(),
+            });
         }
         let driver = self.backend.driver_name();
         let ours: Vec<_> = claim
@@ -491,19 +613,20 @@ impl Driver {
             .filter(|a| a.driver == driver)
             .collect();
         if ours.is_empty() {
-            return Err(format!(
-                "ResourceClaim {namespace}/{name} has no devices allocated by {driver}"
-            ));
+            return Err(ClaimFailure::NotOurs {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                driver: driver.to_string(),
+            });
         }
         let mut devices: Vec<PreparedDevice> = Vec::new();
         for a in ours {
             if a.pool != self.backend.pool_name() {
-                return Err(format!(
-                    "device {} was allocated from pool {}, not this node's pool {}",
-                    a.device,
-                    a.pool,
-                    self.backend.pool_name()
-                ));
+                return Err(ClaimFailure::WrongPool {
+                    device: a.device.clone(),
+                    pool: a.pool.clone(),
+                    ours: self.backend.pool_name().to_string(),
+                });
             }
             // The same device can serve several requests of one claim.
             if let Some(existing) = devices.iter_mut().find(|d| d.device == a.device) {
@@ -525,10 +648,10 @@ impl Driver {
             let mut state = self.lock_state();
             for d in &devices {
                 if let Some(other) = state.reserved.get(&d.device) {
-                    return Err(format!(
-                        "device {} is already prepared for claim {other}",
-                        d.device
-                    ));
+                    return Err(ClaimFailure::Busy {
+                        device: d.device.clone(),
+                        holder: other.clone(),
+                    });
                 }
             }
             for d in &devices {
@@ -598,7 +721,7 @@ impl Driver {
     }
 
     /// Unprepare one claim; unknown claims succeed.
-    pub async fn unprepare(&self, uid: &str) -> Result<(), String> {
+    pub async fn unprepare(&self, uid: &str) -> Result<(), ClaimFailure> {
         let _claim = self.lock_claim(uid).await;
         let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
         let Some(claim) = self.lock_state().checkpoint.claims.get(uid).cloned() else {
@@ -610,16 +733,9 @@ impl Driver {
         // the next start) can still release it.
         {
             let (backend, devices) = (self.backend.clone(), claim.devices.clone());
-            tokio::task::spawn_blocking(move || {
-                for d in &devices {
-                    backend
-                        .release(&d.device, d.original.as_ref())
-                        .map_err(|e| format!("device {}: {e}", d.device))?;
-                }
-                Ok::<_, String>(())
-            })
-            .await
-            .map_err(|e| format!("releasing the devices: {e}"))??;
+            tokio::task::spawn_blocking(move || release_devices(backend.as_ref(), &devices))
+                .await
+                .map_err(|e| ClaimFailure::state("releasing the devices", e))??;
         }
         let generation = {
             let mut state = self.lock_state();

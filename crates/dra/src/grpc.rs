@@ -48,7 +48,10 @@ macro_rules! dra_service {
                         },
                         Err(error) => {
                             tracing::warn!(claim_uid = %claim.uid, "prepare failed: {error}");
-                            $api::NodePrepareResourceResponse { devices: Vec::new(), error }
+                            $api::NodePrepareResourceResponse {
+                                devices: Vec::new(),
+                                error: claim_error(&error),
+                            }
                         }
                     };
                     out.claims.insert(claim.uid, entry);
@@ -63,14 +66,22 @@ macro_rules! dra_service {
                 let mut out = $api::NodeUnprepareResourcesResponse::default();
                 for claim in request.into_inner().claims {
                     let started = std::time::Instant::now();
-                    let error = self.0.unprepare(&claim.uid).await.err().unwrap_or_default();
-                    self.0.observe("unprepare", error.is_empty(), started.elapsed());
+                    let result = self.0.unprepare(&claim.uid).await;
+                    self.0.observe("unprepare", result.is_ok(), started.elapsed());
+                    let error = result.err().map(|e| claim_error(&e)).unwrap_or_default();
                     out.claims.insert(claim.uid, $api::NodeUnprepareResourceResponse { error });
                 }
                 Ok(Response::new(out))
             }
         }
     };
+}
+
+/// The per-claim error the kubelet records (KEP-4381: a claim's failure goes in its own
+/// entry, never as the call's gRPC status, so the other claims of the call still count):
+/// the failure and its sources, one line.
+fn claim_error(e: &crate::ClaimFailure) -> String {
+    hybridlet_runtime::error_chain(e)
 }
 
 dra_service!(V1Service, v1);

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hybridlet_dra::{
-    AllocatedClaim, Allocation, ContainerEdits, DeviceBackend, Driver, FakeClaims, V1Service,
-    V1beta1Service,
+    AllocatedClaim, Allocation, ContainerEdits, DeviceBackend, DeviceError, Driver, FakeClaims,
+    V1Service, V1beta1Service,
 };
 use hybridlet_kubelet_plugin::{PluginSocket, connect, serve};
 use hybridlet_proto::dra::{v1, v1beta1};
@@ -30,13 +30,17 @@ impl DeviceBackend for Gpus {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         let index: u32 = device
             .strip_prefix("gpu-")
             .and_then(|i| i.parse().ok())
-            .ok_or(format!("no device {device} on this node"))?;
+            .ok_or(DeviceError::Host(format!(
+                "no device {device} on this node"
+            )))?;
         if index > 3 {
-            return Err(format!("no device {device} on this node"));
+            return Err(DeviceError::Host(format!(
+                "no device {device} on this node"
+            )));
         }
         Ok(ContainerEdits {
             env: vec![format!("NVIDIA_VISIBLE_DEVICES=GPU-uuid-{index}")],
@@ -311,7 +315,7 @@ async fn restart_after_reboot_rebuilds_cdi_specs() {
     );
     // A new claim during the outage fails with a retryable error.
     let err = driver.prepare("ml", "b", "uid-b").await.unwrap_err();
-    assert!(err.contains("retryable"), "{err}");
+    assert!(err.to_string().contains("retryable"), "{err}");
 }
 
 #[tokio::test]
@@ -351,29 +355,33 @@ impl DeviceBackend for Vfs {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         if device == "vf-missing" {
-            return Err(format!("{device} is not on this node"));
+            return Err(DeviceError::Host(format!("{device} is not on this node")));
         }
         Ok(ContainerEdits {
             env: vec![format!("PCIDEVICE={device}")],
             device_nodes: vec!["/dev/vfio/vfio".into()],
         })
     }
-    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
+    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), DeviceError> {
         self.log.lock().unwrap().push(format!("attach {device}"));
         if device == "vf-bad" {
-            return Err("the kernel refused vfio-pci".into());
+            return Err(DeviceError::Host("the kernel refused vfio-pci".into()));
         }
         Ok(())
     }
-    fn release(&self, device: &str, original: Option<&serde_json::Value>) -> Result<(), String> {
+    fn release(
+        &self,
+        device: &str,
+        original: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         self.log.lock().unwrap().push(match original {
             Some(o) => format!("release {device} original={o}"),
             None => format!("release {device} original=none"),
         });
         if self.fail_release.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err("device busy".into());
+            return Err(DeviceError::Host("device busy".into()));
         }
         Ok(())
     }
@@ -404,7 +412,10 @@ async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
         .prepare("ml", "mixed", "uid-mixed")
         .await
         .unwrap_err();
-    assert!(err.contains("vf-bad") && err.contains("refused"), "{err}");
+    assert!(
+        err.to_string().contains("vf-bad") && err.to_string().contains("refused"),
+        "{err}"
+    );
     assert_eq!(
         backend.log.lock().unwrap().clone(),
         ["attach vf-0", "attach vf-bad", "release vf-0 original=none"],
@@ -425,7 +436,7 @@ async fn attach_is_all_or_nothing_and_release_failures_keep_the_claim() {
         .fail_release
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let err = driver.unprepare("uid-good").await.unwrap_err();
-    assert!(err.contains("busy"), "{err}");
+    assert!(err.to_string().contains("busy"), "{err}");
     assert!(
         driver.prepared().await.contains_key("uid-good"),
         "claim forgotten before its release"
@@ -462,13 +473,17 @@ impl DeviceBackend for Rendezvous {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         Ok(ContainerEdits {
             env: vec![format!("DEV={device}")],
             device_nodes: Vec::new(),
         })
     }
-    fn attach(&self, _device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
+    fn attach(
+        &self,
+        _device: &str,
+        _config: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         self.attaches
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut n = self.arrived.lock().unwrap();
@@ -478,10 +493,10 @@ impl DeviceBackend for Rendezvous {
         while *n < self.parties {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(format!(
+                return Err(DeviceError::Host(format!(
                     "only {} of {} attaches ran at once",
                     *n, self.parties
-                ));
+                )));
             }
             n = self.all_here.wait_timeout(n, left).unwrap().0;
         }
@@ -542,7 +557,8 @@ async fn claims_on_different_devices_prepare_in_parallel_and_a_shared_device_is_
         .await
         .unwrap_err();
     assert!(
-        err.contains("gpu-2 is already prepared for claim uid-2"),
+        err.to_string()
+            .contains("gpu-2 is already prepared for claim uid-2"),
         "{err}"
     );
 
@@ -586,7 +602,7 @@ impl DeviceBackend for HostChanging {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         Ok(ContainerEdits {
             env: vec![format!("DEV={device}")],
             device_nodes: Vec::new(),
@@ -595,7 +611,7 @@ impl DeviceBackend for HostChanging {
     fn changes_host(&self) -> bool {
         true
     }
-    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), String> {
+    fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), DeviceError> {
         self.attached.lock().unwrap().push(device.to_string());
         let mut hold = self.hold.lock().unwrap();
         while *hold {
@@ -603,7 +619,11 @@ impl DeviceBackend for HostChanging {
         }
         Ok(())
     }
-    fn release(&self, device: &str, _original: Option<&serde_json::Value>) -> Result<(), String> {
+    fn release(
+        &self,
+        device: &str,
+        _original: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         self.released.lock().unwrap().push(device.to_string());
         Ok(())
     }
@@ -756,7 +776,7 @@ async fn a_failed_prepare_leaves_no_intent_behind() {
     .unwrap();
     let err = driver.prepare("ml", "gone", "uid-gone").await.unwrap_err();
     assert!(
-        err.contains("vf-missing") && err.contains("not on this node"),
+        err.to_string().contains("vf-missing") && err.to_string().contains("not on this node"),
         "{err}"
     );
     assert!(
@@ -769,7 +789,10 @@ async fn a_failed_prepare_leaves_no_intent_behind() {
         "attached a device that is not there"
     );
     let err = driver.prepare("ml", "bad", "uid-bad").await.unwrap_err();
-    assert!(err.contains("the kernel refused vfio-pci"), "{err}");
+    assert!(
+        err.to_string().contains("the kernel refused vfio-pci"),
+        "{err}"
+    );
     let disk = std::fs::read_to_string(rig.checkpoint()).unwrap();
     assert!(!disk.contains("attaching"), "{disk}");
     // And a restart releases nothing: there is nothing left to undo.

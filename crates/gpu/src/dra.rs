@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hybridlet_dra::{Attr, ContainerEdits, DeviceBackend, DriverParts, SliceDevice, topology_attributes};
+use hybridlet_dra::{
+    Attr, ContainerEdits, DeviceBackend, DeviceError, DriverParts, SliceDevice, topology_attributes,
+};
 
 use crate::Gpu;
 
@@ -69,11 +71,11 @@ impl DeviceBackend for GpuBackend {
         &self,
         device: &str,
         _config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         let g = self
             .gpus
             .get(device)
-            .ok_or_else(|| format!("no device {device} on this node (was the slice stale?)"))?;
+            .ok_or_else(|| DeviceError::Unknown(device.to_string()))?;
         // The runtime refuses a CDI device whose node is missing, so name only nodes that
         // exist: the GPU's own and nvidiactl are required; the UVM nodes (created when
         // nvidia-uvm loads, or by nvidia-modprobe) are added when present.
@@ -81,10 +83,10 @@ impl DeviceBackend for GpuBackend {
         let mut device_nodes = Vec::new();
         for required in [gpu_node.as_str(), "nvidiactl"] {
             if !self.dev_dir.join(required).exists() {
-                return Err(format!(
+                return Err(DeviceError::Host(format!(
                     "/dev/{required} does not exist: is the NVIDIA driver loaded? (`nvidia-modprobe -c={}` creates the nodes)",
                     g.info.minor_number
-                ));
+                )));
             }
             device_nodes.push(format!("/dev/{required}"));
         }
@@ -147,4 +149,3 @@ pub fn slice_device(g: &Gpu) -> SliceDevice {
         taints: Vec::new(),
     }
 }
-

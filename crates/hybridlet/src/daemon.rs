@@ -219,8 +219,10 @@ impl Daemon {
         };
         // Device name → host key (GPU UUID, VF address), and back for the health policies.
         let keys = parts.keys.clone();
-        let by_key: std::collections::BTreeMap<String, String> =
-            keys.iter().map(|(name, key)| (key.clone(), name.clone())).collect();
+        let by_key: std::collections::BTreeMap<String, String> = keys
+            .iter()
+            .map(|(name, key)| (key.clone(), name.clone()))
+            .collect();
         let plugin = hybridlet_dra::DraPlugin::new(
             label,
             &driver,
@@ -229,7 +231,10 @@ impl Daemon {
             parts,
             f.registrations.clone(),
         )
-        .observe_claims(crate::device_metrics::holders_observer(f.holders.clone(), keys));
+        .observe_claims(crate::device_metrics::holders_observer(
+            f.holders.clone(),
+            keys,
+        ));
         let policy = if which == DRA_SRIOV {
             crate::device_metrics::HealthPolicy::Vf(Arc::new(hybridlet_sriov::VfHealth::new(
                 plugin.health(),

@@ -769,7 +769,9 @@ mod tests {
         let source =
             hybridlet_gpu::FakeSource::from_file(&root.path().join("fake-nvml.json")).unwrap();
         let host = hybridlet_sys::HostRoot::new(root.path());
-        let report = discover(&Sysfs::new(&host), Some(&source)).unwrap().report();
+        let report = discover(&Sysfs::new(&host), Some(&source))
+            .unwrap()
+            .report();
         let holders = Holders::default();
         let mut registry = hybridlet_metrics::new_registry();
         let metrics = DeviceMetrics::register(&mut registry, holders.clone());

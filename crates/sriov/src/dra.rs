@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hybridlet_dra::{Attr, ContainerEdits, DeviceBackend, DriverParts, SliceDevice, topology_attributes};
+use hybridlet_dra::{
+    Attr, ContainerEdits, DeviceBackend, DeviceError, DriverParts, SliceDevice, topology_attributes,
+};
 use hybridlet_sys::PciAddress;
 use hybridlet_sys::binding::{BindingState, DriverBinding};
 
@@ -93,29 +95,29 @@ enum VfMode {
 /// The mode from the opaque parameters (`{"mode": "vfio" | "netdev"}`, with optional
 /// `apiVersion`/`kind`); anything else is refused by name, so a typo fails the claim
 /// instead of silently picking the default.
-fn vf_mode(driver: &str, config: Option<&serde_json::Value>) -> Result<VfMode, String> {
+fn vf_mode(driver: &str, config: Option<&serde_json::Value>) -> Result<VfMode, DeviceError> {
     let Some(config) = config else {
         return Ok(VfMode::Vfio);
     };
     let Some(object) = config.as_object() else {
-        return Err(format!(
+        return Err(DeviceError::Config(format!(
             "{driver} config must be an object like {{\"mode\": \"netdev\"}}"
-        ));
+        )));
     };
     for key in object.keys() {
         if !matches!(key.as_str(), "mode" | "apiVersion" | "kind") {
-            return Err(format!(
+            return Err(DeviceError::Config(format!(
                 "{driver} config has an unknown field {key:?} (known: mode, apiVersion, kind)"
-            ));
+            )));
         }
     }
     match object.get("mode").map(|m| m.as_str()) {
         None | Some(Some("vfio")) => Ok(VfMode::Vfio),
         Some(Some("netdev")) => Ok(VfMode::Netdev),
-        Some(other) => Err(format!(
+        Some(other) => Err(DeviceError::Config(format!(
             "{driver} config: mode must be \"vfio\" or \"netdev\", not {}",
             other.map_or_else(|| object["mode"].to_string(), |m| format!("{m:?}"))
-        )),
+        ))),
     }
 }
 
@@ -125,14 +127,14 @@ pub fn vf_device_name(address: &str) -> String {
 }
 
 impl SriovBackend {
-    fn vf(&self, device: &str) -> Result<&VfInfo, String> {
+    fn vf(&self, device: &str) -> Result<&VfInfo, DeviceError> {
         self.vfs
             .get(device)
-            .ok_or_else(|| format!("no VF {device} on this node (was the slice stale?)"))
+            .ok_or_else(|| DeviceError::Unknown(device.to_string()))
     }
 
     /// The VF's network interface now (names can change after discovery).
-    fn netdev(&self, vf: &VfInfo) -> Result<String, String> {
+    fn netdev(&self, vf: &VfInfo) -> Result<String, DeviceError> {
         let dir = self
             .sys_dir
             .join("bus/pci/devices")
@@ -144,16 +146,16 @@ impl SriovBackend {
             .and_then(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .ok_or_else(|| {
-                format!(
+                DeviceError::Host(format!(
                     "VF {} has no network interface (is it on vfio-pci, or its driver not loaded?); netdev mode needs it on its kernel driver",
                     vf.address
-                )
+                ))
             })
     }
 
     /// The device nodes an RDMA device needs in a container: its uverbs node (found
     /// through `/sys/class/infiniband_verbs/*/ibdev`) and `rdma_cm` when present.
-    fn rdma_nodes(&self, rdma: &str) -> Result<Vec<String>, String> {
+    fn rdma_nodes(&self, rdma: &str) -> Result<Vec<String>, DeviceError> {
         let verbs = self.sys_dir.join("class/infiniband_verbs");
         let uverbs = std::fs::read_dir(&verbs)
             .into_iter()
@@ -164,7 +166,7 @@ impl SriovBackend {
             })
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .ok_or_else(|| {
-                format!("RDMA device {rdma} has no uverbs device in /sys/class/infiniband_verbs (is ib_uverbs loaded?)")
+                DeviceError::Host(format!("RDMA device {rdma} has no uverbs device in /sys/class/infiniband_verbs (is ib_uverbs loaded?)"))
             })?;
         let mut nodes = vec![format!("/dev/infiniband/{uverbs}")];
         if self.dev_dir.join("infiniband/rdma_cm").exists() {
@@ -187,7 +189,7 @@ impl DeviceBackend for SriovBackend {
         &self,
         device: &str,
         config: Option<&serde_json::Value>,
-    ) -> Result<ContainerEdits, String> {
+    ) -> Result<ContainerEdits, DeviceError> {
         let vf = self.vf(device)?;
         // The name SR-IOV network device plugin users already read.
         let mut env = vec![format!("PCIDEVICE_SRIOV_HYBRIDLET_IO={}", vf.address)];
@@ -204,7 +206,7 @@ impl DeviceBackend for SriovBackend {
             return Ok(ContainerEdits { env, device_nodes });
         }
         let group = vf.iommu_group.ok_or_else(|| {
-            format!("VF {} has no IOMMU group: turn the IOMMU on (intel_iommu=on or amd_iommu=on) to hand VFs to containers", vf.address)
+            DeviceError::Host(format!("VF {} has no IOMMU group: turn the IOMMU on (intel_iommu=on or amd_iommu=on) to hand VFs to containers", vf.address))
         })?;
         Ok(ContainerEdits {
             env,
@@ -212,7 +214,7 @@ impl DeviceBackend for SriovBackend {
         })
     }
 
-    fn attach(&self, device: &str, config: Option<&serde_json::Value>) -> Result<(), String> {
+    fn attach(&self, device: &str, config: Option<&serde_json::Value>) -> Result<(), DeviceError> {
         let vf = self.vf(device)?;
         if vf_mode(&self.driver, config)? == VfMode::Netdev {
             // Nothing moves: the VF must be on its kernel driver with a network interface
@@ -221,14 +223,14 @@ impl DeviceBackend for SriovBackend {
             return Ok(());
         }
         if vf.iommu_group.is_none() {
-            return Err(format!(
+            return Err(DeviceError::Host(format!(
                 "VF {} has no IOMMU group: turn the IOMMU on to use vfio-pci",
                 vf.address
-            ));
+            )));
         }
         self.binding
             .bind(&vf.address, VFIO)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| DeviceError::Host(e.to_string()))?;
         tracing::info!(device, pci = %vf.address, "VF bound to vfio-pci");
         Ok(())
     }
@@ -237,7 +239,7 @@ impl DeviceBackend for SriovBackend {
         true
     }
 
-    fn snapshot(&self, device: &str) -> Result<Option<serde_json::Value>, String> {
+    fn snapshot(&self, device: &str) -> Result<Option<serde_json::Value>, DeviceError> {
         let vf = self.vf(device)?;
         let state = self.binding.state(&vf.address);
         Ok(Some(serde_json::json!({
@@ -246,7 +248,11 @@ impl DeviceBackend for SriovBackend {
         })))
     }
 
-    fn release(&self, device: &str, original: Option<&serde_json::Value>) -> Result<(), String> {
+    fn release(
+        &self,
+        device: &str,
+        original: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         let vf = self.vf(device)?;
         let Some(original) = original else {
             // A prepare recorded before originals were (checkpoint v1): the old rule,
@@ -256,7 +262,7 @@ impl DeviceBackend for SriovBackend {
             }
             self.binding
                 .release(&vf.address)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DeviceError::Host(e.to_string()))?;
             tracing::info!(device, pci = %vf.address, driver = ?self.binding.driver(&vf.address), "VF given back to its driver");
             return Ok(());
         };
@@ -270,7 +276,7 @@ impl DeviceBackend for SriovBackend {
         }
         self.binding
             .restore(&vf.address, &was)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| DeviceError::Host(e.to_string()))?;
         tracing::info!(device, pci = %vf.address, driver = ?was.driver, driver_override = ?was.driver_override, "VF given back as it was before the claim");
         Ok(())
     }
@@ -283,7 +289,10 @@ pub fn vf_slice_device(pf: &PhysicalFunction, vf: &VirtualFunction) -> SliceDevi
     let d = &vf.device;
     let mut attributes = BTreeMap::from([
         ("type".to_string(), Attr::String("vf".into())),
-        ("pciAddress".to_string(), Attr::String(d.address.to_string())),
+        (
+            "pciAddress".to_string(),
+            Attr::String(d.address.to_string()),
+        ),
         ("vendorId".to_string(), Attr::String(hex(d.vendor_id))),
         ("deviceId".to_string(), Attr::String(hex(d.device_id))),
         ("vfIndex".to_string(), Attr::Int(i64::from(vf.index))),
