@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-sriov", 5),
     // 6 applications: what the commands do, over the domains
     ("hybridlet-join", 6),
+    ("hybridlet-devices", 6),
     // 7 top: the binary
     ("hybridlet", 7),
     // workspace-wide tests may use anything

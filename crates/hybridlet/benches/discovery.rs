@@ -78,7 +78,7 @@ fn main() {
     let sysfs = Sysfs::new(&HostRoot::new(dir.path()));
     let gpus = FakeSource::from_file(&dir.path().join("fake-nvml.json")).expect("nvml fixture");
 
-    let report = hybridlet::devices::discover(&sysfs, Some(&gpus))
+    let report = hybridlet_devices::discover(&sysfs, Some(&gpus))
         .expect("discover")
         .report();
     let vfs: usize = report_vfs(&report);
@@ -87,13 +87,13 @@ fn main() {
     // Warm the page and dentry caches, as on a host where sysfs is always in memory.
     for _ in 0..3 {
         black_box(bare(dir.path()));
-        black_box(hybridlet::devices::discover(&sysfs, Some(&gpus)).expect("discover"));
+        black_box(hybridlet_devices::discover(&sysfs, Some(&gpus)).expect("discover"));
     }
     let bare_t = best(5, 10, || {
         black_box(bare(dir.path()));
     });
     let full_t = best(5, 10, || {
-        black_box(hybridlet::devices::discover(&sysfs, Some(&gpus)).expect("discover"));
+        black_box(hybridlet_devices::discover(&sysfs, Some(&gpus)).expect("discover"));
     });
     let seq_t = best(5, 10, || {
         black_box(sysfs.pci_devices_with_threads(1).expect("walk"));
@@ -123,7 +123,7 @@ fn main() {
     );
 }
 
-fn report_vfs(r: &hybridlet::devices::Report) -> usize {
+fn report_vfs(r: &hybridlet_devices::Report) -> usize {
     serde_json::to_value(r).expect("json")["physicalFunctions"]
         .as_array()
         .expect("pfs")

@@ -16,9 +16,9 @@ use hybridlet_metrics::{AdminServer, AdminTls, AgentMetrics, Registry};
 use hybridlet_runtime::{Readiness, Stopped, Supervisor};
 use hybridlet_sys::HostRoot;
 
-use crate::device_metrics::{DeviceMetrics, Holders};
 use crate::exit::Failure;
 use crate::reload::{CSI, Change, DRA_GPU, DRA_SRIOV, Plan};
+use hybridlet_devices::{DeviceMetrics, Holders};
 
 /// The admin server's subsystem.
 const ADMIN: &str = "admin";
@@ -187,7 +187,7 @@ impl Daemon {
         config: &Config,
         which: &'static str,
     ) -> Result<(), Failure> {
-        let found = crate::devices::discover(&self.sysfs, self.gpus.as_deref())?;
+        let found = hybridlet_devices::discover(&self.sysfs, self.gpus.as_deref())?;
         let boot_id = hybridlet_sys::read_boot_id(&self.root.dir().join("proc"))
             .or_else(|_| hybridlet_sys::read_boot_id(std::path::Path::new("/proc")))
             .context("reading the kernel boot ID")?;
@@ -231,18 +231,15 @@ impl Daemon {
             parts,
             f.registrations.clone(),
         )
-        .observe_claims(crate::device_metrics::holders_observer(
-            f.holders.clone(),
-            keys,
-        ));
+        .observe_claims(hybridlet_devices::holders_observer(f.holders.clone(), keys));
         let policy = if which == DRA_SRIOV {
-            crate::device_metrics::HealthPolicy::Vf(Arc::new(hybridlet_sriov::VfHealth::new(
+            hybridlet_devices::HealthPolicy::Vf(Arc::new(hybridlet_sriov::VfHealth::new(
                 plugin.health(),
                 &driver,
                 by_key,
             )))
         } else {
-            crate::device_metrics::HealthPolicy::Gpu(Arc::new(hybridlet_gpu::GpuHealth::new(
+            hybridlet_devices::HealthPolicy::Gpu(Arc::new(hybridlet_gpu::GpuHealth::new(
                 plugin.health(),
                 &driver,
                 by_key,

@@ -50,6 +50,12 @@ impl From<hybridlet_join::Error> for Failure {
     }
 }
 
+impl From<hybridlet_devices::Error> for Failure {
+    fn from(e: hybridlet_devices::Error) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Runtime(e)

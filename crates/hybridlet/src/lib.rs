@@ -21,8 +21,7 @@ macro_rules! outln {
 mod cli;
 mod csi;
 mod daemon;
-mod device_metrics;
-pub mod devices;
+mod devices;
 mod exit;
 mod logging;
 mod reload;

@@ -102,16 +102,14 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
     // DRA a broken NVML only costs the GPU metrics; with DRA it stops start-up.
     let mut nvml_error = None;
     let gpus: Option<Arc<dyn hybridlet_gpu::GpuSource>> =
-        match crate::devices::gpu_source(args.nvml_fixture.as_deref()) {
+        match hybridlet_devices::gpu_source(args.nvml_fixture.as_deref()) {
             Ok(source) => source.map(Arc::from),
-            Err(Failure::Runtime(e))
-                if args.nvml_fixture.is_none() && !config.agent.dra.gpu.enabled =>
-            {
-                tracing::warn!("NVML failed to initialise: {e:#}; GPUs are not reported");
-                nvml_error = Some(format!("{e:#}"));
+            Err(e) if args.nvml_fixture.is_none() && !config.agent.dra.gpu.enabled => {
+                tracing::warn!("NVML failed to initialise: {e}; GPUs are not reported");
+                nvml_error = Some(e.to_string());
                 None
             }
-            Err(other) => return Err(other),
+            Err(other) => return Err(other.into()),
         };
     let families = crate::daemon::Families::register(&mut registry);
     let mut daemon = crate::daemon::Daemon {
@@ -136,7 +134,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         &mut supervisor,
         &config,
         args.device_sample_interval
-            .unwrap_or(crate::device_metrics::SAMPLE_INTERVAL),
+            .unwrap_or(hybridlet_devices::SAMPLE_INTERVAL),
         args.startup_delay,
     )?;
     let devices_summary = daemon.families.devices.clone();
@@ -291,7 +289,7 @@ fn describe_files(loaded: &LoadedConfig) -> String {
 fn status_line(
     readiness: &Readiness,
     mode: &str,
-    devices: &crate::device_metrics::DeviceMetrics,
+    devices: &hybridlet_devices::DeviceMetrics,
 ) -> String {
     let snapshot = readiness.snapshot();
     let ready = snapshot.iter().filter(|c| c.ready).count();

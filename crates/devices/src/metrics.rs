@@ -18,7 +18,7 @@ use hybridlet_metrics::prometheus_client::registry::Unit;
 use hybridlet_runtime::{BoxError, SubsystemContext};
 use hybridlet_sys::{NetdevCounters, Sysfs};
 
-use crate::devices::{Discovery, Report, discover};
+use crate::discovery::{Discovery, PfView, Report, discover};
 
 /// What turns the sampler's observations into a DRA driver's device health.
 #[derive(Debug, Clone)]
@@ -343,7 +343,7 @@ impl DeviceMetrics {
                 for p in &policies {
                     p.sampled(&sysfs, &found, &samples);
                 }
-                Ok::<_, crate::exit::Failure>((report, samples, vf_counters))
+                Ok::<_, crate::Error>((report, samples, vf_counters))
             })
             .await;
             match result {
@@ -484,14 +484,14 @@ impl Collector for DeviceMetrics {
         encode_gpu_samples(&mut encoder, report, &s.samples, &self.holders.get())?;
         encode_xids(&mut encoder, report, &s.xids)?;
 
-        fn pf_labels(pf: &crate::devices::PfView) -> Labels<'_> {
+        fn pf_labels(pf: &PfView) -> Labels<'_> {
             vec![
                 ("pf", pf.pci_address.as_str()),
                 ("netdev", pf.netdev.as_deref().unwrap_or("")),
             ]
         }
         let pfs = &report.physical_functions;
-        let rows = |f: &dyn Fn(&crate::devices::PfView) -> f64| -> Vec<(Labels<'_>, f64)> {
+        let rows = |f: &dyn Fn(&PfView) -> f64| -> Vec<(Labels<'_>, f64)> {
             pfs.iter().map(|pf| (pf_labels(pf), f(pf))).collect()
         };
         gauge_family(
