@@ -25,6 +25,7 @@ mod iscsi_node;
 mod metrics;
 mod nfs;
 mod node;
+mod plugin;
 mod probe;
 mod validate;
 
@@ -33,6 +34,7 @@ pub use guard::VolumeGuard;
 pub use identity::IdentityService;
 pub use metrics::CsiMetrics;
 pub use node::NodeService;
+pub use plugin::CsiPlugin;
 
 use std::sync::Arc;
 use std::time::Duration;

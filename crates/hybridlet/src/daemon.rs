@@ -94,18 +94,6 @@ struct Prepared {
     mirrors: Option<(Vec<hybridlet_sys::fileset::DesiredFile>, Vec<PathBuf>)>,
 }
 
-fn csi_enabled(config: &Config) -> bool {
-    config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled
-}
-
-fn dra_enabled(config: &Config, which: &str) -> bool {
-    match which {
-        DRA_GPU => config.agent.dra.gpu.enabled,
-        DRA_SRIOV => config.agent.dra.sriov.enabled,
-        _ => false,
-    }
-}
-
 /// Resolve a host path under the root, naming the field.
 fn resolve(root: &HostRoot, path: &str) -> Result<PathBuf, Failure> {
     root.resolve(path)
@@ -141,11 +129,11 @@ impl Daemon {
         sample_interval: Duration,
         startup_delay: Option<Duration>,
     ) -> Result<(), Failure> {
-        if csi_enabled(config) {
+        if crate::settings::csi_enabled(config) {
             self.start_csi(supervisor, config);
         }
         for which in [DRA_SRIOV, DRA_GPU] {
-            if dra_enabled(config, which) {
+            if crate::settings::dra_driver(config, which).0 {
                 self.start_dra(supervisor, config, which)?;
             }
         }
@@ -166,17 +154,17 @@ impl Daemon {
     }
 
     fn start_csi(&mut self, supervisor: &mut Supervisor, config: &Config) {
-        let plugin = crate::csi::CsiPlugin::new(
-            config,
-            &self.node,
+        let settings = crate::settings::csi(config, &self.node, &self.state_dir);
+        let driver = settings.driver_name.clone();
+        let plugin = hybridlet_csi::CsiPlugin::new(
+            settings,
             &self.kubelet_root,
-            &self.state_dir,
             self.families.registrations.clone(),
             self.families.csi.clone(),
             self.volume_guard.clone(),
+            config.agent.plugin_registration_timeout.get(),
         );
-        self.plugins
-            .insert(CSI, (config.agent.csi.driver_name.clone(), None));
+        self.plugins.insert(CSI, (driver, None));
         supervisor.spawn(CSI, move |ctx| plugin.run(ctx));
     }
 
@@ -201,21 +189,22 @@ impl Daemon {
         let (dev_dir, sys_dir) = (resolve(&self.root, "/dev")?, resolve(&self.root, "/sys")?);
         let agent = &config.agent;
         let f = &self.families;
-        let (label, driver, parts) = if which == DRA_SRIOV {
-            let name = agent.dra.sriov.driver_name.clone();
+        let (_, driver) = crate::settings::dra_driver(config, which);
+        let (label, parts) = if which == DRA_SRIOV {
             let parts = hybridlet_sriov::dra::parts(
-                &name,
+                &driver,
                 &self.node,
                 &found.inventory,
                 Arc::new(self.sysfs.clone()),
                 sys_dir,
                 dev_dir,
             );
-            ("SR-IOV", name, parts)
+            ("SR-IOV", parts)
         } else {
-            let name = agent.dra.gpu.driver_name.clone();
-            let parts = hybridlet_gpu::dra::parts(&name, &self.node, found.gpus, dev_dir);
-            ("GPU", name, parts)
+            (
+                "GPU",
+                hybridlet_gpu::dra::parts(&driver, &self.node, found.gpus, dev_dir),
+            )
         };
         // Device name → host key (GPU UUID, VF address), and back for the health policies.
         let keys = parts.keys.clone();

@@ -19,13 +19,13 @@ macro_rules! outln {
 }
 
 mod cli;
-mod csi;
 mod daemon;
 mod devices;
 mod exit;
 mod logging;
 mod reload;
 mod run;
+mod settings;
 pub mod tls;
 
 use std::ffi::OsString;

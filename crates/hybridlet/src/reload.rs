@@ -54,10 +54,6 @@ impl Plan {
     }
 }
 
-fn csi_enabled(a: &AgentSpec) -> bool {
-    a.csi.nfs.enabled || a.csi.iscsi.enabled
-}
-
 /// Start, stop or restart of one plugin, from whether it runs before and after and
 /// whether its own settings changed.
 fn change(before: bool, after: bool, settings_changed: bool) -> Option<Change> {
@@ -134,7 +130,11 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             plan.for_init.push("spec.registryMirrors");
         }
     }
-    if let Some(c) = change(csi_enabled(o), csi_enabled(n), *csi != o.csi) {
+    if let Some(c) = change(
+        crate::settings::csi_enabled(old),
+        crate::settings::csi_enabled(new),
+        *csi != o.csi,
+    ) {
         plan.subsystems.push((CSI, c));
     }
     let grace_changed = dra.orphaned_claim_grace_period != o.dra.orphaned_claim_grace_period;

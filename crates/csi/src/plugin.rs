@@ -1,4 +1,4 @@
-//! Wiring of the CSI node plugin into `hybridlet run`: the CSI socket
+//! The CSI node plugin as a subsystem of `hybridlet run`: the CSI socket
 //! (`<kubelet-root>/plugins/<driver>/csi.sock`, Identity and Node services) and the
 //! registration socket (`<kubelet-root>/plugins_registry/<driver>-reg.sock`), so the
 //! kubelet finds the driver without a node-driver-registrar sidecar.
@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hybridlet_config::Config;
-use hybridlet_csi::{CsiMetrics, CsiSettings, VolumeGuard, services_with_metrics};
+use crate::{CsiMetrics, CsiSettings, VolumeGuard, services_with_metrics};
 use hybridlet_kubelet_plugin::{
     PluginMetrics, PluginSocket, RegistrationService, registration_socket_path, serve,
     service_socket_path,
@@ -41,31 +40,25 @@ pub struct CsiPlugin {
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl CsiPlugin {
-    /// Configure from the agent settings.
+    /// The plugin with `settings`, its sockets under `kubelet_root`; `guard` is shared
+    /// with the instances before and after this one.
     pub fn new(
-        config: &Config,
-        node: &str,
+        settings: CsiSettings,
         kubelet_root: &Path,
-        state_dir: &Path,
         registrations: PluginMetrics,
         csi_metrics: CsiMetrics,
         guard: VolumeGuard,
+        registration_timeout: std::time::Duration,
     ) -> Self {
-        let driver = &config.agent.csi.driver_name;
-        let mut settings = CsiSettings::new(driver, node);
-        settings.nfs_enabled = config.agent.csi.nfs.enabled;
-        settings.iscsi_enabled = config.agent.csi.iscsi.enabled;
-        settings.state_dir = state_dir.join("csi");
-        settings.topology = config.agent.csi.topology.clone().into_iter().collect();
-        settings.mount_timeout = config.agent.csi.mount_timeout.get();
+        let driver = settings.driver_name.clone();
         Self {
-            csi_socket: service_socket_path(kubelet_root, driver, "csi.sock"),
-            registration_socket: registration_socket_path(kubelet_root, driver),
+            csi_socket: service_socket_path(kubelet_root, &driver, "csi.sock"),
+            registration_socket: registration_socket_path(kubelet_root, &driver),
             kubelet_root: kubelet_root.to_path_buf(),
             metrics: registrations,
             csi_metrics,
             guard,
-            registration_timeout: config.agent.plugin_registration_timeout.get(),
+            registration_timeout,
             settings,
         }
     }
