@@ -30,8 +30,8 @@ pub use render::{
     CONTAINERD_UNIT, ClusterCoordinates, ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR,
     KUBELET_UNIT, MIRROR_MARKER, MODULES_LOAD_PATH, NodeIdentity, POD_CREDENTIALS_FILE,
     PROXY_ENV_FILE, RenderError, RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT,
-    SYSCTL_PATH, cluster_dns, hosts_toml_path, proxy_dropin_for, proxy_env, proxy_files_for,
-    registry_mirror_files, render,
+    SYSCTL_PATH, cluster_dns, desired_files, hosts_toml_path, proxy_dropin_for, proxy_env,
+    proxy_files_for, registry_mirror_files, render,
 };
 pub use units::kubelet_unit;
 

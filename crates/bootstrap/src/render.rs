@@ -1,6 +1,5 @@
 use std::fmt::Write as _;
 
-use base64::Engine as _;
 use hybridlet_config::{Config, IamRolesAnywhereOptions, RegistryMirror};
 use serde_json::{Map, Value, json};
 
@@ -121,6 +120,23 @@ impl RenderedFile {
             self.contents.as_str().into()
         }
     }
+}
+
+/// The files as `hybridlet-sys::fileset` writes them: each path resolved under `root`.
+pub fn desired_files(
+    rendered: &[RenderedFile],
+    root: &hybridlet_sys::HostRoot,
+) -> Result<Vec<hybridlet_sys::fileset::DesiredFile>, hybridlet_sys::RootError> {
+    rendered
+        .iter()
+        .map(|f| {
+            Ok(hybridlet_sys::fileset::DesiredFile {
+                path: root.resolve(&f.path)?,
+                mode: f.mode,
+                contents: f.contents.clone().into_bytes(),
+            })
+        })
+        .collect()
 }
 
 /// Why rendering failed.
@@ -622,14 +638,7 @@ pub fn render(
     let spec = config.node.as_ref().map(|n| &n.spec);
     let user_kubelet = spec.map(|s| s.kubelet.config.clone()).unwrap_or_default();
     let user_flags = spec.map(|s| s.kubelet.flags.clone()).unwrap_or_default();
-    let ca = base64::engine::general_purpose::STANDARD
-        .decode(
-            cluster
-                .certificate_authority
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .collect::<String>(),
-        )
+    let ca = hybridlet_config::decode_certificate_authority(&cluster.certificate_authority)
         .map_err(|e| RenderError::CertificateAuthority(format!("not valid base64: {e}")))?;
     let mut files = vec![
         RenderedFile::new(

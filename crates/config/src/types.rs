@@ -76,14 +76,18 @@ pub struct ClusterDetails {
     pub id: Option<String>,
 }
 
+/// A cluster CA as EKS gives it (`certificateAuthority.data`: the PEM bundle in base64,
+/// sometimes wrapped over lines): the PEM bytes.
+pub fn decode_certificate_authority(b64: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::Engine as _;
+    let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(compact.as_bytes())
+}
+
 impl ClusterDetails {
     /// The CA bundle (PEM) from `certificateAuthority`, when set and valid base64.
     pub fn ca_pem(&self) -> Option<Vec<u8>> {
-        use base64::Engine as _;
-        let b64 = self.certificate_authority.as_ref()?;
-        base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .ok()
+        decode_certificate_authority(self.certificate_authority.as_ref()?).ok()
     }
 }
 

@@ -3,8 +3,6 @@
 
 use std::path::{Component, Path};
 
-use base64::Engine as _;
-
 use crate::{AgentSpec, Config, FieldError, IamRolesAnywhereOptions, NodeConfig, SsmOptions};
 
 #[derive(Default)]
@@ -593,9 +591,7 @@ fn check_http_url(value: &str) -> Result<(), String> {
 }
 
 fn check_ca_bundle(value: &str) -> Result<(), String> {
-    let compact: String = value.chars().filter(|c| !c.is_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
+    let bytes = crate::decode_certificate_authority(value)
         .map_err(|e| {
             format!(
                 "not valid base64 ({e}); use the cluster's certificateAuthority.data from `aws eks describe-cluster`"

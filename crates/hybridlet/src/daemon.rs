@@ -520,17 +520,11 @@ impl Daemon {
                 })?;
         }
         let mirrors = if plan.mirrors {
-            let mut files = Vec::new();
-            for f in hybridlet_bootstrap::registry_mirror_files(new) {
-                files.push(hybridlet_sys::fileset::DesiredFile {
-                    path: self
-                        .root
-                        .resolve(&f.path)
-                        .map_err(|e| format!("spec.registryMirrors: {e}"))?,
-                    mode: f.mode,
-                    contents: f.contents.into_bytes(),
-                });
-            }
+            let files = hybridlet_bootstrap::desired_files(
+                &hybridlet_bootstrap::registry_mirror_files(new),
+                &self.root,
+            )
+            .map_err(|e| format!("spec.registryMirrors: {e}"))?;
             // A registry no longer mirrored: its hosts.toml goes, if hybridlet wrote it.
             let mut remove = Vec::new();
             for dir in std::fs::read_dir(

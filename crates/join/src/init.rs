@@ -190,16 +190,7 @@ fn signature_time_refused(error: &str) -> bool {
 /// is written; a smaller offset is a warning; an API server that does not answer yet is
 /// only mentioned (the kubelet keeps trying).
 fn check_clock(ctx: &Context, cluster: &ClusterCoordinates) -> Result<(), Error> {
-    use base64::Engine as _;
-    let ca = base64::engine::general_purpose::STANDARD
-        .decode(
-            cluster
-                .certificate_authority
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .collect::<String>(),
-        )
-        .ok();
+    let ca = hybridlet_config::decode_certificate_authority(&cluster.certificate_authority).ok();
     let probed = ctx.block_on(hybridlet_kube::probe(
         &cluster.endpoint,
         ca.as_deref(),
@@ -229,49 +220,25 @@ fn check_clock(ctx: &Context, cluster: &ClusterCoordinates) -> Result<(), Error>
     }
 }
 
-/// IAM Roles Anywhere: the certificate and key must be in place, the certificate's CN
-/// must be the node name (the trust policy compares the role session name with it) and
-/// it must be valid now. A certificate close to expiry is a warning.
+/// The node's certificate and key must be in place, the certificate's CN must be the node
+/// name (the trust policy compares the role session name with it) and it must be valid
+/// now; a certificate close to expiry is a warning.
 fn check_iam_ra_pki(
     ra: &hybridlet_config::IamRolesAnywhereOptions,
     root: &HostRoot,
 ) -> Result<(), Error> {
-    let resolve = |p: &str| root.resolve(p).map_err(|e| Error::Failed(format!("{e}")));
-    let cert_path = resolve(&ra.certificate_path)?;
-    let pem = std::fs::read_to_string(&cert_path).map_err(|e| Error::Unsupported {
-        field: "spec.hybrid.iamRolesAnywhere.certificatePath",
-        message: format!(
-            "cannot read {} ({e}): place the node's PEM certificate there (issued by the trust anchor's CA, with CN = nodeName)",
-            ra.certificate_path
-        ),
-    })?;
-    if !resolve(&ra.private_key_path)?.is_file() {
-        return Err(Error::Unsupported {
-            field: "spec.hybrid.iamRolesAnywhere.privateKeyPath",
-            message: format!(
-                "no private key at {}: place the key of the node's certificate there",
-                ra.private_key_path
-            ),
-        });
-    }
-    let facts = crate::x509::parse_pem(&pem).map_err(|e| Error::Unsupported {
-        field: "spec.hybrid.iamRolesAnywhere.certificatePath",
-        message: format!(
-            "{} is not a PEM X.509 certificate: {e}",
-            ra.certificate_path
-        ),
-    })?;
-    match crate::x509::check_node_certificate(&facts, &ra.node_name, std::time::SystemTime::now()) {
-        Ok(None) => Ok(()),
-        Ok(Some(warning)) => {
-            outln!("warning: {}: {warning}", ra.certificate_path);
+    match crate::x509::check_iam_ra_files(ra, root, std::time::SystemTime::now()) {
+        Ok(cert) => {
+            if let Some(w) = cert.warning {
+                outln!("warning: {w}");
+            }
             Ok(())
         }
-        Err(e) if e.contains("nodeName") => Err(Error::Unsupported {
-            field: "spec.hybrid.iamRolesAnywhere.nodeName",
-            message: e,
+        Err(p) if p.in_configuration => Err(Error::Unsupported {
+            field: p.field,
+            message: p.message,
         }),
-        Err(e) => Err(Error::Failed(format!("{}: {e}", ra.certificate_path))),
+        Err(p) => Err(Error::Failed(p.message)),
     }
 }
 
@@ -368,16 +335,7 @@ pub fn init(ctx: &Context, args: &InitArgs) -> Result<(), Error> {
         who.node_name,
         who.credential_provider
     );
-    let mut files = Vec::with_capacity(rendered.len());
-    for f in &rendered {
-        files.push(DesiredFile {
-            path: root
-                .resolve(&f.path)
-                .map_err(|e| Error::Failed(format!("{e}")))?,
-            mode: f.mode,
-            contents: f.contents.clone().into_bytes(),
-        });
-    }
+    let files = hybridlet_bootstrap::desired_files(&rendered, &root).map_err(crate::fail)?;
     if args.dry_run {
         return dry_run(&rendered, &files);
     }
@@ -598,9 +556,7 @@ pub(crate) fn join(
     for (unit, was_active) in plan {
         let result = sm
             .enable(unit)
-            .and_then(|()| sm.restart(unit))
-            .map_err(|e| e.to_string())
-            .and_then(|()| stays_up(sm, unit, settle));
+            .and_then(|()| sm.restart_and_settle(unit, settle));
         match result {
             Ok(()) => {
                 report.actions.push(format!(
@@ -612,31 +568,12 @@ pub(crate) fn join(
             Err(e) => {
                 let undo = undo_after_failure(sm, report.backup.as_deref(), &restarted, unit);
                 return Err(runtime(Error::Failed(format!(
-                    "{unit} did not start with the new configuration: {e}. {undo} See `journalctl -u {unit}`"
+                    "{unit} did not start with the new configuration: {e}. {undo}"
                 ))));
             }
         }
     }
     Ok(report)
-}
-
-/// A simple-type unit "restarts" successfully even when its process exits a moment later
-/// (a kubelet refusing its config does exactly that), so watch it for `settle`.
-fn stays_up(sm: &dyn ServiceManager, unit: &str, settle: Duration) -> Result<(), String> {
-    let until = std::time::Instant::now() + settle;
-    loop {
-        let state = sm.state(unit).map_err(|e| e.to_string())?;
-        if !state.active {
-            return Err(format!(
-                "it stopped right after starting (not active within {settle:?})"
-            ));
-        }
-        if std::time::Instant::now() >= until {
-            return Ok(());
-        }
-        #[allow(clippy::disallowed_methods)] // a CLI command waiting on systemd, no runtime
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// Put the previous files back and restart what was restarted, so the node runs as

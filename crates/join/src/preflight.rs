@@ -342,47 +342,19 @@ pub fn iam_ra_certificate(config: &Config, root: &HostRoot) -> Option<(&'static 
         .as_ref()?
         .iam_roles_anywhere
         .as_ref()?;
-    let name = "IAM Roles Anywhere certificate";
-    let Some(pem) = read(root, &ra.certificate_path) else {
-        return Some((
-            name,
-            Outcome::Fail(format!(
-                "cannot read {}: place the node's PEM certificate there (spec.hybrid.iamRolesAnywhere.certificatePath), issued by the trust anchor's CA with CN = {}",
-                ra.certificate_path, ra.node_name
+    let outcome = match crate::x509::check_iam_ra_files(ra, root, SystemTime::now()) {
+        Ok(cert) => match cert.warning {
+            Some(w) => Outcome::Warn(w),
+            None => Outcome::Ok(format!(
+                "{}: CN {} = nodeName, valid until {}",
+                ra.certificate_path,
+                ra.node_name,
+                crate::x509::show(cert.not_after)
             )),
-        ));
+        },
+        Err(p) => Outcome::Fail(format!("{} ({})", p.message, p.field)),
     };
-    if !root
-        .resolve(&ra.private_key_path)
-        .is_ok_and(|p| p.is_file())
-    {
-        return Some((
-            name,
-            Outcome::Fail(format!(
-                "no private key at {} (spec.hybrid.iamRolesAnywhere.privateKeyPath)",
-                ra.private_key_path
-            )),
-        ));
-    }
-    let outcome = match crate::x509::parse_pem(&pem) {
-        Err(e) => Outcome::Fail(format!(
-            "{} is not a PEM X.509 certificate: {e}",
-            ra.certificate_path
-        )),
-        Ok(facts) => {
-            match crate::x509::check_node_certificate(&facts, &ra.node_name, SystemTime::now()) {
-                Ok(None) => Outcome::Ok(format!(
-                    "{}: CN {} = nodeName, valid until {}",
-                    ra.certificate_path,
-                    ra.node_name,
-                    crate::x509::show(facts.not_after)
-                )),
-                Ok(Some(w)) => Outcome::Warn(format!("{}: {w}", ra.certificate_path)),
-                Err(e) => Outcome::Fail(format!("{}: {e}", ra.certificate_path)),
-            }
-        }
-    };
-    Some((name, outcome))
+    Some(("IAM Roles Anywhere certificate", outcome))
 }
 
 /// Whether the node's AWS credentials work: STS GetCallerIdentity.

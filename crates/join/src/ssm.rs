@@ -12,7 +12,7 @@ use hybridlet_aws::{AwsSettings, SsmClient, SsmError};
 use hybridlet_bootstrap::{NodeIdentity, POD_CREDENTIALS_FILE};
 use hybridlet_config::{Config, SsmOptions};
 use hybridlet_sys::HostRoot;
-use hybridlet_sys::fileset::{self, DesiredFile, FileState};
+use hybridlet_sys::fileset::{self, FileState};
 use hybridlet_sys::ssm_agent::{
     AGENT_STATE_DIR, Activation, CREDENTIALS_FILE, REGISTRATION_FILE, RefusalKind, RegisterError,
     SsmRegistrar, find_agent, registered_instance, unit_for,
@@ -210,17 +210,7 @@ fn start_agent(
     let mut dropin_changed = false;
     let files = hybridlet_bootstrap::proxy_files_for(p.config, unit);
     if !files.is_empty() {
-        let mut desired = Vec::with_capacity(files.len());
-        for f in &files {
-            desired.push(DesiredFile {
-                path: p
-                    .root
-                    .resolve(&f.path)
-                    .map_err(|e| runtime(e.to_string()))?,
-                mode: f.mode,
-                contents: f.contents.clone().into_bytes(),
-            });
-        }
+        let desired = hybridlet_bootstrap::desired_files(&files, p.root).map_err(crate::fail)?;
         let applied = fileset::apply(&desired, p.backups).map_err(crate::fail)?;
         for (f, state) in files.iter().zip(&applied.states) {
             if *state != FileState::Unchanged {

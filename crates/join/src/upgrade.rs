@@ -203,21 +203,9 @@ fn restart_kubelet(sm: &dyn ServiceManager, settle: Duration) -> Result<bool, St
     if !state.exists {
         return Ok(false);
     }
-    sm.restart(KUBELET).map_err(|e| e.to_string())?;
-    let until = std::time::Instant::now() + settle;
-    loop {
-        let state = sm.state(KUBELET).map_err(|e| e.to_string())?;
-        if !state.active {
-            return Err(format!(
-                "{KUBELET} stopped right after starting (not active within {settle:?}); see journalctl -u kubelet"
-            ));
-        }
-        if std::time::Instant::now() >= until {
-            return Ok(true);
-        }
-        #[allow(clippy::disallowed_methods)] // a CLI command waiting on systemd, no runtime
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    sm.restart_and_settle(KUBELET, settle)
+        .map(|()| true)
+        .map_err(|e| e.to_string())
 }
 
 fn write_tracker(state_dir: &Path, installed: &Installed) -> Result<(), Error> {

@@ -1,7 +1,8 @@
 //! Just enough X.509 to check an IAM Roles Anywhere node certificate before joining: its
 //! subject CN (the role session name must equal it, or every credential request is
-//! refused) and its validity window. A small DER walk over the PEM's first certificate;
-//! nothing here verifies signatures (Roles Anywhere does that against the trust anchor).
+//! refused) and its validity window, read with RustCrypto's `x509-cert` from the PEM's
+//! first certificate; nothing here verifies signatures (Roles Anywhere does that against
+//! the trust anchor).
 
 use std::time::{Duration, SystemTime};
 
@@ -16,158 +17,72 @@ pub struct CertFacts {
     pub not_after: SystemTime,
 }
 
-/// One DER element: tag, contents, and what follows it.
-fn tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
-    let (&tag, rest) = input.split_first().ok_or("truncated DER")?;
-    let (&first, rest) = rest.split_first().ok_or("truncated DER length")?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return Err("unsupported DER length".into());
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return Err("DER element runs past the end".into());
-    }
-    Ok((tag, &rest[..len], &rest[len..]))
-}
-
-fn expect<'a>(input: &'a [u8], tag: u8, what: &str) -> Result<(&'a [u8], &'a [u8]), String> {
-    let (t, body, rest) = tlv(input)?;
-    if t != tag {
-        return Err(format!("{what}: expected tag {tag:#04x}, found {t:#04x}"));
-    }
-    Ok((body, rest))
-}
-
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn time(tag: u8, body: &[u8]) -> Result<SystemTime, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "time is not ASCII")?;
-    let digits = text.strip_suffix('Z').ok_or("time is not in UTC")?;
-    let (year, rest) = match (tag, digits.len()) {
-        (0x17, 12) => {
-            let yy: i64 = digits[..2].parse().map_err(|_| "bad year")?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
-        }
-        (0x18, 14) => (digits[..4].parse().map_err(|_| "bad year")?, &digits[4..]),
-        _ => return Err(format!("unsupported time {text:?}")),
-    };
-    let n = |i: usize| -> Result<i64, String> {
-        rest[i..i + 2]
-            .parse()
-            .map_err(|_| format!("bad time {text:?}"))
-    };
-    let (mo, d, h, mi, s) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
-    let secs = days_from_civil(year, mo, d) * 86_400 + h * 3600 + mi * 60 + s;
-    Ok(if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs((-secs) as u64)
-    })
-}
-
-/// The CN of a Name (the last one, as most tools show it).
-fn common_name(name: &[u8]) -> Result<Option<String>, String> {
-    const CN: &[u8] = &[0x55, 0x04, 0x03];
-    let mut found = None;
-    let mut rdns = name;
-    while !rdns.is_empty() {
-        let (set, rest) = expect(rdns, 0x31, "RelativeDistinguishedName")?;
-        rdns = rest;
-        let mut attrs = set;
-        while !attrs.is_empty() {
-            let (attr, rest) = expect(attrs, 0x30, "AttributeTypeAndValue")?;
-            attrs = rest;
-            let (oid, value) = expect(attr, 0x06, "attribute type")?;
-            if oid == CN {
-                let (_, v, _) = tlv(value)?;
-                found = Some(String::from_utf8_lossy(v).into_owned());
-            }
-        }
-    }
-    Ok(found)
-}
-
 /// The facts of the first certificate in `pem`.
 pub fn parse_pem(pem: &str) -> Result<CertFacts, String> {
-    use base64::Engine as _;
+    use x509_cert::der::DecodePem as _;
     let begin = "-----BEGIN CERTIFICATE-----";
-    let start = pem.find(begin).ok_or("no PEM CERTIFICATE block")? + begin.len();
+    let start = pem.find(begin).ok_or("no PEM CERTIFICATE block")?;
     let end = pem[start..]
         .find("-----END CERTIFICATE-----")
-        .ok_or("unterminated PEM CERTIFICATE block")?;
-    let b64: String = pem[start..start + end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| format!("PEM body is not base64: {e}"))?;
-    parse_der(&der)
+        .ok_or("unterminated PEM CERTIFICATE block")?
+        + start
+        + "-----END CERTIFICATE-----".len();
+    let cert = x509_cert::Certificate::from_pem(&pem[start..end]).map_err(|e| e.to_string())?;
+    facts(&cert)
 }
 
-/// The facts of a DER certificate.
-pub fn parse_der(der: &[u8]) -> Result<CertFacts, String> {
-    let (cert, _) = expect(der, 0x30, "Certificate")?;
-    let (tbs, _) = expect(cert, 0x30, "TBSCertificate")?;
-    let mut rest = tbs;
-    // [0] EXPLICIT version, optional.
-    if rest.first() == Some(&0xa0) {
-        rest = tlv(rest)?.2;
-    }
-    rest = expect(rest, 0x02, "serialNumber")?.1;
-    rest = expect(rest, 0x30, "signature algorithm")?.1;
-    rest = expect(rest, 0x30, "issuer")?.1;
-    let (validity, after) = expect(rest, 0x30, "validity")?;
-    let (t1, b1, more) = tlv(validity)?;
-    let (t2, b2, _) = tlv(more)?;
-    let (subject, _) = expect(after, 0x30, "subject")?;
+fn facts(cert: &x509_cert::Certificate) -> Result<CertFacts, String> {
+    let tbs = &cert.tbs_certificate;
+    let common_name = tbs
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .filter(|atv| atv.oid == x509_cert::der::oid::db::rfc4519::CN)
+        .filter_map(|atv| directory_string(&atv.value))
+        .next_back();
     Ok(CertFacts {
-        common_name: common_name(subject)?,
-        not_before: time(t1, b1)?,
-        not_after: time(t2, b2)?,
+        common_name,
+        not_before: tbs.validity.not_before.to_system_time(),
+        not_after: tbs.validity.not_after.to_system_time(),
     })
+}
+
+/// The text of a name attribute (UTF8String, PrintableString, IA5String).
+fn directory_string(value: &x509_cert::der::Any) -> Option<String> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    use x509_cert::der::{Tag, Tagged as _};
+    match value.tag() {
+        Tag::Utf8String => value
+            .decode_as::<Utf8StringRef<'_>>()
+            .ok()
+            .map(|s| s.to_string()),
+        Tag::PrintableString => value
+            .decode_as::<PrintableStringRef<'_>>()
+            .ok()
+            .map(|s| s.to_string()),
+        Tag::Ia5String => value
+            .decode_as::<Ia5StringRef<'_>>()
+            .ok()
+            .map(|s| s.to_string()),
+        _ => None,
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for messages.
 pub fn show(t: SystemTime) -> String {
-    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (the inverse of days_from_civil).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    match x509_cert::der::DateTime::from_system_time(t) {
+        Ok(d) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            d.year(),
+            d.month(),
+            d.day(),
+            d.hour(),
+            d.minutes(),
+            d.seconds()
+        ),
+        Err(_) => format!("{t:?}"),
+    }
 }
 
 /// Problems with an IAM Roles Anywhere node certificate for `node_name` at `now`:
@@ -213,6 +128,98 @@ pub fn check_node_certificate(
     }))
 }
 
+/// An IAM Roles Anywhere node certificate that will work: until when, and a warning
+/// (close to expiry) if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCertificate {
+    /// Valid until.
+    pub not_after: SystemTime,
+    /// Worth telling the operator (renew soon).
+    pub warning: Option<String>,
+}
+
+/// Why the node certificate will not work: the field that points at the fix, the
+/// message, and whether the fix is in the configuration or its files (78) or the host
+/// (1: a clock off, an expired certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateProblem {
+    /// The configuration field to look at.
+    pub field: &'static str,
+    /// What is wrong and the fix.
+    pub message: String,
+    /// A configuration problem (exit 78), rather than the host's.
+    pub in_configuration: bool,
+}
+
+/// Check the node's IAM Roles Anywhere certificate and key as they are on disk under
+/// `root` at `now`: both present, the certificate readable, its CN the node name, valid
+/// now. `init` refuses on a problem; `check` reports it.
+pub fn check_iam_ra_files(
+    ra: &hybridlet_config::IamRolesAnywhereOptions,
+    root: &hybridlet_sys::HostRoot,
+    now: SystemTime,
+) -> Result<NodeCertificate, CertificateProblem> {
+    let problem = |field, message, in_configuration| CertificateProblem {
+        field,
+        message,
+        in_configuration,
+    };
+    const CERT: &str = "spec.hybrid.iamRolesAnywhere.certificatePath";
+    let pem = root
+        .resolve(&ra.certificate_path)
+        .map_err(|e| e.to_string())
+        .and_then(|p| std::fs::read_to_string(p).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            problem(
+                CERT,
+                format!(
+                    "cannot read {} ({e}): place the node's PEM certificate there, issued by the trust anchor's CA with CN = {}",
+                    ra.certificate_path, ra.node_name
+                ),
+                true,
+            )
+        })?;
+    if !root
+        .resolve(&ra.private_key_path)
+        .is_ok_and(|p| p.is_file())
+    {
+        return Err(problem(
+            "spec.hybrid.iamRolesAnywhere.privateKeyPath",
+            format!(
+                "no private key at {}: place the key of the node's certificate there",
+                ra.private_key_path
+            ),
+            true,
+        ));
+    }
+    let facts = parse_pem(&pem).map_err(|e| {
+        problem(
+            CERT,
+            format!(
+                "{} is not a PEM X.509 certificate: {e}",
+                ra.certificate_path
+            ),
+            true,
+        )
+    })?;
+    match check_node_certificate(&facts, &ra.node_name, now) {
+        Ok(warning) => Ok(NodeCertificate {
+            not_after: facts.not_after,
+            warning: warning.map(|w| format!("{}: {w}", ra.certificate_path)),
+        }),
+        Err(e) if e.contains("nodeName") => Err(problem(
+            "spec.hybrid.iamRolesAnywhere.nodeName",
+            format!("{}: {e}", ra.certificate_path),
+            true,
+        )),
+        Err(e) => Err(problem(
+            CERT,
+            format!("{}: {e}", ra.certificate_path),
+            false,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -246,7 +253,10 @@ mod tests {
         let other = parse_pem(&fixture("other-node.pem")).unwrap();
         assert_eq!(other.common_name.as_deref(), Some("other-node"));
         assert!(parse_pem("not a certificate").is_err());
-        assert!(parse_der(&[0x30, 0x05, 0x30]).is_err());
+        // A truncated certificate inside a well-formed PEM block.
+        assert!(
+            parse_pem("-----BEGIN CERTIFICATE-----\nMAUw\n-----END CERTIFICATE-----\n").is_err()
+        );
     }
 
     #[test]
@@ -279,8 +289,9 @@ mod tests {
     #[test]
     fn dates_round_trip() {
         for (y, m, d) in [(1970, 1, 1), (2000, 2, 29), (2049, 12, 31), (2126, 11, 2)] {
-            let t = SystemTime::UNIX_EPOCH
-                + Duration::from_secs((days_from_civil(y, m, d) * 86_400) as u64);
+            let t = x509_cert::der::DateTime::new(y, m, d, 0, 0, 0)
+                .unwrap()
+                .to_system_time();
             assert_eq!(show(t), format!("{y:04}-{m:02}-{d:02} 00:00:00 UTC"));
         }
     }

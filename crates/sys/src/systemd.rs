@@ -39,6 +39,16 @@ pub enum ServiceError {
         /// Its error output.
         message: String,
     },
+    /// The unit was restarted but did not stay active.
+    #[error(
+        "{unit} stopped right after starting (not active within {settle:?}); see `journalctl -u {unit}`"
+    )]
+    DidNotStay {
+        /// The unit.
+        unit: String,
+        /// How long it had to stay active.
+        settle: Duration,
+    },
 }
 
 /// What systemd knows about a unit.
@@ -64,6 +74,28 @@ pub trait ServiceManager: Send + Sync {
     fn stop(&self, unit: &str) -> Result<(), ServiceError>;
     /// `systemctl disable unit`.
     fn disable(&self, unit: &str) -> Result<(), ServiceError>;
+
+    /// Restart `unit` and watch it for `settle`: a simple-type unit "restarts"
+    /// successfully even when its process exits a moment later (a kubelet refusing its
+    /// configuration does exactly that), so it counts as started only if it stays active.
+    fn restart_and_settle(&self, unit: &str, settle: Duration) -> Result<(), ServiceError> {
+        self.restart(unit)?;
+        let until = std::time::Instant::now() + settle;
+        loop {
+            if !self.state(unit)?.active {
+                return Err(ServiceError::DidNotStay {
+                    unit: unit.to_string(),
+                    settle,
+                });
+            }
+            if std::time::Instant::now() >= until {
+                return Ok(());
+            }
+            // Commands run this synchronously, outside any async runtime.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(250).min(settle));
+        }
+    }
 }
 
 /// The real one: systemctl(1) with a deadline per call.
