@@ -235,46 +235,74 @@ fn kubelet_config(
     Ok(serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n")
 }
 
-fn containerd_config(sandbox_image: &str) -> String {
-    format!(
-        r#"# Written by hybridlet init. Local additions belong in /etc/containerd/config.d/*.toml.
-version = 2
-root = "/var/lib/containerd"
-state = "/run/containerd"
-imports = ["/etc/containerd/config.d/*.toml"]
-
-[grpc]
-address = "/run/containerd/containerd.sock"
-
-[plugins."io.containerd.grpc.v1.cri"]
-sandbox_image = "{sandbox_image}"
-# DRA drivers hand devices to containers as CDI specs.
-enable_cdi = true
-cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
-
-[plugins."io.containerd.grpc.v1.cri".registry]
-# Mirrors live in /etc/containerd/certs.d/<registry>/hosts.toml.
-config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"
-
-[plugins."io.containerd.grpc.v1.cri".containerd]
-default_runtime_name = "runc"
-discard_unpacked_layers = true
-
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-runtime_type = "io.containerd.runc.v2"
-
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-SystemdCgroup = true
-
-[plugins."io.containerd.grpc.v1.cri".cni]
-bin_dir = "/opt/cni/bin"
-conf_dir = "/etc/cni/net.d"
-"#
-    )
+/// A TOML document, serialized (keys in the order they were inserted) after `header`
+/// comment lines. Values are quoted and escaped by the serializer, never by hand.
+fn toml_document(header: &str, doc: &toml::Table) -> String {
+    // A Table of strings, arrays and tables always serializes.
+    format!("{header}{}", toml::to_string(doc).unwrap_or_default())
 }
 
-fn toml_str(s: &str) -> String {
-    format!("{s:?}")
+/// `key = value` pairs as a table, in this order.
+fn table<const N: usize>(pairs: [(&str, toml::Value); N]) -> toml::Value {
+    toml::Value::Table(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn strings(values: &[&str]) -> toml::Value {
+    toml::Value::Array(values.iter().map(|v| toml::Value::from(*v)).collect())
+}
+
+fn containerd_config(sandbox_image: &str) -> String {
+    use toml::Value;
+    let runc = table([
+        ("runtime_type", "io.containerd.runc.v2".into()),
+        ("options", table([("SystemdCgroup", true.into())])),
+    ]);
+    let cri = table([
+        ("sandbox_image", sandbox_image.into()),
+        ("enable_cdi", true.into()),
+        ("cdi_spec_dirs", strings(&["/etc/cdi", "/var/run/cdi"])),
+        (
+            "registry",
+            table([(
+                "config_path",
+                "/etc/containerd/certs.d:/etc/docker/certs.d".into(),
+            )]),
+        ),
+        (
+            "containerd",
+            table([
+                ("default_runtime_name", "runc".into()),
+                ("discard_unpacked_layers", true.into()),
+                ("runtimes", table([("runc", runc)])),
+            ]),
+        ),
+        (
+            "cni",
+            table([
+                ("bin_dir", "/opt/cni/bin".into()),
+                ("conf_dir", "/etc/cni/net.d".into()),
+            ]),
+        ),
+    ]);
+    let Value::Table(doc) = table([
+        ("version", Value::Integer(2)),
+        ("root", "/var/lib/containerd".into()),
+        ("state", "/run/containerd".into()),
+        ("imports", strings(&["/etc/containerd/config.d/*.toml"])),
+        (
+            "grpc",
+            table([("address", "/run/containerd/containerd.sock".into())]),
+        ),
+        ("plugins", table([("io.containerd.grpc.v1.cri", cri)])),
+    ]) else {
+        return String::new();
+    };
+    toml_document(
+        "# Written by hybridlet init. Local additions belong in /etc/containerd/config.d/*.toml.\n\
+         # CDI is on: DRA drivers hand devices to containers as CDI specs. Registry mirrors\n\
+         # live in /etc/containerd/certs.d/<registry>/hosts.toml.\n",
+        &doc,
+    )
 }
 
 /// The first line of every `hosts.toml` hybridlet writes: a file without it is the
@@ -303,30 +331,33 @@ pub fn registry_mirror_files(config: &Config) -> Vec<RenderedFile> {
 
 fn hosts_toml(mirror: &RegistryMirror) -> String {
     let upstream = match mirror.registry.as_str() {
-        "docker.io" => "https://registry-1.docker.io".to_string(),
-        "_default" => String::new(),
-        other => format!("https://{other}"),
+        "docker.io" => Some("https://registry-1.docker.io".to_string()),
+        "_default" => None,
+        other => Some(format!("https://{other}")),
     };
-    let mut out = format!("{MIRROR_MARKER}\n");
-    if !upstream.is_empty() {
+    let mut doc = toml::Table::new();
+    if let Some(upstream) = upstream {
         // The upstream stays the fallback when every mirror fails.
-        let _ = writeln!(out, "server = {}\n", toml_str(&upstream));
+        doc.insert("server".into(), upstream.into());
     }
+    // containerd tries the hosts in the order they appear: the table keeps it.
+    let mut hosts = toml::Table::new();
     for endpoint in &mirror.endpoints {
-        let _ = writeln!(out, "[host.{}]", toml_str(endpoint));
-        let _ = writeln!(out, "  capabilities = [\"pull\", \"resolve\"]");
+        let mut host = toml::Table::new();
+        host.insert("capabilities".into(), strings(&["pull", "resolve"]));
         if let Some(ca) = &mirror.ca_file {
-            let _ = writeln!(out, "  ca = {}", toml_str(ca));
+            host.insert("ca".into(), ca.as_str().into());
         }
         if mirror.skip_verify {
-            let _ = writeln!(out, "  skip_verify = true");
+            host.insert("skip_verify".into(), true.into());
         }
         if mirror.override_path {
-            let _ = writeln!(out, "  override_path = true");
+            host.insert("override_path".into(), true.into());
         }
-        out.push('\n');
+        hosts.insert(endpoint.clone(), toml::Value::Table(host));
     }
-    out
+    doc.insert("host".into(), toml::Value::Table(hosts));
+    toml_document(&format!("{MIRROR_MARKER}\n"), &doc)
 }
 
 fn kubeconfig(cluster: &ClusterCoordinates, node: &NodeIdentity) -> String {
@@ -744,6 +775,37 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values TOML must escape (a quote, a backslash, a non-ASCII character, a control
+    /// character) come back as written, and the endpoints keep their order (containerd
+    /// tries them in file order). Rust's `{:?}` quoting, used before, wrote `\u{1f600}`,
+    /// which is not TOML.
+    #[test]
+    fn hosts_toml_is_toml_whatever_the_values() {
+        let mirror = RegistryMirror {
+            registry: "registry.example.internal:5000".into(),
+            endpoints: vec![
+                "https://z.example.internal/v2/\"quoted\"".into(),
+                "https://a.example.internal/😀".into(),
+            ],
+            ca_file: Some("/etc/ssl/ca\\dir/ca\t😀.pem".into()),
+            skip_verify: true,
+            override_path: false,
+        };
+        let text = hosts_toml(&mirror);
+        let doc: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            doc["server"].as_str(),
+            Some("https://registry.example.internal:5000")
+        );
+        let hosts: Vec<&String> = doc["host"].as_table().unwrap().keys().collect();
+        assert_eq!(hosts, [&mirror.endpoints[0], &mirror.endpoints[1]]);
+        let first = doc["host"][&mirror.endpoints[0]].as_table().unwrap();
+        assert_eq!(first["ca"].as_str(), mirror.ca_file.as_deref());
+        assert_eq!(first["skip_verify"].as_bool(), Some(true));
+        assert!(!first.contains_key("override_path"));
+        assert!(text.starts_with(MIRROR_MARKER));
+    }
 
     /// `credential_process` goes through `sh -c`: a path with a space or a quote must stay
     /// one word and must not run anything.
