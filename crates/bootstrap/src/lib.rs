@@ -23,16 +23,23 @@
 //! What this crate must never do: touch the host, call AWS, or overwrite a value the user
 //! set with a computed one.
 
+mod containerd;
+mod file;
+mod iam_ra;
+mod kernel;
+mod kubeconfig;
+mod kubelet;
+mod proxy;
 mod render;
 mod units;
 
-pub use render::{
-    CONTAINERD_UNIT, ClusterCoordinates, ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR,
-    KUBELET_UNIT, MIRROR_MARKER, MODULES_LOAD_PATH, NodeIdentity, POD_CREDENTIALS_FILE,
-    PROXY_ENV_FILE, RenderError, RenderedFile, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT,
-    SYSCTL_PATH, cluster_dns, desired_files, hosts_toml_path, proxy_dropin_for, proxy_env,
-    proxy_files_for, registry_mirror_files, render,
-};
+pub use containerd::{MIRROR_MARKER, hosts_toml_path, registry_mirror_files};
+pub use file::{CONTAINERD_UNIT, KUBELET_UNIT, RenderedFile, desired_files};
+pub use iam_ra::{POD_CREDENTIALS_FILE, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT};
+pub use kernel::{MODULES_LOAD_PATH, SYSCTL_PATH};
+pub use kubelet::{ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR, cluster_dns};
+pub use proxy::{PROXY_ENV_FILE, proxy_dropin_for, proxy_env, proxy_files_for};
+pub use render::{ClusterCoordinates, NodeIdentity, RenderError, render};
 pub use units::kubelet_unit;
 
 /// The pause image nodeadm uses when the ECR account for the region is unknown.
