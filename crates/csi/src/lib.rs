@@ -21,7 +21,6 @@ mod error;
 mod guard;
 mod identity;
 mod iscsi;
-mod iscsi_node;
 mod metrics;
 mod nfs;
 mod node;

@@ -1,19 +1,19 @@
-//! The iSCSI half of the node service: stage (login, format once, fsck, mount), raw
-//! block publish, block stats, expansion, and the reference-counted detach.
+//! iSCSI on the node: stage (discovery and login with CHAP, every multipath path, the
+//! dm-multipath map, format once, fsck, mount), raw block publish, block stats,
+//! expansion, and the reference-counted detach after unstage.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hybridlet_proto::csi::v1::volume_usage::Unit;
-use hybridlet_proto::csi::v1::{
-    NodeExpandVolumeRequest, NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage,
-};
+use hybridlet_proto::csi::v1::{NodeGetVolumeStatsResponse, VolumeCondition, VolumeUsage};
 use hybridlet_sys::iscsi::{DiskFormat, IscsiError, IscsiTarget};
 use hybridlet_sys::mount::{MountRequest, topmost};
 
 use crate::iscsi::{self, Records, StageRecord};
-use crate::node::{Capability, NodeService, TargetKind, blocking, guarded, prepare_target};
+use crate::node::protocol::Protocol;
+use crate::node::work::{Capability, Shared, TargetKind, blocking, guarded, prepare_target};
 use crate::{CsiError, Host, validate};
 
 /// How long to wait for the LUN's by-path link after login (udev under load is slow).
@@ -78,16 +78,35 @@ pub(crate) fn detach(host: &Host, records: &Records, record: &StageRecord) -> Re
     records.remove(&record.volume_id)
 }
 
-impl NodeService {
-    pub(crate) async fn stage_iscsi(
+/// iSCSI volumes, each with its stage record (what it is logged in to, which device).
+#[derive(Debug, Clone)]
+pub(crate) struct Iscsi {
+    records: Records,
+}
+
+impl Iscsi {
+    /// Records under `records`.
+    pub(crate) fn new(records: Records) -> Self {
+        Self { records }
+    }
+}
+
+#[tonic::async_trait]
+impl Protocol for Iscsi {
+    fn handles(&self, context: &HashMap<String, String>) -> bool {
+        iscsi::is_iscsi(context)
+    }
+
+    async fn stage(
         &self,
+        shared: &Shared,
         volume_id: String,
         staging: PathBuf,
         cap: Capability,
         context: &HashMap<String, String>,
         secrets: &HashMap<String, String>,
     ) -> Result<(), CsiError> {
-        if !self.settings.iscsi_enabled {
+        if !shared.settings.iscsi_enabled {
             return Err(CsiError::FailedPrecondition(
                 "iSCSI volumes are disabled on this node (spec.csi.iscsi.enabled)".into(),
             ));
@@ -97,11 +116,11 @@ impl NodeService {
         for flag in &cap.mount_flags {
             options.push(validate::mount_option(flag)?);
         }
-        let held = self.guard.acquire(&volume_id)?;
-        let host = self.host.clone();
+        let held = shared.guard.acquire(&volume_id)?;
+        let host = shared.host.clone();
         let records = self.records.clone();
-        let timeout = self.settings.mount_timeout;
-        let id = volume_id.clone();
+        let timeout = shared.settings.mount_timeout;
+        let id = volume_id.to_string();
         let block = cap.block;
         let read_only = cap.reader_only;
         guarded(held,
@@ -277,26 +296,102 @@ impl NodeService {
         Ok(())
     }
 
-    pub(crate) async fn publish_block(
+    fn detach(&self, shared: &Shared, volume_id: &str) -> Result<(), CsiError> {
+        match self.records.load(volume_id)? {
+            Some(record) => detach(&shared.host, &self.records, &record),
+            None => Ok(()),
+        }
+    }
+
+    async fn block_stats(
         &self,
-        volume_id: String,
+        shared: &Shared,
+        volume_id: &str,
+    ) -> Result<Option<NodeGetVolumeStatsResponse>, CsiError> {
+        let Some(record) = self.records.load(volume_id)?.filter(|r| r.block) else {
+            return Ok(None);
+        };
+        let disks = shared.host.disks.clone();
+        let device = record.device.clone();
+        let size = blocking(
+            Duration::from_secs(10),
+            format!("sizing {}", device.display()),
+            move || disks.size_bytes(&device).map_err(iscsi_error),
+        )
+        .await;
+        Ok(Some(match size {
+            Ok(total) => NodeGetVolumeStatsResponse {
+                usage: vec![VolumeUsage {
+                    available: 0,
+                    total: total as i64,
+                    used: 0,
+                    unit: Unit::Bytes as i32,
+                }],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: false,
+                    message: "volume is healthy".into(),
+                }),
+            },
+            Err(e) => {
+                shared.metrics.abnormal();
+                NodeGetVolumeStatsResponse {
+                    usage: Vec::new(),
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message: format!("the LUN's device is gone: {e}"),
+                    }),
+                }
+            }
+        }))
+    }
+
+    async fn publish_block(
+        &self,
+        shared: &Shared,
+        volume_id: &str,
+        target: PathBuf,
+        read_only: bool,
+    ) -> Option<Result<(), CsiError>> {
+        let record = match self.records.load(volume_id) {
+            Ok(Some(r)) if r.block => r,
+            Ok(_) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            self.bind_block(shared, volume_id, record, target, read_only)
+                .await,
+        )
+    }
+
+    async fn expand(
+        &self,
+        shared: &Shared,
+        volume_id: &str,
+        path: PathBuf,
+    ) -> Option<Result<i64, CsiError>> {
+        match self.records.load(volume_id) {
+            Ok(Some(_)) => {}
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+        Some(self.grow_volume(shared, volume_id, path).await)
+    }
+}
+
+impl Iscsi {
+    async fn bind_block(
+        &self,
+        shared: &Shared,
+        volume_id: &str,
+        record: StageRecord,
         target: PathBuf,
         read_only: bool,
     ) -> Result<(), CsiError> {
-        let record = self
-            .records
-            .load(&volume_id)?
-            .filter(|r| r.block)
-            .ok_or_else(|| {
-                CsiError::FailedPrecondition(format!(
-                    "volume {volume_id} is not staged for block access; NodeStageVolume must succeed first"
-                ))
-            })?;
-        let held = self.guard.acquire(&volume_id)?;
-        let mounter = self.mounter.clone();
+        let held = shared.guard.acquire(volume_id)?;
+        let mounter = shared.mounter.clone();
         guarded(
             held,
-            self.settings.mount_timeout,
+            shared.settings.mount_timeout,
             format!("publishing block volume {volume_id}"),
             move || {
                 let device = &record.device;
@@ -329,63 +424,23 @@ impl NodeService {
         Ok(())
     }
 
-    pub(crate) async fn block_stats(
+    async fn grow_volume(
         &self,
-        record: StageRecord,
-    ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
-        let disks = self.host.disks.clone();
-        let device = record.device.clone();
-        let size = blocking(
-            Duration::from_secs(10),
-            format!("sizing {}", device.display()),
-            move || disks.size_bytes(&device).map_err(iscsi_error),
-        )
-        .await;
-        Ok(match size {
-            Ok(total) => NodeGetVolumeStatsResponse {
-                usage: vec![VolumeUsage {
-                    available: 0,
-                    total: total as i64,
-                    used: 0,
-                    unit: Unit::Bytes as i32,
-                }],
-                volume_condition: Some(VolumeCondition {
-                    abnormal: false,
-                    message: "volume is healthy".into(),
-                }),
-            },
-            Err(e) => {
-                self.metrics.abnormal();
-                NodeGetVolumeStatsResponse {
-                    usage: Vec::new(),
-                    volume_condition: Some(VolumeCondition {
-                        abnormal: true,
-                        message: format!("the LUN's device is gone: {e}"),
-                    }),
-                }
-            }
-        })
-    }
-
-    /// Rescan the LUN and grow its filesystem; the new size in bytes.
-    pub(crate) async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<i64, CsiError> {
-        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
-        let path = validate::volume_path(&volume_id, &req.volume_path)?;
-        let held = self.guard.acquire(&volume_id)?;
-        let host = self.host.clone();
+        shared: &Shared,
+        volume_id: &str,
+        path: PathBuf,
+    ) -> Result<i64, CsiError> {
+        let held = shared.guard.acquire(volume_id)?;
+        let host = shared.host.clone();
         let records = self.records.clone();
-        let id = volume_id.clone();
+        let id = volume_id.to_string();
         let size = guarded(
             held,
-            self.settings.mount_timeout,
+            shared.settings.mount_timeout,
             format!("expanding volume {volume_id}"),
             move || {
                 let mounted = host.mounter.mount_at(&path)?.is_some();
                 let Some(record) = records.load(&id)? else {
-                    if mounted {
-                        // NFS: the export grows on the server; nothing to do here.
-                        return Ok(0);
-                    }
                     return Err(CsiError::NotFound(format!(
                         "volume {id} is not staged on this node"
                     )));

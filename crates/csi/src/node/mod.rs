@@ -1,11 +1,20 @@
+//! The CSI Node service: validation and the per-volume guard, then the protocol that owns
+//! the volume (NFS, iSCSI: [`Protocol`]) for what differs; publish (a bind mount of the
+//! staging path), unpublish, unstage's unmount and the filesystem statistics are the same
+//! for every protocol.
+
+mod iscsi;
+mod nfs;
+mod protocol;
+pub(crate) mod work;
+
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hybridlet_proto::csi::v1::node_server::Node;
 use hybridlet_proto::csi::v1::node_service_capability::{Rpc, rpc};
-use hybridlet_proto::csi::v1::volume_capability::{AccessType, access_mode::Mode};
 use hybridlet_proto::csi::v1::volume_usage::Unit;
 use hybridlet_proto::csi::v1::{
     NodeExpandVolumeRequest, NodeExpandVolumeResponse, NodeGetCapabilitiesRequest,
@@ -13,218 +22,43 @@ use hybridlet_proto::csi::v1::{
     NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse, NodePublishVolumeRequest,
     NodePublishVolumeResponse, NodeServiceCapability, NodeStageVolumeRequest,
     NodeStageVolumeResponse, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
-    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCapability,
-    VolumeCondition, VolumeUsage, node_service_capability,
+    NodeUnstageVolumeRequest, NodeUnstageVolumeResponse, Topology, VolumeCondition, VolumeUsage,
+    node_service_capability,
 };
-use hybridlet_sys::mount::{MountEntry, MountError, MountRequest, Mounter, topmost};
+use hybridlet_sys::mount::topmost;
 use tonic::{Request, Response, Status};
 
 use crate::guard::VolumeGuard;
-use crate::iscsi::{self, Records};
+use crate::iscsi::Records;
 use crate::probe::Probes;
-use crate::{CsiError, CsiMetrics, CsiSettings, Host, nfs, validate};
+use crate::{CsiError, CsiMetrics, CsiSettings, Host, validate};
+use protocol::Protocol;
+use work::{
+    Shared, TargetKind, blocking, capability, guarded, not_staged, prepare_target, same_volume,
+    unmount,
+};
 
 /// The CSI Node service.
 #[derive(Debug, Clone)]
 pub struct NodeService {
-    pub(crate) settings: Arc<CsiSettings>,
-    pub(crate) mounter: Arc<dyn Mounter>,
-    pub(crate) host: Host,
-    pub(crate) guard: VolumeGuard,
-    pub(crate) metrics: CsiMetrics,
-    pub(crate) probes: Probes,
-    pub(crate) records: Records,
-}
-
-/// What a capability asks for, once validated.
-pub(crate) struct Capability {
-    pub(crate) block: bool,
-    pub(crate) mount_flags: Vec<String>,
-    pub(crate) fs_type: String,
-    pub(crate) reader_only: bool,
-}
-
-pub(crate) fn capability(cap: Option<&VolumeCapability>) -> Result<Capability, CsiError> {
-    let cap =
-        cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
-    let mode = cap
-        .access_mode
-        .as_ref()
-        .map(|m| m.mode())
-        .filter(|m| *m != Mode::Unknown)
-        .ok_or_else(|| {
-            CsiError::InvalidArgument("volume_capability.access_mode is required".into())
-        })?;
-    let (block, mount_flags, fs_type) = match &cap.access_type {
-        Some(AccessType::Block(_)) => (true, Vec::new(), String::new()),
-        Some(AccessType::Mount(m)) => (false, m.mount_flags.clone(), m.fs_type.clone()),
-        None => {
-            return Err(CsiError::InvalidArgument(
-                "volume_capability.access_type (block or mount) is required".into(),
-            ));
-        }
-    };
-    Ok(Capability {
-        block,
-        mount_flags,
-        fs_type,
-        reader_only: matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly),
-    })
-}
-
-/// Run blocking host work off the async executor, bounded by `limit`.
-pub(crate) async fn blocking<T: Send + 'static>(
-    limit: Duration,
-    what: String,
-    f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
-) -> Result<T, CsiError> {
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(CsiError::Internal(format!("{what}: worker failed: {join}"))),
-        Err(_) => Err(CsiError::Timeout(format!(
-            "{what}: no answer within {limit:?}"
-        ))),
-    }
-}
-
-/// Host work for a volume whose guard is `held`: the guard goes with the work and is
-/// released when the work really ends — also when the caller stops waiting at `limit` —
-/// so a retry answers ABORTED while a helper that outlived its deadline still runs,
-/// instead of running beside it.
-pub(crate) async fn guarded<T: Send + 'static>(
-    held: crate::guard::Held,
-    limit: Duration,
-    what: String,
-    f: impl FnOnce() -> Result<T, CsiError> + Send + 'static,
-) -> Result<T, CsiError> {
-    blocking(limit, what, move || {
-        let _held = held;
-        f()
-    })
-    .await
-}
-
-fn is_stale(e: &MountError) -> bool {
-    // ESTALE 116, ENOTCONN 107, EIO 5, EHOSTDOWN 112: the server is gone; only a lazy
-    // unmount can detach such a mount.
-    match e {
-        MountError::UnmountFailed { source, .. } | MountError::Io { source, .. } => {
-            matches!(source.raw_os_error(), Some(116 | 107 | 5 | 112))
-        }
-        _ => false,
-    }
-}
-
-fn is_busy(e: &MountError) -> bool {
-    matches!(e, MountError::UnmountFailed { source, .. } if source.raw_os_error() == Some(16))
-}
-
-/// How long an unmount that got EBUSY waits for the file system to answer before it
-/// concludes the server is gone.
-const BUSY_PROBE: Duration = Duration::from_secs(2);
-
-/// Unmount without following symlinks; detach lazily when the mount is stale, or when it
-/// is busy because its server does not answer (processes blocked in the dead file system,
-/// our own statvfs included, keep it busy until the server returns, possibly never). A
-/// busy mount whose file system answers is a real error and is reported.
-pub(crate) fn unmount(
-    mounter: &Arc<dyn Mounter>,
-    target: &Path,
-    probes: &Probes,
-) -> Result<(), CsiError> {
-    match mounter.unmount(target, false) {
-        Ok(()) => Ok(()),
-        Err(e) if is_stale(&e) => {
-            tracing::warn!(target = %target.display(), error = %e, "stale mount; detaching lazily");
-            mounter.unmount(target, true).map_err(CsiError::from)
-        }
-        Err(e)
-            if is_busy(&e)
-                && (probes.is_blocked(target)
-                    || !probes.responds(mounter.clone(), target, BUSY_PROBE)) =>
-        {
-            tracing::warn!(target = %target.display(), "busy mount whose server does not answer; detaching lazily");
-            mounter.unmount(target, true).map_err(CsiError::from)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-pub(crate) fn same_volume(a: &MountEntry, b: &MountEntry) -> bool {
-    a.device == b.device && a.root == b.root
-}
-
-/// What a publish target is: a directory (mount access) or a file (a raw block device is
-/// bound onto a file).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TargetKind {
-    Directory,
-    File,
-}
-
-/// Make sure the publish target can take a bind mount, without following a symlink:
-/// create it when missing (`Ok(true)`: the caller removes it if the bind fails), accept
-/// an existing one of the right kind (`Ok(false)`).
-pub(crate) fn prepare_target(target: &Path, kind: TargetKind) -> Result<bool, CsiError> {
-    let what = match kind {
-        TargetKind::Directory => "a directory",
-        TargetKind::File => "a file (block volumes are published on a file)",
-    };
-    match std::fs::symlink_metadata(target) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(CsiError::InvalidArgument(format!(
-            "target path {} is a symlink; refusing to mount through it",
-            target.display()
-        ))),
-        Ok(meta)
-            if match kind {
-                TargetKind::Directory => meta.is_dir(),
-                TargetKind::File => meta.is_file(),
-            } =>
-        {
-            Ok(false)
-        }
-        Ok(_) => Err(CsiError::AlreadyExists(format!(
-            "target path {} exists and is not {what}",
-            target.display()
-        ))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let made = match kind {
-                TargetKind::Directory => std::fs::create_dir(target),
-                TargetKind::File => std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(target)
-                    .map(drop),
-            };
-            made.map_err(|e| {
-                CsiError::Internal(format!("creating target path {}: {e}", target.display()))
-            })?;
-            Ok(true)
-        }
-        Err(e) => Err(CsiError::Internal(format!(
-            "inspecting {}: {e}",
-            target.display()
-        ))),
-    }
-}
-
-fn not_staged(volume_id: &str, staging: &Path) -> CsiError {
-    CsiError::FailedPrecondition(format!(
-        "volume {volume_id} is not staged at {}; NodeStageVolume must succeed first",
-        staging.display()
-    ))
+    shared: Shared,
+    /// iSCSI first: its attributes are the more specific.
+    protocols: Vec<Arc<dyn Protocol>>,
 }
 
 impl NodeService {
     pub(crate) fn new(settings: Arc<CsiSettings>, host: Host, metrics: CsiMetrics) -> Self {
+        let records = Records::new(settings.state_dir.join("iscsi"));
         Self {
-            records: Records::new(settings.state_dir.join("iscsi")),
-            settings,
-            mounter: host.mounter.clone(),
-            host,
-            guard: VolumeGuard::default(),
-            metrics,
-            probes: Probes::default(),
+            shared: Shared {
+                settings,
+                mounter: host.mounter.clone(),
+                host,
+                guard: VolumeGuard::default(),
+                metrics,
+                probes: Probes::default(),
+            },
+            protocols: vec![Arc::new(iscsi::Iscsi::new(records)), Arc::new(nfs::Nfs)],
         }
     }
 
@@ -232,96 +66,54 @@ impl NodeService {
     /// (a reload restarting the CSI plugin) answers ABORTED for a volume whose host work
     /// from the old one still runs, instead of running beside it.
     pub fn with_guard(mut self, guard: VolumeGuard) -> Self {
-        self.guard = guard;
+        self.shared.guard = guard;
         self
-    }
-
-    fn nfs_volume(
-        &self,
-        context: &std::collections::HashMap<String, String>,
-        cap: &Capability,
-    ) -> Result<nfs::NfsVolume, CsiError> {
-        if !nfs::is_nfs(context) {
-            return Err(CsiError::InvalidArgument(
-                "volumeAttributes must describe an NFS volume (server, share) or an iSCSI LUN (targetPortal, iqn, lun)".into(),
-            ));
-        }
-        if !self.settings.nfs_enabled {
-            return Err(CsiError::FailedPrecondition(
-                "NFS volumes are disabled on this node (spec.csi.nfs.enabled)".into(),
-            ));
-        }
-        if cap.block {
-            return Err(CsiError::InvalidArgument(
-                "NFS volumes support the mount access type only, not block".into(),
-            ));
-        }
-        nfs::volume(context, &cap.mount_flags)
     }
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
-        if iscsi::is_iscsi(&req.volume_context) {
-            return self
-                .stage_iscsi(volume_id, staging, cap, &req.volume_context, &req.secrets)
-                .await;
-        }
-        let volume = self.nfs_volume(&req.volume_context, &cap)?;
-        let held = self.guard.acquire(&volume_id)?;
-        let mounter = self.mounter.clone();
-        let timeout = self.settings.mount_timeout;
-        let what = format!("staging volume {volume_id}");
-        guarded(held, timeout + Duration::from_secs(5), what, move || {
-            if let Some(existing) = mounter.mount_at(&staging)? {
-                if existing.source.trim_end_matches('/') == volume.source.trim_end_matches('/') {
-                    return Ok(());
-                }
-                return Err(CsiError::AlreadyExists(format!(
-                    "staging path {} already has {} mounted, not {}",
-                    staging.display(),
-                    existing.source,
-                    volume.source
-                )));
-            }
-            std::fs::create_dir_all(&staging).map_err(|e| {
-                CsiError::Internal(format!("creating staging path {}: {e}", staging.display()))
+        let protocol = self
+            .protocols
+            .iter()
+            .find(|p| p.handles(&req.volume_context))
+            .ok_or_else(|| {
+                CsiError::InvalidArgument(
+                    "volumeAttributes must describe an NFS volume (server, share) or an iSCSI LUN (targetPortal, iqn, lun)".into(),
+                )
             })?;
-            mounter.mount(&MountRequest {
-                fs_type: "nfs".into(),
-                source: volume.source.clone(),
-                target: staging.clone(),
-                options: volume.options,
-                timeout,
-            })?;
-            Ok(())
-        })
-        .await?;
-        tracing::info!(volume_id = %volume_id, "volume staged");
-        Ok(())
+        protocol
+            .stage(
+                &self.shared,
+                volume_id,
+                staging,
+                cap,
+                &req.volume_context,
+                &req.secrets,
+            )
+            .await
     }
 
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<(), CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
-        let held = self.guard.acquire(&volume_id)?;
-        let mounter = self.mounter.clone();
-        let probes = self.probes.clone();
-        let records = self.records.clone();
-        let host = self.host.clone();
+        let held = self.shared.guard.acquire(&volume_id)?;
+        let mounter = self.shared.mounter.clone();
+        let probes = self.shared.probes.clone();
+        let (shared, protocols) = (self.shared.clone(), self.protocols.clone());
         let id = volume_id.clone();
         guarded(
             held,
-            self.settings.mount_timeout,
+            self.shared.settings.mount_timeout,
             format!("unstaging volume {volume_id}"),
             move || {
                 // Unmount every layer (a retried stage may have stacked mounts).
                 while mounter.mount_at(&staging)?.is_some() {
                     unmount(&mounter, &staging, &probes)?;
                 }
-                if let Some(record) = records.load(&id)? {
-                    crate::iscsi_node::detach(&host, &records, &record)?;
+                for protocol in &protocols {
+                    protocol.detach(&shared, &id)?;
                 }
                 Ok(())
             },
@@ -343,13 +135,25 @@ impl NodeService {
         let staging = validate::host_path("staging_target_path", &req.staging_target_path)?;
         let read_only = req.readonly || cap.reader_only;
         if cap.block {
-            return self.publish_block(volume_id, target, read_only).await;
+            for protocol in &self.protocols {
+                if let Some(done) = protocol
+                    .publish_block(&self.shared, &volume_id, target.clone(), read_only)
+                    .await
+                {
+                    done?;
+                    tracing::info!(volume_id = %volume_id, read_only, "block volume published");
+                    return Ok(());
+                }
+            }
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {volume_id} is not staged for block access; NodeStageVolume must succeed first"
+            )));
         }
-        let held = self.guard.acquire(&volume_id)?;
-        let mounter = self.mounter.clone();
+        let held = self.shared.guard.acquire(&volume_id)?;
+        let mounter = self.shared.mounter.clone();
         let vid = volume_id.clone();
         guarded(held,
-            self.settings.mount_timeout,
+            self.shared.settings.mount_timeout,
             format!("publishing volume {volume_id}"),
             move || {
                 // The kubelet's first call for a volume: the target does not exist yet, so
@@ -408,12 +212,12 @@ impl NodeService {
     async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let target = validate::host_path("target_path", &req.target_path)?;
-        let held = self.guard.acquire(&volume_id)?;
-        let mounter = self.mounter.clone();
-        let probes = self.probes.clone();
+        let held = self.shared.guard.acquire(&volume_id)?;
+        let mounter = self.shared.mounter.clone();
+        let probes = self.shared.probes.clone();
         guarded(
             held,
-            self.settings.mount_timeout,
+            self.shared.settings.mount_timeout,
             format!("unpublishing volume {volume_id}"),
             move || {
                 // The mount table first: lstat(2) on a mount whose NFS server is gone blocks
@@ -461,7 +265,7 @@ impl NodeService {
     ) -> Result<NodeGetVolumeStatsResponse, CsiError> {
         let volume_id = validate::volume_id(&req.volume_id)?.to_string();
         let path = validate::volume_path(&volume_id, &req.volume_path)?;
-        let mounter = self.mounter.clone();
+        let mounter = self.shared.mounter.clone();
         let p: PathBuf = path.clone();
         let mounted = blocking(
             Duration::from_secs(5),
@@ -475,12 +279,14 @@ impl NodeService {
                 path.display()
             )));
         }
-        if let Some(record) = self.records.load(&volume_id)?.filter(|r| r.block) {
-            return self.block_stats(record).await;
+        for protocol in &self.protocols {
+            if let Some(answer) = protocol.block_stats(&self.shared, &volume_id).await? {
+                return Ok(answer);
+            }
         }
-        let mounter = self.mounter.clone();
-        let probes = self.probes.clone();
-        let limit = self.settings.stats_timeout;
+        let mounter = self.shared.mounter.clone();
+        let probes = self.shared.probes.clone();
+        let limit = self.shared.settings.stats_timeout;
         let p = path.clone();
         // The probe itself bounds the wait; the outer deadline only guards the pool.
         let stats = blocking(
@@ -515,7 +321,7 @@ impl NodeService {
                 }),
             },
             Err(e) => {
-                self.metrics.abnormal();
+                self.shared.metrics.abnormal();
                 tracing::warn!(volume_id = %volume_id, error = %e, "volume is abnormal");
                 NodeGetVolumeStatsResponse {
                     usage: Vec::new(),
@@ -526,6 +332,37 @@ impl NodeService {
                 }
             }
         })
+    }
+
+    /// NodeExpandVolume: the protocol that owns the volume grows it; a volume no protocol
+    /// owns on the node (NFS: the export grows on the server) needs nothing here, if it
+    /// is mounted where the kubelet says.
+    async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<i64, CsiError> {
+        let volume_id = validate::volume_id(&req.volume_id)?.to_string();
+        let path = validate::volume_path(&volume_id, &req.volume_path)?;
+        for protocol in &self.protocols {
+            if let Some(done) = protocol
+                .expand(&self.shared, &volume_id, path.clone())
+                .await
+            {
+                return done;
+            }
+        }
+        let mounter = self.shared.mounter.clone();
+        let p = path.clone();
+        let mounted = blocking(
+            Duration::from_secs(5),
+            "reading the mount table".into(),
+            move || Ok(mounter.mount_at(&p)?.is_some()),
+        )
+        .await?;
+        if mounted {
+            Ok(0)
+        } else {
+            Err(CsiError::NotFound(format!(
+                "volume {volume_id} is not staged on this node"
+            )))
+        }
     }
 }
 
@@ -543,7 +380,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.stage(request.into_inner()).await;
-        self.metrics.observe("NodeStageVolume", started, &result);
+        self.shared
+            .metrics
+            .observe("NodeStageVolume", started, &result);
         result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
@@ -554,7 +393,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.unstage(request.into_inner()).await;
-        self.metrics.observe("NodeUnstageVolume", started, &result);
+        self.shared
+            .metrics
+            .observe("NodeUnstageVolume", started, &result);
         result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
@@ -565,7 +406,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.publish(request.into_inner()).await;
-        self.metrics.observe("NodePublishVolume", started, &result);
+        self.shared
+            .metrics
+            .observe("NodePublishVolume", started, &result);
         result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
@@ -576,7 +419,8 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.unpublish(request.into_inner()).await;
-        self.metrics
+        self.shared
+            .metrics
             .observe("NodeUnpublishVolume", started, &result);
         result.map_err(CsiError::into_status)?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
@@ -588,7 +432,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.stats(request.into_inner()).await;
-        self.metrics.observe("NodeGetVolumeStats", started, &result);
+        self.shared
+            .metrics
+            .observe("NodeGetVolumeStats", started, &result);
         result.map(Response::new).map_err(CsiError::into_status)
     }
 
@@ -598,7 +444,9 @@ impl Node for NodeService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let started = std::time::Instant::now();
         let result = self.expand(request.into_inner()).await;
-        self.metrics.observe("NodeExpandVolume", started, &result);
+        self.shared
+            .metrics
+            .observe("NodeExpandVolume", started, &result);
         result
             .map(|capacity_bytes| Response::new(NodeExpandVolumeResponse { capacity_bytes }))
             .map_err(CsiError::into_status)
@@ -624,10 +472,10 @@ impl Node for NodeService {
         _request: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
-            node_id: self.settings.node_id.clone(),
+            node_id: self.shared.settings.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: (!self.settings.topology.is_empty()).then(|| Topology {
-                segments: self.settings.topology.clone(),
+            accessible_topology: (!self.shared.settings.topology.is_empty()).then(|| Topology {
+                segments: self.shared.settings.topology.clone(),
             }),
         }))
     }
