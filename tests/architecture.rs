@@ -147,3 +147,157 @@ fn scan(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
         }
     }
 }
+
+/// The module a source file is, as a path under its crate (`node::nfs` for
+/// `src/node/nfs.rs`; empty for `lib.rs`/`main.rs`).
+fn module_of(src: &Path, file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts
+}
+
+/// Module paths a file names through `crate::` (`crate::a::b::Item`, `crate::{a, b::c}`):
+/// the lower-case segments, which are modules.
+fn crate_references(text: &str) -> Vec<Vec<String>> {
+    fn path_at(s: &str) -> Vec<String> {
+        s.split("::")
+            .map(|seg| {
+                seg.chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .take_while(|seg| {
+                !seg.is_empty() && seg.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            })
+            .collect()
+    }
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.starts_with("//") {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("crate::") {
+            rest = &rest[at + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let inner = group.split('}').next().unwrap_or_default();
+                for item in inner.split(',') {
+                    let p = path_at(item.trim());
+                    if !p.is_empty() {
+                        out.push(p);
+                    }
+                }
+            } else {
+                let p = path_at(rest);
+                if !p.is_empty() {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Cycles between a crate's modules that are allowed, each with why. Empty: none is.
+const ALLOWED_MODULE_CYCLES: &[(&str, &str, &str)] = &[];
+
+/// No two modules of one crate use each other, directly or through others: a module
+/// is read after what it uses. Parent and child are exempt (a parent declares its
+/// children; a child may use its parent's types).
+#[test]
+fn modules_of_a_crate_do_not_use_each_other_in_a_cycle() {
+    let root = workspace_root();
+    let mut cycles = Vec::new();
+    for entry in std::fs::read_dir(root.join("crates")).unwrap() {
+        let src = entry.unwrap().path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let mut files = Vec::new();
+        scan(&src, &mut |file, text| {
+            files.push((module_of(&src, file), text.to_string()));
+        });
+        let modules: std::collections::BTreeSet<Vec<String>> =
+            files.iter().map(|(m, _)| m.clone()).collect();
+        let related = |a: &[String], b: &[String]| a.starts_with(b) || b.starts_with(a);
+        let mut edges: BTreeMap<Vec<String>, std::collections::BTreeSet<Vec<String>>> =
+            BTreeMap::new();
+        for (module, text) in &files {
+            for reference in crate_references(text) {
+                // The longest module the path names.
+                let Some(target) = (1..=reference.len())
+                    .rev()
+                    .map(|n| reference[..n].to_vec())
+                    .find(|p| modules.contains(p))
+                else {
+                    continue;
+                };
+                if !related(module, &target) {
+                    edges.entry(module.clone()).or_default().insert(target);
+                }
+            }
+        }
+        // Every module that reaches itself again.
+        for start in edges.keys() {
+            let mut stack = vec![(start.clone(), vec![start.clone()])];
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some((at, path)) = stack.pop() {
+                for next in edges.get(&at).into_iter().flatten() {
+                    if next == start {
+                        let names: Vec<String> = path.iter().map(|m| m.join("::")).collect();
+                        let crate_name = src
+                            .parent()
+                            .unwrap()
+                            .file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .to_string();
+                        let allowed = ALLOWED_MODULE_CYCLES.iter().any(|(c, a, b)| {
+                            *c == crate_name
+                                && names.contains(&a.to_string())
+                                && names.contains(&b.to_string())
+                        });
+                        if !allowed && names.first() <= names.last() {
+                            cycles.push(format!(
+                                "{crate_name}: {} -> {}",
+                                names.join(" -> "),
+                                start.join("::")
+                            ));
+                        }
+                    } else if seen.insert(next.clone()) {
+                        let mut p = path.clone();
+                        p.push(next.clone());
+                        stack.push((next.clone(), p));
+                    }
+                }
+            }
+        }
+    }
+    cycles.sort();
+    cycles.dedup();
+    assert!(cycles.is_empty(), "module cycles:\n{}", cycles.join("\n"));
+}
+
+/// The binary stays a thin entry point: command-line parsing, the daemon's wiring, exit
+/// codes and logging. What does work belongs in the crates below it.
+#[test]
+fn the_binary_stays_thin() {
+    const BUDGET: usize = 2_000;
+    let src = workspace_root().join("crates/hybridlet/src");
+    let mut lines = 0;
+    scan(&src, &mut |_, text| lines += text.lines().count());
+    assert!(
+        lines <= BUDGET,
+        "crates/hybridlet/src has {lines} lines, over its budget of {BUDGET}: move the work into a crate below it"
+    );
+}

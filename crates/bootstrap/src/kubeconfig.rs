@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::render::{ClusterCoordinates, NodeIdentity};
+use crate::model::{ClusterCoordinates, NodeIdentity};
 
 pub(crate) fn kubeconfig(cluster: &ClusterCoordinates, node: &NodeIdentity) -> String {
     let mut env = String::new();

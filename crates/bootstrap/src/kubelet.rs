@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::render::{ClusterCoordinates, NodeIdentity, RenderError};
+use crate::model::{ClusterCoordinates, NodeIdentity, RenderError};
 
 /// Where the kubelet finds image credential provider programs.
 pub const IMAGE_CREDENTIAL_PROVIDER_DIR: &str = "/etc/eks/image-credential-provider";

@@ -29,6 +29,7 @@ mod iam_ra;
 mod kernel;
 mod kubeconfig;
 mod kubelet;
+mod model;
 mod proxy;
 mod render;
 mod units;
@@ -38,8 +39,9 @@ pub use file::{CONTAINERD_UNIT, KUBELET_UNIT, RenderedFile, desired_files};
 pub use iam_ra::{POD_CREDENTIALS_FILE, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT};
 pub use kernel::{MODULES_LOAD_PATH, SYSCTL_PATH};
 pub use kubelet::{ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR, cluster_dns};
+pub use model::{ClusterCoordinates, NodeIdentity, RenderError};
 pub use proxy::{PROXY_ENV_FILE, proxy_dropin_for, proxy_env, proxy_files_for};
-pub use render::{ClusterCoordinates, NodeIdentity, RenderError, render};
+pub use render::render;
 pub use units::kubelet_unit;
 
 /// The pause image nodeadm uses when the ECR account for the region is unknown.

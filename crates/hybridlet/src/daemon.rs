@@ -17,7 +17,8 @@ use hybridlet_runtime::{Readiness, Stopped, Supervisor};
 use hybridlet_sys::HostRoot;
 
 use crate::exit::Failure;
-use crate::reload::{CSI, Change, DRA_GPU, DRA_SRIOV, Plan};
+use crate::reload::{Change, Plan};
+use crate::settings::{CSI, DRA_GPU, DRA_SRIOV};
 use hybridlet_devices::{DeviceMetrics, Holders};
 
 /// The admin server's subsystem.

@@ -58,8 +58,89 @@ pub fn main_entry(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         eprintln!("hybridlet: --log-level: {why}");
         return ExitCode::from(exit::EX_USAGE);
     }
-    match cli::dispatch(cli) {
+    match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
+    }
+}
+
+/// Run the chosen command. The join commands get one context: the host root, the
+/// configuration (loaded and validated once), one async runtime.
+fn dispatch(args: cli::Cli) -> Result<(), Failure> {
+    use cli::Command;
+    let context = || -> Result<hybridlet_join::Context, Failure> {
+        Ok(hybridlet_join::Context::new(
+            args.host_root(),
+            args.load_config()?,
+        )?)
+    };
+    match &args.command {
+        Command::Run(a) => run::run(&args, a),
+        Command::Version(a) => {
+            print_version(a.json);
+            Ok(())
+        }
+        Command::Devices(a) => devices::devices(&args, a),
+        Command::Check(a) => Ok(hybridlet_join::check(
+            &context()?,
+            &hybridlet_join::CheckArgs {
+                config_only: a.config_only,
+                offline: a.offline,
+                json: a.output == cli::CheckOutput::Json,
+            },
+        )?),
+        Command::Token(a) => Ok(hybridlet_join::token(
+            &context()?,
+            &hybridlet_join::TokenArgs {
+                cluster_id: a.cluster_id.clone(),
+                region: a.region.clone(),
+            },
+        )?),
+        Command::Init(a) => Ok(hybridlet_join::init(
+            &context()?,
+            &hybridlet_join::InitArgs {
+                dry_run: a.dry_run,
+                no_start: a.no_start,
+                wait: a.wait,
+            },
+        )?),
+        Command::Install(a) => Ok(hybridlet_join::install(
+            &context()?,
+            &hybridlet_join::InstallArgs {
+                kubernetes_version: a.kubernetes_version.clone(),
+                manifest: a.manifest.clone(),
+                credential_provider: a.credential_provider.clone(),
+                dry_run: a.dry_run,
+            },
+        )?),
+        Command::Upgrade(a) => Ok(hybridlet_join::upgrade(
+            &context()?,
+            &hybridlet_join::UpgradeArgs {
+                kubernetes_version: a.kubernetes_version.clone(),
+                manifest: a.manifest.clone(),
+                force: a.force,
+                dry_run: a.dry_run,
+                rollback: a.rollback,
+            },
+        )?),
+        Command::Uninstall(a) => Ok(hybridlet_join::uninstall(
+            &context()?,
+            &hybridlet_join::UninstallArgs {
+                delete_node: a.delete_node,
+                no_deregister: a.no_deregister,
+            },
+        )?),
+    }
+}
+
+fn print_version(json: bool) {
+    let info = build_info();
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({"version": info.version, "commit": info.commit})
+        );
+    } else {
+        outln!("hybridlet {} (commit {})", info.version, info.commit);
     }
 }

@@ -8,12 +8,7 @@ use std::net::SocketAddr;
 
 use hybridlet_config::{AgentSpec, Config, Mode};
 
-/// The CSI node plugin's subsystem.
-pub const CSI: &str = "csi";
-/// The GPU DRA driver's subsystem.
-pub const DRA_GPU: &str = "dra-gpu";
-/// The SR-IOV DRA driver's subsystem.
-pub const DRA_SRIOV: &str = "dra-sriov";
+use crate::settings::{CSI, DRA_GPU, DRA_SRIOV};
 
 /// What happens to one plugin subsystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,13 @@ use std::path::Path;
 use hybridlet_config::Config;
 use hybridlet_csi::CsiSettings;
 
+/// The CSI node plugin's subsystem.
+pub const CSI: &str = "csi";
+/// The GPU DRA driver's subsystem.
+pub const DRA_GPU: &str = "dra-gpu";
+/// The SR-IOV DRA driver's subsystem.
+pub const DRA_SRIOV: &str = "dra-sriov";
+
 /// The CSI node plugin's settings: `spec.csi`, on `node`, its stage records under the
 /// state directory.
 pub fn csi(config: &Config, node: &str, state_dir: &Path) -> CsiSettings {
@@ -28,8 +35,8 @@ pub fn csi_enabled(config: &Config) -> bool {
 pub fn dra_driver(config: &Config, which: &str) -> (bool, String) {
     let dra = &config.agent.dra;
     match which {
-        crate::reload::DRA_GPU => (dra.gpu.enabled, dra.gpu.driver_name.clone()),
-        crate::reload::DRA_SRIOV => (dra.sriov.enabled, dra.sriov.driver_name.clone()),
+        DRA_GPU => (dra.gpu.enabled, dra.gpu.driver_name.clone()),
+        DRA_SRIOV => (dra.sriov.enabled, dra.sriov.driver_name.clone()),
         _ => (false, String::new()),
     }
 }

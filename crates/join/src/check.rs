@@ -4,7 +4,7 @@ use hybridlet_config::{Config, CredentialProvider, Mode};
 use hybridlet_sys::HostRoot;
 
 use crate::Error;
-use crate::preflight::Outcome;
+use crate::Outcome;
 use crate::{CheckArgs, Context};
 
 /// `hybridlet check`: validate the configuration (exit 78 on errors), then the host

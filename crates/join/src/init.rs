@@ -24,7 +24,7 @@ use hybridlet_sys::systemd::{ServiceManager, Systemctl};
 use std::path::{Path, PathBuf};
 
 use crate::Error;
-use crate::preflight::Outcome;
+use crate::Outcome;
 use crate::remote_networks::RemoteNetworks;
 use crate::{Context, InitArgs};
 
@@ -209,14 +209,12 @@ fn check_clock(ctx: &Context, cluster: &ClusterCoordinates) -> Result<(), Error>
         return Ok(());
     };
     match crate::preflight::skew_outcome(date, std::time::SystemTime::now(), &cluster.endpoint) {
-        crate::preflight::Outcome::Fail(m) => {
-            Err(Error::Failed(format!("{m}. Nothing was changed")))
-        }
-        crate::preflight::Outcome::Warn(m) => {
+        crate::Outcome::Fail(m) => Err(Error::Failed(format!("{m}. Nothing was changed"))),
+        crate::Outcome::Warn(m) => {
             outln!("warning: {m}");
             Ok(())
         }
-        crate::preflight::Outcome::Ok(_) => Ok(()),
+        crate::Outcome::Ok(_) => Ok(()),
     }
 }
 

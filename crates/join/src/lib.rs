@@ -44,6 +44,17 @@ pub use token::token;
 pub use uninstall::uninstall;
 pub use upgrade::upgrade;
 
+/// A check's verdict and its detail (for a failure: what is wrong and the fix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Fine.
+    Ok(String),
+    /// Works, but worth knowing.
+    Warn(String),
+    /// Must be fixed.
+    Fail(String),
+}
+
 /// Why a command failed; the variant decides the exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

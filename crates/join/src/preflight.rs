@@ -15,16 +15,7 @@ use hybridlet_config::Config;
 use hybridlet_sys::HostRoot;
 use hybridlet_sys::systemd::ServiceManager;
 
-/// A check's verdict and its detail (for a failure: what is wrong and the fix).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Fine.
-    Ok(String),
-    /// Works, but worth knowing.
-    Warn(String),
-    /// Must be fixed.
-    Fail(String),
-}
+use crate::Outcome;
 
 /// Beyond this the AWS signature (and with it the EKS token) is refused.
 pub const MAX_SKEW: Duration = Duration::from_secs(300);

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use hybridlet_config::NodeConfig;
 use hybridlet_sys::HostRoot;
 
-use crate::preflight::Outcome;
+use crate::Outcome;
 
 /// Remote node and pod networks, and where they came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -156,6 +156,17 @@ pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
     fn can_mount(&self, fs_type: &str) -> bool;
 }
 
+/// Whether `path` (not followed if a symlink) is the root of a mount, as the kernel says
+/// through `statx(2)`'s `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+); `None` where it cannot say
+/// (an older kernel, or `path` cannot be examined).
+pub fn kernel_mount_root(path: &Path) -> Option<bool> {
+    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags, statx};
+    let st = statx(CWD, path, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::empty()).ok()?;
+    st.stx_attributes_mask
+        .contains(StatxAttributes::MOUNT_ROOT)
+        .then(|| st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
+}
+
 /// The real host.
 #[derive(Debug, Clone, Default)]
 pub struct SystemMounter {
@@ -179,7 +190,7 @@ impl Mounter for SystemMounter {
     fn is_mount_point(&self, path: &Path) -> Option<bool> {
         // One statx(2) instead of parsing the whole mount table: the kernel (5.8+) marks
         // the root of every mount, bind mounts of the same file system included.
-        crate::tree::kernel_mount_root(path)
+        kernel_mount_root(path)
     }
 
     fn mount(&self, request: &MountRequest) -> Result<(), MountError> {

@@ -85,18 +85,7 @@ impl Mounts {
 /// The kernel's own answer (Linux 5.8+), which also sees bind mounts of the same file
 /// system; false where the kernel cannot say.
 fn mount_root(path: &Path) -> bool {
-    kernel_mount_root(path).unwrap_or(false)
-}
-
-/// Whether `path` (not followed if a symlink) is the root of a mount, as the kernel says
-/// through `statx(2)`'s `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+); `None` where it cannot say
-/// (an older kernel, or `path` cannot be examined).
-pub fn kernel_mount_root(path: &Path) -> Option<bool> {
-    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags, statx};
-    let st = statx(CWD, path, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::empty()).ok()?;
-    st.stx_attributes_mask
-        .contains(StatxAttributes::MOUNT_ROOT)
-        .then(|| st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
+    crate::mount::kernel_mount_root(path).unwrap_or(false)
 }
 
 /// Mount points in `dir` (not following symlinks).
