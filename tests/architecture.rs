@@ -301,3 +301,61 @@ fn the_binary_stays_thin() {
         "crates/hybridlet/src has {lines} lines, over its budget of {BUDGET}: move the work into a crate below it"
     );
 }
+
+/// The part of a source file before its `#[cfg(test)]` module (tests may do anything).
+fn product_code(text: &str) -> &str {
+    text.find("#[cfg(test)]").map_or(text, |at| &text[..at])
+}
+
+/// What only `hybridlet-sys` does to the host (ARCHITECTURE.md, "Host access"): it runs
+/// programs, and it writes files (atomically, or as a file set with backups). Elsewhere,
+/// product code reads what it needs and writes through `hybridlet-sys`; the exceptions
+/// are listed with their reason.
+#[test]
+fn programs_run_and_files_are_written_only_through_sys() {
+    const WRITES_ALLOWED: &[(&str, &str)] = &[
+        (
+            "crates/artifacts/src/fetch.rs",
+            "a download's partial file, appended to as bytes arrive (resumable); placed with atomic_write",
+        ),
+        (
+            "crates/csi/src/node/work.rs",
+            "the kubelet's publish target: created with create_new (never truncating) before the bind mount",
+        ),
+    ];
+    let root = workspace_root();
+    let mut offenders = Vec::new();
+    scan(&root.join("crates"), &mut |file, text| {
+        let rel = file
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        if rel.starts_with("crates/sys/")
+            || rel.starts_with("crates/fixtures/")
+            || rel.contains("/tests/")
+            || rel.contains("/benches/")
+            || rel.contains("/examples/")
+        {
+            return;
+        }
+        let code = product_code(text);
+        if code.contains("Command::new") || code.contains("process::Command") {
+            offenders.push(format!(
+                "{rel}: runs a program (use hybridlet_sys::process)"
+            ));
+        }
+        let writes = ["fs::write(", "OpenOptions::new()", "File::create("];
+        if writes.iter().any(|w| code.contains(w)) && !WRITES_ALLOWED.iter().any(|(f, _)| *f == rel)
+        {
+            offenders.push(format!(
+                "{rel}: writes a file directly (use hybridlet_sys::atomic_write or fileset)"
+            ));
+        }
+    });
+    assert!(
+        offenders.is_empty(),
+        "host access outside hybridlet-sys:\n{}",
+        offenders.join("\n")
+    );
+}

@@ -6,7 +6,7 @@
 //! destination, fsynced and renamed into place; files that already have the bytes are
 //! left alone.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -127,19 +127,10 @@ pub fn unpack_flat(archive: &Path, dest: &Path) -> Result<Vec<Unpacked>, Artifac
             && std::fs::symlink_metadata(&path)
                 .is_ok_and(|md| md.is_file() && md.permissions().mode() & 0o7777 == mode);
         if !same {
-            let part = dest.join(format!(".{}.hybridlet-part", m.name));
-            let write = || -> std::io::Result<()> {
-                let mut f = std::fs::File::create(&part)?;
-                f.write_all(&m.bytes)?;
-                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-                f.sync_all()?;
-                // rename(2) replaces a symlink itself, never what it points to.
-                std::fs::rename(&part, &path)
-            };
-            if let Err(e) = write() {
-                let _ = std::fs::remove_file(&part);
-                return Err(bad(archive, format!("placing {}: {e}", path.display())));
-            }
+            // A temporary file beside it, renamed over it: rename(2) replaces a symlink
+            // itself, never what it points to.
+            hybridlet_sys::atomic_write(&path, &m.bytes, mode)
+                .map_err(|e| bad(archive, format!("placing {}: {e}", path.display())))?;
         }
         out.push(Unpacked {
             path,

@@ -91,8 +91,9 @@ pub enum Command {
     Check(CheckArgs),
     /// List the GPUs and SR-IOV devices hybridlet can see, with their PCIe topology.
     Devices(DevicesArgs),
-    /// Join this node to the EKS cluster (credentials, containerd, kubelet). Today only
-    /// `--dry-run` is available: it resolves the cluster and shows every file init would write.
+    /// Join this node to the EKS cluster: credentials (SSM registration or IAM Roles
+    /// Anywhere), the cluster (configuration or DescribeCluster), every join file as one
+    /// change with backups, then containerd and the kubelet. `--dry-run` shows the files.
     Init(InitArgs),
     /// Install kubelet, kubectl, CNI plugins and credential tools for a Kubernetes version.
     Install(InstallArgs),
