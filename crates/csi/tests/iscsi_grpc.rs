@@ -8,12 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hybridlet_csi::{CsiMetrics, CsiSettings, Host, services_on};
-use hybridlet_kubelet_plugin::{PluginSocket, serve};
+mod common;
+
+use hybridlet_csi::{CsiSettings, Host};
 use hybridlet_proto::csi::v1::identity_client::IdentityClient;
-use hybridlet_proto::csi::v1::identity_server::IdentityServer;
 use hybridlet_proto::csi::v1::node_client::NodeClient;
-use hybridlet_proto::csi::v1::node_server::NodeServer;
 use hybridlet_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
@@ -56,22 +55,14 @@ async fn start(iscsi_enabled: bool) -> Harness {
         initiator: iscsi.clone(),
         disks: iscsi.clone(),
     };
-    let (identity, node) = services_on(settings, host, CsiMetrics::default());
-    let sock = dir.path().join("csi.sock");
-    let socket = PluginSocket::bind(&sock).unwrap();
-    let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(node));
-    let stop = CancellationToken::new();
-    tokio::spawn(serve(socket, router, stop.clone()));
-    let channel = hybridlet_kubelet_plugin::connect(&sock).await.unwrap();
+    let served = common::serve_csi(&dir.path().join("csi.sock"), settings, host).await;
     Harness {
         dir,
         mounter,
         iscsi,
-        node: NodeClient::new(channel.clone()),
-        identity: IdentityClient::new(channel),
-        stop,
+        node: served.node,
+        identity: served.identity,
+        stop: served.stop,
     }
 }
 

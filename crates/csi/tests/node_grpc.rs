@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use hybridlet_csi::{CsiSettings, services};
 use hybridlet_kubelet_plugin::{PluginSocket, serve};
 use hybridlet_proto::csi::v1::identity_client::IdentityClient;
-use hybridlet_proto::csi::v1::identity_server::IdentityServer;
 use hybridlet_proto::csi::v1::node_client::NodeClient;
 use hybridlet_proto::csi::v1::node_server::NodeServer;
 use hybridlet_proto::csi::v1::volume_capability::{
@@ -38,21 +39,18 @@ async fn start() -> Harness {
 async fn start_with(settings: CsiSettings) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mounter = Arc::new(FakeMounter::new());
-    let (identity, node) = services(settings, mounter.clone());
-    let sock = dir.path().join("plugins/csi.hybridlet.io/csi.sock");
-    let socket = PluginSocket::bind(&sock).unwrap();
-    let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(node));
-    let stop = CancellationToken::new();
-    tokio::spawn(serve(socket, router, stop.clone()));
-    let channel = hybridlet_kubelet_plugin::connect(&sock).await.unwrap();
+    let served = common::serve_csi(
+        &dir.path().join("plugins/csi.hybridlet.io/csi.sock"),
+        settings,
+        hybridlet_csi::Host::with_mounter(mounter.clone()),
+    )
+    .await;
     Harness {
         dir,
         mounter,
-        node: NodeClient::new(channel.clone()),
-        identity: IdentityClient::new(channel),
-        stop,
+        node: served.node,
+        identity: served.identity,
+        stop: served.stop,
     }
 }
 

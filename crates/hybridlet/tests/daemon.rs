@@ -3,118 +3,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code: panics are failures
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::Agent;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
-}
-
-impl Daemon {
-    fn start(root: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridlet"));
-        cmd.args([
-            "--root",
-            root.to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-        ])
-        .env_remove("HYBRIDLET_CONFIG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn hybridlet run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({"message": line}));
-                if tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Wait for a log line whose message starts with `prefix`.
-    fn wait_log(&mut self, prefix: &str) -> serde_json::Value {
-        if let Some(v) = self.seen.iter().find(|v| msg(v).starts_with(prefix)) {
-            return v.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if msg(&v).starts_with(prefix) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!("no log line {prefix:?}; saw: {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn admin_addr(&mut self) -> SocketAddr {
-        let line = self.wait_log("admin server listening");
-        line["address"].as_str().unwrap().parse().unwrap()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(v);
-                }
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("did not exit within {limit:?}; log: {:#?}", self.seen);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `hybridlet run` under `root` with extra environment variables.
+fn start(root: &Path, env: &[(&str, &str)]) -> Agent {
+    let envs: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Agent::spawn(root, &[], &envs)
 }
 
 fn msg(v: &serde_json::Value) -> &str {
@@ -152,9 +60,9 @@ const AGENT: &str = "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:
 fn steady_state_sigterm_exits_0_and_serves_metrics_until_then() {
     let root = tempfile::tempdir().unwrap();
     write_config(root.path(), AGENT);
-    let mut d = Daemon::start(root.path(), &[]);
-    let addr = d.admin_addr();
-    d.wait_log("ready");
+    let mut d = start(root.path(), &[]);
+    let addr = d.admin_address_blocking();
+    d.wait_log_blocking("ready");
     let (code, body) = http_get(addr, "/metrics");
     assert_eq!(code, 200);
     for needle in [
@@ -181,31 +89,31 @@ fn steady_state_sigterm_exits_0_and_serves_metrics_until_then() {
     let asked = Instant::now();
     d.signal("TERM");
     let status = d.wait_exit(Duration::from_secs(5 + 5));
-    assert_eq!(status.code(), Some(0), "log: {:#?}", d.seen);
+    assert_eq!(status.code(), Some(0), "log: {:#?}", d.log());
     assert!(
         asked.elapsed() < Duration::from_secs(5),
         "took {:?}",
         asked.elapsed()
     );
-    d.wait_log("stopped cleanly");
+    d.wait_log_blocking("stopped cleanly");
 }
 
 #[test]
 fn sigterm_during_startup_exits_0() {
     let root = tempfile::tempdir().unwrap();
     write_config(root.path(), AGENT);
-    let mut d = Daemon::start(root.path(), &[("HYBRIDLET_STARTUP_DELAY", "120s")]);
-    let addr = d.admin_addr();
+    let mut d = start(root.path(), &[("HYBRIDLET_STARTUP_DELAY", "120s")]);
+    let addr = d.admin_address_blocking();
     let (code, body) = http_get(addr, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("admin: not ready (starting)"), "{body}");
     d.signal("TERM");
     let status = d.wait_exit(Duration::from_secs(5 + 5));
-    assert_eq!(status.code(), Some(0), "log: {:#?}", d.seen);
+    assert_eq!(status.code(), Some(0), "log: {:#?}", d.log());
     assert!(
-        d.seen.iter().all(|v| msg(v) != "ready"),
+        d.logged("").iter().all(|v| msg(v) != "ready"),
         "became ready: {:#?}",
-        d.seen
+        d.log()
     );
 }
 
@@ -213,8 +121,8 @@ fn sigterm_during_startup_exits_0() {
 fn sigint_is_a_clean_stop_too() {
     let root = tempfile::tempdir().unwrap();
     write_config(root.path(), AGENT);
-    let mut d = Daemon::start(root.path(), &[]);
-    d.wait_log("ready");
+    let mut d = start(root.path(), &[]);
+    d.wait_log_blocking("ready");
     d.signal("INT");
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
@@ -226,7 +134,7 @@ fn sd_notify_ready_watchdog_and_stopping() {
     let sock_path = root.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut d = Daemon::start(
+    let mut d = start(
         root.path(),
         &[
             ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
@@ -269,10 +177,10 @@ fn a_failing_subsystem_stops_the_process_with_1() {
         root.path(),
         &AGENT.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
     );
-    let mut d = Daemon::start(root.path(), &[]);
+    let mut d = start(root.path(), &[]);
     let status = d.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1));
-    let all: String = d.seen.iter().map(|v| format!("{v}\n")).collect();
+    let all: String = d.logged("").iter().map(|v| format!("{v}\n")).collect();
     assert!(all.contains("spec.admin.listenAddress"), "{all}");
 }
 
@@ -280,13 +188,13 @@ fn a_failing_subsystem_stops_the_process_with_1() {
 fn sighup_with_a_broken_config_keeps_the_running_one() {
     let root = tempfile::tempdir().unwrap();
     write_config(root.path(), AGENT);
-    let mut d = Daemon::start(root.path(), &[]);
-    let addr = d.admin_addr();
-    d.wait_log("ready");
+    let mut d = start(root.path(), &[]);
+    let addr = d.admin_address_blocking();
+    d.wait_log_blocking("ready");
 
     write_config(root.path(), &format!("{AGENT}  bogusField: 1\n"));
     d.signal("HUP");
-    let line = d.wait_log("configuration reload rejected");
+    let line = d.wait_log_blocking("configuration reload rejected");
     assert!(msg(&line).contains("spec.bogusField"), "{line}");
     assert_eq!(http_get(addr, "/readyz").0, 200);
     let (_, metrics) = http_get(addr, "/metrics");
@@ -297,7 +205,7 @@ fn sighup_with_a_broken_config_keeps_the_running_one() {
 
     write_config(root.path(), &AGENT.replace("5s", "7s"));
     d.signal("HUP");
-    let line = d.wait_log("configuration reloaded");
+    let line = d.wait_log_blocking("configuration reloaded");
     assert_eq!(
         line["applied"], "spec.shutdownGracePeriod applied",
         "{line}"
@@ -318,10 +226,10 @@ fn vf_provisioning_at_startup_and_its_failure() {
             "{AGENT}  sriov:\n    physicalFunctions:\n      - {{interface: ens2f0, numVfs: 64}}\n"
         ),
     );
-    let mut d = Daemon::start(root.path(), &[]);
-    let line = d.wait_log("SR-IOV VFs already as configured");
+    let mut d = start(root.path(), &[]);
+    let line = d.wait_log_blocking("SR-IOV VFs already as configured");
     assert_eq!(line["pf"], "0000:81:00.0");
-    d.wait_log("ready");
+    d.wait_log_blocking("ready");
     d.signal("TERM");
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(0));
 
@@ -332,9 +240,9 @@ fn vf_provisioning_at_startup_and_its_failure() {
             "{AGENT}  sriov:\n    physicalFunctions:\n      - {{pciAddress: \"0000:81:00.0\", numVfs: 500}}\n"
         ),
     );
-    let mut d = Daemon::start(root.path(), &[]);
+    let mut d = start(root.path(), &[]);
     assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(1));
-    let all: String = d.seen.iter().map(|v| format!("{v}\n")).collect();
+    let all: String = d.logged("").iter().map(|v| format!("{v}\n")).collect();
     assert!(
         all.contains("spec.sriov.physicalFunctions[0] (0000:81:00.0)"),
         "{all}"

@@ -516,7 +516,7 @@ async fn killed_at_random_points_during_500_cycles_nothing_is_half_done() {
         // One cycle in twelve, a crash a few hundred microseconds later, landing before,
         // inside or after the calls below.
         let crash_in = (next(12) == 0).then(|| Duration::from_micros(next(3000)));
-        let pid = d.child.id();
+        let pid = d.agent.child.id();
         let killer = crash_in.map(|after| {
             std::thread::spawn(move || {
                 std::thread::sleep(after);

@@ -131,7 +131,7 @@ async fn start() -> Daemon {
 
 fn sighup(d: &Daemon) {
     std::process::Command::new("kill")
-        .args(["-HUP", &d.child.id().to_string()])
+        .args(["-HUP", &d.agent.child.id().to_string()])
         .status()
         .unwrap();
 }

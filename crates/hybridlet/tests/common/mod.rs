@@ -1,7 +1,12 @@
 //! Shared harness for the tests that run the real `hybridlet run`: a daemon under a fresh
 //! `--root` with the fake API server as its cluster, its log followed as it is written,
 //! its admin server scraped. Each test binary uses part of it.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods // the blocking waits are for synchronous tests
+)]
 
 pub mod peers;
 
@@ -72,15 +77,140 @@ pub fn iam_ra_config() -> String {
     )
 }
 
+/// `hybridlet run --log-format json` under `root` as a child process, its stderr lines
+/// collected as they are written: what every daemon test starts from.
+pub struct Agent {
+    pub child: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Start it with `args` after `run` and `envs` (the test's own NOTIFY_SOCKET only if
+    /// it passes one).
+    pub fn spawn(root: &Path, args: &[String], envs: &[(String, String)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
+            .args([
+                "--root",
+                root.to_str().unwrap(),
+                "--log-format",
+                "json",
+                "run",
+            ])
+            .args(args)
+            .env_remove("HYBRIDLET_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let lines = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// The log so far, one JSON object per line.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Every log line (as JSON) whose `message` starts with `prefix`, so far.
+    pub fn logged(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.log()
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|_| serde_json::json!({ "message": l }))
+            })
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .collect()
+    }
+
+    /// The first log line whose `message` starts with `prefix`, waiting up to 20 s
+    /// (blocking: for synchronous tests).
+    pub fn wait_log_blocking(&self, prefix: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = self.logged(prefix).into_iter().next() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {prefix:?}; saw: {:#?}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The admin server's `IP:PORT`, from its start-up log line (blocking).
+    pub fn admin_address_blocking(&self) -> std::net::SocketAddr {
+        self.wait_log_blocking("admin server listening")["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Send the signal `name` (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait up to `limit` for it to exit; the log is complete afterwards.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("did not exit within {limit:?}; log: {:#?}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `hybridlet run` under a fresh `--root`, with the fake API server as its cluster (the
 /// kubelet's kubeconfig points at it, and the node object exists).
 pub struct Daemon {
     pub api: FakeApiServer,
     pub root: tempfile::TempDir,
     pub kubelet: PathBuf,
-    pub child: std::process::Child,
-    log: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    pub agent: Agent,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -121,15 +251,12 @@ impl Daemon {
         std::fs::create_dir_all(&etc).unwrap();
         std::fs::write(etc.join("config.yaml"), config(iam_ra_config())).unwrap();
         let args = extra_args(root.path());
-        let log = Arc::default();
-        let (child, reader) = spawn(root.path(), &args, &envs, &log);
+        let agent = Agent::spawn(root.path(), &args, &envs);
         Self {
             api,
             root,
             kubelet,
-            child,
-            log,
-            reader: Some(reader),
+            agent,
             args,
             envs,
         }
@@ -137,7 +264,7 @@ impl Daemon {
 
     /// The log so far, one JSON object per line.
     pub fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.agent.log()
     }
 
     /// The first log line (as JSON) whose `message` starts with `prefix`, waiting for it.
@@ -159,11 +286,7 @@ impl Daemon {
 
     /// Every log line (as JSON) whose `message` starts with `prefix`, so far.
     pub fn logged(&self, prefix: &str) -> Vec<serde_json::Value> {
-        self.log()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(prefix)))
-            .collect()
+        self.agent.logged(prefix)
     }
 
     /// Replace the configuration file (`config` edits the IAM Roles Anywhere fixture).
@@ -180,7 +303,7 @@ impl Daemon {
     pub async fn reload(&self) -> serde_json::Value {
         let before = self.logged("configuration reload").len();
         Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args(["-HUP", &self.agent.child.id().to_string()])
             .status()
             .unwrap();
         let mut verdict = None;
@@ -220,75 +343,20 @@ impl Daemon {
 
     /// SIGKILL (a crash: no clean-up runs), then start again with the same arguments.
     pub fn crash_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        let (child, reader) = spawn(self.root.path(), &self.args, &self.envs, &self.log);
-        self.child = child;
-        self.reader = Some(reader);
+        let _ = self.agent.child.kill();
+        let _ = self.agent.wait_exit(Duration::from_secs(10));
+        self.agent = Agent::spawn(self.root.path(), &self.args, &self.envs);
     }
 
     /// SIGTERM, wait up to 15 s; the exit status and the whole log.
     pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        self.agent.signal("TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
+        while self.agent.child.try_wait().unwrap().is_none() {
             assert!(Instant::now() < deadline, "did not stop");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
         }
+        let status = self.agent.wait_exit(Duration::from_secs(1));
         (status, self.log().join("\n"))
-    }
-}
-
-/// `hybridlet run` under `root`; a thread appends its stderr lines to `log` (emptied first).
-fn spawn(
-    root: &Path,
-    args: &[String],
-    envs: &[(String, String)],
-    log: &Arc<Mutex<Vec<String>>>,
-) -> (std::process::Child, std::thread::JoinHandle<()>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybridlet"))
-        .args([
-            "--root",
-            root.to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-        ])
-        .args(args)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = log.clone();
-    log.lock().unwrap().clear();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            log.lock().unwrap().push(line);
-        }
-    });
-    (child, reader)
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
