@@ -67,6 +67,27 @@ csi_code() {
   esac
 }
 
+# start_fake_apiserver NODE: the fake API server (hybridlet-fixtures) on the guest's
+# loopback with the Node object NODE, and the kubelet's kubeconfig pointing at it; sets
+# $api (its URL) and $api_pid.
+start_fake_apiserver() {
+  "$artifacts/fake-apiserver" > /tmp/api.url 2>/tmp/api.err &
+  api_pid=$!
+  wait_for 10 "fake API server" test -s /tmp/api.url
+  api=$(head -n 1 /tmp/api.url)
+  curl -fsS -X POST -H 'Content-Type: application/json' \
+    -d "{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{\"name\":\"$1\"}}" "$api/api/v1/nodes" >/dev/null
+  mkdir -p /var/lib/kubelet
+  cat > /var/lib/kubelet/kubeconfig <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "$api"}}]
+contexts: [{name: k, context: {cluster: c, user: u}}]
+current-context: k
+users: [{name: u, user: {token: node-token}}]
+KC
+}
+
 # install_hybridlet [CONFIG_FILE]: install the .deb of this commit; optionally put an
 # AgentConfig drop-in in place, then start the unit and wait until systemd has READY=1.
 install_hybridlet() {

@@ -61,21 +61,7 @@ pid=$(main_pid)
 tls=/etc/hybridlet/tls
 mkdir -p "$tls"
 cp "$artifacts/tls/cert.pem" "$tls/cert.pem"; cp "$artifacts/tls/key.pem" "$tls/key.pem"
-"$artifacts/fake-apiserver" > /tmp/api.url 2>/tmp/api.err &
-api_pid=$!
-wait_for 10 "fake API server" test -s /tmp/api.url
-api=$(head -n 1 /tmp/api.url)
-curl -fsS -X POST -H 'Content-Type: application/json' \
-  -d "{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{\"name\":\"$(hostname)\"}}" "$api/api/v1/nodes" >/dev/null
-mkdir -p /var/lib/kubelet
-cat > /var/lib/kubelet/kubeconfig <<KC
-apiVersion: v1
-kind: Config
-clusters: [{name: c, cluster: {server: "$api"}}]
-contexts: [{name: k, context: {cluster: c, user: u}}]
-current-context: k
-users: [{name: u, user: {token: node-token}}]
-KC
+start_fake_apiserver "$(hostname)"
 # reload_with CONFIG-BODY: the drop-in's spec, then systemctl reload; the same process.
 reloads=1
 reload_with() {

@@ -51,20 +51,7 @@ hybridlet devices | tail -n 1 | grep -q '1 SR-IOV PFs, 2 VFs' || fail "summary l
 
 step "SR-IOV DRA: VFs in a ResourceSlice; prepare moves a VF to vfio-pci, unprepare gives it back"
 modprobe vfio-pci
-"$artifacts/fake-apiserver" > /tmp/api.url 2>/tmp/api.err &
-wait_for 10 "fake API server" test -s /tmp/api.url
-api=$(head -n 1 /tmp/api.url)
-curl -fsS -X POST -H 'Content-Type: application/json' \
-  -d '{"apiVersion":"v1","kind":"Node","metadata":{"name":"rig"}}' "$api/api/v1/nodes" >/dev/null
-mkdir -p /var/lib/kubelet
-cat > /var/lib/kubelet/kubeconfig <<KC
-apiVersion: v1
-kind: Config
-clusters: [{name: c, cluster: {server: "$api"}}]
-contexts: [{name: k, context: {cluster: c, user: u}}]
-current-context: k
-users: [{name: u, user: {token: node-token}}]
-KC
+start_fake_apiserver rig
 cat >> /etc/hybridlet/config.d/50-e2e.yaml <<'YAML'
   dra:
     sriov:
