@@ -97,6 +97,9 @@ fn config(dir: &Path, endpoint: &str, ca_pem: &[u8]) -> PathBuf {
             out.push('\n');
         }
     }
+    // The cluster's remote networks in the configuration: init and check judge the node
+    // against them without asking EKS (no AWS call at all).
+    out.push_str("  remoteNetworks:\n    nodeCidrs: [10.80.0.0/16]\n");
     let path = dir.join("config.yaml");
     std::fs::write(&path, out).expect("write config");
     path
