@@ -111,6 +111,9 @@ pub enum Command {
     Token(TokenArgs),
     /// Print the version.
     Version(VersionArgs),
+    /// Packaging aid: write the manual pages and shell completions under DIR.
+    #[command(hide = true)]
+    Assets(AssetsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +265,13 @@ pub struct VersionArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AssetsArgs {
+    /// Output directory (man/ and completions/ are created in it).
+    #[arg(value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

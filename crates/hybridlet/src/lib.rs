@@ -18,6 +18,7 @@ macro_rules! outln {
     }};
 }
 
+mod assets;
 mod cli;
 mod daemon;
 mod devices;
@@ -33,13 +34,12 @@ use std::process::ExitCode;
 
 pub use exit::Failure;
 
-/// The version, and the git commit when the build provided `HYBRIDLET_GIT_COMMIT`.
+/// The version, the git commit and the build date (embedded by build.rs).
 pub fn build_info() -> hybridlet_metrics::BuildInfo {
     hybridlet_metrics::BuildInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: option_env!("HYBRIDLET_GIT_COMMIT")
-            .unwrap_or("unknown")
-            .to_string(),
+        commit: env!("HYBRIDLET_GIT_COMMIT").to_string(),
+        date: env!("HYBRIDLET_BUILD_DATE").to_string(),
     }
 }
 
@@ -80,6 +80,7 @@ fn dispatch(args: cli::Cli) -> Result<(), Failure> {
             print_version(a.json);
             Ok(())
         }
+        Command::Assets(a) => assets::write(&a.out),
         Command::Devices(a) => devices::devices(&args, a),
         Command::Check(a) => Ok(hybridlet_join::check(
             &context()?,
@@ -138,9 +139,14 @@ fn print_version(json: bool) {
     if json {
         outln!(
             "{}",
-            serde_json::json!({"version": info.version, "commit": info.commit})
+            serde_json::json!({"version": info.version, "commit": info.commit, "buildDate": info.date})
         );
     } else {
-        outln!("hybridlet {} (commit {})", info.version, info.commit);
+        outln!(
+            "hybridlet {} (commit {}, built {})",
+            info.version,
+            info.commit,
+            info.date
+        );
     }
 }

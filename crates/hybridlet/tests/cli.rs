@@ -270,6 +270,34 @@ fn version_prints_text_and_json() {
     let out = hybridlet(&["version", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    // The build embeds the checkout's commit and that commit's date (UTC), as git says
+    // them (the tests run from a git checkout; CI's is a clean clone).
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .env("TZ", "UTC")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        v["commit"],
+        git(&["rev-parse", "--short=12", "HEAD"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["buildDate"],
+        git(&[
+            "show",
+            "-s",
+            "--date=format-local:%Y-%m-%dT%H:%M:%SZ",
+            "--format=%cd",
+            "HEAD"
+        ]),
+        "{v}"
+    );
 }
 
 #[test]

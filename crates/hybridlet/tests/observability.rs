@@ -333,8 +333,114 @@ async fn every_family_and_every_alert_series_is_live_after_its_events() {
         }
     }
     assert!(queried >= 15, "the dashboard queries only {queried} series");
+
+    // What promtool (Debian `prometheus`) says of the live scrape, in each format a
+    // scraper may ask for: OpenMetrics (Prometheus) and the 0.0.4 text format (older
+    // Prometheus, Telegraf, Datadog, curl without an Accept header).
+    let text = d.scrape_accepting("").await;
+    assert!(!text.contains("# EOF"), "{text}");
+    promtool_check_metrics("the 0.0.4 text format", &text);
+    promtool_parse_openmetrics(&scrape);
     let (status, log) = d.stop().await;
     assert!(status.success(), "{log}");
+}
+
+/// `promtool check metrics` on a scrape: it must parse, and raise no lint problem but
+/// one: the GPU families' `UUID` and `modelName` labels are dcgm-exporter's names, kept so
+/// that its dashboards and joins work on hybridlet's series (docs/metrics.md); promtool's
+/// snake_case rule is the only one they break, and no other label does.
+fn promtool_check_metrics(format: &str, scrape: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): `bash .ci/run` installs it (Debian package `prometheus`)")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| {
+            let dcgm_label = l.starts_with("hybridlet_gpu_")
+                && l.ends_with(" label names should be written in 'snake_case' not 'camelCase'");
+            !dcgm_label
+        })
+        .collect();
+    // Exit 3 is "lint problems"; anything else but 0 is a parse failure.
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)) && problems.is_empty(),
+        "promtool check metrics ({format}): {}\n{said}\n{scrape}",
+        out.status
+    );
+    let camel: BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('{'))
+        .flat_map(|(_, labels)| labels.split("\",").filter_map(|kv| kv.split_once('=')))
+        .map(|(k, _)| k.trim_start_matches(','))
+        .filter(|k| k.chars().any(|c| c.is_ascii_uppercase()))
+        .collect();
+    assert!(
+        camel.iter().all(|k| ["UUID", "modelName"].contains(k)),
+        "labels outside snake_case: {camel:?}"
+    );
+}
+
+/// Prometheus' own OpenMetrics parser on a scrape. `promtool check metrics` reads only
+/// the 0.0.4 text format, so the scrape is fed to the one promtool command that parses
+/// OpenMetrics, `tsdb create-blocks-from openmetrics` (the backfill; it wants a timestamp
+/// on every sample, so each gets the scrape's time, before any exemplar).
+fn promtool_parse_openmetrics(scrape: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let stamped: String = scrape
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                let (sample, exemplar) = l.split_once(" # ").unwrap_or((l, ""));
+                let exemplar = if exemplar.is_empty() {
+                    String::new()
+                } else {
+                    format!(" # {exemplar}")
+                };
+                format!("{sample} {now}{exemplar}\n")
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("scrape.om");
+    std::fs::write(&input, &stamped).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["tsdb", "create-blocks-from", "openmetrics"])
+        .arg(&input)
+        .arg(dir.path().join("blocks"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): `bash .ci/run` installs it (Debian package `prometheus`)")
+        });
+    assert!(
+        out.status.success(),
+        "promtool's OpenMetrics parser refuses the scrape: {}{}\n{stamped}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// NodeGetVolumeStats on a published raw-block volume whose device is gone: abnormal, and

@@ -19,6 +19,7 @@ fn main() {
     let build = BuildInfo {
         version: "0.1.0".into(),
         commit: "bench".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "joined", readiness);
     metrics.config_reloaded("ok");

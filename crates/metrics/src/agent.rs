@@ -17,6 +17,8 @@ pub struct BuildInfo {
     pub version: String,
     /// Git commit, or `unknown`.
     pub commit: String,
+    /// Build date (UTC, RFC 3339; the commit's date for reproducible builds), or `unknown`.
+    pub date: String,
 }
 
 /// The agent's own metrics.
@@ -42,6 +44,7 @@ impl AgentMetrics {
             Info::new(vec![
                 ("version".to_string(), build.version.clone()),
                 ("commit".to_string(), build.commit.clone()),
+                ("build_date".to_string(), build.date.clone()),
             ]),
         );
         registry.register(

@@ -6,7 +6,8 @@
 //! anything that could block (NVML, sysfs) must be sampled by its owner on a timer, so
 //! that a scrape never waits on hardware.
 //!
-//! The admin server serves `/metrics` (OpenMetrics text), `/healthz` (the process is
+//! The admin server serves `/metrics` (OpenMetrics text when the scraper asks for it, as
+//! Prometheus does, the Prometheus text format 0.0.4 otherwise), `/healthz` (the process is
 //! alive and its event loop answers) and `/readyz` (every subsystem is ready; the body
 //! lists those that are not).
 //!
@@ -14,6 +15,7 @@
 //! expose configuration values or secrets.
 
 mod agent;
+pub mod format;
 mod server;
 
 pub use agent::{AgentMetrics, BuildInfo};

@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::AgentMetrics;
+use crate::format::Format;
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Slow or idle clients must not hold connections open forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-flight requests get this long to finish at shutdown.
@@ -327,7 +327,13 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         )
     } else {
         match path {
-            "/metrics" => ("/metrics", metrics(shared)),
+            "/metrics" => {
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                ("/metrics", metrics(shared, Format::negotiate(accept)))
+            }
             "/healthz" | "/livez" => ("/healthz", text(StatusCode::OK, "ok\n".to_string())),
             "/readyz" => ("/readyz", readyz(shared)),
             _ => (
@@ -350,14 +356,20 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     response
 }
 
-fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
+fn metrics(shared: &Shared, format: Format) -> Response<Full<Bytes>> {
     match crate::encode(&shared.registry) {
         Ok(body) => {
+            let body = match format {
+                Format::OpenMetrics => body,
+                Format::Text => crate::format::to_text_0_0_4(&body),
+            };
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(OPENMETRICS),
+                header::HeaderValue::from_static(format.content_type()),
             );
+            resp.headers_mut()
+                .insert(header::VARY, header::HeaderValue::from_static("accept"));
             resp
         }
         Err(_) => text(

@@ -9,18 +9,29 @@ use hybridlet_runtime::{CancellationToken, Readiness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(addr: std::net::SocketAddr, path: &str, method: &str) -> (u16, String) {
+    let (code, _, body) = get_with(addr, path, method, "").await;
+    (code, body)
+}
+
+/// A request with extra header lines; the status, the header block and the body.
+async fn get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    method: &str,
+    headers: &str,
+) -> (u16, String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status: u16 = buf[9..12].parse().unwrap();
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    (status, head.to_ascii_lowercase(), body.to_string())
 }
+
+/// The Accept header Prometheus sends by default (scrape.go, 2.x and 3.x).
+const PROMETHEUS_ACCEPT: &str = "Accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
 
 #[tokio::test]
 async fn serves_metrics_health_and_readiness() {
@@ -29,6 +40,7 @@ async fn serves_metrics_health_and_readiness() {
     let build = BuildInfo {
         version: "1.2.3".into(),
         commit: "abc".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let server = AdminServer::bind(
@@ -57,10 +69,14 @@ async fn serves_metrics_health_and_readiness() {
     assert_eq!(get(addr, "/nope", "GET").await.0, 404);
     assert_eq!(get(addr, "/metrics", "POST").await.0, 405);
 
-    let (code, body) = get(addr, "/metrics", "GET").await;
+    let (code, head, body) = get_with(addr, "/metrics", "GET", PROMETHEUS_ACCEPT).await;
     assert_eq!(code, 200);
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
     for needle in [
-        "hybridlet_build_info{version=\"1.2.3\",commit=\"abc\"} 1",
+        "hybridlet_build_info{version=\"1.2.3\",commit=\"abc\",build_date=\"2026-12-04T00:00:00Z\"} 1",
         "hybridlet_config_info{mode=\"standalone\"} 1",
         "# TYPE hybridlet_uptime_seconds gauge",
         "# UNIT hybridlet_uptime_seconds seconds",
@@ -72,6 +88,26 @@ async fn serves_metrics_health_and_readiness() {
         "# EOF",
     ] {
         assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+    }
+    // A scraper that does not ask for OpenMetrics (curl, older Prometheus, Telegraf) gets
+    // the 0.0.4 text format: no info type, no UNIT, no EOF.
+    let (code, head, body) = get_with(addr, "/metrics", "GET", "Accept: */*\r\n").await;
+    assert_eq!(code, 200);
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    for needle in [
+        "# TYPE hybridlet_build_info gauge",
+        "hybridlet_build_info{version=\"1.2.3\",commit=\"abc\",build_date=\"2026-12-04T00:00:00Z\"} 1",
+        "# TYPE hybridlet_admin_http_requests_total counter",
+        "hybridlet_admin_http_requests_total{route=\"/readyz\",code=\"503\"} 1",
+        "# TYPE hybridlet_uptime_seconds gauge",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+    }
+    for absent in ["# EOF", "# UNIT", " info\n", " unknown\n"] {
+        assert!(!body.contains(absent), "{absent:?} in:\n{body}");
     }
 
     stop.cancel();
@@ -91,6 +127,7 @@ async fn bind_conflict_names_the_setting() {
     let build = BuildInfo {
         version: "x".into(),
         commit: "y".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let err = AdminServer::bind(addr, Arc::new(registry), readiness, metrics)
@@ -110,6 +147,7 @@ fn docs_list_exactly_the_registered_metrics() {
     let build = BuildInfo {
         version: "x".into(),
         commit: "y".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness);
     // Families only appear once they have a member.
@@ -169,6 +207,7 @@ async fn serves_over_tls_from_pem_files() {
     let build = BuildInfo {
         version: "1.2.3".into(),
         commit: "abc".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let server = AdminServer::bind(
@@ -273,6 +312,7 @@ async fn certificates_rotate_without_a_new_listener() {
     let build = BuildInfo {
         version: "1.2.3".into(),
         commit: "abc".into(),
+        date: "2026-12-04T00:00:00Z".into(),
     };
     let metrics = AgentMetrics::register(&mut registry, &build, "standalone", readiness.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -18,6 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hybridlet_fixtures::apiserver::FakeApiServer;
+
+/// The Accept header Prometheus sends by default (2.x and 3.x scrape loop).
+pub const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 use serde_json::json;
 
 /// The node name of the IAM Roles Anywhere fixture configuration.
@@ -323,14 +326,24 @@ impl Daemon {
             .to_string()
     }
 
-    /// One `GET /metrics` (text format).
+    /// One `GET /metrics` as Prometheus asks for it (OpenMetrics).
     pub async fn scrape(&self) -> String {
+        self.scrape_accepting(PROMETHEUS_ACCEPT).await
+    }
+
+    /// `/metrics` fetched with this `Accept` header (empty: none); the body.
+    pub async fn scrape_accepting(&self, accept: &'static str) -> String {
         let addr = self.admin_address().await;
         tokio::task::spawn_blocking(move || {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let accept = if accept.is_empty() {
+                String::new()
+            } else {
+                format!("Accept: {accept}\r\n")
+            };
             write!(
                 s,
-                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                "GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n"
             )
             .unwrap();
             let mut buf = String::new();

@@ -25,9 +25,15 @@ pid=$(main_pid)
 step "/metrics, /healthz, /readyz"
 expect_ok curl -fsS -o /dev/null http://127.0.0.1:9464/readyz
 expect_ok curl -fsS -o /dev/null http://127.0.0.1:9464/healthz
+# Prometheus asks for OpenMetrics and gets it; curl (Accept: */*) gets the 0.0.4 text
+# format, which older scrapers parse.
+curl -fsS -H 'Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5' \
+  http://127.0.0.1:9464/metrics > /tmp/metrics.om
+grep -q '^# EOF' /tmp/metrics.om || fail "/metrics asked for OpenMetrics is not OpenMetrics (no # EOF)"
 curl -fsS http://127.0.0.1:9464/metrics > /tmp/metrics
 grep -q '^hybridlet_build_info{' /tmp/metrics || fail "no hybridlet_build_info in /metrics"
-grep -q '^# EOF' /tmp/metrics || fail "/metrics is not OpenMetrics (no # EOF)"
+grep -q '^# TYPE hybridlet_build_info gauge' /tmp/metrics || fail "/metrics for curl is not the 0.0.4 text format"
+! grep -q '^# EOF' /tmp/metrics || fail "/metrics for curl is OpenMetrics"
 echo "    ok: $(grep -c '^hybridlet_' /tmp/metrics) hybridlet samples"
 
 step "reload with a broken drop-in: refused, the running config stays"

@@ -1,0 +1,168 @@
+//! The two exposition formats a scraper may ask for, and which one it asked for.
+//!
+//! `prometheus-client` writes OpenMetrics 1.0 only. Prometheus asks for OpenMetrics first,
+//! but older Prometheus releases, Datadog, Telegraf and curl ask for (or accept only) the
+//! Prometheus text format 0.0.4, whose parser refuses OpenMetrics' `info` type, `# UNIT`
+//! and `# EOF`. So the OpenMetrics text is rewritten family by family:
+//! - a counter family `x` with samples `x_total` is typed and described as `x_total`
+//!   (0.0.4 names a family by its sample), and its `x_created` samples are dropped;
+//! - an info family `x` with the sample `x_info` becomes the gauge `x_info`;
+//! - `unknown` becomes `untyped`; `# UNIT` and `# EOF` go; exemplars are cut off;
+//! - gauges, histograms and summaries are the same in both.
+
+/// The OpenMetrics content type.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format's content type.
+pub const TEXT_0_0_4: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4.
+    Text,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it is acceptable and not
+    /// ranked below the text format, the text format otherwise (also with no header, as
+    /// curl sends `*/*`).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Format::Text;
+        };
+        let mut openmetrics = 0.0_f32;
+        let mut text = 0.0_f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    /// The content type of a response in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => OPENMETRICS,
+            Format::Text => TEXT_0_0_4,
+        }
+    }
+}
+
+/// OpenMetrics text rewritten in the Prometheus text format 0.0.4.
+pub fn to_text_0_0_4(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // The family being copied and its OpenMetrics type; a HELP line waits for the TYPE
+    // line after it, which decides the family's name in the text format.
+    let mut family = String::new();
+    let mut kind = "";
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            flush_help(&mut out, help.take(), None);
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, t) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            family = name.to_string();
+            kind = t;
+            let (name, t) = match t {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_string(), t),
+                _ => (name.to_string(), "untyped"),
+            };
+            flush_help(&mut out, help.take(), Some(&name));
+            out.push_str(&format!("# TYPE {name} {t}\n"));
+            continue;
+        }
+        flush_help(&mut out, help.take(), None);
+        if line.starts_with('#') {
+            // `# UNIT`, `# EOF`: OpenMetrics only.
+            continue;
+        }
+        // Exemplars follow ` # ` after the value.
+        let sample = line.split(" # ").next().unwrap_or(line);
+        if kind == "counter" && sample_name(sample) == format!("{family}_created") {
+            continue;
+        }
+        out.push_str(sample);
+        out.push('\n');
+    }
+    flush_help(&mut out, help, None);
+    out
+}
+
+/// Write a held HELP line under the name its TYPE line gave the family.
+fn flush_help(out: &mut String, help: Option<(&str, &str)>, typed: Option<&str>) {
+    if let Some((name, text)) = help {
+        let name = typed.filter(|t| t.starts_with(name)).unwrap_or(name);
+        out.push_str(&format!("# HELP {name} {text}\n"));
+    }
+}
+
+/// The metric name of a sample line.
+fn sample_name(sample: &str) -> &str {
+    let end = sample.find(['{', ' ']).unwrap_or(sample.len());
+    &sample[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_asks_for_openmetrics_and_gets_it() {
+        // The Accept header Prometheus 2.x/3.x sends by default.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        // Older scrapers, curl, no header at all.
+        assert_eq!(
+            Format::negotiate(Some("text/plain;version=0.0.4;q=1,*/*;q=0.1")),
+            Format::Text
+        );
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        // Ranked below the text format, or refused with q=0.
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0.3,text/plain;q=0.9")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Text
+        );
+    }
+
+    #[test]
+    fn families_are_renamed_the_way_the_text_format_names_them() {
+        let om = "# HELP hybridlet_build Build information.\n# TYPE hybridlet_build info\nhybridlet_build_info{version=\"1\"} 1\n\
+# HELP hybridlet_reloads Reloads.\n# TYPE hybridlet_reloads counter\nhybridlet_reloads_total{result=\"ok\"} 2\nhybridlet_reloads_created{result=\"ok\"} 1.7e9\n\
+# HELP hybridlet_uptime_seconds Uptime.\n# TYPE hybridlet_uptime_seconds gauge\n# UNIT hybridlet_uptime_seconds seconds\nhybridlet_uptime_seconds 5\n\
+# HELP hybridlet_d_seconds D.\n# TYPE hybridlet_d_seconds histogram\nhybridlet_d_seconds_bucket{le=\"+Inf\"} 1 # {trace=\"a\"} 0.1\nhybridlet_d_seconds_sum 0.1\nhybridlet_d_seconds_count 1\n# EOF\n";
+        let text = to_text_0_0_4(om);
+        assert_eq!(
+            text,
+            "# HELP hybridlet_build_info Build information.\n# TYPE hybridlet_build_info gauge\nhybridlet_build_info{version=\"1\"} 1\n\
+# HELP hybridlet_reloads_total Reloads.\n# TYPE hybridlet_reloads_total counter\nhybridlet_reloads_total{result=\"ok\"} 2\n\
+# HELP hybridlet_uptime_seconds Uptime.\n# TYPE hybridlet_uptime_seconds gauge\nhybridlet_uptime_seconds 5\n\
+# HELP hybridlet_d_seconds D.\n# TYPE hybridlet_d_seconds histogram\nhybridlet_d_seconds_bucket{le=\"+Inf\"} 1\nhybridlet_d_seconds_sum 0.1\nhybridlet_d_seconds_count 1\n"
+        );
+    }
+}
