@@ -216,6 +216,8 @@ async fn prepare_unprepare_with_per_claim_errors() {
     let spec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(spec_path(&rig.cdi(), "uid-a")).unwrap())
             .unwrap();
+    // As the CDI specification's rules judge it (hybridlet_fixtures::cdi).
+    hybridlet_fixtures::cdi::validate(&spec).unwrap();
     assert_eq!(spec["kind"], "gpu.hybridlet.io/claim");
     assert_eq!(spec["devices"][0]["name"], "uid-a-gpu-0");
     assert_eq!(

@@ -11,6 +11,23 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+/// A CDI spec the driver wrote, judged by the CDI specification's rules
+/// (`hybridlet_fixtures::cdi`), with every name the kubelet was given found in it.
+fn cdi_spec(path: &std::path::Path, ids: &[String]) -> serde_json::Value {
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    hybridlet_fixtures::cdi::validate(&spec)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{spec:#}", path.display()));
+    for id in ids {
+        assert!(
+            hybridlet_fixtures::cdi::resolve(&spec, id).is_some(),
+            "{id} is not in {}",
+            path.display()
+        );
+    }
+    spec
+}
+
 use common::{Daemon, is_socket, wait_until};
 use hybridlet_proto::dra::v1;
 use hybridlet_proto::pluginregistration::InfoRequest;
@@ -213,8 +230,7 @@ async fn gpu_dra_publishes_prepares_and_unprepares() {
     let spec_file = root
         .path()
         .join("var/run/cdi/gpu_hybridlet_io-claim-uid-1.json");
-    let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&spec_file).unwrap()).unwrap();
+    let spec = cdi_spec(&spec_file, &r.devices[0].cdi_device_ids);
     assert_eq!(
         spec["devices"][0]["containerEdits"]["env"][0],
         "NVIDIA_VISIBLE_DEVICES=GPU-5a0b0003-1c2d-4e5f-8a9b-0000dead0003"
@@ -371,14 +387,12 @@ async fn sriov_dra_publishes_vfs_and_prepares_through_vfio() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.claims["uid-vfio"].error, "");
-    let spec: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            root.path()
-                .join("var/run/cdi/sriov_hybridlet_io-uid-vfio.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let spec = cdi_spec(
+        &root
+            .path()
+            .join("var/run/cdi/sriov_hybridlet_io-uid-vfio.json"),
+        &resp.claims["uid-vfio"].devices[0].cdi_device_ids,
+    );
     let edits = &spec["devices"][0]["containerEdits"];
     assert_eq!(edits["env"][0], "PCIDEVICE_SRIOV_HYBRIDLET_IO=0000:81:08.1");
     assert_eq!(edits["deviceNodes"][0]["path"], "/dev/vfio/vfio");
@@ -650,14 +664,12 @@ async fn sriov_netdev_mode_hands_over_the_interface_and_rdma_without_moving_the_
         .unwrap()
         .into_inner();
     assert_eq!(r.claims["uid-netdev"].error, "");
-    let spec: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            root.path()
-                .join("var/run/cdi/sriov_hybridlet_io-uid-netdev.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let spec = cdi_spec(
+        &root
+            .path()
+            .join("var/run/cdi/sriov_hybridlet_io-uid-netdev.json"),
+        &r.claims["uid-netdev"].devices[0].cdi_device_ids,
+    );
     let edits = &spec["devices"][0]["containerEdits"];
     let env: Vec<&str> = edits["env"]
         .as_array()

@@ -153,3 +153,22 @@ spec:
     cidr: 172.16.0.0/16
 YAML
 }
+
+# podman_with_cdi CDI_NAME CMD...: run CMD in a throwaway container (a busybox root
+# filesystem, no image, no network) that gets CDI_NAME injected by podman, which reads
+# the CDI specs hybridlet writes in /var/run/cdi as any CDI consumer does. Prints CMD's
+# output; fails the scenario if podman refuses.
+podman_with_cdi() {
+  local name=$1; shift
+  local rootfs=/tmp/podman-rootfs
+  if [ ! -x "$rootfs/bin/busybox" ]; then
+    mkdir -p "$rootfs/bin" "$rootfs/dev" "$rootfs/proc" "$rootfs/sys" "$rootfs/tmp"
+    cp /bin/busybox "$rootfs/bin/busybox"
+    ln -sf busybox "$rootfs/bin/sh"
+  fi
+  local out rc=0
+  out=$(podman --cgroup-manager=cgroupfs run --rm --network none --rootfs "$rootfs" \
+    --device "$name" /bin/busybox "$@" 2>&1) || rc=$?
+  [ "$rc" -eq 0 ] || fail "podman run --device $name exited $rc: $out"
+  printf '%s\n' "$out"
+}

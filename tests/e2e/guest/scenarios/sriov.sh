@@ -78,6 +78,14 @@ group=$(basename "$(readlink /sys/bus/pci/devices/$vf/iommu_group)")
 [ -c "/dev/vfio/$group" ] || fail "/dev/vfio/$group does not exist"
 grep -q "/dev/vfio/$group" "/var/run/cdi/sriov_hybridlet_io-$uid.json" || fail "CDI spec lacks /dev/vfio/$group"
 echo "    ok: /dev/vfio/$group in the CDI spec"
+# A real CDI consumer: podman (Debian 4.3) injects the device by the name the kubelet got.
+cdi_name=$("$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name dpdk --uid "$uid" | grep -o 'sriov\.hybridlet\.io/claim=[A-Za-z0-9_.:-]*' | head -n 1)
+[ -n "$cdi_name" ] || fail "no CDI name in the prepare answer"
+inside=$(podman_with_cdi "$cdi_name" sh -c "ls /dev/vfio; echo PCI=\$PCIDEVICE_SRIOV_HYBRIDLET_IO")
+echo "$inside" | grep -qx "$group" || fail "/dev/vfio/$group not in the container: $inside"
+echo "$inside" | grep -qx vfio || fail "/dev/vfio/vfio not in the container: $inside"
+echo "$inside" | grep -qx "PCI=$vf" || fail "PCIDEVICE_SRIOV_HYBRIDLET_IO is not $vf in the container: $inside"
+echo "    ok: podman ran a container with $cdi_name: /dev/vfio/$group, /dev/vfio/vfio, PCIDEVICE_SRIOV_HYBRIDLET_IO=$vf"
 expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name dpdk --uid "$uid"
 expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name dpdk --uid "$uid"
 wait_for 10 "VF back on igbvf" sh -c "[ \"\$(basename \"\$(readlink /sys/bus/pci/devices/$vf/driver)\")\" = igbvf ]"
@@ -93,6 +101,11 @@ expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace 
 expect_eq "VF driver in netdev mode" igbvf "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
 grep -q "SRIOV_HYBRIDLET_IO_NETDEV=$ifname" "/var/run/cdi/sriov_hybridlet_io-$uid.json" || fail "CDI spec lacks the netdev $ifname: $(cat /var/run/cdi/sriov_hybridlet_io-$uid.json)"
 grep -q '/dev/vfio' "/var/run/cdi/sriov_hybridlet_io-$uid.json" && fail "netdev mode injected vfio nodes"
+cdi_name=$("$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name netdev --uid "$uid" | grep -o 'sriov\.hybridlet\.io/claim=[A-Za-z0-9_.:-]*' | head -n 1)
+inside=$(podman_with_cdi "$cdi_name" sh -c 'echo NETDEV=$SRIOV_HYBRIDLET_IO_NETDEV; ls /dev/vfio 2>&1 || true')
+echo "$inside" | grep -qx "NETDEV=$ifname" || fail "SRIOV_HYBRIDLET_IO_NETDEV is not $ifname in the container: $inside"
+echo "$inside" | grep -q 'vfio$' && fail "netdev mode gave the container /dev/vfio: $inside"
+echo "    ok: podman ran a container with $cdi_name: SRIOV_HYBRIDLET_IO_NETDEV=$ifname, no /dev/vfio"
 expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name netdev --uid "$uid"
 expect_eq "VF driver after unprepare" igbvf "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
 echo "    ok: $ifname handed over, VF left on igbvf"
