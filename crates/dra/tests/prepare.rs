@@ -218,6 +218,10 @@ async fn prepare_unprepare_with_per_claim_errors() {
             .unwrap();
     // As the CDI specification's rules judge it (hybridlet_fixtures::cdi).
     hybridlet_fixtures::cdi::validate(&spec).unwrap();
+    assert_eq!(
+        spec["cdiVersion"],
+        hybridlet_fixtures::cdi::minimum_version(&spec).unwrap()
+    );
     assert_eq!(spec["kind"], "gpu.hybridlet.io/claim");
     assert_eq!(spec["devices"][0]["name"], "uid-a-gpu-0");
     assert_eq!(

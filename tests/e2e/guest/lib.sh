@@ -156,8 +156,8 @@ YAML
 
 # podman_with_cdi CDI_NAME CMD...: run CMD in a throwaway container (a busybox root
 # filesystem, no image, no network) that gets CDI_NAME injected by podman, which reads
-# the CDI specs hybridlet writes in /var/run/cdi as any CDI consumer does. Prints CMD's
-# output; fails the scenario if podman refuses.
+# the CDI specs hybridlet writes in /var/run/cdi as any CDI consumer does. CMD's output
+# is left in $podman_out; the scenario fails if podman refuses.
 podman_with_cdi() {
   local name=$1; shift
   local rootfs=/tmp/podman-rootfs
@@ -166,9 +166,7 @@ podman_with_cdi() {
     cp /bin/busybox "$rootfs/bin/busybox"
     ln -sf busybox "$rootfs/bin/sh"
   fi
-  local out rc=0
-  out=$(podman --cgroup-manager=cgroupfs run --rm --network none --rootfs "$rootfs" \
-    --device "$name" /bin/busybox "$@" 2>&1) || rc=$?
-  [ "$rc" -eq 0 ] || fail "podman run --device $name exited $rc: $out"
-  printf '%s\n' "$out"
+  # --rootfs is a flag: the first argument is then the root filesystem, not an image.
+  podman_out=$(podman --cgroup-manager=cgroupfs run --rm --network none --device "$name" \
+    --rootfs "$rootfs" /bin/busybox "$@" 2>&1) || fail "podman run --device $name: $podman_out"
 }

@@ -9,6 +9,9 @@ for d in /sys/bus/pci/devices/*; do
   if [ "$(cat "$d/vendor")" = 0x8086 ] && [ "$(cat "$d/device")" = 0x10c9 ]; then pf=$(basename "$d"); fi
 done
 [ -n "$pf" ] || fail "no igb (8086:10c9) device in the VM; is QEMU >= 8 with -device igb?"
+# Right after boot udev may not have bound igb yet (sriov_numvfs answers ENOENT then).
+modprobe igb
+wait_for 60 "igb bound to the PF" test -e "/sys/bus/pci/devices/$pf/driver"
 echo "    igb PF at $pf, sriov_totalvfs=$(cat /sys/bus/pci/devices/$pf/sriov_totalvfs)"
 expect_eq "VFs before" 0 "$(cat /sys/bus/pci/devices/$pf/sriov_numvfs)"
 # Start from a non-zero count, so hybridlet's change is N -> M, which the kernel refuses
@@ -81,7 +84,8 @@ echo "    ok: /dev/vfio/$group in the CDI spec"
 # A real CDI consumer: podman (Debian 4.3) injects the device by the name the kubelet got.
 cdi_name=$("$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name dpdk --uid "$uid" | grep -o 'sriov\.hybridlet\.io/claim=[A-Za-z0-9_.:-]*' | head -n 1)
 [ -n "$cdi_name" ] || fail "no CDI name in the prepare answer"
-inside=$(podman_with_cdi "$cdi_name" sh -c "ls /dev/vfio; echo PCI=\$PCIDEVICE_SRIOV_HYBRIDLET_IO")
+podman_with_cdi "$cdi_name" sh -c "ls /dev/vfio; echo PCI=\$PCIDEVICE_SRIOV_HYBRIDLET_IO"
+inside=$podman_out
 echo "$inside" | grep -qx "$group" || fail "/dev/vfio/$group not in the container: $inside"
 echo "$inside" | grep -qx vfio || fail "/dev/vfio/vfio not in the container: $inside"
 echo "$inside" | grep -qx "PCI=$vf" || fail "PCIDEVICE_SRIOV_HYBRIDLET_IO is not $vf in the container: $inside"
@@ -102,7 +106,8 @@ expect_eq "VF driver in netdev mode" igbvf "$(basename "$(readlink /sys/bus/pci/
 grep -q "SRIOV_HYBRIDLET_IO_NETDEV=$ifname" "/var/run/cdi/sriov_hybridlet_io-$uid.json" || fail "CDI spec lacks the netdev $ifname: $(cat /var/run/cdi/sriov_hybridlet_io-$uid.json)"
 grep -q '/dev/vfio' "/var/run/cdi/sriov_hybridlet_io-$uid.json" && fail "netdev mode injected vfio nodes"
 cdi_name=$("$artifacts/e2e-kubelet" --socket "$dra_sock" dra-prepare --namespace net --name netdev --uid "$uid" | grep -o 'sriov\.hybridlet\.io/claim=[A-Za-z0-9_.:-]*' | head -n 1)
-inside=$(podman_with_cdi "$cdi_name" sh -c 'echo NETDEV=$SRIOV_HYBRIDLET_IO_NETDEV; ls /dev/vfio 2>&1 || true')
+podman_with_cdi "$cdi_name" sh -c 'echo NETDEV=$SRIOV_HYBRIDLET_IO_NETDEV; ls /dev/vfio 2>&1 || true'
+inside=$podman_out
 echo "$inside" | grep -qx "NETDEV=$ifname" || fail "SRIOV_HYBRIDLET_IO_NETDEV is not $ifname in the container: $inside"
 echo "$inside" | grep -q 'vfio$' && fail "netdev mode gave the container /dev/vfio: $inside"
 echo "    ok: podman ran a container with $cdi_name: SRIOV_HYBRIDLET_IO_NETDEV=$ifname, no /dev/vfio"
