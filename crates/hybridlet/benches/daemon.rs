@@ -17,9 +17,10 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// One scrape as Prometheus sends it (its default Accept header: OpenMetrics).
 fn scrape(addr: &str) -> usize {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nAccept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\nConnection: close\r\n\r\n")
         .expect("request");
     let mut body = Vec::new();
     s.read_to_end(&mut body).expect("response");

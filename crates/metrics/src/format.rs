@@ -67,53 +67,60 @@ impl Format {
 /// OpenMetrics text rewritten in the Prometheus text format 0.0.4.
 pub fn to_text_0_0_4(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
-    // The family being copied and its OpenMetrics type; a HELP line waits for the TYPE
-    // line after it, which decides the family's name in the text format.
-    let mut family = String::new();
-    let mut kind = "";
+    // A counter's `_created` samples are dropped; a HELP line waits for the TYPE line
+    // after it, which decides the family's name in the text format.
+    let mut created = String::new();
     let mut help: Option<(&str, &str)> = None;
     for line in openmetrics.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
-            flush_help(&mut out, help.take(), None);
+            flush_help(&mut out, help.take(), "", "");
             help = Some(rest.split_once(' ').unwrap_or((rest, "")));
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, t) = rest.split_once(' ').unwrap_or((rest, "unknown"));
-            family = name.to_string();
-            kind = t;
-            let (name, t) = match t {
-                "counter" => (format!("{name}_total"), "counter"),
-                "info" => (format!("{name}_info"), "gauge"),
-                "gauge" | "histogram" | "summary" => (name.to_string(), t),
-                _ => (name.to_string(), "untyped"),
+            let (suffix, t) = match t {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "gauge" | "histogram" | "summary" => ("", t),
+                _ => ("", "untyped"),
             };
-            flush_help(&mut out, help.take(), Some(&name));
-            out.push_str(&format!("# TYPE {name} {t}\n"));
+            created.clear();
+            if t == "counter" {
+                created.push_str(name);
+                created.push_str("_created");
+            }
+            flush_help(&mut out, help.take(), name, suffix);
+            for part in ["# TYPE ", name, suffix, " ", t, "\n"] {
+                out.push_str(part);
+            }
             continue;
         }
-        flush_help(&mut out, help.take(), None);
+        flush_help(&mut out, help.take(), "", "");
         if line.starts_with('#') {
             // `# UNIT`, `# EOF`: OpenMetrics only.
             continue;
         }
         // Exemplars follow ` # ` after the value.
         let sample = line.split(" # ").next().unwrap_or(line);
-        if kind == "counter" && sample_name(sample) == format!("{family}_created") {
+        if !created.is_empty() && sample_name(sample) == created {
             continue;
         }
         out.push_str(sample);
         out.push('\n');
     }
-    flush_help(&mut out, help, None);
+    flush_help(&mut out, help, "", "");
     out
 }
 
-/// Write a held HELP line under the name its TYPE line gave the family.
-fn flush_help(out: &mut String, help: Option<(&str, &str)>, typed: Option<&str>) {
+/// Write a held HELP line, under `family` + `suffix` when the TYPE line after it named
+/// that family.
+fn flush_help(out: &mut String, help: Option<(&str, &str)>, family: &str, suffix: &str) {
     if let Some((name, text)) = help {
-        let name = typed.filter(|t| t.starts_with(name)).unwrap_or(name);
-        out.push_str(&format!("# HELP {name} {text}\n"));
+        let suffix = if name == family { suffix } else { "" };
+        for part in ["# HELP ", name, suffix, " ", text, "\n"] {
+            out.push_str(part);
+        }
     }
 }
 
