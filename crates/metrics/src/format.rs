@@ -101,8 +101,7 @@ pub fn to_text_0_0_4(openmetrics: &str) -> String {
             // `# UNIT`, `# EOF`: OpenMetrics only.
             continue;
         }
-        // Exemplars follow ` # ` after the value.
-        let sample = line.split(" # ").next().unwrap_or(line);
+        let sample = without_exemplar(line);
         if !created.is_empty() && sample_name(sample) == created {
             continue;
         }
@@ -121,6 +120,31 @@ fn flush_help(out: &mut String, help: Option<(&str, &str)>, family: &str, suffix
         for part in ["# HELP ", name, suffix, " ", text, "\n"] {
             out.push_str(part);
         }
+    }
+}
+
+/// A sample line without its exemplar (` # {...} value` after the sample's value). The
+/// search starts after the label set, whose quoted values may hold ` # ` themselves.
+fn without_exemplar(line: &str) -> &str {
+    let mut labels_end = 0;
+    if let Some(open) = line.find('{').filter(|&o| !line[..o].contains(' ')) {
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in line[open..].char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '}' if !quoted => {
+                    labels_end = open + i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    match line[labels_end..].find(" # ") {
+        Some(at) => &line[..labels_end + at],
+        None => line,
     }
 }
 
@@ -155,6 +179,17 @@ mod tests {
             Format::negotiate(Some("application/openmetrics-text;q=0")),
             Format::Text
         );
+    }
+
+    #[test]
+    fn exemplars_go_but_label_values_keep_what_looks_like_one() {
+        assert_eq!(
+            to_text_0_0_4("a_bucket{le=\"1\"} 3 # {trace=\"x\"} 0.5 123\n"),
+            "a_bucket{le=\"1\"} 3\n"
+        );
+        assert_eq!(to_text_0_0_4("a_total 3 # {t=\"x\"} 1\n"), "a_total 3\n");
+        let odd = "a{path=\"/x # {y} \\\" # z\"} 1\n";
+        assert_eq!(to_text_0_0_4(odd), odd);
     }
 
     #[test]
