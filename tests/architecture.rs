@@ -31,6 +31,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-csi", 5),
     ("hybridlet-gpu", 5),
     ("hybridlet-sriov", 5),
+    ("hybridlet-pci", 5),
     // 6 applications: what the commands do, over the domains
     ("hybridlet-join", 6),
     ("hybridlet-devices", 6),

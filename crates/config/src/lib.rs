@@ -31,6 +31,7 @@ pub use load::{
     ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig, load, parse_str,
 };
 pub use types::*;
+pub use validate::{parse_pci_class, parse_pci_id};
 
 /// `apiVersion` of nodeadm's NodeConfig.
 pub const NODE_API_VERSION: &str = "node.eks.aws/v1alpha1";

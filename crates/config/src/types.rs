@@ -274,6 +274,8 @@ pub const DEFAULT_KUBELET_ROOT_DIR: &str = "/var/lib/kubelet";
 pub const DEFAULT_GPU_DRIVER_NAME: &str = "gpu.hybridlet.io";
 /// Default SR-IOV DRA driver name.
 pub const DEFAULT_SRIOV_DRIVER_NAME: &str = "sriov.hybridlet.io";
+/// Default PCI DRA driver name.
+pub const DEFAULT_PCI_DRIVER_NAME: &str = "pci.hybridlet.io";
 /// Default CSI driver name.
 pub const DEFAULT_CSI_DRIVER_NAME: &str = "csi.hybridlet.io";
 
@@ -391,6 +393,9 @@ pub struct DraSpec {
     pub gpu: GpuDriverSpec,
     /// The SR-IOV VF driver. Default off, driver name `sriov.hybridlet.io`.
     pub sriov: SriovDriverSpec,
+    /// The PCI driver: allowlisted PCI functions (FPGAs, other accelerators), whole IOMMU
+    /// groups to vfio-pci. Default off, driver name `pci.hybridlet.io`.
+    pub pci: PciDriverSpec,
     /// How long a prepared claim's ResourceClaim must be gone (and its pods off the node)
     /// before the driver releases its devices itself. Default `5m`.
     pub orphaned_claim_grace_period: GoDuration,
@@ -401,6 +406,7 @@ impl Default for DraSpec {
         Self {
             gpu: GpuDriverSpec::default(),
             sriov: SriovDriverSpec::default(),
+            pci: PciDriverSpec::default(),
             orphaned_claim_grace_period: GoDuration(std::time::Duration::from_secs(300)),
         }
     }
@@ -442,6 +448,60 @@ impl Default for SriovDriverSpec {
             driver_name: DEFAULT_SRIOV_DRIVER_NAME.to_string(),
         }
     }
+}
+
+/// `spec.dra.pci`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PciDriverSpec {
+    /// Whether the driver runs. Default `false`.
+    pub enabled: bool,
+    /// The DRA driver name registered with the kubelet. Default `pci.hybridlet.io`.
+    pub driver_name: String,
+    /// Which PCI functions the driver publishes and may move between drivers: a function
+    /// matching any rule. Nothing else on the host is ever touched. Required when enabled.
+    pub allow: Vec<PciAllowRule>,
+}
+
+impl Default for PciDriverSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            driver_name: DEFAULT_PCI_DRIVER_NAME.to_string(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// One allowlist rule (`spec.dra.pci.allow[]`): every field given must match. At least
+/// one of `vendor`, `class` or `driver`; `device` needs `vendor`, `subsystemDevice`
+/// needs `subsystemVendor`. IDs are hex (`0x10ee`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PciAllowRule {
+    /// PCI vendor ID, e.g. `0x10ee` (AMD/Xilinx), `0x8086` (Intel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    /// PCI device ID, e.g. `0x505c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Subsystem vendor ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsystem_vendor: Option<String>,
+    /// Subsystem device ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subsystem_device: Option<String>,
+    /// PCI class: `0x12` (processing accelerators), `0x1200` (class and subclass) or
+    /// `0x120000` (with the programming interface).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The kernel driver the function is bound to at discovery, e.g. `xclmgmt`, `dfl-pci`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The `deviceClass` attribute of matching devices (a DNS label such as `fpga` or
+    /// `accelerator`), for DeviceClass selectors. Default `accelerator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_class: Option<String>,
 }
 
 /// `spec.csi`.

@@ -294,6 +294,7 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
     for (field, name) in [
         ("spec.dra.gpu.driverName", &agent.dra.gpu.driver_name),
         ("spec.dra.sriov.driverName", &agent.dra.sriov.driver_name),
+        ("spec.dra.pci.driverName", &agent.dra.pci.driver_name),
     ] {
         if !is_dns_subdomain(name) || name.len() > 63 {
             r.error(
@@ -304,15 +305,36 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             );
         }
     }
-    if agent.dra.gpu.enabled
-        && agent.dra.sriov.enabled
-        && agent.dra.gpu.driver_name == agent.dra.sriov.driver_name
-    {
-        r.error(
+    let enabled = [
+        (
+            "spec.dra.gpu.driverName",
+            agent.dra.gpu.enabled,
+            &agent.dra.gpu.driver_name,
+        ),
+        (
             "spec.dra.sriov.driverName",
-            "must differ from spec.dra.gpu.driverName: each driver registers its own kubelet socket",
-        );
+            agent.dra.sriov.enabled,
+            &agent.dra.sriov.driver_name,
+        ),
+        (
+            "spec.dra.pci.driverName",
+            agent.dra.pci.enabled,
+            &agent.dra.pci.driver_name,
+        ),
+    ];
+    for (i, (field, on, name)) in enabled.iter().enumerate().skip(1) {
+        for (other, other_on, other_name) in &enabled[..i] {
+            if *on && *other_on && name == other_name {
+                r.error(
+                    *field,
+                    format!(
+                        "must differ from {other}: each driver registers its own kubelet socket"
+                    ),
+                );
+            }
+        }
     }
+    validate_pci_rules(&agent.dra.pci, r);
     if !is_csi_driver_name(&agent.csi.driver_name) {
         r.error(
             "spec.csi.driverName",
@@ -429,6 +451,115 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             );
         }
     }
+}
+
+/// `spec.dra.pci.allow`: each rule parses and can match something specific; an enabled
+/// driver needs at least one (it would publish nothing).
+fn validate_pci_rules(pci: &crate::types::PciDriverSpec, r: &mut Report) {
+    if pci.enabled && pci.allow.is_empty() {
+        r.error(
+            "spec.dra.pci.allow",
+            "is empty, so the driver would publish nothing: list the functions it may take, e.g. [{vendor: \"0x10ee\", device: \"0x505c\", deviceClass: fpga}]",
+        );
+    }
+    for (i, rule) in pci.allow.iter().enumerate() {
+        let base = format!("spec.dra.pci.allow[{i}]");
+        for (name, value) in [
+            ("vendor", &rule.vendor),
+            ("device", &rule.device),
+            ("subsystemVendor", &rule.subsystem_vendor),
+            ("subsystemDevice", &rule.subsystem_device),
+        ] {
+            if let Some(v) = value
+                && parse_pci_id(v).is_none()
+            {
+                r.error(
+                    format!("{base}.{name}"),
+                    format!("{v:?} is not a 16-bit hex PCI ID (e.g. \"0x10ee\")"),
+                );
+            }
+        }
+        if let Some(class) = &rule.class
+            && parse_pci_class(class).is_none()
+        {
+            r.error(
+                format!("{base}.class"),
+                format!("{class:?} is not a PCI class: 2, 4 or 6 hex digits (\"0x12\", \"0x1200\", \"0x120000\")"),
+            );
+        }
+        if rule.vendor.is_none() && rule.class.is_none() && rule.driver.is_none() {
+            r.error(
+                base.clone(),
+                "matches every PCI function: give at least one of vendor, class or driver",
+            );
+        }
+        if rule.device.is_some() && rule.vendor.is_none() {
+            r.error(
+                format!("{base}.device"),
+                "needs vendor: a device ID means nothing without its vendor",
+            );
+        }
+        if rule.subsystem_device.is_some() && rule.subsystem_vendor.is_none() {
+            r.error(format!("{base}.subsystemDevice"), "needs subsystemVendor");
+        }
+        if let Some(driver) = &rule.driver
+            && (driver.is_empty()
+                || driver.len() > 64
+                || !driver
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            r.error(
+                format!("{base}.driver"),
+                format!("{driver:?} is not a kernel driver name (letters, digits, '-' and '_', e.g. xclmgmt)"),
+            );
+        }
+        if let Some(class) = &rule.device_class
+            && !is_dns_label(class)
+        {
+            r.error(
+                format!("{base}.deviceClass"),
+                format!("{class:?} is not a DNS label (at most 63 lower-case letters, digits and '-', e.g. fpga)"),
+            );
+        }
+    }
+}
+
+/// A 16-bit hex PCI ID, `0x` optional.
+pub fn parse_pci_id(text: &str) -> Option<u16> {
+    let t = text.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    (!digits.is_empty() && digits.len() <= 4)
+        .then(|| u16::from_str_radix(digits, 16).ok())
+        .flatten()
+}
+
+/// A PCI class prefix: `(value, bits)` for 2, 4 or 6 hex digits (class; class and
+/// subclass; with the programming interface).
+pub fn parse_pci_class(text: &str) -> Option<(u32, u32)> {
+    let t = text.trim();
+    let digits = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t);
+    if !matches!(digits.len(), 2 | 4 | 6) {
+        return None;
+    }
+    let value = u32::from_str_radix(digits, 16).ok()?;
+    Some((value, digits.len() as u32 * 4))
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 fn is_eks_cluster_name(name: &str) -> bool {

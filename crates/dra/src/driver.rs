@@ -70,6 +70,19 @@ pub enum ClaimFailure {
         /// The claim UID holding it.
         holder: String,
     },
+    /// A device that must change with this one (same IOMMU group) is held by another
+    /// claim.
+    #[error(
+        "device {device} cannot be prepared: {other} changes with it (same IOMMU group) and is held by claim {holder}"
+    )]
+    Shared {
+        /// The device asked for.
+        device: String,
+        /// The device it shares the host resource with.
+        other: String,
+        /// The claim UID holding `other`.
+        holder: String,
+    },
     /// The backend refused or failed a device.
     #[error("device {device}: {source}")]
     Device {
@@ -144,11 +157,34 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Devices that change with `device` on the host (the other functions of its IOMMU
+    /// group, which move to vfio-pci together), so none of them can serve another claim
+    /// while `device` is prepared: the driver reserves them with it. Default: none.
+    fn companions(&self, _device: &str) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether [`DeviceBackend::attach`] changes the host (then the driver records its
     /// intent in the checkpoint before attaching, so a crash midway is undone at start).
     fn changes_host(&self) -> bool {
         false
     }
+}
+
+/// Each of `devices` and its companions, as (held device, the claimed device it comes
+/// with); a claimed device comes first, as its own entry.
+fn held_by(backend: &dyn DeviceBackend, devices: &[PreparedDevice]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = devices
+        .iter()
+        .map(|d| (d.device.clone(), d.device.clone()))
+        .collect();
+    for d in devices {
+        for c in backend.companions(&d.device) {
+            if !out.iter().any(|(name, _)| *name == c) {
+                out.push((c, d.device.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// Release `devices`, last first; the first failure stops it (the devices before it stay
@@ -489,8 +525,8 @@ impl Driver {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (uid, claim) in &checkpoint.claims {
-            for d in &claim.devices {
-                state.reserved.insert(d.device.clone(), uid.clone());
+            for (name, _) in held_by(driver.backend.as_ref(), &claim.devices) {
+                state.reserved.insert(name, uid.clone());
             }
         }
         state.checkpoint = checkpoint;
@@ -563,15 +599,21 @@ impl Driver {
         Ok(())
     }
 
+    /// Each device with its companions: everything a claim on `devices` holds.
+    fn held(&self, devices: &[PreparedDevice]) -> Vec<(String, String)> {
+        held_by(self.backend.as_ref(), devices)
+    }
+
     fn unreserve(&self, uid: &str, devices: &[PreparedDevice]) {
+        let held = self.held(devices);
         let mut state = self.lock_state();
-        for d in devices {
+        for (name, _) in held {
             if state
                 .reserved
-                .get(&d.device)
+                .get(&name)
                 .is_some_and(|holder| holder == uid)
             {
-                state.reserved.remove(&d.device);
+                state.reserved.remove(&name);
             }
         }
     }
@@ -644,18 +686,42 @@ impl Driver {
         }
         self.inspect(&mut devices).await?;
         {
-            // Reserve every device or none.
+            // Reserve every device (with the devices that change with it) or none.
+            let held = self.held(&devices);
             let mut state = self.lock_state();
-            for d in &devices {
-                if let Some(other) = state.reserved.get(&d.device) {
-                    return Err(ClaimFailure::Busy {
-                        device: d.device.clone(),
-                        holder: other.clone(),
+            for (name, of) in &held {
+                if let Some(holder) = state.reserved.get(name).filter(|h| *h != uid) {
+                    // Held as another claim's companion: name the device it came with.
+                    let via = (name == of)
+                        .then(|| {
+                            self.backend
+                                .companions(name)
+                                .into_iter()
+                                .find(|c| state.reserved.get(c) == Some(holder))
+                        })
+                        .flatten();
+                    return Err(if let Some(via) = via {
+                        ClaimFailure::Shared {
+                            device: name.clone(),
+                            other: via,
+                            holder: holder.clone(),
+                        }
+                    } else if name == of {
+                        ClaimFailure::Busy {
+                            device: name.clone(),
+                            holder: holder.clone(),
+                        }
+                    } else {
+                        ClaimFailure::Shared {
+                            device: of.clone(),
+                            other: name.clone(),
+                            holder: holder.clone(),
+                        }
                     });
                 }
             }
-            for d in &devices {
-                state.reserved.insert(d.device.clone(), uid.to_string());
+            for (name, _) in held {
+                state.reserved.insert(name, uid.to_string());
             }
         }
         let intent = self.backend.changes_host();

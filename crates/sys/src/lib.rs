@@ -17,6 +17,7 @@ pub mod iscsi;
 pub mod mount;
 pub mod packages;
 pub mod pci;
+pub mod pci_detail;
 pub mod process;
 mod root;
 pub mod ssm_agent;
