@@ -128,3 +128,99 @@ fn dra_manifests_fit_together() {
     );
     assert!(checks.contains("oldObject.spec.nodeName"), "{checks}");
 }
+
+/// The clauses of a DeviceClass selector in the subset our manifests use:
+/// `device.driver == "D"` and `device.attributes["D"].NAME == "V"`, joined by `&&`.
+/// Anything else fails the test, so a manifest cannot outgrow what is checked here.
+fn clauses(expression: &str) -> Vec<(String, String)> {
+    expression
+        .split("&&")
+        .map(|c| {
+            let (left, right) = c
+                .split_once("==")
+                .unwrap_or_else(|| panic!("unsupported clause {c:?}"));
+            let value = right.trim().trim_matches('"').to_string();
+            let left = left.trim();
+            if left == "device.driver" {
+                return ("driver".to_string(), value);
+            }
+            let name = left
+                .strip_prefix("device.attributes[\"pci.hybridlet.io\"].")
+                .unwrap_or_else(|| panic!("unsupported clause {c:?}"));
+            (name.to_string(), value)
+        })
+        .collect()
+}
+
+/// The PCI DeviceClasses select what the PCI driver publishes: each selector's clauses,
+/// evaluated against the devices the driver builds for the FPGA fixture (an Alveo U55C
+/// pair, an Intel DFL card, an accelerator), match the devices the class is for.
+#[test]
+fn pci_device_classes_select_what_the_pci_driver_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::fpga_server(dir.path()).unwrap();
+    let sysfs = hybridlet_sys::Sysfs::new(&hybridlet_sys::HostRoot::new(dir.path()));
+    let (pci, _) = sysfs.pci_devices().unwrap();
+    let rule = |vendor: u16, class: &str| hybridlet_pci::Rule {
+        vendor: Some(vendor),
+        device_class: class.to_string(),
+        ..Default::default()
+    };
+    let intel_pac = hybridlet_pci::Rule {
+        device: Some(0x0b30),
+        ..rule(0x8086, "fpga")
+    };
+    let rules = [rule(0x10ee, "fpga"), intel_pac, rule(0x1d0f, "accelerator")];
+    let inventory = hybridlet_pci::discover(&sysfs, &pci, &rules);
+    let devices: Vec<_> = inventory
+        .functions
+        .iter()
+        .map(hybridlet_pci::dra::slice_device)
+        .collect();
+    let selected = |file: &str| -> Vec<String> {
+        let class = &docs(&deploy().join("dra").join(file))[0];
+        assert_eq!(class["kind"], "DeviceClass");
+        let expression = class["spec"]["selectors"][0]["cel"]["expression"]
+            .as_str()
+            .unwrap();
+        let clauses = clauses(expression);
+        devices
+            .iter()
+            .filter(|d| {
+                clauses.iter().all(|(name, value)| {
+                    if name == "driver" {
+                        return value == "pci.hybridlet.io";
+                    }
+                    matches!(d.attributes.get(name), Some(hybridlet_dra::Attr::String(v)) if v == value)
+                })
+            })
+            .map(|d| d.name.clone())
+            .collect()
+    };
+    assert_eq!(
+        selected("deviceclass-pci-fpga.yaml"),
+        ["pci-0000-03-00-0", "pci-0000-03-00-1", "pci-0000-04-00-0"]
+    );
+    assert_eq!(
+        selected("deviceclass-pci-alveo-u55c.yaml"),
+        ["pci-0000-03-00-1"]
+    );
+    let alveo = &docs(&deploy().join("dra/deviceclass-pci-alveo-u55c.yaml"))[0];
+    assert_eq!(
+        alveo["spec"]["config"][0]["opaque"]["parameters"]["mode"],
+        "driver"
+    );
+    let template = &docs(&deploy().join("dra/claim-template-fpga-vf-same-switch.yaml"))[0];
+    assert_eq!(
+        template["spec"]["spec"]["devices"]["constraints"][0]["matchAttribute"],
+        "hybridlet.io/pcieSwitch"
+    );
+    for d in &devices {
+        if d.name.starts_with("pci-0000-03") {
+            assert!(
+                d.attributes.contains_key("hybridlet.io/pcieSwitch"),
+                "{d:?}"
+            );
+        }
+    }
+}

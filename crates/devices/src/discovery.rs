@@ -158,6 +158,8 @@ pub struct Discovery {
     pub gpus: Vec<Gpu>,
     /// SR-IOV PFs and their VFs.
     pub inventory: Inventory,
+    /// Every PCI function the walk read (the PCI driver picks its own from these).
+    pub pci: Vec<hybridlet_sys::PciDevice>,
     /// Devices that could not be read, and why.
     pub skipped: Vec<SkippedView>,
     /// Inconsistencies (the inventory's included).
@@ -208,6 +210,7 @@ pub fn discover(sysfs: &Sysfs, gpu_source: Option<&dyn GpuSource>) -> Result<Dis
         gpu_source: kind.to_string(),
         gpus,
         inventory,
+        pci,
         skipped,
         warnings,
     })

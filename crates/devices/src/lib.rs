@@ -9,11 +9,13 @@
 //! What this crate must never do: change the host, or talk to the cluster.
 
 mod discovery;
+mod drivers;
 mod metrics;
 
 pub use discovery::{
     Discovery, GpuView, PfView, Placement, Report, SkippedView, VfView, discover, gpu_source, table,
 };
+pub use drivers::{DriverDevices, DriverKind, driver_devices};
 pub use metrics::{
     DeviceMetrics, HealthPolicy, Holder, Holders, SAMPLE_INTERVAL, holders_observer,
 };

@@ -27,6 +27,8 @@ pub enum HealthPolicy {
     Gpu(Arc<hybridlet_gpu::GpuHealth>),
     /// VFs: their PF's link.
     Vf(Arc<hybridlet_sriov::VfHealth>),
+    /// Allowlisted PCI functions: presence, AER errors, link training.
+    Pci(Arc<hybridlet_pci::PciHealth>),
 }
 
 impl HealthPolicy {
@@ -40,6 +42,7 @@ impl HealthPolicy {
         match self {
             HealthPolicy::Gpu(p) => p.sampled(samples),
             HealthPolicy::Vf(p) => p.sampled(sysfs, &found.inventory),
+            HealthPolicy::Pci(p) => p.sampled(sysfs),
         }
     }
 }

@@ -18,8 +18,8 @@ use hybridlet_sys::HostRoot;
 
 use crate::exit::Failure;
 use crate::reload::{Change, Plan};
-use crate::settings::{CSI, DRA_GPU, DRA_SRIOV};
-use hybridlet_devices::{DeviceMetrics, Holders};
+use crate::settings::{CSI, DRA_GPU, DRA_PCI, DRA_SRIOV};
+use hybridlet_devices::{DeviceMetrics, DriverKind, Holders};
 
 /// The admin server's subsystem.
 const ADMIN: &str = "admin";
@@ -32,6 +32,8 @@ pub struct Families {
     pub csi: hybridlet_csi::CsiMetrics,
     /// DRA calls, claims and slices.
     pub dra: hybridlet_dra::DraMetrics,
+    /// The PCI driver's functions: presence, AER errors, link.
+    pub pci: hybridlet_pci::PciMetrics,
     /// Device inventory and telemetry.
     pub devices: DeviceMetrics,
     /// Who holds each prepared device (for the telemetry's labels).
@@ -48,6 +50,7 @@ impl Families {
             registrations: hybridlet_kubelet_plugin::PluginMetrics::register(registry),
             csi: hybridlet_csi::CsiMetrics::register(registry),
             dra: hybridlet_dra::DraMetrics::register(registry),
+            pci: hybridlet_pci::PciMetrics::register(registry),
             devices: DeviceMetrics::register(registry, holders.clone()),
             holders,
         }
@@ -133,7 +136,7 @@ impl Daemon {
         if crate::settings::csi_enabled(config) {
             self.start_csi(supervisor, config);
         }
-        for which in [DRA_SRIOV, DRA_GPU] {
+        for which in [DRA_SRIOV, DRA_GPU, DRA_PCI] {
             if crate::settings::dra_driver(config, which).0 {
                 self.start_dra(supervisor, config, which)?;
             }
@@ -191,51 +194,31 @@ impl Daemon {
         let agent = &config.agent;
         let f = &self.families;
         let (_, driver) = crate::settings::dra_driver(config, which);
-        let (label, parts) = if which == DRA_SRIOV {
-            let parts = hybridlet_sriov::dra::parts(
-                &driver,
-                &self.node,
-                &found.inventory,
-                Arc::new(self.sysfs.clone()),
-                sys_dir,
-                dev_dir,
-            );
-            ("SR-IOV", parts)
-        } else {
-            (
-                "GPU",
-                hybridlet_gpu::dra::parts(&driver, &self.node, found.gpus, dev_dir),
-            )
+        let kind = match which {
+            DRA_SRIOV => DriverKind::Sriov,
+            DRA_PCI => DriverKind::Pci(hybridlet_pci::rules(&config.agent.dra.pci), f.pci.clone()),
+            _ => DriverKind::Gpu,
         };
-        // Device name → host key (GPU UUID, VF address), and back for the health policies.
-        let keys = parts.keys.clone();
-        let by_key: std::collections::BTreeMap<String, String> = keys
-            .iter()
-            .map(|(name, key)| (key.clone(), name.clone()))
-            .collect();
+        let devices = hybridlet_devices::driver_devices(
+            kind,
+            &driver,
+            &self.node,
+            found,
+            &self.sysfs,
+            sys_dir,
+            dev_dir,
+        );
+        let keys = devices.parts.keys.clone();
         let plugin = hybridlet_dra::DraPlugin::new(
-            label,
+            devices.label,
             &driver,
             &self.node,
             paths,
-            parts,
+            devices.parts,
             f.registrations.clone(),
         )
         .observe_claims(hybridlet_devices::holders_observer(f.holders.clone(), keys));
-        let policy = if which == DRA_SRIOV {
-            hybridlet_devices::HealthPolicy::Vf(Arc::new(hybridlet_sriov::VfHealth::new(
-                plugin.health(),
-                &driver,
-                by_key,
-            )))
-        } else {
-            hybridlet_devices::HealthPolicy::Gpu(Arc::new(hybridlet_gpu::GpuHealth::new(
-                plugin.health(),
-                &driver,
-                by_key,
-                hybridlet_gpu::GPU_RECOVERY,
-            )))
-        };
+        let policy = (devices.policy)(plugin.health());
         let plugin = plugin
             .with_metrics(&f.dra)
             .registration_timeout(agent.plugin_registration_timeout.get())
@@ -280,6 +263,9 @@ impl Daemon {
             self.families.registrations.forget(&plugin);
             if withdraw.is_some() {
                 self.families.dra.for_driver(&plugin).forget();
+            }
+            if which == DRA_PCI {
+                self.families.pci.clear();
             }
         }
     }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use hybridlet_config::{AgentSpec, Config, Mode};
 
-use crate::settings::{CSI, DRA_GPU, DRA_SRIOV};
+use crate::settings::{CSI, DRA_GPU, DRA_PCI, DRA_SRIOV};
 
 /// What happens to one plugin subsystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,27 +125,21 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             plan.for_init.push("spec.registryMirrors");
         }
     }
-    if let Some(c) = change(
-        crate::settings::csi_enabled(old),
-        crate::settings::csi_enabled(new),
-        *csi != o.csi,
-    ) {
-        plan.subsystems.push((CSI, c));
-    }
-    let grace_changed = dra.orphaned_claim_grace_period != o.dra.orphaned_claim_grace_period;
-    if let Some(c) = change(
-        o.dra.gpu.enabled,
-        dra.gpu.enabled,
-        dra.gpu != o.dra.gpu || grace_changed,
-    ) {
-        plan.subsystems.push((DRA_GPU, c));
-    }
-    if let Some(c) = change(
-        o.dra.sriov.enabled,
-        dra.sriov.enabled,
-        dra.sriov != o.dra.sriov || grace_changed,
-    ) {
-        plan.subsystems.push((DRA_SRIOV, c));
+    let grace = dra.orphaned_claim_grace_period != o.dra.orphaned_claim_grace_period;
+    let (was, is) = (&o.dra, dra);
+    for (which, changed) in [
+        (CSI, *csi != o.csi),
+        (DRA_GPU, is.gpu != was.gpu || grace),
+        (DRA_SRIOV, is.sriov != was.sriov || grace),
+        (DRA_PCI, is.pci != was.pci || grace),
+    ] {
+        let on = |c: &Config| match which {
+            CSI => crate::settings::csi_enabled(c),
+            _ => crate::settings::dra_driver(c, which).0,
+        };
+        if let Some(c) = change(on(old), on(new), changed) {
+            plan.subsystems.push((which, c));
+        }
     }
     plan
 }
@@ -210,6 +204,19 @@ mod tests {
         assert!(plan(&none, &renamed_off).subsystems.is_empty());
         let grace = agent("  dra: {gpu: {enabled: true}, orphanedClaimGracePeriod: 10m}\n");
         assert_eq!(plan(&gpu, &grace).subsystems, [(DRA_GPU, Change::Restart)]);
+        // The PCI driver's allowlist is its own: a new rule restarts it alone.
+        let pci = agent(
+            "  dra: {gpu: {enabled: true}, pci: {enabled: true, allow: [{class: \"0x1200\"}]}}\n",
+        );
+        let pci_more = agent(
+            "  dra: {gpu: {enabled: true}, pci: {enabled: true, allow: [{class: \"0x1200\"}, {vendor: \"0x10ee\"}]}}\n",
+        );
+        assert_eq!(plan(&gpu, &pci).subsystems, [(DRA_PCI, Change::Start)]);
+        assert_eq!(
+            plan(&pci, &pci_more).subsystems,
+            [(DRA_PCI, Change::Restart)]
+        );
+        assert_eq!(plan(&pci, &gpu).subsystems, [(DRA_PCI, Change::Stop)]);
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub const CSI: &str = "csi";
 pub const DRA_GPU: &str = "dra-gpu";
 /// The SR-IOV DRA driver's subsystem.
 pub const DRA_SRIOV: &str = "dra-sriov";
+/// The PCI DRA driver's subsystem.
+pub const DRA_PCI: &str = "dra-pci";
 
 /// The CSI node plugin's settings: `spec.csi`, on `node`, its stage records under the
 /// state directory.
@@ -31,12 +33,13 @@ pub fn csi_enabled(config: &Config) -> bool {
     config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled
 }
 
-/// The DRA driver `which` (`dra-gpu`, `dra-sriov`): whether it is enabled, and its name.
+/// The DRA driver `which` (`dra-gpu`, `dra-sriov`, `dra-pci`): whether it is enabled, and its name.
 pub fn dra_driver(config: &Config, which: &str) -> (bool, String) {
     let dra = &config.agent.dra;
     match which {
         DRA_GPU => (dra.gpu.enabled, dra.gpu.driver_name.clone()),
         DRA_SRIOV => (dra.sriov.enabled, dra.sriov.driver_name.clone()),
+        DRA_PCI => (dra.pci.enabled, dra.pci.driver_name.clone()),
         _ => (false, String::new()),
     }
 }

@@ -89,6 +89,51 @@ fn check_on_an_empty_root_is_standalone_and_passes() {
     assert!(text(&out).contains("embedded standalone defaults"));
 }
 
+/// With the PCI driver on, `check` says what the allow rules match on the host (and what
+/// they match but the driver leaves alone), whether the IOMMU is on and vfio-pci loaded.
+#[test]
+fn check_reports_what_the_pci_allowlist_matches_and_vfio_readiness() {
+    let root = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::fpga_server(root.path()).unwrap();
+    let etc = root.path().join("etc/hybridlet");
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = |allow: &str| {
+        std::fs::write(
+            etc.join("config.yaml"),
+            format!("apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  dra:\n    pci:\n      enabled: true\n      allow: [{allow}]\n"),
+        )
+        .unwrap();
+        let out = hybridlet(&["--root", root.path().to_str().unwrap(), "check"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        text(&out)
+    };
+    let out = config(r#"{vendor: "0x10ee", deviceClass: fpga}, {vendor: "0x10de"}"#);
+    assert!(out.contains("ok: IOMMU: on ("), "{out}");
+    assert!(out.contains("ok: vfio-pci: vfio-pci loaded"), "{out}");
+    assert!(
+        out.contains("warning: PCI allowlist: 2 function(s): 0000:03:00.0 (10ee:505c, xclmgmt), 0000:03:00.1 (10ee:505d, xocl)")
+            && out.contains("0000:07:00.0 (10de:2335) matches spec.dra.pci.allow but is left alone: NVIDIA GPUs belong to the GPU driver"),
+        "{out}"
+    );
+    let out = config(r#"{vendor: "0xabcd"}"#);
+    assert!(
+        out.contains("warning: PCI allowlist: spec.dra.pci.allow matches no PCI function"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(root.path().join("sys/bus/pci/drivers/vfio-pci")).unwrap();
+    std::fs::remove_dir_all(root.path().join("sys/kernel/iommu_groups")).unwrap();
+    let out = config(r#"{vendor: "0x10ee"}"#);
+    assert!(
+        out.contains("warning: IOMMU: off") && out.contains("intel_iommu=on"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: vfio-pci: vfio-pci is not loaded")
+            && out.contains("modprobe vfio-pci"),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_uses_config_and_drop_ins_under_root() {
     let root = tempfile::tempdir().unwrap();

@@ -104,13 +104,26 @@ fn has_series(scrape: &str, name: &str, matchers: &[(String, String)]) -> bool {
 
 const CONFIG_EDIT: (&str, &str) = (
     "  dra:\n    gpu:\n      driverName: gpu.example.com\n",
-    "  pluginRegistrationTimeout: 1s\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n",
+    "  pluginRegistrationTimeout: 1s\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n    pci:\n      enabled: true\n      allow: [{vendor: \"0x144d\", deviceClass: nvme}]\n",
 );
 
 async fn start() -> Daemon {
     Daemon::start(
         |root| {
             hybridlet_fixtures::dgx_h200(root, 2).unwrap();
+            // The NVMe drive the PCI driver publishes, with its link and AER counters.
+            let nvme = root.join("sys/bus/pci/devices/0000:01:00.0");
+            for (file, text) in [
+                ("current_link_speed", "16.0 GT/s PCIe\n"),
+                ("max_link_speed", "16.0 GT/s PCIe\n"),
+                ("current_link_width", "4\n"),
+                ("max_link_width", "4\n"),
+                ("aer_dev_fatal", "TOTAL_ERR_FATAL 0\n"),
+                ("aer_dev_nonfatal", "TOTAL_ERR_NONFATAL 0\n"),
+                ("aer_dev_correctable", "TOTAL_ERR_COR 0\n"),
+            ] {
+                std::fs::write(nvme.join(file), text).unwrap();
+            }
         },
         |config| {
             let edited = config.replace(CONFIG_EDIT.0, CONFIG_EDIT.1);

@@ -171,6 +171,8 @@ fn host_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)>
         ));
     }
 
+    out.extend(vfio_checks(config, root));
+
     if let Some(tls) = &config.agent.admin.tls {
         let loaded = root
             .resolve(&tls.cert_file)
@@ -250,4 +252,82 @@ fn dir_state(path: &Path, missing: &str) -> Outcome {
     } else {
         Outcome::Ok(format!("{} (missing; {missing})", path.display()))
     }
+}
+
+/// With a driver that hands devices over through vfio (SR-IOV, PCI): the IOMMU is on and
+/// vfio-pci is loaded; with the PCI driver, what its allow rules match on this host now
+/// (and what they match but the driver leaves alone).
+fn vfio_checks(config: &Config, root: &HostRoot) -> Vec<(&'static str, Outcome)> {
+    let dra = &config.agent.dra;
+    if !dra.sriov.enabled && !dra.pci.enabled {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let exists = |p: &str| root.resolve(p).is_ok_and(|p| p.exists());
+    let groups = root
+        .resolve("/sys/kernel/iommu_groups")
+        .ok()
+        .and_then(|p| std::fs::read_dir(p).ok())
+        .map_or(0, |d| d.count());
+    out.push((
+        "IOMMU",
+        if groups > 0 {
+            Outcome::Ok(format!("on ({groups} IOMMU groups)"))
+        } else {
+            Outcome::Warn(
+                "off: no IOMMU groups, so devices cannot be handed to containers through vfio (SR-IOV netdev mode and PCI mode \"driver\" still work); boot with intel_iommu=on (Intel) or amd_iommu=on and enable VT-d/AMD-Vi in the firmware".into(),
+            )
+        },
+    ));
+    out.push((
+        "vfio-pci",
+        if exists("/sys/bus/pci/drivers/vfio-pci") || exists("/sys/module/vfio_pci") {
+            Outcome::Ok("vfio-pci loaded".into())
+        } else {
+            Outcome::Warn(
+                "vfio-pci is not loaded, so a claim in vfio mode fails: run `modprobe vfio-pci` and add it to /etc/modules-load.d/hybridlet.conf".into(),
+            )
+        },
+    ));
+    if dra.pci.enabled {
+        let sysfs = hybridlet_sys::Sysfs::new(root);
+        let rules = hybridlet_pci::rules(&dra.pci);
+        out.push((
+            "PCI allowlist",
+            match sysfs.pci_devices() {
+                Err(e) => Outcome::Warn(format!("the PCI bus cannot be read: {e}")),
+                Ok((devices, _)) => {
+                    let inventory = hybridlet_pci::discover(&sysfs, &devices, &rules);
+                    let found: Vec<String> = inventory
+                        .functions
+                        .iter()
+                        .map(|f| {
+                            format!(
+                                "{} ({:04x}:{:04x}, {})",
+                                f.device.address,
+                                f.device.vendor_id,
+                                f.device.device_id,
+                                f.device.driver.as_deref().unwrap_or("no driver")
+                            )
+                        })
+                        .collect();
+                    let mut text = if found.is_empty() {
+                        "spec.dra.pci.allow matches no PCI function on this host: the driver publishes nothing (compare the rules with `lspci -nn`)".to_string()
+                    } else {
+                        format!("{} function(s): {}", found.len(), found.join(", "))
+                    };
+                    for w in &inventory.warnings {
+                        text.push_str("; ");
+                        text.push_str(w);
+                    }
+                    if found.is_empty() || !inventory.warnings.is_empty() {
+                        Outcome::Warn(text)
+                    } else {
+                        Outcome::Ok(text)
+                    }
+                }
+            },
+        ));
+    }
+    out
 }

@@ -54,7 +54,7 @@ impl PciMetrics {
         );
         registry.register(
             "pci_aer_errors",
-            "AER errors the kernel counted on the function since boot, by severity (correctable, nonfatal, fatal)",
+            "AER errors the kernel counted on the function since boot, by aer_severity (correctable, nonfatal, fatal)",
             m.aer.clone(),
         );
         registry.register(
@@ -68,11 +68,24 @@ impl PciMetrics {
             m.speed.clone(),
         );
         registry.register(
-            "pci_device",
+            "pci_device_info",
             "Allowlisted PCI functions: IDs, class, the rule's device class and the kernel driver bound now",
             m.info.clone(),
         );
         m
+    }
+
+    /// Drop every series (the PCI driver stopped for good; one runs at a time).
+    pub fn clear(&self) {
+        self.present.clear();
+        self.aer.clear();
+        self.width.clear();
+        self.speed.clear();
+        self.info.clear();
+        self.info_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 
@@ -163,29 +176,6 @@ impl PciHealth {
         self.recovery = recovery;
         self.now = Box::new(now);
         self
-    }
-
-    /// Drop this driver's series (the driver stopped for good).
-    pub fn forget(&self) {
-        let Some(m) = &self.metrics else { return };
-        let mut info = m
-            .info_labels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (address, name) in &self.names {
-            let base = self.labels(name, address);
-            m.present.remove(&base);
-            for severity in ["correctable", "nonfatal", "fatal"] {
-                m.aer.remove(&with(&base, "severity", severity));
-            }
-            for link in ["current", "max"] {
-                m.width.remove(&with(&base, "link", link));
-                m.speed.remove(&with(&base, "link", link));
-            }
-            if let Some(old) = info.remove(address) {
-                m.info.remove(&old);
-            }
-        }
     }
 
     fn labels(&self, name: &str, address: &str) -> Labels {
@@ -289,7 +279,7 @@ impl PciHealth {
                     ("fatal", state.aer.fatal, aer.fatal),
                 ] {
                     let Some(now) = now else { continue };
-                    let counter = m.aer.get_or_create(&with(&base, "severity", severity));
+                    let counter = m.aer.get_or_create(&with(&base, "aer_severity", severity));
                     // The kernel's totals since boot; the counter follows their growth.
                     let delta = match before {
                         Some(b) if now >= b => now - b,
@@ -416,7 +406,7 @@ mod tests {
             out
         };
         assert!(
-            text.contains("pci_aer_errors_total{driver=\"pci.hybridlet.io\",device=\"pci-0000-03-00-1\",pci_bus_id=\"0000:03:00.1\",severity=\"fatal\"} 3"),
+            text.contains("pci_aer_errors_total{driver=\"pci.hybridlet.io\",device=\"pci-0000-03-00-1\",pci_bus_id=\"0000:03:00.1\",aer_severity=\"fatal\"} 3"),
             "{text}"
         );
         assert!(text.contains("kernel_driver=\"xocl\""), "{text}");

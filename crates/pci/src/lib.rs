@@ -23,6 +23,11 @@ pub use health::{PciHealth, PciMetrics};
 /// The `deviceClass` attribute of a rule that names none.
 pub const DEFAULT_DEVICE_CLASS: &str = "accelerator";
 
+/// The rules of `spec.dra.pci.allow`, parsed.
+pub fn rules(spec: &hybridlet_config::PciDriverSpec) -> Vec<Rule> {
+    spec.allow.iter().map(Rule::from_config).collect()
+}
+
 /// One allow rule, parsed (`spec.dra.pci.allow[]`; validation already refused bad ones).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rule {

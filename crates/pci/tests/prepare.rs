@@ -20,15 +20,7 @@ const DRIVER: &str = "pci.hybridlet.io";
 fn rules() -> Vec<Rule> {
     let text = "apiVersion: hybridlet.io/v1alpha1\nkind: AgentConfig\nspec:\n  dra:\n    pci:\n      enabled: true\n      allow:\n        - {vendor: \"0x10ee\", deviceClass: fpga}\n        - {vendor: \"0x8086\", device: \"0x0b30\", deviceClass: fpga}\n        - {vendor: \"0x1d0f\"}\n";
     let loaded = hybridlet_config::parse_str(text, Path::new("t.yaml")).unwrap();
-    loaded
-        .config
-        .agent
-        .dra
-        .pci
-        .allow
-        .iter()
-        .map(Rule::from_config)
-        .collect()
+    hybridlet_pci::rules(&loaded.config.agent.dra.pci)
 }
 
 fn claim(name: &str, devices: &[&str], config: Option<serde_json::Value>) -> AllocatedClaim {
