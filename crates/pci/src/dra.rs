@@ -190,8 +190,8 @@ impl PciBackend {
             let device = self.sysfs.pci_device(&address).map_err(|e| {
                 DeviceError::Host(format!("reading {address} in IOMMU group {group}: {e}"))
             })?;
-            if device.class >> 16 == 0x06 {
-                continue; // bridges: vfio accepts them on pcieport
+            if crate::is_pci_bridge(&device) {
+                continue; // vfio accepts PCI bridges on pcieport (it manages DMA itself)
             }
             if !self.functions.values().any(|g| g.address == address) {
                 return Err(DeviceError::Host(format!(

@@ -111,9 +111,16 @@ pub struct Inventory {
     pub warnings: Vec<String>,
 }
 
+/// A PCI-to-PCI bridge (switch and root ports; also semi-transparent ones): left on
+/// pcieport when its IOMMU group moves. Other bridge classes (host, ISA, "other" such as
+/// NVSwitch) are ordinary group members: a group holding one is refused.
+pub(crate) fn is_pci_bridge(d: &PciDevice) -> bool {
+    matches!(d.class >> 8, 0x0604 | 0x0609)
+}
+
 /// Why a function is never this driver's, whatever the rules say.
 fn owned_elsewhere(d: &PciDevice) -> Option<&'static str> {
-    if d.class >> 8 == 0x0604 || d.class >> 16 == 0x06 {
+    if d.class >> 16 == 0x06 {
         return Some("it is a bridge");
     }
     if d.vendor_id == 0x10de && d.class >> 16 == 0x03 {

@@ -68,8 +68,17 @@ impl Rig {
     fn with_writer(
         writer: impl FnOnce(&KernelStandIn) -> Arc<dyn hybridlet_sys::AttributeWriter>,
     ) -> Self {
+        Self::build(writer, |_| {})
+    }
+
+    /// The FPGA server changed by `edit` before anything reads it.
+    fn build(
+        writer: impl FnOnce(&KernelStandIn) -> Arc<dyn hybridlet_sys::AttributeWriter>,
+        edit: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         hybridlet_fixtures::fpga_server(dir.path()).unwrap();
+        edit(dir.path());
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
         let kernel = KernelStandIn::new(dir.path());
         let sysfs = Sysfs::new(&HostRoot::new(dir.path())).with_writer(writer(&kernel));
@@ -224,6 +233,52 @@ async fn a_group_with_a_function_no_rule_allows_is_refused_before_any_write() {
     );
     assert!(rig.kernel.writes().is_empty(), "{:?}", rig.kernel.writes());
     assert_eq!(rig.state("0000:05:00.1").driver.as_deref(), Some("igb"));
+}
+
+/// Only PCI-to-PCI bridges stay behind when a group moves: an "other bridge" class
+/// function (an NVSwitch-like 0x0680 on its own driver) in the group refuses the claim.
+#[tokio::test]
+async fn a_group_with_a_non_pci_bridge_member_is_refused() {
+    let rig = Rig::build(
+        |k| Arc::new(k.writer()),
+        |root| {
+            let dfl = std::fs::canonicalize(root.join("sys/bus/pci/devices/0000:04:00.0")).unwrap();
+            let group: u32 = std::fs::read_link(dfl.join("iommu_group"))
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .parse()
+                .unwrap();
+            let mut b = hybridlet_fixtures::SysfsBuilder::new(root).unwrap();
+            b.function(
+                dfl.parent().unwrap(),
+                "0000:04:00.1",
+                &hybridlet_fixtures::Function {
+                    vendor: 0x10de,
+                    device: 0x22a3,
+                    class: 0x068000,
+                    driver: Some("nvidia-nvswitch".into()),
+                    numa: 1,
+                    iommu_group: Some(group),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        },
+    );
+    rig.claims.put(claim("dfl", &["pci-0000-04-00-0"], None));
+    let driver = rig.open();
+    let err = driver
+        .prepare("fpga", "dfl", "uid-dfl")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("0000:04:00.1") && err.contains("nvidia-nvswitch"),
+        "{err}"
+    );
+    assert!(rig.kernel.writes().is_empty(), "{:?}", rig.kernel.writes());
 }
 
 #[tokio::test]
