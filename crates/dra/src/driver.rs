@@ -21,6 +21,51 @@ pub enum DeviceError {
     Host(String),
 }
 
+/// The `mode` a driver's opaque parameters ask for (`{"mode": "..."}`, with optional
+/// `apiVersion`/`kind`): one of `modes`, the first when no config or no `mode` is given.
+/// Anything else — not an object, an unknown key, another mode — is refused by name, so a
+/// typo fails the claim instead of silently picking the default.
+pub fn config_mode<'a>(
+    driver: &str,
+    config: Option<&serde_json::Value>,
+    modes: &[&'a str],
+) -> Result<&'a str, DeviceError> {
+    let default = modes.first().copied().unwrap_or_default();
+    let Some(config) = config else {
+        return Ok(default);
+    };
+    let example = modes.get(1).unwrap_or(&default);
+    let Some(object) = config.as_object() else {
+        return Err(DeviceError::Config(format!(
+            "{driver} config must be an object like {{\"mode\": \"{example}\"}}"
+        )));
+    };
+    if let Some(key) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "mode" | "apiVersion" | "kind"))
+    {
+        return Err(DeviceError::Config(format!(
+            "{driver} config has an unknown field {key:?} (known: mode, apiVersion, kind)"
+        )));
+    }
+    match object.get("mode") {
+        None => Ok(default),
+        Some(serde_json::Value::String(m)) if modes.contains(&m.as_str()) => Ok(modes
+            .iter()
+            .find(|x| **x == m.as_str())
+            .copied()
+            .unwrap_or(default)),
+        Some(other) => Err(DeviceError::Config(format!(
+            "{driver} config: mode must be {}, not {other}",
+            modes
+                .iter()
+                .map(|m| format!("{m:?}"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+    }
+}
+
 /// Why one claim could not be prepared or unprepared: the message the kubelet records
 /// for that claim (the others are not affected).
 #[derive(Debug, thiserror::Error)]
@@ -919,5 +964,37 @@ impl Driver {
     /// Prepared claims by UID (for metrics and tests).
     pub async fn prepared(&self) -> BTreeMap<String, PreparedClaim> {
         self.lock_state().checkpoint.claims.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_mode_takes_a_known_mode_and_names_what_is_wrong() {
+        let modes = ["vfio", "driver"];
+        let mode = |c: serde_json::Value| config_mode("pci.example.com", Some(&c), &modes);
+        assert_eq!(config_mode("d", None, &modes).unwrap(), "vfio");
+        assert_eq!(mode(json!({})).unwrap(), "vfio");
+        assert_eq!(
+            mode(json!({"apiVersion": "v1", "kind": "K", "mode": "driver"})).unwrap(),
+            "driver"
+        );
+        let err = |c| mode(c).unwrap_err().to_string();
+        assert_eq!(
+            err(json!("driver")),
+            "pci.example.com config must be an object like {\"mode\": \"driver\"}"
+        );
+        assert_eq!(
+            err(json!({"mdoe": "driver"})),
+            "pci.example.com config has an unknown field \"mdoe\" (known: mode, apiVersion, kind)"
+        );
+        assert_eq!(
+            err(json!({"mode": 3})),
+            "pci.example.com config: mode must be \"vfio\" or \"driver\", not 3"
+        );
     }
 }

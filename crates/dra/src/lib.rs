@@ -28,7 +28,9 @@ pub use claims::{
     AllocatedClaim, Allocation, ClaimError, ClaimSource, FakeClaims, KubeClaims, NodePod,
     OpaqueConfig, config_for,
 };
-pub use driver::{ClaimFailure, DeviceBackend, DeviceError, Driver, DriverError, Reconciled};
+pub use driver::{
+    ClaimFailure, DeviceBackend, DeviceError, Driver, DriverError, Reconciled, config_mode,
+};
 pub use grpc::{V1Service, V1beta1Service};
 pub use health::{
     DeviceHealth, HEALTH_RESEND, HEALTH_TIMEOUT_SECONDS, HealthBoard, HealthService, Taint,

@@ -95,33 +95,14 @@ enum Mode {
     Driver,
 }
 
-/// The mode from the opaque parameters (`{"mode": "vfio" | "driver"}`, with optional
-/// `apiVersion`/`kind`); anything else is refused by name.
+/// The mode from the opaque parameters (`{"mode": "vfio" | "driver"}`).
 fn mode(driver: &str, config: Option<&serde_json::Value>) -> Result<Mode, DeviceError> {
-    let Some(config) = config else {
-        return Ok(Mode::Vfio);
-    };
-    let Some(object) = config.as_object() else {
-        return Err(DeviceError::Config(format!(
-            "{driver} config must be an object like {{\"mode\": \"driver\"}}"
-        )));
-    };
-    if let Some(key) = object
-        .keys()
-        .find(|k| !matches!(k.as_str(), "mode" | "apiVersion" | "kind"))
-    {
-        return Err(DeviceError::Config(format!(
-            "{driver} config has an unknown field {key:?} (known: mode, apiVersion, kind)"
-        )));
-    }
-    match object.get("mode") {
-        None => Ok(Mode::Vfio),
-        Some(serde_json::Value::String(m)) if m == "vfio" => Ok(Mode::Vfio),
-        Some(serde_json::Value::String(m)) if m == "driver" => Ok(Mode::Driver),
-        Some(other) => Err(DeviceError::Config(format!(
-            "{driver} config: mode must be \"vfio\" or \"driver\", not {other}"
-        ))),
-    }
+    Ok(
+        match hybridlet_dra::config_mode(driver, config, &["vfio", "driver"])? {
+            "driver" => Mode::Driver,
+            _ => Mode::Vfio,
+        },
+    )
 }
 
 /// What release puts back: each endpoint of the group and how it was bound.

@@ -92,33 +92,14 @@ enum VfMode {
     Netdev,
 }
 
-/// The mode from the opaque parameters (`{"mode": "vfio" | "netdev"}`, with optional
-/// `apiVersion`/`kind`); anything else is refused by name, so a typo fails the claim
-/// instead of silently picking the default.
+/// The mode from the opaque parameters (`{"mode": "vfio" | "netdev"}`).
 fn vf_mode(driver: &str, config: Option<&serde_json::Value>) -> Result<VfMode, DeviceError> {
-    let Some(config) = config else {
-        return Ok(VfMode::Vfio);
-    };
-    let Some(object) = config.as_object() else {
-        return Err(DeviceError::Config(format!(
-            "{driver} config must be an object like {{\"mode\": \"netdev\"}}"
-        )));
-    };
-    for key in object.keys() {
-        if !matches!(key.as_str(), "mode" | "apiVersion" | "kind") {
-            return Err(DeviceError::Config(format!(
-                "{driver} config has an unknown field {key:?} (known: mode, apiVersion, kind)"
-            )));
-        }
-    }
-    match object.get("mode").map(|m| m.as_str()) {
-        None | Some(Some("vfio")) => Ok(VfMode::Vfio),
-        Some(Some("netdev")) => Ok(VfMode::Netdev),
-        Some(other) => Err(DeviceError::Config(format!(
-            "{driver} config: mode must be \"vfio\" or \"netdev\", not {}",
-            other.map_or_else(|| object["mode"].to_string(), |m| format!("{m:?}"))
-        ))),
-    }
+    Ok(
+        match hybridlet_dra::config_mode(driver, config, &["vfio", "netdev"])? {
+            "netdev" => VfMode::Netdev,
+            _ => VfMode::Vfio,
+        },
+    )
 }
 
 /// `0000:81:00.2` → `vf-0000-81-00-2` (DRA device names are DNS labels).
