@@ -59,6 +59,20 @@ struct Rig {
     sysfs: Sysfs,
 }
 
+/// The driver's parts over the tree at `root`, read through `sysfs`.
+fn parts_on(root: &Path, sysfs: &Sysfs) -> hybridlet_dra::DriverParts {
+    let (devices, _) = sysfs.pci_devices().unwrap();
+    let inventory = hybridlet_pci::discover(sysfs, &devices, &rules());
+    dra::parts(
+        DRIVER,
+        "node-a",
+        &inventory,
+        Arc::new(sysfs.clone()),
+        sysfs.clone(),
+        root.join("dev"),
+    )
+}
+
 impl Rig {
     /// The FPGA server; sysfs writes go through `writer` (the kernel stand-in by default).
     fn new() -> Self {
@@ -82,16 +96,7 @@ impl Rig {
         std::fs::create_dir_all(dir.path().join("state")).unwrap();
         let kernel = KernelStandIn::new(dir.path());
         let sysfs = Sysfs::new(&HostRoot::new(dir.path())).with_writer(writer(&kernel));
-        let (devices, _) = sysfs.pci_devices().unwrap();
-        let inventory = hybridlet_pci::discover(&sysfs, &devices, &rules());
-        let parts = dra::parts(
-            DRIVER,
-            "node-a",
-            &inventory,
-            Arc::new(sysfs.clone()),
-            sysfs.clone(),
-            dir.path().join("dev"),
-        );
+        let parts = parts_on(dir.path(), &sysfs);
         Self {
             dir,
             kernel,
@@ -102,8 +107,13 @@ impl Rig {
     }
 
     fn open(&self) -> Driver {
+        self.open_with(self.parts.backend.clone())
+    }
+
+    /// A start of the driver over `backend` with this rig's checkpoint and CDI directory.
+    fn open_with(&self, backend: Arc<dyn hybridlet_dra::DeviceBackend>) -> Driver {
         Driver::open(
-            self.parts.backend.clone(),
+            backend,
             self.claims.clone(),
             &hybridlet_dra::checkpoint_path(&self.dir.path().join("state"), DRIVER),
             &self.dir.path().join("cdi"),
@@ -401,24 +411,7 @@ async fn a_crash_mid_group_is_undone_at_the_next_start() {
     // The next start, with a kernel that answers: both functions as they were.
     let fresh =
         Sysfs::new(&HostRoot::new(rig.dir.path())).with_writer(Arc::new(rig.kernel.writer()));
-    let (devices, _) = fresh.pci_devices().unwrap();
-    let inventory = hybridlet_pci::discover(&fresh, &devices, &rules());
-    let parts = dra::parts(
-        DRIVER,
-        "node-a",
-        &inventory,
-        Arc::new(fresh.clone()),
-        fresh.clone(),
-        rig.dir.path().join("dev"),
-    );
-    let restarted = Driver::open(
-        parts.backend,
-        rig.claims.clone(),
-        &hybridlet_dra::checkpoint_path(&rig.dir.path().join("state"), DRIVER),
-        &rig.dir.path().join("cdi"),
-        "boot-1",
-    )
-    .unwrap();
+    let restarted = rig.open_with(parts_on(rig.dir.path(), &fresh).backend);
     assert!(restarted.prepared().await.is_empty());
     let after: Vec<BindingState> = ALVEO.iter().map(|a| rig.state(a)).collect();
     assert_eq!(after, before);
