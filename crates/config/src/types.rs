@@ -314,6 +314,34 @@ pub struct AgentSpec {
     /// node's IP and pod CIDRs against when DescribeCluster cannot be asked. Default: ask.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_networks: Option<RemoteNetworksSpec>,
+    /// Capacity labels on the node's own Node object (free devices per DRA driver, the
+    /// site), for placement and bursting decisions. Default off.
+    pub node_labels: NodeLabelsSpec,
+}
+
+/// `spec.nodeLabels`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct NodeLabelsSpec {
+    /// Write `hybridlet.io/<kind>.free` (coarse buckets of free devices per DRA driver),
+    /// `hybridlet.io/gpu.product` and `hybridlet.io/site`. Default `false`.
+    pub enabled: bool,
+    /// The value of `hybridlet.io/site` (a label value such as `fra1`). Default: no label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Fewest time between two writes of the labels (they are written only on a change).
+    /// Default `1m`.
+    pub min_interval: GoDuration,
+}
+
+impl Default for NodeLabelsSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            site: None,
+            min_interval: GoDuration(std::time::Duration::from_secs(60)),
+        }
+    }
 }
 
 /// `spec.remoteNetworks`: the cluster's `remoteNetworkConfig`, as CIDRs.
@@ -341,6 +369,7 @@ impl Default for AgentSpec {
             registry_mirrors: Vec::new(),
             proxy: ProxySpec::default(),
             remote_networks: None,
+            node_labels: NodeLabelsSpec::default(),
         }
     }
 }

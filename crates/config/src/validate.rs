@@ -335,6 +335,26 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
         }
     }
     validate_pci_rules(&agent.dra.pci, r);
+    let interval = agent.node_labels.min_interval.get();
+    if interval < std::time::Duration::from_secs(1)
+        || interval > std::time::Duration::from_secs(3600)
+    {
+        r.error(
+            "spec.nodeLabels.minInterval",
+            format!(
+                "{} is out of range; use between 1s and 1h",
+                agent.node_labels.min_interval
+            ),
+        );
+    }
+    if let Some(site) = &agent.node_labels.site
+        && !is_label_value(site)
+    {
+        r.error(
+            "spec.nodeLabels.site",
+            format!("{site:?} is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"),
+        );
+    }
     if !is_csi_driver_name(&agent.csi.driver_name) {
         r.error(
             "spec.csi.driverName",

@@ -11,6 +11,7 @@
 //!
 //! What this crate must never do: know about GPUs or NICs, or depend on domain crates.
 
+mod capacity;
 mod cdi;
 mod checkpoint;
 mod claims;
@@ -22,6 +23,10 @@ mod plugin;
 mod slices;
 mod topology;
 
+pub use capacity::{
+    CapacityBoard, DeviceCounts, DriverCapacity, NodeLabeler, desired_labels, free_bucket,
+    label_changes, label_value, owned_label,
+};
 pub use cdi::{ContainerEdits, cdi_device_id};
 pub use checkpoint::{Checkpoint, CheckpointError, PreparedClaim, PreparedDevice};
 pub use claims::{

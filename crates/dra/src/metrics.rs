@@ -22,6 +22,7 @@ pub struct DraMetrics {
     prepared_claims: Family<Labels, Gauge>,
     prepared_devices: Family<Labels, Gauge>,
     unhealthy: Family<Labels, Gauge>,
+    devices: Family<Labels, Gauge>,
     published: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     orphans: Family<Labels, Counter>,
 }
@@ -44,6 +45,7 @@ impl DraMetrics {
             prepared_claims: Family::default(),
             prepared_devices: Family::default(),
             unhealthy: Family::default(),
+            devices: Family::default(),
             published: Family::default(),
             orphans: Family::default(),
         };
@@ -78,6 +80,11 @@ impl DraMetrics {
             "dra_unhealthy_devices",
             "Devices reported unhealthy (tainted in the slice and on the health stream), by driver",
             m.unhealthy.clone(),
+        );
+        registry.register(
+            "dra_devices",
+            "Devices the driver publishes, by state: free (healthy, not prepared), allocated (prepared for a claim), unhealthy (tainted); the on-prem capacity signal for bursting",
+            m.devices.clone(),
         );
         registry.register(
             "dra_orphaned_claims_released",
@@ -118,6 +125,9 @@ impl DraMetrics {
             family.remove(&labels);
         }
         self.published.remove(&labels);
+        for state in ["free", "allocated", "unhealthy"] {
+            self.devices.remove(&self.labels(&[("state", state)]));
+        }
     }
 
     fn labels(&self, extra: &[(&str, &str)]) -> Labels {
@@ -161,6 +171,19 @@ impl DraMetrics {
         self.unhealthy
             .get_or_create(&self.labels(&[]))
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// The devices by state now.
+    pub fn devices(&self, counts: crate::DeviceCounts) {
+        for (state, n) in [
+            ("free", counts.free),
+            ("allocated", counts.allocated),
+            ("unhealthy", counts.unhealthy),
+        ] {
+            self.devices
+                .get_or_create(&self.labels(&[("state", state)]))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// An orphaned claim was released.

@@ -86,6 +86,8 @@ pub struct DraPlugin {
     /// Set before stopping the driver for good (disabled): its slices are deleted on the
     /// way out, so the scheduler stops placing claims on its devices.
     withdraw: Arc<AtomicBool>,
+    /// Where this driver's device counts go for the node labels, under its kind.
+    capacity: Option<(crate::CapacityBoard, String)>,
 }
 
 impl std::fmt::Debug for DraPlugin {
@@ -112,6 +114,68 @@ async fn observe(
         }
     }
     observer(&BTreeMap::new());
+}
+
+/// Keep the driver's device counts (metrics, the capacity board) current as health and
+/// prepared claims change; the board entry goes when the driver stops.
+async fn count_devices(
+    devices: Vec<SliceDevice>,
+    health: HealthBoard,
+    mut claims: tokio::sync::watch::Receiver<BTreeMap<String, PreparedClaim>>,
+    metrics: Option<DraMetrics>,
+    capacity: Option<(crate::CapacityBoard, String)>,
+    shutdown: hybridlet_runtime::CancellationToken,
+) {
+    let product = most_common_product(&devices);
+    let mut health_changes = health.subscribe();
+    loop {
+        let prepared: std::collections::BTreeSet<String> = claims
+            .borrow_and_update()
+            .values()
+            .flat_map(|c| c.devices.iter().map(|d| d.device.clone()))
+            .collect();
+        health_changes.borrow_and_update();
+        let states = health.snapshot();
+        let counts = crate::DeviceCounts::of(
+            devices.iter().map(|d| d.name.as_str()),
+            |d| states.get(d).is_some_and(|h| !h.healthy),
+            |d| prepared.contains(d),
+        );
+        if let Some(m) = &metrics {
+            m.devices(counts);
+        }
+        if let Some((board, kind)) = &capacity {
+            board.set(
+                kind,
+                Some(crate::DriverCapacity {
+                    counts,
+                    product: product.clone(),
+                }),
+            );
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = claims.changed() => if changed.is_err() { break },
+            changed = health_changes.changed() => if changed.is_err() { break },
+        }
+    }
+    if let Some((board, kind)) = &capacity {
+        board.set(kind, None);
+    }
+}
+
+/// The `productName` most of the devices carry (GPUs), if any.
+fn most_common_product(devices: &[SliceDevice]) -> Option<String> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for d in devices {
+        if let Some(crate::Attr::String(p)) = d.attributes.get("productName") {
+            *counts.entry(p.as_str()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(p, _)| p.to_string())
 }
 
 impl DraPlugin {
@@ -144,6 +208,7 @@ impl DraPlugin {
             orphan_grace: Duration::from_secs(300),
             observer: None,
             withdraw: Arc::default(),
+            capacity: None,
         }
     }
 
@@ -177,6 +242,12 @@ impl DraPlugin {
     /// telemetry labels).
     pub fn observe_claims(mut self, observer: ClaimsObserver) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Keep this driver's device counts on `board` under `kind` (`gpu`, `sriov`, `pci`).
+    pub fn report_capacity(mut self, board: crate::CapacityBoard, kind: &str) -> Self {
+        self.capacity = Some((board, kind.to_string()));
         self
     }
 
@@ -224,6 +295,14 @@ impl DraPlugin {
         if let Some(observer) = self.observer {
             tokio::spawn(observe(driver.subscribe(), observer, ctx.shutdown.clone()));
         }
+        tokio::spawn(count_devices(
+            devices.clone(),
+            self.health.clone(),
+            driver.subscribe(),
+            self.dra_metrics.clone(),
+            self.capacity.clone(),
+            ctx.shutdown.clone(),
+        ));
         let dra_path = service_socket_path(&self.kubelet_root, &self.driver, "dra.sock");
         let reg_path = registration_socket_path(&self.kubelet_root, &self.driver);
         let dra_socket = PluginSocket::bind(&dra_path)?.with_metrics(&self.metrics);

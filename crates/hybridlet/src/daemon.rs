@@ -4,7 +4,6 @@
 //! registry; each subsystem can be started and stopped on its own.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hybridlet_config::Config;
-use hybridlet_metrics::{AdminServer, AdminTls, AgentMetrics, Registry};
+use hybridlet_metrics::{AdminListener, AdminServer, AdminTls, AgentMetrics, Registry};
 use hybridlet_runtime::{Readiness, Stopped, Supervisor};
 use hybridlet_sys::HostRoot;
 
@@ -38,6 +37,8 @@ pub struct Families {
     pub devices: DeviceMetrics,
     /// Who holds each prepared device (for the telemetry's labels).
     pub holders: Holders,
+    /// Each DRA driver's device counts, for the node's capacity labels.
+    pub capacity: hybridlet_dra::CapacityBoard,
 }
 
 impl Families {
@@ -53,6 +54,7 @@ impl Families {
             pci: hybridlet_pci::PciMetrics::register(registry),
             devices: DeviceMetrics::register(registry, holders.clone()),
             holders,
+            capacity: hybridlet_dra::CapacityBoard::default(),
         }
     }
 }
@@ -80,14 +82,6 @@ pub struct Daemon {
     /// The running plugin subsystems: the plugin's name (the driver), and for a DRA
     /// driver the flag that withdraws its slices when it stops.
     pub plugins: BTreeMap<&'static str, (String, Option<Arc<AtomicBool>>)>,
-}
-
-/// Where the admin server listens.
-pub enum AdminListener {
-    /// Bind this address when the subsystem starts.
-    Address(SocketAddr),
-    /// Already bound (by a reload, before the old server stopped).
-    Bound(std::net::TcpListener),
 }
 
 /// What a reload needs ready before it changes anything: everything that can be refused.
@@ -140,6 +134,21 @@ impl Daemon {
             if crate::settings::dra_driver(config, which).0 {
                 self.start_dra(supervisor, config, which)?;
             }
+        }
+        if config.agent.node_labels.enabled {
+            let labeler = hybridlet_dra::NodeLabeler {
+                kubeconfig: self.kubelet_root.join("kubeconfig"),
+                node: self.node.clone(),
+                site: config.agent.node_labels.site.clone(),
+                board: self.families.capacity.clone(),
+                min_interval: config.agent.node_labels.min_interval.get(),
+                expected: [(DRA_GPU, "gpu"), (DRA_SRIOV, "sriov"), (DRA_PCI, "pci")]
+                    .iter()
+                    .filter(|(which, _)| crate::settings::dra_driver(config, which).0)
+                    .map(|(_, kind)| kind.to_string())
+                    .collect(),
+            };
+            supervisor.spawn("node-labels", move |ctx| labeler.subsystem(ctx));
         }
         {
             let device_metrics = self.families.devices.clone();
@@ -217,7 +226,11 @@ impl Daemon {
             devices.parts,
             f.registrations.clone(),
         )
-        .observe_claims(hybridlet_devices::holders_observer(f.holders.clone(), keys));
+        .observe_claims(hybridlet_devices::holders_observer(f.holders.clone(), keys))
+        .report_capacity(
+            f.capacity.clone(),
+            &which.replace("dra-", "").replace('-', ""),
+        );
         let policy = (devices.policy)(plugin.health());
         let plugin = plugin
             .with_metrics(&f.dra)
@@ -276,32 +289,14 @@ impl Daemon {
         listener: AdminListener,
         startup_delay: Option<Duration>,
     ) {
-        let (registry, readiness, metrics, tls) = (
-            self.registry.clone(),
-            self.readiness.clone(),
-            self.metrics.clone(),
-            self.admin_tls.clone(),
-        );
-        supervisor.spawn(ADMIN, move |ctx| async move {
-            let server = match listener {
-                AdminListener::Address(addr) => AdminServer::bind(addr, registry, readiness, metrics).await?,
-                AdminListener::Bound(l) => AdminServer::from_listener(l, registry, readiness, metrics)?,
-            }
-            .with_tls_setting(tls);
-            tracing::info!(address = %server.local_addr(), tls = server.is_tls(), "admin server listening (/metrics, /healthz, /readyz)");
-            let serve = tokio::spawn(server.serve(ctx.shutdown.clone()));
-            if let Some(delay) = startup_delay {
-                tracing::warn!(?delay, "start-up delay requested (testing aid)");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = ctx.shutdown.cancelled() => {}
-                }
-            }
-            if !ctx.shutdown.is_cancelled() {
-                ctx.ready.set_ready();
-            }
-            serve.await??;
-            Ok(())
+        let parts = hybridlet_metrics::AdminParts {
+            registry: self.registry.clone(),
+            readiness: self.readiness.clone(),
+            metrics: self.metrics.clone(),
+            tls: self.admin_tls.clone(),
+        };
+        supervisor.spawn(ADMIN, move |ctx| {
+            AdminServer::subsystem(listener, parts, startup_delay, ctx)
         });
     }
 

@@ -79,6 +79,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         registry_mirrors,
         proxy,
         remote_networks,
+        node_labels,
     } = n;
     if *log_level != o.log_level {
         plan.log_level = Some(log_level.clone());
@@ -103,6 +104,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             *plugin_registration_timeout != o.plugin_registration_timeout,
         ),
         ("spec.sriov.physicalFunctions", *sriov != o.sriov),
+        ("spec.nodeLabels", *node_labels != o.node_labels),
         // The node's name and cluster come from it; init renders the rest.
         ("NodeConfig", new.node != old.node),
     ] {

@@ -7,7 +7,10 @@
 //! `update`, `patch`, `delete` of a slice whose `spec.nodeName` is the node, `list`,
 //! `watch`, `deletecollection` only with the field selector `spec.nodeName=<node>`;
 //! resourceclaims `get` only (of a pod bound to the node); pods `list`/`watch` only with
-//! `spec.nodeName=<node>`; its own Node object.
+//! `spec.nodeName=<node>`; its own Node object: `get` (by name), and `create`, `update`,
+//! `patch` (authorizeNode allows them; NodeRestriction admission keeps a node to its own
+//! object and out of the `node-restriction.kubernetes.io/` and most `kubernetes.io/` label
+//! prefixes, so the capacity labels use `hybridlet.io/`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test code
 
 mod common;
@@ -114,6 +117,7 @@ fn node_may(
         // Pods: list/watch of the node's own (authorizePod with selectors).
         ("pods", "list" | "watch") if own_selector => Ok(()),
         ("nodes", "get") if a.name.as_deref() == Some(node) => Ok(()),
+        ("nodes", "create" | "update" | "patch") if a.name.as_deref() == Some(node) => Ok(()),
         _ => Err("not granted to nodes".into()),
     }
 }
@@ -127,7 +131,7 @@ async fn every_request_is_one_the_kubelets_identity_may_make() {
         |config| {
             config.replace(
                 "  dra:\n    gpu:\n      driverName: gpu.example.com\n",
-                "  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n",
+                "  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n  nodeLabels:\n    enabled: true\n    minInterval: 1s\n",
             )
         },
         |root| {
@@ -216,6 +220,13 @@ async fn every_request_is_one_the_kubelets_identity_may_make() {
             )
         })
         .collect();
+    wait_until("the capacity labels written", || {
+        d.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("PATCH /api/v1/nodes/"))
+    })
+    .await;
     let requests = d.api.requests();
     let mut verbs: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
     for request in &requests {
@@ -230,7 +241,7 @@ async fn every_request_is_one_the_kubelets_identity_may_make() {
     }
     // Exactly the table in docs/dra.md "Identity".
     let expected: BTreeMap<String, BTreeSet<&'static str>> = [
-        ("nodes", vec!["get"]),
+        ("nodes", vec!["get", "patch"]),
         (
             "resourceslices",
             vec!["create", "delete", "list", "update", "watch"],
@@ -244,7 +255,7 @@ async fn every_request_is_one_the_kubelets_identity_may_make() {
     for (resource, want) in &expected {
         let got = verbs.get(resource).cloned().unwrap_or_default();
         assert!(got.is_subset(want), "{resource}: {got:?} beyond {want:?}");
-        for must in ["get", "list", "watch", "create"] {
+        for must in ["get", "list", "watch", "create", "patch"] {
             if want.contains(must) {
                 assert!(got.contains(must), "{resource}: no {must} in {requests:#?}");
             }

@@ -263,6 +263,43 @@ pub async fn node_state(client: &Client, name: &str) -> Result<NodeState, KubeEr
     })
 }
 
+/// The labels of the Node `name`.
+pub async fn node_labels(
+    client: &Client,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, String>, KubeError> {
+    use k8s_openapi::api::core::v1::Node;
+    let node = kube::Api::<Node>::all(client.clone())
+        .get(name)
+        .await
+        .map_err(|e| KubeError::Request {
+            what: "GET Node",
+            message: e.to_string(),
+        })?;
+    Ok(node.metadata.labels.unwrap_or_default())
+}
+
+/// Set (`Some`) or remove (`None`) labels of the Node `name` in one JSON merge patch, as
+/// the node itself may (the Node authorizer and NodeRestriction allow a node to change
+/// its own labels outside the `kubernetes.io`/`k8s.io` prefixes).
+pub async fn patch_node_labels(
+    client: &Client,
+    name: &str,
+    changes: &std::collections::BTreeMap<String, Option<String>>,
+) -> Result<(), KubeError> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Patch, PatchParams};
+    let patch = serde_json::json!({"metadata": {"labels": changes}});
+    kube::Api::<Node>::all(client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| KubeError::Request {
+            what: "PATCH Node labels",
+            message: e.to_string(),
+        })
+}
+
 /// Delete the Node object `name`; `Ok(false)` when it was already gone.
 pub async fn delete_node(client: &Client, name: &str) -> Result<bool, KubeError> {
     use k8s_openapi::api::core::v1::Node;

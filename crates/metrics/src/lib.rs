@@ -21,7 +21,7 @@ mod server;
 pub use agent::{AgentMetrics, BuildInfo};
 pub use prometheus_client;
 pub use prometheus_client::registry::Registry;
-pub use server::{AdminServer, AdminServerError, AdminTls, tls_config};
+pub use server::{AdminListener, AdminParts, AdminServer, AdminServerError, AdminTls, tls_config};
 
 /// A fresh registry with hybridlet's metric prefix.
 pub fn new_registry() -> prometheus_client::registry::Registry {

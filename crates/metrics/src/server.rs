@@ -152,7 +152,65 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
+/// Where the admin server listens.
+#[derive(Debug)]
+pub enum AdminListener {
+    /// Bind this address when the subsystem starts.
+    Address(SocketAddr),
+    /// Already bound (by a reload, before the old server stopped).
+    Bound(std::net::TcpListener),
+}
+
+/// What the admin subsystem serves: the registry, readiness, its own metrics and the TLS
+/// setting (read again at every reload).
+#[derive(Debug, Clone)]
+pub struct AdminParts {
+    /// The metrics registry.
+    pub registry: Arc<Registry>,
+    /// The daemon's readiness.
+    pub readiness: Readiness,
+    /// The agent's own families.
+    pub metrics: AgentMetrics,
+    /// HTTPS or not.
+    pub tls: AdminTls,
+}
+
 impl AdminServer {
+    /// The admin server as a subsystem: listen on `listener`, serve until shutdown, ready
+    /// once listening (after `startup_delay`, a testing aid that holds readiness back).
+    pub async fn subsystem(
+        listener: AdminListener,
+        parts: AdminParts,
+        startup_delay: Option<Duration>,
+        ctx: hybridlet_runtime::SubsystemContext,
+    ) -> Result<(), hybridlet_runtime::BoxError> {
+        let AdminParts {
+            registry,
+            readiness,
+            metrics,
+            tls,
+        } = parts;
+        let server = match listener {
+            AdminListener::Address(addr) => Self::bind(addr, registry, readiness, metrics).await?,
+            AdminListener::Bound(l) => Self::from_listener(l, registry, readiness, metrics)?,
+        }
+        .with_tls_setting(tls);
+        tracing::info!(address = %server.local_addr(), tls = server.is_tls(), "admin server listening (/metrics, /healthz, /readyz)");
+        let serve = tokio::spawn(server.serve(ctx.shutdown.clone()));
+        if let Some(delay) = startup_delay {
+            tracing::warn!(?delay, "start-up delay requested (testing aid)");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = ctx.shutdown.cancelled() => {}
+            }
+        }
+        if !ctx.shutdown.is_cancelled() {
+            ctx.ready.set_ready();
+        }
+        serve.await??;
+        Ok(())
+    }
+
     /// Bind the listen address.
     pub async fn bind(
         addr: SocketAddr,
