@@ -35,13 +35,13 @@ fn deploy() -> PathBuf {
 #[test]
 fn every_manifest_is_a_kubernetes_object() {
     let mut files = Vec::new();
-    for dir in ["csi", "dra", "prometheus"] {
+    for dir in ["bursting", "csi", "dra", "prometheus"] {
         yaml_files(&deploy().join(dir), &mut files);
     }
     assert!(files.len() >= 8, "{files:?}");
     for f in &files {
         for d in docs(f) {
-            if f.ends_with("prometheus/alerts.yaml") {
+            if f.ends_with("prometheus/alerts.yaml") || f.ends_with("recording-rules.yaml") {
                 assert!(d["groups"].is_array(), "{}", f.display());
                 continue;
             }
@@ -91,7 +91,7 @@ fn dra_manifests_fit_together() {
     yaml_files(&deploy(), &mut files);
     for f in files
         .iter()
-        .filter(|f| !f.ends_with("prometheus/alerts.yaml"))
+        .filter(|f| !f.ends_with("prometheus/alerts.yaml") && !f.ends_with("recording-rules.yaml"))
     {
         for d in docs(f) {
             let kind = d["kind"].as_str().unwrap_or_default();
@@ -223,4 +223,447 @@ fn pci_device_classes_select_what_the_pci_driver_publishes() {
             );
         }
     }
+}
+
+/// Keys of `v` (an object) outside `known`, and `required` keys it lacks, at `at`.
+fn shape(v: &serde_json::Value, at: &str, known: &[&str], required: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(object) = v.as_object() else {
+        return vec![format!("{at}: not an object")];
+    };
+    for key in object.keys() {
+        if !known.contains(&key.as_str()) {
+            problems.push(format!("{at}.{key}: unknown field (known: {known:?})"));
+        }
+    }
+    for key in required {
+        if !object.contains_key(*key) {
+            problems.push(format!("{at}.{key}: required"));
+        }
+    }
+    problems
+}
+
+fn one_of(v: &serde_json::Value, at: &str, allowed: &[&str]) -> Vec<String> {
+    match v.as_str() {
+        Some(s) if allowed.contains(&s) => Vec::new(),
+        _ => vec![format!("{at}: {v} is not one of {allowed:?}")],
+    }
+}
+
+fn items(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// A Go duration as Karpenter reads it (`720h`, `10m`, `1h30m`), or `Never`.
+fn karpenter_duration(v: &serde_json::Value, at: &str) -> Vec<String> {
+    let text = v.as_str().unwrap_or_default();
+    let mut rest = text;
+    let mut ok = !rest.is_empty();
+    while ok && !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_end = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .map_or(rest.len(), |i| digits + i);
+        ok = digits > 0 && matches!(&rest[digits..unit_end], "h" | "m" | "s");
+        rest = &rest[unit_end..];
+    }
+    if ok || text == "Never" {
+        Vec::new()
+    } else {
+        vec![format!("{at}: {v} is not a duration")]
+    }
+}
+
+/// The Karpenter v1 NodePool fields the kit uses, as karpenter.sh/v1's CRD defines them.
+fn nodepool(d: &serde_json::Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let spec = &d["spec"];
+    p.extend(shape(
+        spec,
+        "spec",
+        &["template", "disruption", "limits", "weight"],
+        &["template"],
+    ));
+    p.extend(shape(
+        &spec["template"],
+        "spec.template",
+        &["metadata", "spec"],
+        &["spec"],
+    ));
+    let t = &spec["template"]["spec"];
+    p.extend(shape(
+        t,
+        "spec.template.spec",
+        &[
+            "nodeClassRef",
+            "requirements",
+            "taints",
+            "startupTaints",
+            "expireAfter",
+            "terminationGracePeriod",
+        ],
+        &["nodeClassRef", "requirements"],
+    ));
+    p.extend(shape(
+        &t["nodeClassRef"],
+        "nodeClassRef",
+        &["group", "kind", "name"],
+        &["group", "kind", "name"],
+    ));
+    for (i, r) in items(&t["requirements"]).iter().enumerate() {
+        let at = format!("requirements[{i}]");
+        p.extend(shape(
+            r,
+            &at,
+            &["key", "operator", "values", "minValues"],
+            &["key", "operator"],
+        ));
+        p.extend(one_of(
+            &r["operator"],
+            &at,
+            &["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"],
+        ));
+        if matches!(r["operator"].as_str(), Some("In" | "NotIn")) && items(&r["values"]).is_empty()
+        {
+            p.push(format!("{at}.values: required for In/NotIn"));
+        }
+    }
+    for (i, t) in items(&t["taints"]).iter().enumerate() {
+        let at = format!("taints[{i}]");
+        p.extend(shape(
+            t,
+            &at,
+            &["key", "value", "effect"],
+            &["key", "effect"],
+        ));
+        p.extend(one_of(
+            &t["effect"],
+            &at,
+            &["NoSchedule", "PreferNoSchedule", "NoExecute"],
+        ));
+    }
+    if !t["expireAfter"].is_null() {
+        p.extend(karpenter_duration(&t["expireAfter"], "expireAfter"));
+    }
+    let dis = &spec["disruption"];
+    p.extend(shape(
+        dis,
+        "spec.disruption",
+        &["consolidationPolicy", "consolidateAfter", "budgets"],
+        &[],
+    ));
+    p.extend(one_of(
+        &dis["consolidationPolicy"],
+        "consolidationPolicy",
+        &["WhenEmpty", "WhenEmptyOrUnderutilized"],
+    ));
+    p.extend(karpenter_duration(
+        &dis["consolidateAfter"],
+        "consolidateAfter",
+    ));
+    p
+}
+
+/// The EC2NodeClass fields the kit uses, as karpenter.k8s.aws/v1's CRD defines them.
+fn ec2nodeclass(d: &serde_json::Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let spec = &d["spec"];
+    p.extend(shape(
+        spec,
+        "spec",
+        &[
+            "role",
+            "instanceProfile",
+            "amiSelectorTerms",
+            "amiFamily",
+            "subnetSelectorTerms",
+            "securityGroupSelectorTerms",
+            "capacityReservationSelectorTerms",
+            "blockDeviceMappings",
+            "userData",
+            "tags",
+            "kubelet",
+            "metadataOptions",
+            "detailedMonitoring",
+            "associatePublicIPAddress",
+            "instanceStorePolicy",
+            "context",
+        ],
+        &[
+            "amiSelectorTerms",
+            "subnetSelectorTerms",
+            "securityGroupSelectorTerms",
+        ],
+    ));
+    if spec["role"].is_null() == spec["instanceProfile"].is_null() {
+        p.push("spec: exactly one of role and instanceProfile".into());
+    }
+    for (i, t) in items(&spec["amiSelectorTerms"]).iter().enumerate() {
+        let at = format!("amiSelectorTerms[{i}]");
+        p.extend(shape(
+            t,
+            &at,
+            &["alias", "id", "name", "owner", "tags", "ssmParameter"],
+            &[],
+        ));
+        if let Some(alias) = t["alias"].as_str() {
+            let family = alias.split_once('@').map(|(f, _)| f);
+            if !matches!(
+                family,
+                Some("al2" | "al2023" | "bottlerocket" | "windows2019" | "windows2022")
+            ) {
+                p.push(format!("{at}.alias: {alias:?} is not <family>@<version>"));
+            }
+        }
+    }
+    for field in ["subnetSelectorTerms", "securityGroupSelectorTerms"] {
+        if items(&spec[field]).is_empty() {
+            p.push(format!("spec.{field}: at least one term"));
+        }
+    }
+    for (i, b) in items(&spec["blockDeviceMappings"]).iter().enumerate() {
+        let at = format!("blockDeviceMappings[{i}]");
+        p.extend(shape(b, &at, &["deviceName", "ebs", "rootVolume"], &[]));
+        p.extend(shape(
+            &b["ebs"],
+            &format!("{at}.ebs"),
+            &[
+                "volumeSize",
+                "volumeType",
+                "iops",
+                "throughput",
+                "encrypted",
+                "kmsKeyID",
+                "deleteOnTermination",
+                "snapshotID",
+                "volumeInitializationRate",
+            ],
+            &[],
+        ));
+        p.extend(one_of(
+            &b["ebs"]["volumeType"],
+            &at,
+            &["standard", "io1", "io2", "gp2", "sc1", "st1", "gp3"],
+        ));
+    }
+    p
+}
+
+/// The KEDA ScaledObject fields the kit uses (keda.sh/v1alpha1), with the Prometheus
+/// scaler's required metadata.
+fn scaledobject(d: &serde_json::Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let spec = &d["spec"];
+    p.extend(shape(
+        spec,
+        "spec",
+        &[
+            "scaleTargetRef",
+            "pollingInterval",
+            "cooldownPeriod",
+            "initialCooldownPeriod",
+            "idleReplicaCount",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "fallback",
+            "advanced",
+            "triggers",
+        ],
+        &["scaleTargetRef", "triggers"],
+    ));
+    p.extend(shape(
+        &spec["scaleTargetRef"],
+        "scaleTargetRef",
+        &["name", "apiVersion", "kind", "envSourceContainerName"],
+        &["name"],
+    ));
+    for (i, t) in items(&spec["triggers"]).iter().enumerate() {
+        let at = format!("triggers[{i}]");
+        p.extend(shape(
+            t,
+            &at,
+            &[
+                "type",
+                "metadata",
+                "name",
+                "authenticationRef",
+                "metricType",
+                "useCachedMetrics",
+            ],
+            &["type", "metadata"],
+        ));
+        if t["type"] == "prometheus" {
+            for key in ["serverAddress", "query", "threshold"] {
+                if !t["metadata"][key].is_string() {
+                    p.push(format!("{at}.metadata.{key}: required, a string"));
+                }
+            }
+        }
+    }
+    p
+}
+
+/// deploy/bursting works as written: each object matches the schema facts of its kind
+/// (Karpenter v1 NodePool and EC2NodeClass, KEDA ScaledObject), and the pieces refer to
+/// each other correctly — the NodePool's class exists, the burst pods tolerate the
+/// NodePool's taints and select it, the on-prem pods ask for hybrid nodes and a
+/// ResourceClaimTemplate of the kit whose class hybridlet publishes, the ScaledObject
+/// scales a Deployment of the kit on a recording rule the kit defines, the Service selects
+/// both Deployments.
+#[test]
+fn bursting_kit_matches_its_schemas_and_fits_together() {
+    let dir = deploy().join("bursting");
+    let mut all = Vec::new();
+    for f in [
+        "nodepool.yaml",
+        "ec2nodeclass.yaml",
+        "workload.yaml",
+        "keda-scaledobject.yaml",
+    ] {
+        all.extend(docs(&dir.join(f)));
+    }
+    let find = |kind: &str, name: &str| {
+        all.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/bursting"))
+            .clone()
+    };
+    let mut problems = Vec::new();
+    for d in &all {
+        let kind = d["kind"].as_str().unwrap();
+        let found = match (d["apiVersion"].as_str().unwrap(), kind) {
+            ("karpenter.sh/v1", "NodePool") => nodepool(d),
+            ("karpenter.k8s.aws/v1", "EC2NodeClass") => ec2nodeclass(d),
+            ("keda.sh/v1alpha1", "ScaledObject") => scaledobject(d),
+            ("apps/v1", "Deployment")
+            | ("v1", "Service")
+            | ("resource.k8s.io/v1", "ResourceClaimTemplate") => Vec::new(),
+            other => vec![format!("unexpected object {other:?}")],
+        };
+        problems.extend(
+            found
+                .into_iter()
+                .map(|p| format!("{kind} {}: {p}", d["metadata"]["name"])),
+        );
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let pool = find("NodePool", "gpu-burst");
+    let class_ref = &pool["spec"]["template"]["spec"]["nodeClassRef"];
+    assert_eq!(class_ref["kind"], "EC2NodeClass");
+    assert_eq!(class_ref["group"], "karpenter.k8s.aws");
+    find("EC2NodeClass", class_ref["name"].as_str().unwrap());
+
+    let burst = find("Deployment", "inference-burst");
+    let pod = &burst["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["karpenter.sh/nodepool"], "gpu-burst");
+    for taint in items(&pool["spec"]["template"]["spec"]["taints"]) {
+        assert!(
+            items(&pod["tolerations"])
+                .iter()
+                .any(|t| t["key"] == taint["key"]
+                    && (t["operator"] == "Exists" || t["value"] == taint["value"])
+                    && (t["effect"].is_null() || t["effect"] == taint["effect"])),
+            "the burst pods do not tolerate {taint}"
+        );
+    }
+    assert!(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"].is_string());
+
+    let onprem = find("Deployment", "inference-onprem");
+    let pod = &onprem["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["nodeSelector"]["eks.amazonaws.com/compute-type"],
+        "hybrid"
+    );
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "hybridlet.io/site"
+    );
+    let claims: Vec<&str> = items(&pod["resourceClaims"])
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for c in items(&pod["resourceClaims"]) {
+        let template = find(
+            "ResourceClaimTemplate",
+            c["resourceClaimTemplateName"].as_str().unwrap(),
+        );
+        assert_eq!(
+            template["spec"]["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"],
+            "gpu.hybridlet.io"
+        );
+    }
+    for container in items(&pod["containers"]) {
+        for c in items(&container["resources"]["claims"]) {
+            assert!(
+                claims.contains(&c["name"].as_str().unwrap()),
+                "{c} is not a pod resourceClaim"
+            );
+        }
+    }
+    for d in [&burst, &onprem] {
+        let selector = d["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector {
+            assert_eq!(
+                &labels[k], v,
+                "{} selector does not match its template",
+                d["metadata"]["name"]
+            );
+        }
+        let service = find("Service", "inference");
+        for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+            assert_eq!(
+                &labels[k], v,
+                "the Service does not select {}",
+                d["metadata"]["name"]
+            );
+        }
+    }
+
+    let scaled = find("ScaledObject", "inference-burst");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "inference-burst");
+    assert_eq!(
+        scaled["metadata"]["namespace"],
+        burst["metadata"]["namespace"]
+    );
+    let query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    let rules = docs(&dir.join("recording-rules.yaml"));
+    let recorded: Vec<String> = items(&rules[0]["groups"])
+        .iter()
+        .flat_map(|g| items(&g["rules"]))
+        .filter_map(|r| r["record"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        recorded.iter().any(|r| query.contains(r.as_str())),
+        "{query} uses no rule of {recorded:?}"
+    );
+}
+
+/// The schema checks catch what they claim to: a typo'd field, a wrong enum, a missing
+/// required field.
+#[test]
+fn the_bursting_schema_checks_refuse_broken_objects() {
+    let pool = docs(&deploy().join("bursting/nodepool.yaml"))[0].clone();
+    assert!(nodepool(&pool).is_empty());
+    let mut typo = pool.clone();
+    typo["spec"]["disruption"]["consolidationPolicy"] = serde_json::json!("WhenUnderutilized");
+    assert!(nodepool(&typo)[0].contains("WhenUnderutilized"));
+    let mut extra = pool.clone();
+    extra["spec"]["template"]["spec"]["kubelet"] = serde_json::json!({});
+    assert!(nodepool(&extra)[0].contains("kubelet: unknown field"));
+    let class = docs(&deploy().join("bursting/ec2nodeclass.yaml"))[0].clone();
+    assert!(ec2nodeclass(&class).is_empty());
+    let mut both = class.clone();
+    both["spec"]["instanceProfile"] = serde_json::json!("p");
+    assert!(ec2nodeclass(&both)[0].contains("exactly one of role"));
+    let scaled = docs(&deploy().join("bursting/keda-scaledobject.yaml"))[0].clone();
+    let mut number = scaled.clone();
+    number["spec"]["triggers"][0]["metadata"]["threshold"] = serde_json::json!(1);
+    assert!(scaledobject(&number)[0].contains("threshold"));
 }

@@ -1,4 +1,5 @@
-//! What promtool (Debian `prometheus`) says of the shipped alert rules: `check rules`
+//! What promtool (Debian `prometheus`) says of the shipped alert and recording rules:
+//! `check rules`
 //! (syntax, PromQL, templates) and `test rules` on tests/prometheus/alerts.test.yaml, the
 //! alerts' unit tests. Every alert must have a case there in which it fires with its
 //! labels and annotations; the same cases fix when it must not fire (promtool compares the
@@ -37,9 +38,22 @@ fn yaml(path: &Path) -> serde_json::Value {
 
 #[test]
 fn promtool_checks_the_rules() {
+    for file in [
+        "deploy/prometheus/alerts.yaml",
+        "deploy/bursting/recording-rules.yaml",
+    ] {
+        let said = promtool(&["check", "rules", file], &repo());
+        assert!(said.contains("SUCCESS"), "{file}: {said}");
+    }
+}
+
+/// The burst decision of deploy/bursting (on-prem first, EC2 when full, cloud first on the
+/// way down) on a day of the agents' series: tests/prometheus/bursting.test.yaml.
+#[test]
+fn the_burst_decision_passes_its_unit_tests() {
     let said = promtool(
-        &["check", "rules", "deploy/prometheus/alerts.yaml"],
-        &repo(),
+        &["test", "rules", "bursting.test.yaml"],
+        &repo().join("tests/prometheus"),
     );
     assert!(said.contains("SUCCESS"), "{said}");
 }
