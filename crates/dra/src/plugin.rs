@@ -117,9 +117,11 @@ async fn observe(
 }
 
 /// Keep the driver's device counts (metrics, the capacity board) current as health and
-/// prepared claims change; the board entry goes when the driver stops.
+/// prepared claims change (a prepared device's companions count as allocated); the board
+/// entry goes when the driver stops.
 async fn count_devices(
     devices: Vec<SliceDevice>,
+    backend: Arc<dyn DeviceBackend>,
     health: HealthBoard,
     mut claims: tokio::sync::watch::Receiver<BTreeMap<String, PreparedClaim>>,
     metrics: Option<DraMetrics>,
@@ -129,10 +131,16 @@ async fn count_devices(
     let product = most_common_product(&devices);
     let mut health_changes = health.subscribe();
     loop {
+        // A prepared device's companions (its IOMMU group's other functions) are held too.
         let prepared: std::collections::BTreeSet<String> = claims
             .borrow_and_update()
             .values()
             .flat_map(|c| c.devices.iter().map(|d| d.device.clone()))
+            .flat_map(|d| {
+                let mut held = backend.companions(&d);
+                held.push(d);
+                held
+            })
             .collect();
         health_changes.borrow_and_update();
         let states = health.snapshot();
@@ -267,6 +275,7 @@ impl DraPlugin {
                 )
             })?;
         let devices = self.devices;
+        let backend = self.backend.clone();
         let mut driver = Driver::open(
             self.backend,
             Arc::new(KubeClaims::new(client.clone(), &self.node)),
@@ -297,6 +306,7 @@ impl DraPlugin {
         }
         tokio::spawn(count_devices(
             devices.clone(),
+            backend,
             self.health.clone(),
             driver.subscribe(),
             self.dra_metrics.clone(),
