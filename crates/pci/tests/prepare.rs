@@ -135,6 +135,15 @@ impl Rig {
     }
 }
 
+/// Prepare claim `name` (UID `uid-<name>`), which must fail: the per-claim message.
+async fn refused(driver: &Driver, name: &str) -> String {
+    driver
+        .prepare("fpga", name, &format!("uid-{name}"))
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 const ALVEO: [&str; 2] = ["0000:03:00.0", "0000:03:00.1"];
 
 #[tokio::test]
@@ -204,11 +213,7 @@ async fn a_function_of_a_held_group_is_refused_naming_the_holder_and_one_claim_m
     ));
     let driver = rig.open();
     driver.prepare("fpga", "mgmt", "uid-mgmt").await.unwrap();
-    let err = driver
-        .prepare("fpga", "user", "uid-user")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "user").await;
     assert!(
         err.contains("pci-0000-03-00-1")
             && err.contains("pci-0000-03-00-0")
@@ -232,11 +237,7 @@ async fn a_group_with_a_function_no_rule_allows_is_refused_before_any_write() {
     let rig = Rig::new();
     rig.claims.put(claim("mixed", &["pci-0000-05-00-0"], None));
     let driver = rig.open();
-    let err = driver
-        .prepare("fpga", "mixed", "uid-mixed")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "mixed").await;
     assert!(
         err.contains("0000:05:00.1") && err.contains("igb") && err.contains("does not allow"),
         "{err}"
@@ -279,11 +280,7 @@ async fn a_group_with_a_non_pci_bridge_member_is_refused() {
     );
     rig.claims.put(claim("dfl", &["pci-0000-04-00-0"], None));
     let driver = rig.open();
-    let err = driver
-        .prepare("fpga", "dfl", "uid-dfl")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "dfl").await;
     assert!(
         err.contains("0000:04:00.1") && err.contains("nvidia-nvswitch"),
         "{err}"
@@ -301,11 +298,7 @@ async fn driver_mode_keeps_the_vendor_driver_and_hands_over_its_device_nodes() {
         .put(claim("dfl", &["pci-0000-04-00-0"], Some(mode.clone())));
     let driver = rig.open();
     // No device nodes under /dev yet: refused by name, nothing moved.
-    let err = driver
-        .prepare("fpga", "dfl", "uid-dfl")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "dfl").await;
     assert!(err.contains("/dev/dfl-fme.0"), "{err}");
     for node in ["dfl-fme.0", "dfl-port.0"] {
         std::fs::write(dev.join(node), "").unwrap();
@@ -325,11 +318,7 @@ async fn driver_mode_keeps_the_vendor_driver_and_hands_over_its_device_nodes() {
         &["pci-0000-04-00-0"],
         Some(serde_json::json!({"mode": "vfi0"})),
     ));
-    let err = driver
-        .prepare("fpga", "typo", "uid-typo")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "typo").await;
     assert!(err.contains("\"vfi0\""), "{err}");
 }
 
@@ -350,11 +339,7 @@ async fn a_group_bind_failing_halfway_puts_back_what_moved() {
     let before: Vec<BindingState> = ALVEO.iter().map(|a| rig.state(a)).collect();
     rig.claims.put(claim("mgmt", &["pci-0000-03-00-0"], None));
     let driver = rig.open();
-    let err = driver
-        .prepare("fpga", "mgmt", "uid-mgmt")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(&driver, "mgmt").await;
     assert!(err.contains("0000:03:00.1"), "{err}");
     let after: Vec<BindingState> = ALVEO.iter().map(|a| rig.state(a)).collect();
     assert_eq!(after, before);
