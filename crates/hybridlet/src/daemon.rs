@@ -142,7 +142,7 @@ impl Daemon {
                 site: config.agent.node_labels.site.clone(),
                 board: self.families.capacity.clone(),
                 min_interval: config.agent.node_labels.min_interval.get(),
-                expected: [(DRA_GPU, "gpu"), (DRA_SRIOV, "sriov"), (DRA_PCI, "pci")]
+                expected: crate::settings::DRA_KINDS
                     .iter()
                     .filter(|(which, _)| crate::settings::dra_driver(config, which).0)
                     .map(|(_, kind)| kind.to_string())
@@ -227,10 +227,7 @@ impl Daemon {
             f.registrations.clone(),
         )
         .observe_claims(hybridlet_devices::holders_observer(f.holders.clone(), keys))
-        .report_capacity(
-            f.capacity.clone(),
-            &which.replace("dra-", "").replace('-', ""),
-        );
+        .report_capacity(f.capacity.clone(), which.trim_start_matches("dra-"));
         let policy = (devices.policy)(plugin.health());
         let plugin = plugin
             .with_metrics(&f.dra)

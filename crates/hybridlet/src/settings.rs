@@ -33,6 +33,9 @@ pub fn csi_enabled(config: &Config) -> bool {
     config.agent.csi.nfs.enabled || config.agent.csi.iscsi.enabled
 }
 
+/// The DRA drivers' subsystems, and the kind each reports its capacity under.
+pub const DRA_KINDS: [(&str, &str); 3] = [(DRA_GPU, "gpu"), (DRA_SRIOV, "sriov"), (DRA_PCI, "pci")];
+
 /// The DRA driver `which` (`dra-gpu`, `dra-sriov`, `dra-pci`): whether it is enabled, and its name.
 pub fn dra_driver(config: &Config, which: &str) -> (bool, String) {
     let dra = &config.agent.dra;

@@ -167,8 +167,9 @@ impl PciHealth {
         self
     }
 
-    /// The same policy with another recovery period and clock (tests).
-    pub fn with_clock(
+    /// The same policy with another recovery period and clock.
+    #[cfg(test)]
+    fn with_clock(
         mut self,
         recovery: Duration,
         now: impl Fn() -> Instant + Send + Sync + 'static,

@@ -69,14 +69,21 @@ impl Rule {
     /// Whether `d` (with its subsystem IDs) matches every field this rule gives. A rule
     /// that gives nothing to match matches nothing.
     pub fn matches(&self, d: &PciDevice, subsystem: (Option<u16>, Option<u16>)) -> bool {
+        let id = |want: Option<u16>, have: Option<u16>| want.is_none() || want == have;
+        self.matches_walk(d)
+            && id(self.subsystem_vendor, subsystem.0)
+            && id(self.subsystem_device, subsystem.1)
+    }
+
+    /// Whether `d` matches every field the walk read (all but the subsystem IDs, which
+    /// are read only for functions that pass this).
+    fn matches_walk(&self, d: &PciDevice) -> bool {
         if self.vendor.is_none() && self.class.is_none() && self.driver.is_none() {
             return false;
         }
-        let id = |want: Option<u16>, have: Option<u16>| want.is_none() || want == have;
-        id(self.vendor, Some(d.vendor_id))
-            && id(self.device, Some(d.device_id))
-            && id(self.subsystem_vendor, subsystem.0)
-            && id(self.subsystem_device, subsystem.1)
+        let id = |want: Option<u16>, have: u16| want.is_none_or(|w| w == have);
+        id(self.vendor, d.vendor_id)
+            && id(self.device, d.device_id)
             && self
                 .class
                 .is_none_or(|(value, bits)| d.class >> (24 - bits) == value)
@@ -205,17 +212,7 @@ fn fpga_facts(sysfs: &Sysfs, address: &PciAddress) -> BTreeMap<String, String> {
 pub fn discover(sysfs: &Sysfs, devices: &[PciDevice], rules: &[Rule]) -> Inventory {
     let mut inventory = Inventory::default();
     for d in devices {
-        // Subsystem IDs are read only for functions a rule could match without them.
-        let cheap = rules.iter().any(|r| {
-            r.matches(
-                d,
-                (
-                    r.subsystem_vendor.or(Some(0)),
-                    r.subsystem_device.or(Some(0)),
-                ),
-            )
-        });
-        if !cheap {
+        if !rules.iter().any(|r| r.matches_walk(d)) {
             continue;
         }
         let subsystem = sysfs.subsystem_ids(&d.address);
