@@ -1,7 +1,7 @@
 //! The PCI DRA driver's devices: each allowlisted function is a device of the node's pool
 //! (`pci-<address>`). Mode `vfio` (the default) moves every endpoint of the function's
 //! IOMMU group to vfio-pci (the group is what vfio hands out: a group with one endpoint
-//! left on another driver is "not viable" to QEMU and DPDK), bridges excepted, and puts
+//! left on another driver is "not viable" to QEMU and DPDK), PCI bridges excepted, and puts
 //! each back exactly as it was at unprepare. A group holding a function no rule allows,
 //! or one another claim holds, refuses the claim by name. Mode `driver` leaves the
 //! function on its vendor driver and hands the container that driver's device nodes.
@@ -378,7 +378,7 @@ pub fn env_name(driver: &str) -> String {
     format!("PCI_RESOURCE_{upper}")
 }
 
-/// One function as a slice device: identity, driver, group, placement, link, FPGA facts
+/// One function as a slice device: identity, driver, group, placement, FPGA facts
 /// as attributes (a DeviceClass selects "any Alveo U55C with shell X" with CEL), and BAR
 /// sizes as capacity.
 pub fn slice_device(f: &PciFunction) -> SliceDevice {
