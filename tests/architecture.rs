@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-kube", 2),
     ("hybridlet-proto", 2),
     ("hybridlet-metrics", 2),
+    ("hybridlet-cri", 2),
     // 3 plugin framework
     ("hybridlet-kubelet-plugin", 3),
     // 4 the DRA framework (driver core, checkpoint, slices, health stream)
@@ -32,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-gpu", 5),
     ("hybridlet-sriov", 5),
     ("hybridlet-pci", 5),
+    ("hybridlet-images", 5),
     // 6 applications: what the commands do, over the domains
     ("hybridlet-join", 6),
     ("hybridlet-devices", 6),

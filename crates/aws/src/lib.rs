@@ -12,15 +12,22 @@
 //! What this crate must never do: read credentials itself, log them, or pick a region on
 //! its own.
 
+mod ecr;
 mod eks;
+mod json_protocol;
 mod reach;
 mod ssm;
 mod token;
 
 pub use aws_credential_types::Credentials;
+pub use ecr::{
+    EcrClient, EcrError, EcrToken, EksRegistry, RegionData, ecr_endpoint, eks_registry,
+    partition_dns_suffix,
+};
 pub use eks::{ClusterInfo, EksError, describe_cluster};
+pub use json_protocol::{CallError, JsonClient, endpoint_from_env};
 pub use reach::{ReachStep, Reached, bypasses_proxy, reach, system_roots};
-pub use ssm::{ManagedInstance, SsmClient, SsmError, endpoint_from_env, ssm_endpoint};
+pub use ssm::{ManagedInstance, SsmClient, SsmError, ssm_endpoint};
 pub use token::{EksToken, TOKEN_LIFETIME, TokenError, eks_token, sts_host};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};

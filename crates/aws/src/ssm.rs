@@ -1,79 +1,20 @@
 //! The two Systems Manager calls an uninstall needs: is this managed instance (`mi-…`)
 //! still registered (`DescribeInstanceInformation`), and deregister it
-//! (`DeregisterManagedInstance`).
-//!
-//! Spoken directly in the service's JSON 1.1 protocol (a POST of a JSON body to `/`, the
-//! operation in `X-Amz-Target: AmazonSSM.<Operation>`, SigV4 for service `ssm`): the SDK
-//! crate for SSM carries several hundred operations and would roughly double the
-//! build time of this adapter for two calls.
+//! (`DeregisterManagedInstance`), in SSM's JSON 1.1 protocol (`AmazonSSM.<Operation>`,
+//! signing name `ssm`): the SDK crate for SSM carries several hundred operations and would
+//! roughly double the build time of this adapter for two calls.
 
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
-use aws_sigv4::sign::v4;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use serde_json::{Value, json};
 
+use crate::json_protocol::{CallError, JsonClient};
+
 /// Errors of the SSM calls, naming the operation.
-#[derive(Debug, thiserror::Error)]
-pub enum SsmError {
-    /// The endpoint or request could not be built.
-    #[error("ssm:{operation}: {message}")]
-    Request {
-        /// The operation.
-        operation: &'static str,
-        /// What was wrong.
-        message: String,
-    },
-    /// No answer (DNS, TCP, TLS, proxy) or no answer in time.
-    #[error("ssm:{operation}: {endpoint} did not answer: {message}")]
-    Unreachable {
-        /// The operation.
-        operation: &'static str,
-        /// The endpoint called.
-        endpoint: String,
-        /// Why.
-        message: String,
-    },
-    /// The service answered with an error.
-    #[error("ssm:{operation}: {code} (HTTP {status}): {message}")]
-    Service {
-        /// The operation.
-        operation: &'static str,
-        /// HTTP status.
-        status: u16,
-        /// The error type, e.g. `InvalidInstanceId`, `AccessDeniedException`.
-        code: String,
-        /// The service's message.
-        message: String,
-    },
-}
-
-impl SsmError {
-    /// Worth another try: no answer, throttling, or a server-side failure.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            SsmError::Unreachable { .. } => true,
-            SsmError::Service { status, code, .. } => {
-                *status >= 500 || code.contains("Throttl") || code == "TooManyUpdates"
-            }
-            SsmError::Request { .. } => false,
-        }
-    }
-
-    /// The service's error type, if it answered.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            SsmError::Service { code, .. } => Some(code),
-            _ => None,
-        }
-    }
-}
+pub type SsmError = CallError;
 
 /// What SSM knows about a managed instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,24 +32,10 @@ pub fn ssm_endpoint(region: &str) -> String {
     format!("https://{}", crate::regional_host("ssm", region))
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// A signed JSON-protocol client for SSM.
+#[derive(Debug)]
 pub struct SsmClient {
-    endpoint: http::Uri,
-    region: String,
-    credentials: Credentials,
-    timeout: Duration,
-    http: HttpsClient,
-}
-
-impl std::fmt::Debug for SsmClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SsmClient")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .finish_non_exhaustive()
-    }
+    client: JsonClient,
 }
 
 impl SsmClient {
@@ -120,40 +47,17 @@ impl SsmClient {
         credentials: Credentials,
         timeout: Duration,
     ) -> Result<Self, SsmError> {
-        let bad = |message: String| SsmError::Request {
-            operation: "(client)",
-            message,
-        };
         let url = endpoint
-            .map(|e| e.trim_end_matches('/').to_string())
+            .map(str::to_string)
             .unwrap_or_else(|| ssm_endpoint(region));
-        let endpoint: http::Uri = url
-            .parse()
-            .map_err(|e| bad(format!("endpoint {url:?}: {e}")))?;
-        if endpoint.host().is_none() {
-            return Err(bad(format!("endpoint {url:?} has no host")));
-        }
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-            Ok(b) => b,
-            Err(e) => {
-                return Err(bad(format!(
-                    "the system has no usable root certificates ({e}); install ca-certificates"
-                )));
-            }
-        };
-        let https = builder.https_or_http().enable_http1().build();
         Ok(Self {
-            endpoint,
-            region: region.to_string(),
-            credentials,
-            timeout,
-            http: Client::builder(TokioExecutor::new()).build(https),
+            client: JsonClient::new("ssm", "AmazonSSM", region, &url, credentials, timeout)?,
         })
     }
 
     /// The endpoint called.
     pub fn endpoint(&self) -> String {
-        self.endpoint.to_string()
+        self.client.endpoint()
     }
 
     /// The instance, or `None` when SSM no longer knows it (deregistered, or never was).
@@ -162,7 +66,7 @@ impl SsmClient {
         instance_id: &str,
     ) -> Result<Option<ManagedInstance>, SsmError> {
         let body = json!({"Filters": [{"Key": "InstanceIds", "Values": [instance_id]}]});
-        let answer = match self.call("DescribeInstanceInformation", &body).await {
+        let answer = match self.client.call("DescribeInstanceInformation", &body).await {
             // Asking for an ID the account no longer has is an error, not an empty list.
             Err(e) if e.code() == Some("InvalidInstanceId") => return Ok(None),
             other => other?,
@@ -192,6 +96,7 @@ impl SsmClient {
     /// Deregister the instance; `Ok(false)` when SSM did not know it any more.
     pub async fn deregister(&self, instance_id: &str) -> Result<bool, SsmError> {
         match self
+            .client
             .call(
                 "DeregisterManagedInstance",
                 &json!({"InstanceId": instance_id}),
@@ -204,67 +109,6 @@ impl SsmClient {
         }
     }
 
-    async fn call(&self, operation: &'static str, body: &Value) -> Result<Value, SsmError> {
-        let request = self.signed(operation, body, SystemTime::now())?;
-        let unreachable = |message: String| SsmError::Unreachable {
-            operation,
-            endpoint: self.endpoint.to_string(),
-            message,
-        };
-        let exchange = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| unreachable(hybridlet_runtime::error_chain(&e)))?;
-            let status = response.status().as_u16();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, SsmError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))??;
-        let value: Value = if bytes.is_empty() {
-            json!({})
-        } else {
-            serde_json::from_slice(&bytes).map_err(|e| SsmError::Service {
-                operation,
-                status,
-                code: "UnreadableResponse".into(),
-                message: format!(
-                    "{e}: {}",
-                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-                ),
-            })?
-        };
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        // `__type` may carry the shape's namespace: `com.amazonaws.ssm#InvalidInstanceId`.
-        let code = value
-            .get("__type")
-            .and_then(Value::as_str)
-            .map(|t| t.rsplit('#').next().unwrap_or(t).to_string())
-            .unwrap_or_else(|| format!("HTTP{status}"));
-        let message = value
-            .get("message")
-            .or_else(|| value.get("Message"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        Err(SsmError::Service {
-            operation,
-            status,
-            code,
-            message,
-        })
-    }
-
     /// The SigV4-signed request for `operation` at time `now`.
     pub fn signed(
         &self,
@@ -272,62 +116,8 @@ impl SsmClient {
         body: &Value,
         now: SystemTime,
     ) -> Result<http::Request<Full<Bytes>>, SsmError> {
-        let fail = |message: String| SsmError::Request { operation, message };
-        let payload = serde_json::to_vec(body).map_err(|e| fail(e.to_string()))?;
-        let host = match (self.endpoint.host(), self.endpoint.port_u16()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            (None, _) => return Err(fail("endpoint has no host".into())),
-        };
-        let url = format!(
-            "{}://{host}/",
-            self.endpoint.scheme_str().unwrap_or("https")
-        );
-        let target = format!("AmazonSSM.{operation}");
-        let headers = [
-            ("host", host.as_str()),
-            ("content-type", "application/x-amz-json-1.1"),
-            ("x-amz-target", target.as_str()),
-        ];
-        let identity = self.credentials.clone().into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("ssm")
-            .time(now)
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| fail(e.to_string()))?
-            .into();
-        let signable = SignableRequest::new(
-            "POST",
-            url.as_str(),
-            headers.iter().copied(),
-            SignableBody::Bytes(&payload),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| fail(e.to_string()))?
-            .into_parts();
-        let mut builder = http::Request::builder().method("POST").uri(url.as_str());
-        for (name, value) in headers {
-            builder = builder.header(name, value);
-        }
-        let mut request = builder
-            .body(Full::new(Bytes::from(payload)))
-            .map_err(|e| fail(e.to_string()))?;
-        instructions.apply_to_request_http1x(&mut request);
-        Ok(request)
+        self.client.signed(operation, body, now)
     }
-}
-
-/// `AWS_ENDPOINT_URL_<SERVICE>`, else `AWS_ENDPOINT_URL`: the SDKs' standard overrides,
-/// honoured for the calls this crate makes itself.
-pub fn endpoint_from_env(service_env: &str) -> Option<String> {
-    std::env::var(format!("AWS_ENDPOINT_URL_{service_env}"))
-        .ok()
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-        .filter(|v| !v.trim().is_empty())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 
 mod duration;
 mod error;
+mod image_ref;
 mod load;
 mod merge;
 mod types;
@@ -27,6 +28,7 @@ mod validate;
 
 pub use duration::GoDuration;
 pub use error::{ConfigError, FieldError};
+pub use image_ref::ImageRef;
 pub use load::{
     ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig, load, parse_str,
 };

@@ -317,6 +317,74 @@ pub struct AgentSpec {
     /// Capacity labels on the node's own Node object (free devices per DRA driver, the
     /// site), for placement and bursting decisions. Default off.
     pub node_labels: NodeLabelsSpec,
+    /// Images on the node: the pod sandbox image, registry credentials (served to the
+    /// kubelet as an image credential provider), images kept pulled and pinned.
+    pub images: ImagesSpec,
+}
+
+/// containerd's socket (CRI and its own API), where the distributions put it.
+pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// `spec.images`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ImagesSpec {
+    /// The pod sandbox (pause) image containerd runs for every pod. Default: EKS's
+    /// `eks/pause:3.5` in the ECR registry of the cluster's region (FIPS aware), pulled
+    /// with an ECR token. Set it for air-gapped sites (a Harbor copy, or an image imported
+    /// with `hybridlet images import`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// containerd's socket. Default `/run/containerd/containerd.sock`.
+    pub containerd_socket: String,
+    /// Images pulled at `init`, kept present and pinned (never garbage-collected by the
+    /// kubelet) by the daemon.
+    pub pre_pull: Vec<PrePullImage>,
+    /// How often the daemon checks that every `prePull` image is present and pinned (a
+    /// local call; a missing image is pulled again). Default `5m`.
+    pub check_interval: GoDuration,
+    /// Registry logins (a Harbor robot account, ...), used for hybridlet's own pulls and
+    /// served to the kubelet by `hybridlet credential-provider`.
+    pub credentials: Vec<RegistryCredentials>,
+}
+
+impl Default for ImagesSpec {
+    fn default() -> Self {
+        Self {
+            sandbox: None,
+            containerd_socket: DEFAULT_CONTAINERD_SOCKET.to_string(),
+            pre_pull: Vec::new(),
+            check_interval: GoDuration(std::time::Duration::from_secs(300)),
+            credentials: Vec::new(),
+        }
+    }
+}
+
+/// `spec.images.prePull[]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PrePullImage {
+    /// An image reference: `harbor.example.com/ml/triton:24.08`, `nvcr.io/nvidia/cuda@sha256:…`.
+    pub image: String,
+}
+
+/// `spec.images.credentials[]`: one registry's login, kept in a root-only file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryCredentials {
+    /// The registry host (`harbor.example.com`, `HOST:PORT`), as image references name it.
+    pub registry: String,
+    /// A file readable by root only (mode 0600 or stricter) holding the login as JSON:
+    /// `{"username": …, "password": …}`, or a Harbor robot account as Harbor exports it
+    /// (`{"name": "robot$…", "secret": …}`).
+    pub file: String,
+    /// How long the kubelet may cache the login. Default `5m`.
+    #[serde(default = "default_credential_cache")]
+    pub cache_duration: GoDuration,
+}
+
+fn default_credential_cache() -> GoDuration {
+    GoDuration(std::time::Duration::from_secs(300))
 }
 
 /// `spec.nodeLabels`.
@@ -370,6 +438,7 @@ impl Default for AgentSpec {
             proxy: ProxySpec::default(),
             remote_networks: None,
             node_labels: NodeLabelsSpec::default(),
+            images: ImagesSpec::default(),
         }
     }
 }

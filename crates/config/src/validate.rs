@@ -449,6 +449,7 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
             r.error(format!("{base}.caFile"), why);
         }
     }
+    validate_images(&agent.images, r);
     for (field, value) in [
         ("spec.proxy.httpProxy", &agent.proxy.http_proxy),
         ("spec.proxy.httpsProxy", &agent.proxy.https_proxy),
@@ -475,6 +476,52 @@ fn validate_agent(agent: &AgentSpec, r: &mut Report) {
 
 /// `spec.dra.pci.allow`: each rule parses and can match something specific; an enabled
 /// driver needs at least one (it would publish nothing).
+fn validate_images(images: &crate::types::ImagesSpec, r: &mut Report) {
+    let image = |path: String, value: &str, r: &mut Report| {
+        if let Err(why) = crate::ImageRef::parse(value) {
+            r.error(path, format!("{value:?} is not an image reference: {why}"));
+        }
+    };
+    if let Some(sandbox) = &images.sandbox {
+        image("spec.images.sandbox".into(), sandbox, r);
+    }
+    if let Err(why) = check_host_path(&images.containerd_socket) {
+        r.error("spec.images.containerdSocket", why);
+    }
+    if images.check_interval.0 < std::time::Duration::from_secs(10) {
+        r.error(
+            "spec.images.checkInterval",
+            "must be at least 10s (a check asks containerd about every prePull image)",
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in images.pre_pull.iter().enumerate() {
+        let path = format!("spec.images.prePull[{i}].image");
+        image(path.clone(), &p.image, r);
+        if !seen.insert(p.image.as_str()) {
+            r.error(path, format!("{:?} is listed more than once", p.image));
+        }
+    }
+    let mut registries = std::collections::BTreeSet::new();
+    for (i, c) in images.credentials.iter().enumerate() {
+        let base = format!("spec.images.credentials[{i}]");
+        if !is_host_port(&c.registry) {
+            r.error(
+                format!("{base}.registry"),
+                format!("{:?} is not a registry host (HOST or HOST:PORT)", c.registry),
+            );
+        } else if !registries.insert(c.registry.to_ascii_lowercase()) {
+            r.error(
+                format!("{base}.registry"),
+                format!("{} has more than one login", c.registry),
+            );
+        }
+        if let Err(why) = check_host_path(&c.file) {
+            r.error(format!("{base}.file"), why);
+        }
+    }
+}
+
 fn validate_pci_rules(pci: &crate::types::PciDriverSpec, r: &mut Report) {
     if pci.enabled && pci.allow.is_empty() {
         r.error(

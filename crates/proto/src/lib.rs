@@ -1,4 +1,4 @@
-//! The gRPC APIs hybridlet serves to the kubelet, generated from the `.proto` files in
+//! The gRPC APIs hybridlet serves to the kubelet and calls on containerd, generated from the `.proto` files in
 //! `proto/` (which we wrote from the published APIs: package names, message and field
 //! numbers match the kubelet's and the CSI specification's exactly).
 //!
@@ -92,4 +92,35 @@ pub mod dra_health {
     pub mod v1 {
         include!("gen/v1.rs");
     }
+}
+
+/// The Container Runtime Interface as hybridlet calls it on containerd (`runtime.v1`):
+/// the runtime's version and the image service (pull with credentials, status, list).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    missing_debug_implementations
+)]
+pub mod cri {
+    include!("gen/runtime.v1.rs");
+}
+
+/// containerd's own image metadata service (`containerd.services.images.v1`): read an
+/// image and update its labels (pinning). Requests carry the `containerd-namespace` header.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms,
+    missing_debug_implementations
+)]
+pub mod containerd_images {
+    include!("gen/containerd.services.images.v1.rs");
+
+    /// The gRPC header that scopes a containerd request to a namespace.
+    pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+    /// The namespace of the CRI plugin (the kubelet's images and containers).
+    pub const CRI_NAMESPACE: &str = "k8s.io";
 }

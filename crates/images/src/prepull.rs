@@ -1,0 +1,314 @@
+//! Images kept on the node (`spec.images.prePull`): pulled at `init`, then checked by the
+//! daemon every `checkInterval` and whenever containerd comes back after being away (a
+//! restart, an upgrade): a missing image is pulled again, an unpinned one pinned. A
+//! failure is reported (log, metrics, the `HybridletImagePrePullFailing` alert), never
+//! fatal: the node keeps running on what it has.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hybridlet_config::{ImageRef, ImagesSpec, RegistryMirror};
+use hybridlet_cri::{ImageRuntime, Pinned};
+use hybridlet_metrics::prometheus_client::metrics::counter::Counter;
+use hybridlet_metrics::prometheus_client::metrics::family::Family;
+use hybridlet_metrics::prometheus_client::metrics::gauge::Gauge;
+use hybridlet_metrics::prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::ImagesError;
+use crate::sandbox::{Retry, pull};
+
+type Labels = Vec<(String, String)>;
+
+/// Where an image stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Present and pinned: the kubelet's garbage collection keeps it.
+    Ready,
+    /// Present, labelled pinned, but the runtime does not honour pins (containerd < 1.7).
+    Unpinned,
+    /// The last pull failed and the image is not there.
+    Failed,
+}
+
+impl State {
+    /// Every state, for the metric's one-hot series.
+    pub const ALL: [State; 3] = [State::Ready, State::Unpinned, State::Failed];
+
+    /// The `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ready => "ready",
+            State::Unpinned => "unpinned",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// The `hybridlet_image_*` families.
+#[derive(Debug, Clone, Default)]
+pub struct ImageMetrics {
+    state: Family<Labels, Gauge>,
+    last_success: Family<Labels, Gauge>,
+    failures: Family<Labels, Counter>,
+}
+
+impl ImageMetrics {
+    /// Register the families.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "image_prepull",
+            "Pre-pulled images (spec.images.prePull) by state: 1 for the state the image is in (ready, unpinned, failed)",
+            m.state.clone(),
+        );
+        registry.register(
+            "image_prepull_last_success_timestamp_seconds",
+            "When the image was last found present (or pulled), seconds since the epoch",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "image_prepull_failures",
+            "Failed pulls of a pre-pulled image, by reason (auth: a registry refused the login; pull: anything else)",
+            m.failures.clone(),
+        );
+        m
+    }
+
+    fn set(&self, image: &str, state: State) {
+        for s in State::ALL {
+            let labels = vec![
+                ("image".to_string(), image.to_string()),
+                ("state".to_string(), s.as_str().to_string()),
+            ];
+            self.state.get_or_create(&labels).set(i64::from(s == state));
+        }
+        if state != State::Failed {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_success
+                .get_or_create(&vec![("image".to_string(), image.to_string())])
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn failed(&self, image: &str, auth: bool) {
+        let reason = if auth { "auth" } else { "pull" };
+        self.failures
+            .get_or_create(&vec![
+                ("image".to_string(), image.to_string()),
+                ("reason".to_string(), reason.to_string()),
+            ])
+            .inc();
+    }
+}
+
+/// One image's outcome in a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The image as configured.
+    pub image: String,
+    /// Where it stands.
+    pub state: State,
+    /// What happened: `present`, `pulled via registry …`, or the failure.
+    pub detail: String,
+}
+
+/// Keeps the configured images present and pinned.
+pub struct PrePuller {
+    runtime: Arc<dyn ImageRuntime>,
+    images: Vec<String>,
+    spec: ImagesSpec,
+    mirrors: Vec<RegistryMirror>,
+    metrics: ImageMetrics,
+    retry: Retry,
+}
+
+impl std::fmt::Debug for PrePuller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrePuller")
+            .field("images", &self.images)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrePuller {
+    /// A pre-puller for `spec.images.prePull`, pulling through `mirrors` with the logins
+    /// of `spec.images.credentials`.
+    pub fn new(
+        runtime: Arc<dyn ImageRuntime>,
+        spec: &ImagesSpec,
+        mirrors: &[RegistryMirror],
+        metrics: ImageMetrics,
+    ) -> Self {
+        Self {
+            runtime,
+            images: spec.pre_pull.iter().map(|p| p.image.clone()).collect(),
+            spec: spec.clone(),
+            mirrors: mirrors.to_vec(),
+            metrics,
+            retry: Retry {
+                rounds: 1,
+                first_wait: Duration::ZERO,
+            },
+        }
+    }
+
+    /// Check every image once: pull what is missing, pin what is not pinned.
+    pub async fn pass(&self, say: &mut (dyn FnMut(String) + Send)) -> Vec<Outcome> {
+        let mut out = Vec::new();
+        for image in &self.images {
+            let outcome = self.one(image, say).await;
+            self.metrics.set(image, outcome.state);
+            out.push(outcome);
+        }
+        out
+    }
+
+    async fn one(&self, image: &str, say: &mut (dyn FnMut(String) + Send)) -> Outcome {
+        // containerd names images by their normalized reference (docker.io/library/…).
+        let name = ImageRef::parse(image).map_or_else(|_| image.to_string(), |r| r.normalized());
+        let outcome = |state, detail: String| Outcome {
+            image: image.to_string(),
+            state,
+            detail,
+        };
+        let detail = match self.runtime.status(&name).await {
+            Ok(Some(info)) if info.pinned => {
+                return outcome(State::Ready, "present, pinned".into());
+            }
+            Ok(Some(_)) => "present".to_string(),
+            Ok(None) => {
+                match pull(
+                    &*self.runtime,
+                    image,
+                    &self.spec,
+                    &self.mirrors,
+                    None,
+                    self.retry,
+                    say,
+                )
+                .await
+                {
+                    Ok((_, via)) => format!("pulled via {via}"),
+                    Err(e) => {
+                        let auth = matches!(e, ImagesError::Pull { auth: true, .. });
+                        self.metrics.failed(image, auth);
+                        return outcome(State::Failed, e.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.failed(image, false);
+                return outcome(State::Failed, e.to_string());
+            }
+        };
+        match self.runtime.pin(&name).await {
+            Ok(Pinned::Yes) => outcome(State::Ready, format!("{detail}, pinned")),
+            Ok(Pinned::LabelOnly) => outcome(
+                State::Unpinned,
+                format!(
+                    "{detail}; labelled pinned, but this containerd does not honour pins (1.7 or later does): the kubelet may garbage-collect it"
+                ),
+            ),
+            Err(e) => outcome(State::Unpinned, format!("{detail}; pinning failed: {e}")),
+        }
+    }
+
+    /// The daemon's loop: a pass now, then every `interval`, and at once when containerd
+    /// answers again after not answering; until `shutdown`.
+    pub async fn run(&self, interval: Duration, shutdown: CancellationToken) {
+        let probe = Duration::from_secs(15).min(interval);
+        let mut since_pass = Duration::MAX;
+        let mut was_up = true;
+        loop {
+            let up = self.runtime.version().await.is_ok();
+            if !up && was_up {
+                tracing::warn!(
+                    "containerd does not answer; pre-pulled images are checked again when it is back"
+                );
+            }
+            if up && (since_pass >= interval || !was_up) {
+                for o in self.pass(&mut |line| tracing::info!("{line}")).await {
+                    match o.state {
+                        State::Failed => {
+                            tracing::warn!(image = %o.image, "pre-pull failed: {}", o.detail)
+                        }
+                        State::Unpinned => tracing::warn!(image = %o.image, "{}", o.detail),
+                        State::Ready => tracing::debug!(image = %o.image, "{}", o.detail),
+                    }
+                }
+                since_pass = Duration::ZERO;
+            }
+            was_up = up;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(probe) => since_pass = since_pass.saturating_add(probe),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hybridlet_config::PrePullImage;
+    use hybridlet_cri::FakeRuntime;
+
+    fn spec(images: &[&str]) -> ImagesSpec {
+        ImagesSpec {
+            pre_pull: images
+                .iter()
+                .map(|i| PrePullImage { image: (*i).into() })
+                .collect(),
+            ..ImagesSpec::default()
+        }
+    }
+
+    fn scrape(registry: &Registry) -> String {
+        let mut out = String::new();
+        hybridlet_metrics::prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn pulls_pins_and_reports_failures_without_stopping() {
+        let rt = Arc::new(FakeRuntime::new("1.7.24"));
+        rt.fail_next_pull(
+            "harbor.example.com/ml/bad:1",
+            hybridlet_cri::Code::Unknown,
+            "401 Unauthorized",
+        );
+        let mut registry = Registry::with_prefix("hybridlet");
+        let metrics = ImageMetrics::register(&mut registry);
+        let p = PrePuller::new(
+            rt.clone(),
+            &spec(&["busybox:1", "harbor.example.com/ml/bad:1"]),
+            &[],
+            metrics,
+        );
+        let out = p.pass(&mut |_| {}).await;
+        assert_eq!(out[0].state, State::Ready, "{out:?}");
+        assert_eq!(rt.pulls()[0].0, "busybox:1");
+        let held = rt.status("docker.io/library/busybox:1").await.unwrap();
+        assert!(
+            held.is_some_and(|i| i.pinned),
+            "pinned under its normalized name"
+        );
+        assert_eq!(out[1].state, State::Failed);
+        let text = scrape(&registry);
+        assert!(
+            text.contains(
+                r#"hybridlet_image_prepull{image="harbor.example.com/ml/bad:1",state="failed"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"hybridlet_image_prepull_failures_total{image="harbor.example.com/ml/bad:1",reason="auth"} 1"#), "{text}");
+        // The next pass pulls the failed one again; nothing else is pulled twice.
+        let out = p.pass(&mut |_| {}).await;
+        assert_eq!(out[1].state, State::Ready);
+        assert_eq!(rt.pulls().len(), 3);
+    }
+}
