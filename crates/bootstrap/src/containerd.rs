@@ -3,7 +3,7 @@
 
 use hybridlet_config::{Config, RegistryMirror};
 
-use crate::{CONTAINERD_UNIT, RenderedFile};
+use crate::{CONTAINERD_UNIT, ContainerdTarget, RenderedFile};
 
 /// A TOML document, serialized (keys in the order they were inserted) after `header`
 /// comment lines. Values are quoted and escaped by the serializer, never by hand.
@@ -21,41 +21,68 @@ pub(crate) fn strings(values: &[&str]) -> toml::Value {
     toml::Value::Array(values.iter().map(|v| toml::Value::from(*v)).collect())
 }
 
-pub(crate) fn containerd_config(sandbox_image: &str) -> String {
+/// containerd's `config.toml` in the version the installed containerd reads natively.
+pub(crate) fn containerd_config(target: &ContainerdTarget) -> String {
     use toml::Value;
     let runc = table([
         ("runtime_type", "io.containerd.runc.v2".into()),
         ("options", table([("SystemdCgroup", true.into())])),
     ]);
-    let cri = table([
-        ("sandbox_image", sandbox_image.into()),
-        ("enable_cdi", true.into()),
-        ("cdi_spec_dirs", strings(&["/etc/cdi", "/var/run/cdi"])),
-        (
-            "registry",
-            table([(
-                "config_path",
-                "/etc/containerd/certs.d:/etc/docker/certs.d".into(),
-            )]),
-        ),
-        (
-            "containerd",
-            table([
-                ("default_runtime_name", "runc".into()),
-                ("discard_unpacked_layers", true.into()),
-                ("runtimes", table([("runc", runc)])),
-            ]),
-        ),
-        (
-            "cni",
-            table([
-                ("bin_dir", "/opt/cni/bin".into()),
-                ("conf_dir", "/etc/cni/net.d".into()),
-            ]),
-        ),
+    let registry = table([(
+        "config_path",
+        "/etc/containerd/certs.d:/etc/docker/certs.d".into(),
+    )]);
+    let cni = table([
+        ("bin_dir", "/opt/cni/bin".into()),
+        ("conf_dir", "/etc/cni/net.d".into()),
     ]);
+    let cdi_dirs = strings(&["/etc/cdi", "/var/run/cdi"]);
+    let plugins = if target.config_version >= 3 {
+        // containerd 2.x: images and runtime are two CRI plugins.
+        let images = table([
+            ("discard_unpacked_layers", true.into()),
+            (
+                "pinned_images",
+                table([("sandbox", target.sandbox_image.as_str().into())]),
+            ),
+            ("registry", registry),
+        ]);
+        let runtime = table([
+            ("enable_cdi", true.into()),
+            ("cdi_spec_dirs", cdi_dirs),
+            (
+                "containerd",
+                table([
+                    ("default_runtime_name", "runc".into()),
+                    ("runtimes", table([("runc", runc)])),
+                ]),
+            ),
+            ("cni", cni),
+        ]);
+        table([
+            ("io.containerd.cri.v1.images", images),
+            ("io.containerd.cri.v1.runtime", runtime),
+        ])
+    } else {
+        let cri = table([
+            ("sandbox_image", target.sandbox_image.as_str().into()),
+            ("enable_cdi", true.into()),
+            ("cdi_spec_dirs", cdi_dirs),
+            ("registry", registry),
+            (
+                "containerd",
+                table([
+                    ("default_runtime_name", "runc".into()),
+                    ("discard_unpacked_layers", true.into()),
+                    ("runtimes", table([("runc", runc)])),
+                ]),
+            ),
+            ("cni", cni),
+        ]);
+        table([("io.containerd.grpc.v1.cri", cri)])
+    };
     let Value::Table(doc) = table([
-        ("version", Value::Integer(2)),
+        ("version", Value::Integer(i64::from(target.config_version))),
         ("root", "/var/lib/containerd".into()),
         ("state", "/run/containerd".into()),
         ("imports", strings(&["/etc/containerd/config.d/*.toml"])),
@@ -63,7 +90,7 @@ pub(crate) fn containerd_config(sandbox_image: &str) -> String {
             "grpc",
             table([("address", "/run/containerd/containerd.sock".into())]),
         ),
-        ("plugins", table([("io.containerd.grpc.v1.cri", cri)])),
+        ("plugins", plugins),
     ]) else {
         return String::new();
     };

@@ -7,6 +7,10 @@ use crate::model::{ClusterCoordinates, NodeIdentity, RenderError};
 
 /// Where the kubelet finds image credential provider programs.
 pub const IMAGE_CREDENTIAL_PROVIDER_DIR: &str = "/etc/eks/image-credential-provider";
+/// hybridlet's credential provider (a two-line program that runs `hybridlet
+/// credential-provider`): the kubelet runs programs from its bin dir by name.
+pub const HYBRIDLET_CREDENTIAL_PROVIDER: &str =
+    "/etc/eks/image-credential-provider/hybridlet-credential-provider";
 /// The ECR credential provider program.
 pub const ECR_CREDENTIAL_PROVIDER: &str =
     "/etc/eks/image-credential-provider/ecr-credential-provider";
@@ -98,7 +102,13 @@ pub(crate) fn kubelet_config(
     Ok(serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n")
 }
 
-pub(crate) fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String {
+/// The kubelet's environment file; `credential_providers`: the credential provider flags
+/// (only when a provider program is there: the kubelet refuses to start without it).
+pub(crate) fn kubelet_env(
+    node: &NodeIdentity,
+    user_flags: &[String],
+    credential_providers: bool,
+) -> String {
     // The kubelet keeps only the last --node-labels flag, so the user's labels are merged
     // into ours (theirs win per key) instead of replacing the hybrid labels that EKS needs to
     // approve the node's serving certificates.
@@ -132,7 +142,7 @@ pub(crate) fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String 
         "--config=/etc/kubernetes/kubelet/config.json".to_string(),
         "--kubeconfig=/var/lib/kubelet/kubeconfig".to_string(),
     ];
-    if node.ecr_credential_provider {
+    if credential_providers {
         args.push(format!(
             "--image-credential-provider-bin-dir={IMAGE_CREDENTIAL_PROVIDER_DIR}"
         ));
@@ -149,11 +159,60 @@ pub(crate) fn kubelet_env(node: &NodeIdentity, user_flags: &[String]) -> String 
     format!("NODEADM_KUBELET_ARGS=\"{}\"\n", quoted.join(" "))
 }
 
-/// The kubelet's CredentialProviderConfig for the ECR credential provider: every ECR
-/// registry host pattern (commercial, China, FIPS, the isolated partitions), a 12 h
-/// cache, and with IAM Roles Anywhere the AWS config file whose `credential_process`
-/// signs for the node.
-pub(crate) fn image_credential_provider_config(node: &NodeIdentity) -> String {
+/// The program the kubelet runs as `hybridlet-credential-provider`.
+pub(crate) fn hybridlet_credential_provider_program() -> String {
+    "#!/bin/sh\n\
+     # Written by hybridlet init: the kubelet runs this for images of the registries in\n\
+     # spec.images.credentials (CredentialProviderRequest on stdin, the login on stdout).\n\
+     exec /usr/bin/hybridlet credential-provider \"$@\"\n"
+        .to_string()
+}
+
+/// The kubelet's CredentialProviderConfig: the ECR credential provider (when the host has
+/// it) for every ECR registry host pattern (commercial, China, FIPS, the isolated
+/// partitions), a 12 h cache, and with IAM Roles Anywhere the AWS config file whose
+/// `credential_process` signs for the node; hybridlet's own provider for the registries
+/// of `spec.images.credentials`.
+pub(crate) fn image_credential_provider_config(
+    node: &NodeIdentity,
+    images: &hybridlet_config::ImagesSpec,
+) -> String {
+    let mut providers = Vec::new();
+    if node.ecr_credential_provider {
+        providers.push(ecr_provider(node));
+    }
+    if !images.credentials.is_empty() {
+        let registries: Vec<&str> = images
+            .credentials
+            .iter()
+            .map(|c| c.registry.as_str())
+            .collect();
+        let cache = images
+            .credentials
+            .iter()
+            .map(|c| c.cache_duration.0)
+            .min()
+            .unwrap_or_default();
+        providers.push(json!({
+            "name": "hybridlet-credential-provider",
+            "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
+            "matchImages": registries,
+            "defaultCacheDuration": format!("{}s", cache.as_secs()),
+            "args": ["credential-provider"],
+        }));
+    }
+    let config = json!({
+        "apiVersion": "kubelet.config.k8s.io/v1",
+        "kind": "CredentialProviderConfig",
+        "providers": providers,
+    });
+    // A Value of strings always serializes.
+    let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+fn ecr_provider(node: &NodeIdentity) -> serde_json::Value {
     let mut provider = json!({
         "name": "ecr-credential-provider",
         "apiVersion": "credentialprovider.kubelet.k8s.io/v1",
@@ -172,15 +231,7 @@ pub(crate) fn image_credential_provider_config(node: &NodeIdentity) -> String {
             {"name": "AWS_PROFILE", "value": "default"}
         ]);
     }
-    let config = json!({
-        "apiVersion": "kubelet.config.k8s.io/v1",
-        "kind": "CredentialProviderConfig",
-        "providers": [provider],
-    });
-    // A Value of strings always serializes.
-    let mut text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    text.push('\n');
-    text
+    provider
 }
 
 #[cfg(test)]

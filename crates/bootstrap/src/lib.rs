@@ -38,12 +38,15 @@ pub use containerd::{MIRROR_MARKER, hosts_toml_path, registry_mirror_files};
 pub use file::{CONTAINERD_UNIT, KUBELET_UNIT, RenderedFile, desired_files};
 pub use iam_ra::{POD_CREDENTIALS_FILE, SIGNING_HELPER, SIGNING_HELPER_UPDATE_UNIT};
 pub use kernel::{MODULES_LOAD_PATH, SYSCTL_PATH};
-pub use kubelet::{ECR_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR, cluster_dns};
-pub use model::{ClusterCoordinates, NodeIdentity, RenderError};
+pub use kubelet::{
+    ECR_CREDENTIAL_PROVIDER, HYBRIDLET_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_DIR,
+    cluster_dns,
+};
+pub use model::{ClusterCoordinates, ContainerdTarget, NodeIdentity, RenderError};
 pub use proxy::{PROXY_ENV_FILE, proxy_dropin_for, proxy_env, proxy_files_for};
 pub use render::render;
 pub use units::kubelet_unit;
 
-/// The pause image nodeadm uses when the ECR account for the region is unknown.
+/// The pause image in EKS's commercial registry (used where a region has none of its own).
 pub const DEFAULT_SANDBOX_IMAGE: &str =
     "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5";

@@ -33,6 +33,27 @@ pub struct NodeIdentity {
     pub ecr_credential_provider: bool,
 }
 
+/// The containerd the node runs, as far as its configuration file depends on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdTarget {
+    /// The pod sandbox (pause) image.
+    pub sandbox_image: String,
+    /// The config version the installed containerd reads natively: 2 for 1.x, 3 for 2.x
+    /// (where the CRI plugin is split into `io.containerd.cri.v1.images` and
+    /// `io.containerd.cri.v1.runtime` and the sandbox image is `pinned_images.sandbox`).
+    pub config_version: u8,
+}
+
+impl ContainerdTarget {
+    /// The config version for containerd `major` (unknown: 2, which 2.x also migrates).
+    pub fn for_major(sandbox_image: &str, major: Option<u32>) -> Self {
+        Self {
+            sandbox_image: sandbox_image.to_string(),
+            config_version: if major.is_some_and(|m| m >= 2) { 3 } else { 2 },
+        }
+    }
+}
+
 /// Why rendering failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {

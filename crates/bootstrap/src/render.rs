@@ -8,9 +8,11 @@ use crate::iam_ra::{SIGNING_HELPER_UPDATE_UNIT, iam_ra_aws_config, signing_helpe
 use crate::kernel::{MODULES_LOAD, MODULES_LOAD_PATH, SYSCTL, SYSCTL_PATH};
 use crate::kubeconfig::kubeconfig;
 use crate::kubelet::{
-    IMAGE_CREDENTIAL_PROVIDER_CONFIG, image_credential_provider_config, kubelet_config, kubelet_env,
+    HYBRIDLET_CREDENTIAL_PROVIDER, IMAGE_CREDENTIAL_PROVIDER_CONFIG,
+    hybridlet_credential_provider_program, image_credential_provider_config, kubelet_config,
+    kubelet_env,
 };
-use crate::model::{ClusterCoordinates, NodeIdentity, RenderError};
+use crate::model::{ClusterCoordinates, ContainerdTarget, NodeIdentity, RenderError};
 use crate::proxy::{proxy_dropin_for, proxy_env_file};
 use crate::{CONTAINERD_UNIT, KUBELET_UNIT, RenderedFile};
 
@@ -19,8 +21,9 @@ pub fn render(
     config: &Config,
     cluster: &ClusterCoordinates,
     node: &NodeIdentity,
-    sandbox_image: &str,
+    containerd: &ContainerdTarget,
 ) -> Result<Vec<RenderedFile>, RenderError> {
+    let own_provider = !config.agent.images.credentials.is_empty();
     let spec = config.node.as_ref().map(|n| &n.spec);
     let user_kubelet = spec.map(|s| s.kubelet.config.clone()).unwrap_or_default();
     let user_flags = spec.map(|s| s.kubelet.flags.clone()).unwrap_or_default();
@@ -30,7 +33,7 @@ pub fn render(
         RenderedFile::new(
             "/etc/containerd/config.toml",
             0o644,
-            containerd_config(sandbox_image),
+            containerd_config(containerd),
         )
         .owned_by(CONTAINERD_UNIT),
         RenderedFile::new(
@@ -54,7 +57,11 @@ pub fn render(
         RenderedFile::new(
             "/etc/eks/kubelet/environment",
             0o644,
-            kubelet_env(node, &user_flags),
+            kubelet_env(
+                node,
+                &user_flags,
+                node.ecr_credential_provider || own_provider,
+            ),
         )
         .owned_by(KUBELET_UNIT),
         RenderedFile::new(MODULES_LOAD_PATH, 0o644, MODULES_LOAD),
@@ -73,13 +80,23 @@ pub fn render(
         );
     }
     files.extend(registry_mirror_files(config));
-    if node.ecr_credential_provider {
+    if node.ecr_credential_provider || own_provider {
         // The kubelet reads its credential provider configuration at start.
         files.push(
             RenderedFile::new(
                 IMAGE_CREDENTIAL_PROVIDER_CONFIG,
                 0o644,
-                image_credential_provider_config(node),
+                image_credential_provider_config(node, &config.agent.images),
+            )
+            .owned_by(KUBELET_UNIT),
+        );
+    }
+    if own_provider {
+        files.push(
+            RenderedFile::new(
+                HYBRIDLET_CREDENTIAL_PROVIDER,
+                0o755,
+                hybridlet_credential_provider_program(),
             )
             .owned_by(KUBELET_UNIT),
         );

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use hybridlet_bootstrap::{ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, render};
+use hybridlet_bootstrap::{
+    ClusterCoordinates, ContainerdTarget, DEFAULT_SANDBOX_IMAGE, NodeIdentity, render,
+};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,14 +18,21 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn check(case: &str, config_file: &str, cluster: ClusterCoordinates, node: NodeIdentity) {
+fn check(
+    case: &str,
+    config_file: &str,
+    containerd_major: u32,
+    cluster: ClusterCoordinates,
+    node: NodeIdentity,
+) {
     let loaded = hybridlet_config::load(&hybridlet_config::ConfigSources {
         file: fixture(config_file),
         file_required: true,
         drop_in_dir: None,
     })
     .unwrap();
-    let files = render(&loaded.config, &cluster, &node, DEFAULT_SANDBOX_IMAGE).unwrap();
+    let target = ContainerdTarget::for_major(DEFAULT_SANDBOX_IMAGE, Some(containerd_major));
+    let files = render(&loaded.config, &cluster, &node, &target).unwrap();
     for f in &files {
         consumers_read(f, &cluster, &node);
     }
@@ -59,17 +68,35 @@ fn consumers_read(
     match path {
         "/etc/containerd/config.toml" => {
             let t = toml_of(f);
-            assert_eq!(t["version"].as_integer(), Some(2), "{path}");
-            let cri = &t["plugins"]["io.containerd.grpc.v1.cri"];
-            assert_eq!(cri["sandbox_image"].as_str(), Some(DEFAULT_SANDBOX_IMAGE));
+            // containerd 1.x reads version 2; 2.x reads version 3, where the CRI plugin is
+            // split in two and the sandbox image is pinned_images.sandbox (the key nodeadm
+            // reads back from `containerd config dump`).
+            let (sandbox, registry, runtime) = match t["version"].as_integer() {
+                Some(2) => {
+                    let cri = &t["plugins"]["io.containerd.grpc.v1.cri"];
+                    (&cri["sandbox_image"], &cri["registry"], cri)
+                }
+                Some(3) => {
+                    let images = &t["plugins"]["io.containerd.cri.v1.images"];
+                    let runtime = &t["plugins"]["io.containerd.cri.v1.runtime"];
+                    (
+                        &images["pinned_images"]["sandbox"],
+                        &images["registry"],
+                        runtime,
+                    )
+                }
+                other => panic!("{path}: version {other:?}"),
+            };
+            assert_eq!(sandbox.as_str(), Some(DEFAULT_SANDBOX_IMAGE));
+            assert_eq!(runtime["enable_cdi"].as_bool(), Some(true));
             assert!(
-                cri["registry"]["config_path"]
+                registry["config_path"]
                     .as_str()
                     .unwrap()
                     .split(':')
                     .any(|p| p == "/etc/containerd/certs.d")
             );
-            let runc = &cri["containerd"]["runtimes"]["runc"];
+            let runc = &runtime["containerd"]["runtimes"]["runc"];
             assert_eq!(runc["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
             assert_eq!(runc["options"]["SystemdCgroup"].as_bool(), Some(true));
             assert_eq!(
@@ -174,10 +201,35 @@ fn consumers_read(
         "/etc/eks/image-credential-provider/config.json" => {
             let v: serde_json::Value = serde_json::from_str(&f.contents).unwrap();
             assert_eq!(v["kind"], "CredentialProviderConfig");
-            assert_eq!(v["providers"][0]["name"], "ecr-credential-provider");
+            let providers = v["providers"].as_array().unwrap();
+            assert!(!providers.is_empty());
+            for p in providers {
+                // What the kubelet validates (pkg/credentialprovider/plugin/config.go):
+                // name, apiVersion, matchImages and defaultCacheDuration are required.
+                assert_eq!(p["apiVersion"], "credentialprovider.kubelet.k8s.io/v1");
+                assert!(!p["matchImages"].as_array().unwrap().is_empty());
+                assert!(
+                    p["defaultCacheDuration"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(['s', 'h'])
+                );
+                let name = p["name"].as_str().unwrap();
+                assert!(!name.contains('/') && name != "." && name != "..");
+            }
             assert_eq!(
-                v["providers"][0]["apiVersion"],
-                "credentialprovider.kubelet.k8s.io/v1"
+                node.ecr_credential_provider,
+                providers
+                    .iter()
+                    .any(|p| p["name"] == "ecr-credential-provider")
+            );
+        }
+        "/etc/eks/image-credential-provider/hybridlet-credential-provider" => {
+            assert_eq!(f.mode, 0o755);
+            assert!(f.contents.starts_with("#!/bin/sh\n"));
+            assert!(
+                f.contents
+                    .contains("exec /usr/bin/hybridlet credential-provider")
             );
         }
         "/etc/sysctl.d/99-hybridlet.conf" => {
@@ -265,6 +317,7 @@ fn iam_roles_anywhere_with_mirrors_proxy_and_overrides() {
     check(
         "iam-ra",
         "iam-ra-with-agent.yaml",
+        1,
         ClusterCoordinates {
             name: "prod-hybrid".into(),
             region: "eu-west-1".into(),
@@ -284,10 +337,17 @@ fn iam_roles_anywhere_with_mirrors_proxy_and_overrides() {
 
 /// The SSM cases' cluster (as DescribeCluster would give it) and node (a managed
 /// instance), with the agent's unit and whether the ECR provider is installed.
-fn ssm_case(case: &str, config_file: &str, agent_unit: &str, ecr_credential_provider: bool) {
+fn ssm_case(
+    case: &str,
+    config_file: &str,
+    agent_unit: &str,
+    ecr_credential_provider: bool,
+    containerd_major: u32,
+) {
     check(
         case,
         config_file,
+        containerd_major,
         ClusterCoordinates {
             name: "prod-hybrid".into(),
             region: "us-west-2".into(),
@@ -309,7 +369,20 @@ fn ssm_case(case: &str, config_file: &str, agent_unit: &str, ecr_credential_prov
 
 #[test]
 fn ssm_with_defaults() {
-    ssm_case("ssm", "ssm.yaml", "amazon-ssm-agent.service", false);
+    ssm_case("ssm", "ssm.yaml", "amazon-ssm-agent.service", false, 1);
+}
+
+/// containerd 2.x (config version 3) and Harbor: the ECR proxy cache as the mirror, a
+/// robot account served to the kubelet by hybridlet's credential provider.
+#[test]
+fn ssm_on_containerd_2_with_harbor() {
+    ssm_case(
+        "ssm-containerd2-harbor",
+        "ssm-containerd2-harbor.yaml",
+        "amazon-ssm-agent.service",
+        true,
+        2,
+    );
 }
 
 #[test]
@@ -319,6 +392,7 @@ fn ssm_behind_a_proxy() {
         "ssm-proxy.yaml",
         "snap.amazon-ssm-agent.amazon-ssm-agent.service",
         true,
+        1,
     );
 }
 
