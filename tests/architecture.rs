@@ -22,9 +22,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("hybridlet-kube", 2),
     ("hybridlet-proto", 2),
     ("hybridlet-metrics", 2),
-    ("hybridlet-cri", 2),
     // 3 plugin framework
     ("hybridlet-kubelet-plugin", 3),
+    // 3 also: containerd over the generated CRI and containerd protos
+    ("hybridlet-cri", 3),
     // 4 the DRA framework (driver core, checkpoint, slices, health stream)
     ("hybridlet-dra", 4),
     // 5 domains: never depend on each other

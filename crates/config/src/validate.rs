@@ -508,7 +508,10 @@ fn validate_images(images: &crate::types::ImagesSpec, r: &mut Report) {
         if !is_host_port(&c.registry) {
             r.error(
                 format!("{base}.registry"),
-                format!("{:?} is not a registry host (HOST or HOST:PORT)", c.registry),
+                format!(
+                    "{:?} is not a registry host (HOST or HOST:PORT)",
+                    c.registry
+                ),
             );
         } else if !registries.insert(c.registry.to_ascii_lowercase()) {
             r.error(

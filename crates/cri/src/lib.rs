@@ -87,8 +87,9 @@ pub struct RegistryAuth {
     pub password: String,
     /// `base64(user:password)` instead of the two (ECR's token form).
     pub auth: String,
-    /// When set, containerd gives the login only to this host (a registry or mirror
-    /// `HOST[:PORT]`); when empty, to every host the pull reaches, mirrors included.
+    /// When set, containerd gives the login only to this host: a URL
+    /// (`https://HOST[:PORT]`, containerd compares its host); when empty, to every host the
+    /// pull reaches, mirrors included.
     pub server_address: String,
 }
 

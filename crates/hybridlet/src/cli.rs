@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hybridlet_config::{ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE, LoadedConfig};
+use hybridlet_config::LoadedConfig;
 use hybridlet_sys::HostRoot;
 
 use crate::exit::{EX_USAGE, Failure};
@@ -111,9 +111,25 @@ pub enum Command {
     Token(TokenArgs),
     /// Print the version.
     Version(VersionArgs),
+    /// Images on the node: `images import ARCHIVE` for sites no registry reaches.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// The kubelet's image credential provider for spec.images.credentials (the kubelet
+    /// runs it: a CredentialProviderRequest on stdin, the response on stdout).
+    #[command(hide = true)]
+    CredentialProvider,
     /// Packaging aid: write the manual pages and shell completions under DIR.
     #[command(hide = true)]
     Assets(AssetsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Load an OCI or docker image archive into containerd (CRI namespace) and pin it.
+    Import {
+        /// The archive (`skopeo copy … oci-archive:FILE`, `docker save`).
+        archive: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -300,33 +316,15 @@ impl Cli {
         HostRoot::new(self.root.clone())
     }
 
-    /// Where configuration is read from.
-    pub fn config_sources(&self) -> Result<ConfigSources, Failure> {
-        let root = self.host_root();
-        let under_root = |p: &str| {
-            root.resolve(p)
-                .map_err(|e| Failure::Usage(format!("--root: {e}")))
-        };
-        Ok(match (&self.config, &self.config_dir) {
-            (Some(file), dir) => ConfigSources {
-                file: file.clone(),
-                file_required: true,
-                drop_in_dir: dir.clone(),
-            },
-            (None, dir) => ConfigSources {
-                file: under_root(DEFAULT_CONFIG_FILE)?,
-                file_required: false,
-                drop_in_dir: Some(match dir {
-                    Some(d) => d.clone(),
-                    None => under_root(DEFAULT_CONFIG_DIR)?,
-                }),
-            },
-        })
-    }
-
     /// Load and validate the configuration, logging warnings.
     pub fn load_config(&self) -> Result<LoadedConfig, Failure> {
-        let loaded = hybridlet_config::load(&self.config_sources()?)?;
+        let sources = hybridlet_join::config_sources(
+            &self.host_root(),
+            self.config.clone(),
+            self.config_dir.clone(),
+        )
+        .map_err(|e| Failure::Usage(format!("--root: {e}")))?;
+        let loaded = hybridlet_config::load(&sources)?;
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");
         }
@@ -342,23 +340,5 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn explicit_config_has_no_drop_ins_by_default() {
-        let cli = Cli::try_parse_from(["hybridlet", "--root", "/tmp/r", "check"]).unwrap();
-        let s = cli.config_sources().unwrap();
-        assert_eq!(s.file, PathBuf::from("/tmp/r/etc/hybridlet/config.yaml"));
-        assert!(!s.file_required);
-        assert_eq!(
-            s.drop_in_dir,
-            Some(PathBuf::from("/tmp/r/etc/hybridlet/config.d"))
-        );
-
-        let cli = Cli::try_parse_from(["hybridlet", "check", "--config", "x.yaml"]).unwrap();
-        let s = cli.config_sources().unwrap();
-        assert_eq!(s.file, PathBuf::from("x.yaml"));
-        assert!(s.file_required);
-        assert_eq!(s.drop_in_dir, None);
     }
 }

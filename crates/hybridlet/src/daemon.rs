@@ -39,6 +39,8 @@ pub struct Families {
     pub holders: Holders,
     /// Each DRA driver's device counts, for the node's capacity labels.
     pub capacity: hybridlet_dra::CapacityBoard,
+    /// Pre-pulled images.
+    pub images: hybridlet_images::prepull::ImageMetrics,
 }
 
 impl Families {
@@ -55,6 +57,7 @@ impl Families {
             devices: DeviceMetrics::register(registry, holders.clone()),
             holders,
             capacity: hybridlet_dra::CapacityBoard::default(),
+            images: hybridlet_images::prepull::ImageMetrics::register(registry),
         }
     }
 }
@@ -149,6 +152,13 @@ impl Daemon {
                     .collect(),
             };
             supervisor.spawn("node-labels", move |ctx| labeler.subsystem(ctx));
+        }
+        if !config.agent.images.pre_pull.is_empty() {
+            let socket = resolve(&self.root, &config.agent.images.containerd_socket)?;
+            let (images, metrics) = (config.agent.clone(), self.families.images.clone());
+            supervisor.spawn("images", move |ctx| {
+                hybridlet_images::prepull::subsystem(socket, images, metrics, ctx)
+            });
         }
         {
             let device_metrics = self.families.devices.clone();

@@ -82,6 +82,10 @@ fn dispatch(args: cli::Cli) -> Result<(), Failure> {
         }
         Command::Assets(a) => assets::write(&a.out),
         Command::Devices(a) => devices::devices(&args, a),
+        Command::Images(cli::ImagesCommand::Import { archive }) => {
+            Ok(hybridlet_join::import_images(&context()?, archive)?)
+        }
+        Command::CredentialProvider => Ok(hybridlet_join::credential_provider(&context()?)?),
         Command::Check(a) => Ok(hybridlet_join::check(
             &context()?,
             &hybridlet_join::CheckArgs {

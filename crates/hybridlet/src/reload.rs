@@ -80,6 +80,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         proxy,
         remote_networks,
         node_labels,
+        images,
     } = n;
     if *log_level != o.log_level {
         plan.log_level = Some(log_level.clone());
@@ -105,6 +106,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ),
         ("spec.sriov.physicalFunctions", *sriov != o.sriov),
         ("spec.nodeLabels", *node_labels != o.node_labels),
+        // The pre-puller's (sandbox and logins: init renders them, the provider reads logins).
+        ("spec.images", *images != o.images),
         // The node's name and cluster come from it; init renders the rest.
         ("NodeConfig", new.node != old.node),
     ] {

@@ -84,6 +84,13 @@ pub struct Attempt {
     pub via: String,
 }
 
+/// `server_address` for a host: containerd parses it as a URL and compares its host with
+/// the host it is about to send the login to (`ParseAuth` in its CRI plugin), so a bare
+/// `HOST:PORT` matches nothing (and an IP with a port does not even parse).
+pub fn server_address(host: &str) -> String {
+    format!("https://{host}")
+}
+
 /// The host of a mirror endpoint URL (`https://harbor.example.com/v2/proxy` →
 /// `harbor.example.com`).
 pub fn endpoint_host(endpoint: &str) -> &str {
@@ -132,7 +139,7 @@ pub fn attempts(
                     auth: Some(RegistryAuth {
                         username: login.username,
                         password: login.password,
-                        server_address: host.to_string(),
+                        server_address: server_address(host),
                         ..RegistryAuth::default()
                     }),
                     via: format!("mirror {host}"),
@@ -152,7 +159,7 @@ pub fn attempts(
     };
     out.push(Attempt {
         auth: own.map(|mut auth| {
-            auth.server_address = image.registry.clone();
+            auth.server_address = server_address(&image.registry);
             auth
         }),
         via: format!("registry {}", image.registry),
@@ -248,13 +255,13 @@ mod tests {
         let first = plan[0].auth.as_ref().unwrap();
         assert_eq!(
             (first.username.as_str(), first.server_address.as_str()),
-            ("robot$p", "harbor.example.com:8443")
+            ("robot$p", "https://harbor.example.com:8443")
         );
         let second = plan[1].auth.as_ref().unwrap();
         assert_eq!(second.auth, "QVdTOnRva2Vu");
         assert_eq!(
             second.server_address,
-            "602401143452.dkr.ecr.us-west-2.amazonaws.com"
+            "https://602401143452.dkr.ecr.us-west-2.amazonaws.com"
         );
         // No mirror, no login: one anonymous attempt.
         let plain = attempts(&ImageRef::parse("busybox:1").unwrap(), &spec, &[], None).unwrap();

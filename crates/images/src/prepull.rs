@@ -250,6 +250,26 @@ impl PrePuller {
     }
 }
 
+/// The daemon's `images` subsystem: ready at once (a pull never holds readiness), then
+/// [`PrePuller::run`] on containerd at `socket` until shutdown.
+pub async fn subsystem(
+    socket: std::path::PathBuf,
+    agent: hybridlet_config::AgentSpec,
+    metrics: ImageMetrics,
+    ctx: hybridlet_runtime::SubsystemContext,
+) -> Result<(), hybridlet_runtime::BoxError> {
+    let runtime = Arc::new(hybridlet_cri::Containerd::new(
+        socket,
+        Duration::from_secs(1800),
+    ));
+    let puller = PrePuller::new(runtime, &agent.images, &agent.registry_mirrors, metrics);
+    ctx.ready.set_ready();
+    puller
+        .run(agent.images.check_interval.get(), ctx.shutdown)
+        .await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -164,7 +164,7 @@ mod tests {
         let pulls = rt.pulls();
         assert_eq!(
             pulls[1].1.as_ref().unwrap().server_address,
-            "602401143452.dkr.ecr.us-west-2.amazonaws.com"
+            "https://602401143452.dkr.ecr.us-west-2.amazonaws.com"
         );
         for _ in 0..3 {
             rt.fail_next_pull(

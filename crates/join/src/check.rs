@@ -45,6 +45,8 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<(), Error> {
         results.extend(crate::preflight::kernel(&root));
         results.extend(crate::preflight::kernel_defaults(&root));
         results.extend(crate::preflight::binaries(config, &root));
+        let installed = crate::images::installed(&root);
+        results.extend(crate::images::cdi_check(config, installed.as_ref()));
         if root.is_system() {
             results.extend(crate::preflight::services(
                 &hybridlet_sys::systemd::Systemctl::default(),

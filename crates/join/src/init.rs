@@ -13,9 +13,7 @@
 use std::time::Duration;
 
 use hybridlet_aws::{AwsSettings, describe_cluster, eks_client, resolve_credentials, sdk_config};
-use hybridlet_bootstrap::{
-    ClusterCoordinates, DEFAULT_SANDBOX_IMAGE, NodeIdentity, RenderedFile, render,
-};
+use hybridlet_bootstrap::{ClusterCoordinates, NodeIdentity, RenderedFile, render};
 use hybridlet_config::{Config, CredentialProvider, NodeConfig};
 use hybridlet_sys::HostRoot;
 use hybridlet_sys::fileset::{self, DesiredFile, FileState};
@@ -323,8 +321,15 @@ pub fn init(ctx: &Context, args: &InitArgs) -> Result<(), Error> {
         // concern (and tests stay on loopback).
         check_clock(ctx, &cluster)?;
     }
-    let rendered =
-        render(&loaded.config, &cluster, &who, DEFAULT_SANDBOX_IMAGE).map_err(crate::fail)?;
+    let installed = crate::images::installed(&root);
+    if let Some((name, crate::Outcome::Fail(why))) =
+        crate::images::cdi_check(&loaded.config, installed.as_ref())
+    {
+        return Err(Error::Failed(format!("{name}: {why}. Nothing was changed")));
+    }
+    let sandbox = crate::images::sandbox(&root, &loaded.config, node);
+    let target = crate::images::target(&sandbox, installed.as_ref());
+    let rendered = render(&loaded.config, &cluster, &who, &target).map_err(crate::fail)?;
     outln!(
         "cluster {} ({}), API server {}, node {} ({} credentials)",
         cluster.name,
@@ -332,6 +337,14 @@ pub fn init(ctx: &Context, args: &InitArgs) -> Result<(), Error> {
         cluster.endpoint,
         who.node_name,
         who.credential_provider
+    );
+    outln!(
+        "containerd: {} (config version {}); sandbox image {}",
+        installed
+            .as_ref()
+            .map_or("not installed", |(line, _)| line.as_str()),
+        target.config_version,
+        sandbox.image
     );
     let files = hybridlet_bootstrap::desired_files(&rendered, &root).map_err(crate::fail)?;
     if args.dry_run {
@@ -351,6 +364,13 @@ pub fn init(ctx: &Context, args: &InitArgs) -> Result<(), Error> {
             dir.display()
         ),
         None => outln!("init: every file already up to date; nothing written"),
+    }
+    if manage_services {
+        // containerd runs on its new config: the sandbox image now, with a login (nodeadm's
+        // step), then the images to keep.
+        crate::images::pull_after_start(ctx, &loaded.config, node, &sandbox, &mut |line| {
+            outln!("{line}")
+        })?;
     }
     if let Some(limit) = args.wait {
         let kubeconfig = root

@@ -22,6 +22,7 @@ macro_rules! outln {
 }
 
 mod check;
+mod images;
 mod init;
 mod install;
 mod preflight;
@@ -38,6 +39,7 @@ use hybridlet_config::{Config, LoadedConfig};
 use hybridlet_sys::HostRoot;
 
 pub use check::check;
+pub use images::{credential_provider, import as import_images};
 pub use init::init;
 pub use install::install;
 pub use token::token;
@@ -170,6 +172,31 @@ impl Context {
     }
 }
 
+/// Where the configuration is read from: `config` (then only the drop-ins of `config_dir`
+/// if given), else the default file under `root` (optional) and its drop-in directory.
+pub fn config_sources(
+    root: &HostRoot,
+    config: Option<std::path::PathBuf>,
+    config_dir: Option<std::path::PathBuf>,
+) -> Result<hybridlet_config::ConfigSources, hybridlet_sys::RootError> {
+    use hybridlet_config::{ConfigSources, DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_FILE};
+    Ok(match config {
+        Some(file) => ConfigSources {
+            file,
+            file_required: true,
+            drop_in_dir: config_dir,
+        },
+        None => ConfigSources {
+            file: root.resolve(DEFAULT_CONFIG_FILE)?,
+            file_required: false,
+            drop_in_dir: Some(match config_dir {
+                Some(d) => d,
+                None => root.resolve(DEFAULT_CONFIG_DIR)?,
+            }),
+        },
+    })
+}
+
 /// The Kubernetes node name, as `init` gave it to the kubelet: IAM Roles Anywhere's
 /// `nodeName`; with SSM the managed instance ID (`mi-…`) from the agent's registration
 /// under `root`; else (standalone) the host name.
@@ -260,6 +287,23 @@ pub struct TokenArgs {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    #[test]
+    fn explicit_config_has_no_drop_ins_by_default() {
+        use std::path::PathBuf;
+        let root = hybridlet_sys::HostRoot::new("/tmp/r");
+        let s = super::config_sources(&root, None, None).unwrap();
+        assert_eq!(s.file, PathBuf::from("/tmp/r/etc/hybridlet/config.yaml"));
+        assert!(!s.file_required);
+        assert_eq!(
+            s.drop_in_dir,
+            Some(PathBuf::from("/tmp/r/etc/hybridlet/config.d"))
+        );
+        let s = super::config_sources(&root, Some("x.yaml".into()), None).unwrap();
+        assert_eq!(s.file, PathBuf::from("x.yaml"));
+        assert!(s.file_required);
+        assert_eq!(s.drop_in_dir, None);
+    }
+
     use super::*;
 
     #[test]

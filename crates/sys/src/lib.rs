@@ -11,6 +11,7 @@
 //! secrets. It knows nothing about Kubernetes or AWS.
 
 pub mod binding;
+pub mod containerd;
 pub mod fileset;
 mod fsutil;
 pub mod iscsi;

@@ -8,7 +8,9 @@
     clippy::disallowed_methods // the blocking waits are for synchronous tests
 )]
 
+pub mod moto;
 pub mod peers;
+pub mod registry;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
