@@ -104,7 +104,7 @@ fn has_series(scrape: &str, name: &str, matchers: &[(String, String)]) -> bool {
 
 const CONFIG_EDIT: (&str, &str) = (
     "  dra:\n    gpu:\n      driverName: gpu.example.com\n",
-    "  pluginRegistrationTimeout: 1s\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n    pci:\n      enabled: true\n      allow: [{vendor: \"0x144d\", deviceClass: nvme}]\n",
+    "  pluginRegistrationTimeout: 1s\n  csi:\n    nfs:\n      enabled: true\n  dra:\n    gpu:\n      enabled: true\n    sriov:\n      enabled: true\n    pci:\n      enabled: true\n      allow: [{vendor: \"0x144d\", deviceClass: nvme}]\n  images:\n    containerdSocket: /run/no-containerd-here.sock\n    prePull: [{image: \"harbor.example.com/ml/app:1\"}]\n",
 );
 
 async fn start() -> Daemon {

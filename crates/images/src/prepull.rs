@@ -142,6 +142,14 @@ impl PrePuller {
         mirrors: &[RegistryMirror],
         metrics: ImageMetrics,
     ) -> Self {
+        for p in &spec.pre_pull {
+            // 0 = never, until the first pass finds it.
+            drop(
+                metrics
+                    .last_success
+                    .get_or_create(&vec![("image".to_string(), p.image.clone())]),
+            );
+        }
         Self {
             runtime,
             images: spec.pre_pull.iter().map(|p| p.image.clone()).collect(),
@@ -229,7 +237,9 @@ impl PrePuller {
                     "containerd does not answer; pre-pulled images are checked again when it is back"
                 );
             }
-            if up && (since_pass >= interval || !was_up) {
+            // A pass also while containerd is away (every image then reports failed), so
+            // the state never claims what nobody checked.
+            if since_pass >= interval || (up && !was_up) {
                 for o in self.pass(&mut |line| tracing::info!("{line}")).await {
                     match o.state {
                         State::Failed => {

@@ -115,11 +115,7 @@ impl Registry {
         let htpasswd = dir.join("htpasswd");
         let mut lines = String::new();
         for (user, password) in users {
-            lines.push_str(
-                &run(Command::new("htpasswd").args(["-Bbn", user, password]))
-                    .trim_end()
-                    .to_string(),
-            );
+            lines.push_str(run(Command::new("htpasswd").args(["-Bbn", user, password])).trim_end());
             lines.push('\n');
         }
         std::fs::write(&htpasswd, lines).unwrap();
