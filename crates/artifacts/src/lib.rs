@@ -22,7 +22,7 @@ mod manifest;
 
 pub use archive::{Unpacked, unpack_flat};
 pub use fetch::{Downloaded, Fetcher, Progress, sha256_file};
-pub use manifest::{Artifact, EksPatchRelease, Manifest, SupportedEksRelease};
+pub use manifest::{Artifact, EksPatchRelease, Manifest, RegionConfig, SupportedEksRelease};
 
 /// The public EKS hybrid nodes release manifest.
 pub const DEFAULT_MANIFEST: &str = "https://hybrid-assets.eks.amazonaws.com/manifest.yaml";

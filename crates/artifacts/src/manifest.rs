@@ -18,6 +18,21 @@ pub struct Manifest {
     /// public manifest has none (`null`), a mirror for air-gapped sites may carry them.
     #[serde(default)]
     pub ssm_releases: Option<Vec<ToolRelease>>,
+    /// Per region: its partition and the account of EKS's image registry there (what
+    /// nodeadm reads first for the pod sandbox image).
+    #[serde(default)]
+    pub region_config: std::collections::BTreeMap<String, RegionConfig>,
+}
+
+/// `region_config.<region>` (fields hybridlet uses).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct RegionConfig {
+    /// `aws`, `aws-cn`, `aws-us-gov`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// EKS's registry account in the region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecr_account_id: Option<String>,
 }
 
 /// One Kubernetes minor version.
@@ -195,6 +210,11 @@ ssm_releases: null
     fn resolves_minor_to_latest_patch_and_exact_patches() {
         let m = Manifest::parse("test", TEXT).unwrap();
         assert_eq!(m.release("1.31").unwrap().version, "1.31.7");
+        let west = &m.region_config["us-west-2"];
+        assert_eq!(
+            (west.partition.as_deref(), west.ecr_account_id.as_deref()),
+            (Some("aws"), Some("602401143452"))
+        );
         assert_eq!(m.release("v1.31.3").unwrap().version, "1.31.3");
         let err = m.release("1.30").unwrap_err();
         assert!(err.to_string().contains("available: 1.31"), "{err}");

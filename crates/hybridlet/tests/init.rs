@@ -687,3 +687,35 @@ fn remote_networks_from_the_configuration_need_no_eks() {
         "{row}"
     );
 }
+
+/// The sandbox image comes from EKS's registry for the region: the release manifest's
+/// account when `install` recorded the manifest's region data, else AWS's table (for
+/// eu-west-1: 602401143452 in us-west-2).
+#[test]
+fn the_sandbox_image_follows_the_manifests_region_data() {
+    let root = tempfile::tempdir().unwrap();
+    place_pki(root.path());
+    let cfg = fixtures().join("iam-ra-with-agent.yaml");
+    let args = ["init", "--dry-run", "--config", cfg.to_str().unwrap()];
+    let text = out(&run(root.path(), &args, &[]));
+    assert!(
+        text.contains("sandbox image 602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5"),
+        "{text}"
+    );
+    let state = root.path().join("var/lib/hybridlet");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("install.json"),
+        r#"{"version": "1.31.3", "files": [], "region": {"partition": "aws", "ecr_account_id": "111122223333"}}"#,
+    )
+    .unwrap();
+    let text = out(&run(root.path(), &args, &[]));
+    assert!(
+        text.contains("sandbox image 111122223333.dkr.ecr.eu-west-1.amazonaws.com/eks/pause:3.5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sandbox_image = \"111122223333.dkr.ecr.eu-west-1.amazonaws.com/eks/pause:3.5\""),
+        "{text}"
+    );
+}

@@ -47,6 +47,7 @@ pub fn check(ctx: &Context, args: &CheckArgs) -> Result<(), Error> {
         results.extend(crate::preflight::binaries(config, &root));
         let installed = crate::images::installed(&root);
         results.extend(crate::images::cdi_check(config, installed.as_ref()));
+        results.extend(crate::images::image_checks(ctx, config));
         if root.is_system() {
             results.extend(crate::preflight::services(
                 &hybridlet_sys::systemd::Systemctl::default(),

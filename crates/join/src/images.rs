@@ -73,6 +73,44 @@ pub(crate) fn cdi_check(
     Some(("containerd CDI support", outcome))
 }
 
+/// `check`: the sandbox image and the pre-pulled images, as containerd has them now (only
+/// on the machine itself, and only when containerd's socket is there).
+pub(crate) fn image_checks(ctx: &Context, config: &Config) -> Vec<(&'static str, Outcome)> {
+    let Some(node) = config.node.as_ref() else {
+        return Vec::new();
+    };
+    let socket = Path::new(&config.agent.images.containerd_socket);
+    if !ctx.root.is_system() || !socket.exists() {
+        return Vec::new();
+    }
+    let sandbox = sandbox(&ctx.root, config, node);
+    let runtime = Containerd::new(socket, PULL_TIMEOUT);
+    let mut out = Vec::new();
+    ctx.block_on(async {
+        let outcome = match runtime.status(&sandbox.image).await {
+            Ok(Some(_)) => Outcome::Ok(format!("{} is on the node", sandbox.image)),
+            Ok(None) => Outcome::Fail(format!(
+                "{} is not on the node: containerd would pull it anonymously when the first pod starts, and {}. Run `hybridlet init` again (it pulls it with a login), or `hybridlet images import` an archive of it",
+                sandbox.image,
+                if sandbox.eks.is_some() { "EKS's registry refuses that" } else { "that fails if the registry needs a login" }
+            )),
+            Err(e) => Outcome::Warn(format!("cannot ask containerd: {e}")),
+        };
+        out.push(("sandbox image", outcome));
+        for p in &config.agent.images.pre_pull {
+            let name = hybridlet_config::ImageRef::parse(&p.image).map_or_else(|_| p.image.clone(), |r| r.normalized());
+            let outcome = match runtime.status(&name).await {
+                Ok(Some(i)) if i.pinned => Outcome::Ok(format!("{} present, pinned", p.image)),
+                Ok(Some(_)) => Outcome::Warn(format!("{} present, not pinned (containerd 1.7 or later honours pins; the kubelet may garbage-collect it)", p.image)),
+                Ok(None) => Outcome::Warn(format!("{} is not on the node; the daemon pulls it (hybridlet_image_prepull says how that goes)", p.image)),
+                Err(e) => Outcome::Warn(format!("cannot ask containerd: {e}")),
+            };
+            out.push(("pre-pulled image", outcome));
+        }
+    });
+    out
+}
+
 /// Whether FIPS mode is on and EKS's FIPS registry host resolves (nodeadm's rule).
 fn fips(root: &HostRoot, region: &str) -> bool {
     let on = root
@@ -88,10 +126,25 @@ fn fips(root: &HostRoot, region: &str) -> bool {
         .is_ok_and(|mut a| a.next().is_some())
 }
 
-/// The sandbox image for this node.
+/// The sandbox image for this node: EKS's registry account from the release manifest
+/// `install` read (its region data, kept in the install record), else AWS's table.
 pub(crate) fn sandbox(root: &HostRoot, config: &Config, node: &NodeConfig) -> Sandbox {
     let region = &node.spec.cluster.region;
-    sandbox::resolve(&config.agent.images, region, None, fips(root, region))
+    let manifest = root
+        .resolve(&config.agent.state_dir)
+        .ok()
+        .and_then(|dir| crate::install::read_tracker(&dir).ok().flatten())
+        .and_then(|installed| installed.region)
+        .map(|r| hybridlet_aws::RegionData {
+            partition: r.partition,
+            ecr_account_id: r.ecr_account_id,
+        });
+    sandbox::resolve(
+        &config.agent.images,
+        region,
+        manifest.as_ref(),
+        fips(root, region),
+    )
 }
 
 /// An ECR login with the node's credentials.
@@ -238,4 +291,52 @@ pub fn credential_provider(ctx: &Context) -> Result<(), Error> {
     writeln!(out, "{answer}")
         .and_then(|()| out.flush())
         .map_err(|e| Error::Failed(format!("credential provider: writing stdout: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(dra: bool) -> Config {
+        let mut c = Config::default();
+        c.agent.dra.sriov.enabled = dra;
+        c
+    }
+
+    #[test]
+    fn cdi_needs_containerd_1_7_when_a_dra_driver_is_on() {
+        let v = |s: &str| Some((s.to_string(), hybridlet_cri::major_minor(s)));
+        let debian12 =
+            v("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3");
+        assert!(cdi_check(&config(false), debian12.as_ref()).is_none());
+        let (_, outcome) = cdi_check(&config(true), debian12.as_ref()).unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Fail(m) if m.contains("1.7 or later")),
+            "{outcome:?}"
+        );
+        for ok in [
+            "containerd containerd.io 1.7.27 05044ec",
+            "containerd github.com/containerd/containerd/v2 v2.1.4 75cb2b7",
+        ] {
+            let (_, outcome) = cdi_check(&config(true), v(ok).as_ref()).unwrap();
+            assert!(matches!(outcome, Outcome::Ok(_)), "{ok}: {outcome:?}");
+        }
+        let (_, outcome) = cdi_check(&config(true), None).unwrap();
+        assert!(matches!(outcome, Outcome::Warn(_)));
+    }
+
+    #[test]
+    fn containerd_2_gets_config_version_3() {
+        let s = Sandbox {
+            image: "x/pause:1".into(),
+            eks: None,
+        };
+        let two = (
+            "containerd github.com/containerd/containerd/v2 v2.0.4 1a43cb6".to_string(),
+            Some((2, 0)),
+        );
+        assert_eq!(target(&s, Some(&two)).config_version, 3);
+        assert_eq!(target(&s, None).config_version, 2);
+    }
 }

@@ -56,6 +56,10 @@ pub(crate) struct Installed {
     /// The SSM agent package, when install added it (uninstall removes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssm_agent_package: Option<String>,
+    /// The release manifest's `region_config` entry for the node's region, when it had
+    /// one: init takes EKS's registry account for the sandbox image from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<hybridlet_artifacts::RegionConfig>,
 }
 
 /// The binaries an upgrade replaced.
@@ -268,6 +272,12 @@ pub fn install(ctx: &Context, args: &InstallArgs) -> Result<(), Error> {
                 .ok()
                 .flatten()
                 .and_then(|t| t.ssm_agent_package),
+            region: loaded
+                .config
+                .node
+                .as_ref()
+                .and_then(|n| manifest.region_config.get(&n.spec.cluster.region))
+                .cloned(),
         };
         for (artifact, dest) in &plan {
             let target = resolve(dest)?;

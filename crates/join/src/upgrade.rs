@@ -514,6 +514,7 @@ fn rollback(
         files: installed.files.clone(),
         previous: None,
         ssm_agent_package: installed.ssm_agent_package.clone(),
+        region: installed.region.clone(),
     };
     for f in &mut back.files {
         if let Some(old) = previous.files.iter().find(|p| p.path == f.path) {
@@ -618,6 +619,7 @@ mod tests {
             }],
             previous: None,
             ssm_agent_package: None,
+            region: None,
         };
         write_tracker(&state, &installed).unwrap();
         let staged = staged_path(&bin.join("kubelet"));

@@ -11,6 +11,12 @@
 //! * `v1alpha1` / `v1` health: `…/kubelet/pkg/apis/dra-health/v1alpha1/api.proto` (fields 1–3
 //!   in 1.34, `health_check_timeout_seconds = 4` in 1.35, `message = 5` in 1.36) and
 //!   `…/dra-health/v1/api.proto`
+//! * `runtime.v1` (CRI) and `containerd.services.images.v1`, the APIs hybridlet *calls*:
+//!   k8s.io/cri-api `pkg/apis/runtime/v1/api.proto` (`ImageSpec.user_specified_image = 18`,
+//!   `runtime_handler = 19`; `Image.pinned = 8`) and containerd
+//!   `api/services/images/v1/images.proto`, only the RPCs, messages and fields we send or
+//!   read (a client may leave the rest out: unknown fields are skipped on the wire). Each
+//!   line is still an upstream fact; the set is the subset, held exactly.
 //! * `csi.v1`: container-storage-interface/spec `csi.proto` v1.12.0, the Identity and Node
 //!   services and every message they use (the node side is unchanged since v1.10.0). The
 //!   `csi_secret`/`alpha_field` options are annotations, not wire format, and are not held.
@@ -213,15 +219,66 @@ field csi.v1.NodeExpandVolumeRequest.staging_target_path = 4 string
 field csi.v1.NodeExpandVolumeRequest.volume_capability = 5 csi.v1.VolumeCapability
 field csi.v1.NodeExpandVolumeRequest.secrets = 6 map<string, string>
 field csi.v1.NodeExpandVolumeResponse.capacity_bytes = 1 int64
+
+# CRI (the subset hybridlet calls)
+rpc runtime.v1.RuntimeService/Version runtime.v1.VersionRequest -> runtime.v1.VersionResponse
+rpc runtime.v1.ImageService/ListImages runtime.v1.ListImagesRequest -> runtime.v1.ListImagesResponse
+rpc runtime.v1.ImageService/ImageStatus runtime.v1.ImageStatusRequest -> runtime.v1.ImageStatusResponse
+rpc runtime.v1.ImageService/PullImage runtime.v1.PullImageRequest -> runtime.v1.PullImageResponse
+field runtime.v1.VersionRequest.version = 1 string
+field runtime.v1.VersionResponse.version = 1 string
+field runtime.v1.VersionResponse.runtime_name = 2 string
+field runtime.v1.VersionResponse.runtime_version = 3 string
+field runtime.v1.VersionResponse.runtime_api_version = 4 string
+field runtime.v1.ImageSpec.image = 1 string
+field runtime.v1.ImageSpec.annotations = 2 map<string, string>
+field runtime.v1.ImageSpec.user_specified_image = 18 string
+field runtime.v1.ImageSpec.runtime_handler = 19 string
+field runtime.v1.AuthConfig.username = 1 string
+field runtime.v1.AuthConfig.password = 2 string
+field runtime.v1.AuthConfig.auth = 3 string
+field runtime.v1.AuthConfig.server_address = 4 string
+field runtime.v1.AuthConfig.identity_token = 5 string
+field runtime.v1.AuthConfig.registry_token = 6 string
+field runtime.v1.ImageFilter.image = 1 runtime.v1.ImageSpec
+field runtime.v1.ListImagesRequest.filter = 1 runtime.v1.ImageFilter
+field runtime.v1.ListImagesResponse.images = 1 repeated runtime.v1.Image
+field runtime.v1.Image.id = 1 string
+field runtime.v1.Image.repo_tags = 2 repeated string
+field runtime.v1.Image.repo_digests = 3 repeated string
+field runtime.v1.Image.size = 4 uint64
+field runtime.v1.Image.username = 6 string
+field runtime.v1.Image.spec = 7 runtime.v1.ImageSpec
+field runtime.v1.Image.pinned = 8 bool
+field runtime.v1.ImageStatusRequest.image = 1 runtime.v1.ImageSpec
+field runtime.v1.ImageStatusRequest.verbose = 2 bool
+field runtime.v1.ImageStatusResponse.image = 1 runtime.v1.Image
+field runtime.v1.ImageStatusResponse.info = 2 map<string, string>
+field runtime.v1.PullImageRequest.image = 1 runtime.v1.ImageSpec
+field runtime.v1.PullImageRequest.auth = 2 runtime.v1.AuthConfig
+field runtime.v1.PullImageResponse.image_ref = 1 string
+
+# containerd's image service (the subset hybridlet calls)
+rpc containerd.services.images.v1.Images/Get containerd.services.images.v1.GetImageRequest -> containerd.services.images.v1.GetImageResponse
+rpc containerd.services.images.v1.Images/Update containerd.services.images.v1.UpdateImageRequest -> containerd.services.images.v1.UpdateImageResponse
+field containerd.services.images.v1.Image.name = 1 string
+field containerd.services.images.v1.Image.labels = 2 map<string, string>
+field containerd.services.images.v1.GetImageRequest.name = 1 string
+field containerd.services.images.v1.GetImageResponse.image = 1 containerd.services.images.v1.Image
+field containerd.services.images.v1.UpdateImageRequest.image = 1 containerd.services.images.v1.Image
+field containerd.services.images.v1.UpdateImageRequest.update_mask = 2 google.protobuf.FieldMask
+field containerd.services.images.v1.UpdateImageResponse.image = 1 containerd.services.images.v1.Image
 ";
 
-const OURS: [&str; 6] = [
+const OURS: [&str; 8] = [
     "pluginregistration/v1/api.proto",
     "dra/v1/api.proto",
     "dra/v1beta1/api.proto",
     "dra-health/v1alpha1/api.proto",
     "dra-health/v1/api.proto",
     "csi/v1/csi.proto",
+    "cri/v1/api.proto",
+    "containerd/images.proto",
 ];
 
 fn compile() -> FileDescriptorSet {
