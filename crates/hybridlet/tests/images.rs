@@ -114,6 +114,32 @@ fn write_hosts(certs_d: &Path, mirror: &RegistryMirror, upstream_ca: &Path) {
     std::fs::write(dir.join("hosts.toml"), text).unwrap();
 }
 
+/// One round of hybridlet's pull (mirror logins, then the registry with `login`): the
+/// image ID and what served it.
+async fn pull(
+    runtime: &dyn ImageRuntime,
+    image: &str,
+    spec: &ImagesSpec,
+    mirrors: &[RegistryMirror],
+    login: &RegistryAuth,
+) -> (String, String) {
+    let once = Retry {
+        rounds: 1,
+        first_wait: Duration::ZERO,
+    };
+    hybridlet_images::sandbox::pull(
+        runtime,
+        image,
+        spec,
+        mirrors,
+        Some(login.clone()),
+        once,
+        &mut |_| {},
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn ctr(containerd: &Containerd, args: &[&str]) -> std::process::Output {
     Command::new("ctr")
         .arg("--address")
@@ -217,20 +243,7 @@ fn sandbox_mirror_outage_and_prepull_with_real_containerd_and_registries() {
             auth: token.auth.clone(),
             ..RegistryAuth::default()
         };
-        let (id, via) = hybridlet_images::sandbox::pull(
-            &*runtime,
-            &sandbox,
-            &spec,
-            &mirrors,
-            Some(login.clone()),
-            Retry {
-                rounds: 1,
-                first_wait: Duration::ZERO,
-            },
-            &mut |_| {},
-        )
-        .await
-        .unwrap();
+        let (id, via) = pull(&*runtime, &sandbox, &spec, &mirrors, &login).await;
         assert!(id.starts_with("sha256:"), "{id}");
         assert_eq!(via, format!("registry {}", ecr.host));
         let pinned = runtime.pin(&sandbox).await.unwrap();
@@ -250,20 +263,7 @@ fn sandbox_mirror_outage_and_prepull_with_real_containerd_and_registries() {
 
         // Through the mirror, override_path: Harbor's log shows the manifest request.
         let app = format!("{}/ml/app:1", ecr.host);
-        let (_, via) = hybridlet_images::sandbox::pull(
-            &*runtime,
-            &app,
-            &spec,
-            &mirrors,
-            Some(login.clone()),
-            Retry {
-                rounds: 1,
-                first_wait: Duration::ZERO,
-            },
-            &mut |_| {},
-        )
-        .await
-        .unwrap();
+        let (_, via) = pull(&*runtime, &app, &spec, &mirrors, &login).await;
         assert_eq!(via, format!("mirror {}", harbor.host));
         // containerd asks the mirror for the manifest (HEAD by tag, ?ns= names the
         // registry it stands in for), as the robot.
@@ -279,20 +279,7 @@ fn sandbox_mirror_outage_and_prepull_with_real_containerd_and_registries() {
         // The mirror is down: the registry serves, with its own login.
         harbor.stop();
         let other = format!("{}/ml/other:1", ecr.host);
-        let (_, via) = hybridlet_images::sandbox::pull(
-            &*runtime,
-            &other,
-            &spec,
-            &mirrors,
-            Some(login),
-            Retry {
-                rounds: 1,
-                first_wait: Duration::ZERO,
-            },
-            &mut |_| {},
-        )
-        .await
-        .unwrap();
+        let (_, via) = pull(&*runtime, &other, &spec, &mirrors, &login).await;
         assert_eq!(via, format!("registry {}", ecr.host));
 
         // Pre-pulled images stay with every registry gone: a pass pulls nothing.

@@ -715,7 +715,9 @@ fn the_sandbox_image_follows_the_manifests_region_data() {
         "{text}"
     );
     assert!(
-        text.contains("sandbox_image = \"111122223333.dkr.ecr.eu-west-1.amazonaws.com/eks/pause:3.5\""),
+        text.contains(
+            "sandbox_image = \"111122223333.dkr.ecr.eu-west-1.amazonaws.com/eks/pause:3.5\""
+        ),
         "{text}"
     );
 }

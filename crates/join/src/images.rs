@@ -179,6 +179,50 @@ async fn ecr_login(
     })
 }
 
+/// Pull the sandbox image through CRI: EKS's with an ECR token (nodeadm's step), any
+/// other with the configured logins; mirrors first.
+async fn pull_sandbox(
+    runtime: &dyn ImageRuntime,
+    config: &Config,
+    node: &NodeConfig,
+    sandbox: &Sandbox,
+    credentials_file: Option<std::path::PathBuf>,
+    say: &mut (dyn FnMut(String) + Send),
+) -> Result<(), Error> {
+    let login = match &sandbox.eks {
+        Some(registry) => match ecr_login(node, credentials_file).await {
+            Ok(login) => Some(login),
+            Err(e) => {
+                return Err(Error::Failed(format!(
+                    "sandbox image {}: no ECR login (ecr:GetAuthorizationToken with the node's credentials): {e}. containerd would pull it anonymously and {} refuses that, so no pod could start. Give the node's role ecr:GetAuthorizationToken, or set spec.images.sandbox to a copy in your registry (or `hybridlet images import` an archive of it)",
+                    sandbox.image, registry.host
+                )));
+            }
+        },
+        None => None,
+    };
+    let (id, via) = sandbox::pull(
+        runtime,
+        &sandbox.image,
+        &config.agent.images,
+        &config.agent.registry_mirrors,
+        login,
+        Retry::default(),
+        say,
+    )
+    .await
+    .map_err(|e| {
+        Error::Failed(format!(
+            "{e}. Pods cannot start without it: fix the registry access (or set spec.images.sandbox, or `hybridlet images import` an archive of it) and run init again"
+        ))
+    })?;
+    say(format!(
+        "sandbox image {} pulled via {via} ({id})",
+        sandbox.image
+    ));
+    Ok(())
+}
+
 /// Pull the sandbox image through CRI (EKS's with an ECR token), then the pre-pulled
 /// images; every step said on `say`. Only a failed sandbox pull is an error.
 pub(crate) fn pull_after_start(
@@ -196,35 +240,22 @@ pub(crate) fn pull_after_start(
         .ok()
         .filter(|p| p.exists());
     ctx.block_on(async {
-        let login = match &sandbox.eks {
-            Some(registry) => match ecr_login(node, credentials_file).await {
-                Ok(login) => Some(login),
-                Err(e) => {
-                    return Err(Error::Failed(format!(
-                        "sandbox image {}: no ECR login (ecr:GetAuthorizationToken with the node's credentials): {e}. containerd would pull it anonymously and {} refuses that, so no pod could start. Give the node's role ecr:GetAuthorizationToken, or set spec.images.sandbox to a copy in your registry",
-                        sandbox.image, registry.host
-                    )));
-                }
-            },
-            None => None,
-        };
-        match sandbox::pull(
-            &*runtime,
-            &sandbox.image,
-            &config.agent.images,
-            &config.agent.registry_mirrors,
-            login,
-            Retry::default(),
-            say,
-        )
-        .await
-        {
-            Ok((id, via)) => say(format!("sandbox image {} pulled via {via} ({id})", sandbox.image)),
-            Err(e) => {
-                return Err(Error::Failed(format!(
-                    "{e}. Pods cannot start without it: fix the registry access (or set spec.images.sandbox, or `hybridlet images import` an archive of it) and run init again"
-                )));
-            }
+        let name = hybridlet_config::ImageRef::parse(&sandbox.image)
+            .map_or_else(|_| sandbox.image.clone(), |r| r.normalized());
+        // Already there (imported from an archive, or an earlier init): nothing to ask a
+        // registry for; containerd runs what it has.
+        if let Ok(Some(info)) = runtime.status(&name).await {
+            say(format!("sandbox image {} already on the node ({})", sandbox.image, info.id));
+        } else {
+            pull_sandbox(&*runtime, config, node, sandbox, credentials_file, say).await?;
+        }
+        match runtime.pin(&name).await {
+            Ok(hybridlet_cri::Pinned::Yes) => say(format!("sandbox image {} pinned", sandbox.image)),
+            Ok(hybridlet_cri::Pinned::LabelOnly) => say(format!(
+                "sandbox image {} labelled pinned (this containerd does not honour pins: 1.7 or later does)",
+                sandbox.image
+            )),
+            Err(e) => say(format!("warning: pinning the sandbox image {}: {e}", sandbox.image)),
         }
         if !config.agent.images.pre_pull.is_empty() {
             let mut scratch = hybridlet_metrics::prometheus_client::registry::Registry::default();

@@ -129,13 +129,21 @@ start_nfs_server() {
 }
 
 # Join scenarios: a containerd stand-in unit (the image has no containerd).
-containerd_stand_in() {
-  cat > /etc/systemd/system/containerd.service <<'UNIT'
-[Service]
-ExecStart=/bin/sleep infinity
-[Install]
-WantedBy=multi-user.target
-UNIT
+# The join scenarios' sandbox image: no registry in the VM, so it is imported from an
+# archive (an OCI layout with busybox built by tests/images/oci-image.sh) with `hybridlet
+# images import`, and spec.images.sandbox names it.
+PAUSE_IMAGE=localhost/hybridlet/pause:e2e
+
+# Debian's containerd under its own unit, with the sandbox image imported (hybridlet must
+# be installed). init then writes containerd's config and restarts it.
+containerd_with_pause() {
+  rm -f /etc/systemd/system/containerd.service
+  systemctl daemon-reload
+  systemctl start containerd
+  rm -rf /tmp/pause-oci && bash /mnt/share/guest/oci-image.sh /tmp/pause-oci "$PAUSE_IMAGE"
+  tar -C /tmp/pause-oci -cf /tmp/pause.tar .
+  out=$(hybridlet images import /tmp/pause.tar 2>&1) || fail "images import: $out"
+  echo "$out" | grep -q "imported $PAUSE_IMAGE" || fail "images import did not name $PAUSE_IMAGE: $out"
 }
 
 # Join scenarios: the start of a NodeConfig whose cluster is fully given (no AWS call),

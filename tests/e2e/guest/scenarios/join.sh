@@ -1,6 +1,8 @@
-# Scenario: `hybridlet install`, `init` and `uninstall` under real systemd. containerd is a
-# stand-in unit and the kubelet a stand-in binary installed by `hybridlet install` from a
-# file:// mirror with its real unit (the image has neither); the stand-in refuses to start
+# Scenario: `hybridlet install`, `init` and `uninstall` under real systemd. containerd is
+# Debian's (1.6, with CRI): init writes its config, restarts it, finds the sandbox image
+# (imported from an archive with `hybridlet images import`) through CRI and pins it. The
+# kubelet is a stand-in binary installed by `hybridlet install` from a file:// mirror with
+# its real unit (no kubelet package exists here); the stand-in refuses to start
 # without init's arguments and files, or with maxPods 7, so a bad join is visible. init writes the files, reloads
 # systemd, starts both; a rerun restarts nothing; a kubelet-only change restarts only the
 # kubelet; a change the kubelet refuses is rolled back and the kubelet runs on the old files;
@@ -8,7 +10,6 @@
 # uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
 . /mnt/share/guest/lib.sh
 
-containerd_stand_in
 # A release mirror on file:// with a stand-in kubelet binary; `hybridlet install` places
 # it and its real unit. The stand-in starts only with the arguments init writes
 # (--config, --kubeconfig), a kubeconfig, a CA, and a config whose maxPods is not 7.
@@ -81,6 +82,12 @@ write_config() {
       trustAnchorArn: arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/0a1b2c3d-0000-4000-8000-000000000001
       profileArn: arn:aws:rolesanywhere:eu-west-1:111122223333:profile/0a1b2c3d-0000-4000-8000-000000000002
       roleArn: arn:aws:iam::111122223333:role/AmazonEKSHybridNodesRole
+---
+apiVersion: hybridlet.io/v1alpha1
+kind: AgentConfig
+spec:
+  images:
+    sandbox: $PAUSE_IMAGE
 YAML
   } > /etc/hybridlet/config.yaml
 }
@@ -93,6 +100,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -
 
 step "init before install: refused, nothing changed"
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
+containerd_with_pause
 write_config 110
 if out=$(hybridlet init 2>&1); then fail "init succeeded without kubelet.service"; fi
 echo "    $out" | tail -n 1 | head -c 300; echo
@@ -118,9 +126,13 @@ echo "$out" | grep -q 'does not match the published' || fail "no checksum error:
 sed -i '$ d' /tmp/mirror/kubelet
 expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
 
-step "init: files, daemon-reload, containerd and kubelet started"
-expect_ok hybridlet init
+step "init: files, daemon-reload, containerd and kubelet started, the sandbox image found and pinned"
+out=$(hybridlet init 2>&1) || fail "init: $out"
+echo "$out" | grep -q "sandbox image $PAUSE_IMAGE already on the node" || fail "init did not find the sandbox image through CRI: $out"
+echo "$out" | grep -q "containerd: containerd github.com/containerd/containerd 1.6" || fail "init did not read containerd's version: $out"
 expect_eq "containerd" active "$(systemctl is-active containerd)"
+containerd config dump | grep -q "sandbox_image = \"$PAUSE_IMAGE\"" || fail "containerd does not read init's sandbox image"
+ctr -n k8s.io images ls | grep "^$PAUSE_IMAGE " | grep -q 'io.cri-containerd.pinned=pinned' || fail "the sandbox image is not labelled pinned: $(ctr -n k8s.io images ls)"
 expect_eq "kubelet" active "$(systemctl is-active kubelet)"
 expect_eq "kubelet enabled" enabled "$(systemctl is-enabled kubelet)"
 grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/rig-node-1"' /etc/kubernetes/kubelet/config.json \
@@ -136,7 +148,7 @@ c_pid=$(pid containerd); k_pid=$(pid kubelet)
 step "check on the joined node: init applied its modules and sysctls; services and ports from the real host"
 out=$(hybridlet check --offline 2>&1) || fail "check fails on the joined node: $out"
 for want in "ok: IAM Roles Anywhere certificate: /etc/iam/pki/server.pem: CN rig-node-1 = nodeName" "ok: swap: off" "ok: cgroup: v2" "ok: kernel module: overlay loaded" "ok: kernel module: br_netfilter loaded" \
-            "ok: IP forwarding" "ok: service: containerd.service active" "ok: service: kubelet.service active" "ok: port: 10250/tcp"; do
+            "ok: IP forwarding" "ok: service: containerd.service active" "ok: sandbox image: $PAUSE_IMAGE is on the node" "ok: service: kubelet.service active" "ok: port: 10250/tcp"; do
   echo "$out" | grep -qF "$want" || fail "check: no '$want' in: $out"
 done
 expect_eq "net.ipv4.ip_forward" 1 "$(cat /proc/sys/net/ipv4/ip_forward)"

@@ -13,7 +13,6 @@
 
 # A scenario before this one that failed half-way may have left a join behind.
 rm -rf /etc/kubernetes /etc/containerd /etc/eks /etc/iam /etc/aws /var/lib/hybridlet
-containerd_stand_in
 
 step "a release mirror with a kubelet stand-in and the agent stand-in as a .deb"
 mkdir -p /tmp/mirror /tmp/pkg/DEBIAN /tmp/pkg/usr/bin /tmp/pkg/lib/systemd/system
@@ -77,6 +76,7 @@ ssm_releases:
 YAML
 systemctl daemon-reload
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
+containerd_with_pause
 
 write_config() {  # write_config ACTIVATION_CODE
   mkdir -p /etc/hybridlet
@@ -93,6 +93,8 @@ spec:
   proxy:
     httpsProxy: http://svc:p%40ss@127.0.0.1:3128
     noProxy: [localhost, 127.0.0.1]
+  images:
+    sandbox: $PAUSE_IMAGE
 YAML
   } > /etc/hybridlet/config.yaml
 }
