@@ -101,6 +101,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -
 step "init before install: refused, nothing changed"
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
 containerd_with_pause
+cp /etc/containerd/config.toml /tmp/containerd-config.toml.debian
 write_config 110
 if out=$(hybridlet init 2>&1); then fail "init succeeded without kubelet.service"; fi
 echo "    $out" | tail -n 1 | head -c 300; echo
@@ -242,13 +243,15 @@ expect_ok hybridlet uninstall
 expect_eq "kubelet" inactive "$(systemctl is-active kubelet || true)"
 [ ! -e /etc/systemd/system/multi-user.target.wants/kubelet.service ] || fail "kubelet still enabled"
 systemctl cat kubelet.service >/dev/null 2>&1 && fail "systemd still knows kubelet.service (no daemon-reload after removing it)"
-for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet /etc/containerd/config.toml \
+for f in /etc/kubernetes/kubelet/config.json /etc/eks/kubelet/environment /var/lib/kubelet \
          /etc/sysctl.d/99-hybridlet.conf /etc/modules-load.d/hybridlet.conf \
          /usr/bin/kubelet /usr/local/bin/aws_signing_helper /etc/systemd/system/kubelet.service \
          /opt/cni/bin/bridge /etc/eks/image-credential-provider/ecr-credential-provider /etc/aws/hybrid/config \
          /etc/containerd/certs.d/registry.k8s.io/hosts.toml; do
   [ ! -e "$f" ] || fail "$f is still there"
 done
+# Debian's containerd ships its own config.toml, which init replaced: it is put back.
+cmp -s /etc/containerd/config.toml /tmp/containerd-config.toml.debian || fail "containerd's own config.toml was not put back"
 expect_eq "containerd left running" active "$(systemctl is-active containerd)"
 [ -s /etc/passwd ] || fail "/etc/passwd is gone"
 
