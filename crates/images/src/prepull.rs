@@ -341,4 +341,46 @@ mod tests {
         assert_eq!(out[1].state, State::Ready);
         assert_eq!(rt.pulls().len(), 3);
     }
+
+    /// The daemon's loop: a pass at start, then at the interval; when containerd comes
+    /// back after an outage (a restart, an upgrade that lost the image), at once rather
+    /// than at the next interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_containerd_that_comes_back_is_checked_at_once() {
+        let rt = Arc::new(FakeRuntime::new("1.7.24"));
+        let mut registry = Registry::default();
+        let metrics = ImageMetrics::register(&mut registry);
+        let p = Arc::new(PrePuller::new(
+            rt.clone(),
+            &spec(&["busybox:1"]),
+            &[],
+            metrics,
+        ));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (p, stop) = (p.clone(), stop.clone());
+            async move { p.run(Duration::from_secs(3600), stop).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rt.pulls().len(), 1, "the first pass pulls");
+        // containerd restarts with an empty store (the image is gone).
+        rt.set_down(true);
+        rt.remove("busybox:1");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        rt.set_down(false);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            rt.pulls().len(),
+            2,
+            "pulled again as soon as containerd answered"
+        );
+        assert!(
+            rt.status("busybox:1")
+                .await
+                .unwrap()
+                .is_some_and(|i| i.pinned)
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
 }
