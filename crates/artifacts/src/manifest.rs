@@ -22,6 +22,11 @@ pub struct Manifest {
     /// nodeadm reads first for the pod sandbox image).
     #[serde(default)]
     pub region_config: std::collections::BTreeMap<String, RegionConfig>,
+    /// Container image archives (OCI or docker, e.g. the pod sandbox image) that `install`
+    /// downloads, verifies and imports into containerd: hybridlet's extension for mirrors
+    /// of sites no registry reaches (the public manifest has none).
+    #[serde(default)]
+    pub image_archives: Option<Vec<Artifact>>,
 }
 
 /// `region_config.<region>` (fields hybridlet uses).
@@ -149,6 +154,15 @@ impl Manifest {
 }
 
 impl Manifest {
+    /// The image archives for `arch`.
+    pub fn image_archives(&self, arch: &str) -> Vec<&Artifact> {
+        self.image_archives
+            .iter()
+            .flatten()
+            .filter(|a| a.arch == arch && a.os == "linux")
+            .collect()
+    }
+
     /// The newest SSM agent package for `arch` in `format` (`deb` or `rpm`).
     pub fn ssm_agent_package(&self, arch: &str, format: &str) -> Option<&Artifact> {
         let suffix = format!(".{format}");

@@ -82,6 +82,9 @@ fn server(corrupt: bool) -> FileServer {
         "/ssm/amazon-ssm-agent.deb.sha256".into(),
         sha(b"!<arch>\n").into_bytes(),
     );
+    let pause = b"an image archive".to_vec();
+    files.insert("/images/pause.tar".into(), pause.clone());
+    files.insert("/images/pause.tar.sha256".into(), sha(&pause).into_bytes());
     let server = FileServer::start(files.clone());
     let b = &server.base;
     let manifest = format!(
@@ -110,6 +113,8 @@ ssm_releases:
   artifacts:
   - {{name: amazon-ssm-agent, arch: {a}, os: linux, uri: "{b}/ssm/amazon-ssm-agent.deb", checksum_uri: "{b}/ssm/amazon-ssm-agent.deb.sha256"}}
 region_config: {{}}
+image_archives:
+- {{name: eks-pause, arch: {a}, os: linux, uri: "{b}/images/pause.tar", checksum_uri: "{b}/images/pause.tar.sha256"}}
 "#
     );
     // The manifest names the artifact server's URLs, so it is served by a second one
@@ -196,8 +201,16 @@ fn install_verifies_places_records_and_uninstall_removes() {
     .unwrap();
     assert_eq!(record["version"], "1.31.3");
     // kubelet, kubectl, ECR provider, signing helper, the CNI archive and its 3 files,
-    // the unit.
-    assert_eq!(record["files"].as_array().unwrap().len(), 9);
+    // the mirror's image archive (verified, kept for an import), the unit.
+    assert_eq!(record["files"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        std::fs::read(root.path().join("var/lib/hybridlet/images/eks-pause.tar")).unwrap(),
+        b"an image archive"
+    );
+    assert!(
+        text.contains("`hybridlet images import /var/lib/hybridlet/images/eks-pause.tar` once it runs"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "installed  /opt/cni/bin (3 files from the verified cni-plugins archive, 3 written)"

@@ -249,9 +249,14 @@ pub fn install(ctx: &Context, args: &InstallArgs) -> Result<(), Error> {
             }
         };
         let ssm = (provider == Some(CredentialProvider::Ssm)).then(|| ssm_plan(&root, &manifest, arch));
+        let archives: Vec<hybridlet_artifacts::Artifact> =
+            manifest.image_archives(arch).into_iter().cloned().collect();
         if args.dry_run {
             for (a, dest) in &plan {
                 outln!("would install {} → {dest} (from {})", a.name, a.uri);
+            }
+            for a in &archives {
+                outln!("would import the image archive {} into containerd (from {})", a.name, a.uri);
             }
             if let Some(a) = &cni {
                 outln!("would install cni-plugins → {CNI_BIN} (unpacked from {})", a.uri);
@@ -320,6 +325,29 @@ pub fn install(ctx: &Context, args: &InstallArgs) -> Result<(), Error> {
                 if written > 0 { "installed" } else { "unchanged" },
                 unpacked.len()
             );
+        }
+
+        for artifact in &archives {
+            let dest = format!(
+                "{}/images/{}.tar",
+                loaded.config.agent.state_dir.trim_end_matches('/'),
+                artifact.name
+            );
+            let target = resolve(&dest)?;
+            let (sum, _) = fetch_verified(&fetcher, artifact, &release.version, &target, tty).await?;
+            installed.files.push(InstalledFile {
+                path: dest.clone(),
+                sha256: sum,
+            });
+            outln!("{:>9}  {dest} (image archive, SHA-256 verified)", "fetched");
+            let socket = Path::new(&loaded.config.agent.images.containerd_socket);
+            if root.is_system() && socket.exists() {
+                for line in crate::images::import_archive(&root, socket, &target).await? {
+                    outln!("{line}");
+                }
+            } else {
+                outln!("    containerd is not running: `hybridlet images import {dest}` once it runs");
+            }
         }
 
         let unit = hybridlet_bootstrap::kubelet_unit();

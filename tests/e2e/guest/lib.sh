@@ -134,14 +134,19 @@ start_nfs_server() {
 # images import`, and spec.images.sandbox names it.
 PAUSE_IMAGE=localhost/hybridlet/pause:e2e
 
-# Debian's containerd under its own unit, with the sandbox image imported (hybridlet must
-# be installed). init then writes containerd's config and restarts it.
-containerd_with_pause() {
+# Debian's containerd under its own unit, and the sandbox image's archive in /tmp/pause.tar.
+# init then writes containerd's config and restarts it.
+containerd_and_pause_archive() {
   rm -f /etc/systemd/system/containerd.service
   systemctl daemon-reload
   systemctl start containerd
   rm -rf /tmp/pause-oci && bash /mnt/share/guest/oci-image.sh /tmp/pause-oci "$PAUSE_IMAGE"
   tar -C /tmp/pause-oci -cf /tmp/pause.tar .
+}
+
+# The same, with the archive imported (hybridlet must be installed).
+containerd_with_pause() {
+  containerd_and_pause_archive
   out=$(hybridlet images import /tmp/pause.tar 2>&1) || fail "images import: $out"
   echo "$out" | grep -q "imported $PAUSE_IMAGE" || fail "images import did not name $PAUSE_IMAGE: $out"
 }

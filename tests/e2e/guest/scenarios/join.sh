@@ -1,6 +1,7 @@
 # Scenario: `hybridlet install`, `init` and `uninstall` under real systemd. containerd is
-# Debian's (1.6, with CRI): init writes its config, restarts it, finds the sandbox image
-# (imported from an archive with `hybridlet images import`) through CRI and pins it. The
+# Debian's (1.6, with CRI): install imports the sandbox image from an archive the mirror
+# carries (verified, then `ctr images import`, pinned); init writes containerd's config,
+# restarts it, finds the sandbox image through CRI and pins it. The
 # kubelet is a stand-in binary installed by `hybridlet install` from a file:// mirror with
 # its real unit (no kubelet package exists here); the stand-in refuses to start
 # without init's arguments and files, or with maxPods 7, so a bad join is visible. init writes the files, reloads
@@ -10,10 +11,12 @@
 # uninstall refuses over a bind mount of /etc under the kubelet's directory, then undoes it all.
 . /mnt/share/guest/lib.sh
 
+containerd_and_pause_archive
 # A release mirror on file:// with a stand-in kubelet binary; `hybridlet install` places
 # it and its real unit. The stand-in starts only with the arguments init writes
 # (--config, --kubeconfig), a kubeconfig, a CA, and a config whose maxPods is not 7.
 mkdir -p /tmp/mirror
+cp /tmp/pause.tar /tmp/mirror/pause.tar && (cd /tmp/mirror && sha256sum pause.tar > pause.tar.sha256)
 cat > /tmp/mirror/kubelet <<'SH'
 #!/bin/sh
 case "$*" in *--config=/etc/kubernetes/kubelet/config.json*--kubeconfig=/var/lib/kubelet/kubeconfig*) ;; *) echo "bad args: $*" >&2; exit 1;; esac
@@ -67,6 +70,8 @@ iam_roles_anywhere_releases:
 - version: 1.4.0
   artifacts:
   - {name: aws_signing_helper, arch: amd64, os: linux, uri: "file:///tmp/mirror/aws_signing_helper", checksum_uri: "file:///tmp/mirror/aws_signing_helper.sha256"}
+image_archives:
+- {name: eks-pause, arch: amd64, os: linux, uri: "file:///tmp/mirror/pause.tar", checksum_uri: "file:///tmp/mirror/pause.tar.sha256"}
 YAML
 systemctl daemon-reload
 
@@ -100,7 +105,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -
 
 step "init before install: refused, nothing changed"
 DEBIAN_FRONTEND=noninteractive dpkg -i "$artifacts/hybridlet.deb" >/dev/null
-containerd_with_pause
 cp /etc/containerd/config.toml /tmp/containerd-config.toml.debian
 write_config 110
 if out=$(hybridlet init 2>&1); then fail "init succeeded without kubelet.service"; fi
@@ -108,8 +112,10 @@ echo "    $out" | tail -n 1 | head -c 300; echo
 echo "$out" | grep -q 'kubelet.service is not installed' || fail "no clear message: $out"
 [ ! -e /etc/kubernetes/kubelet/config.json ] || fail "files written despite the refusal"
 
-step "hybridlet install from a file:// mirror: verified kubelet and its unit"
-expect_ok hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml
+step "hybridlet install from a file:// mirror: verified kubelet and its unit, the pause image imported"
+out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1) || fail "install: $out"
+echo "$out" | grep -q "imported $PAUSE_IMAGE" || fail "install did not import the mirror's pause image: $out"
+ctr -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE" || fail "containerd does not have $PAUSE_IMAGE"
 cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet not placed"
 expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
 [ -x /usr/local/bin/aws_signing_helper ] || fail "the IAM Roles Anywhere signing helper was not installed"
