@@ -366,6 +366,10 @@ impl Default for ImagesSpec {
 pub struct PrePullImage {
     /// An image reference: `harbor.example.com/ml/triton:24.08`, `nvcr.io/nvidia/cuda@sha256:…`.
     pub image: String,
+    /// A login for this image's registry only (same file format as
+    /// `spec.images.credentials[].file`), instead of the registry's entry there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
 }
 
 /// `spec.images.credentials[]`: one registry's login, kept in a root-only file.

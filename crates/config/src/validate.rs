@@ -501,6 +501,11 @@ fn validate_images(images: &crate::types::ImagesSpec, r: &mut Report) {
         if !seen.insert(p.image.as_str()) {
             r.error(path, format!("{:?} is listed more than once", p.image));
         }
+        if let Some(file) = &p.credentials_file
+            && let Err(why) = check_host_path(file)
+        {
+            r.error(format!("spec.images.prePull[{i}].credentialsFile"), why);
+        }
     }
     let mut registries = std::collections::BTreeSet::new();
     for (i, c) in images.credentials.iter().enumerate() {

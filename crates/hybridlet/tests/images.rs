@@ -285,7 +285,10 @@ fn sandbox_mirror_outage_and_prepull_with_real_containerd_and_registries() {
         // Pre-pulled images stay with every registry gone: a pass pulls nothing.
         ecr.stop();
         let keep = ImagesSpec {
-            pre_pull: vec![hybridlet_config::PrePullImage { image: app.clone() }],
+            pre_pull: vec![hybridlet_config::PrePullImage {
+                image: app.clone(),
+                credentials_file: None,
+            }],
             ..spec.clone()
         };
         let mut registry = hybridlet_metrics::prometheus_client::registry::Registry::default();

@@ -208,7 +208,9 @@ fn install_verifies_places_records_and_uninstall_removes() {
         b"an image archive"
     );
     assert!(
-        text.contains("`hybridlet images import /var/lib/hybridlet/images/eks-pause.tar` once it runs"),
+        text.contains(
+            "`hybridlet images import /var/lib/hybridlet/images/eks-pause.tar` once it runs"
+        ),
         "{text}"
     );
     assert!(

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hybridlet_config::{ImageRef, ImagesSpec, RegistryMirror};
-use hybridlet_cri::{ImageRuntime, Pinned};
+use hybridlet_config::{ImageRef, ImagesSpec, PrePullImage, RegistryMirror};
+use hybridlet_cri::{ImageRuntime, Pinned, RegistryAuth};
 use hybridlet_metrics::prometheus_client::metrics::counter::Counter;
 use hybridlet_metrics::prometheus_client::metrics::family::Family;
 use hybridlet_metrics::prometheus_client::metrics::gauge::Gauge;
@@ -16,6 +16,7 @@ use hybridlet_metrics::prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::ImagesError;
+use crate::logins::read_login;
 use crate::sandbox::{Retry, pull};
 
 type Labels = Vec<(String, String)>;
@@ -118,7 +119,7 @@ pub struct Outcome {
 /// Keeps the configured images present and pinned.
 pub struct PrePuller {
     runtime: Arc<dyn ImageRuntime>,
-    images: Vec<String>,
+    images: Vec<PrePullImage>,
     spec: ImagesSpec,
     mirrors: Vec<RegistryMirror>,
     metrics: ImageMetrics,
@@ -152,7 +153,7 @@ impl PrePuller {
         }
         Self {
             runtime,
-            images: spec.pre_pull.iter().map(|p| p.image.clone()).collect(),
+            images: spec.pre_pull.clone(),
             spec: spec.clone(),
             mirrors: mirrors.to_vec(),
             metrics,
@@ -168,13 +169,14 @@ impl PrePuller {
         let mut out = Vec::new();
         for image in &self.images {
             let outcome = self.one(image, say).await;
-            self.metrics.set(image, outcome.state);
+            self.metrics.set(&image.image, outcome.state);
             out.push(outcome);
         }
         out
     }
 
-    async fn one(&self, image: &str, say: &mut (dyn FnMut(String) + Send)) -> Outcome {
+    async fn one(&self, wanted: &PrePullImage, say: &mut (dyn FnMut(String) + Send)) -> Outcome {
+        let image = wanted.image.as_str();
         // containerd names images by their normalized reference (docker.io/library/…).
         let name = ImageRef::parse(image).map_or_else(|_| image.to_string(), |r| r.normalized());
         let outcome = |state, detail: String| Outcome {
@@ -188,12 +190,27 @@ impl PrePuller {
             }
             Ok(Some(_)) => "present".to_string(),
             Ok(None) => {
+                // The image's own login, when it names one, for its registry only.
+                let own = match wanted.credentials_file.as_deref() {
+                    Some(file) => match read_login(std::path::Path::new(file)) {
+                        Ok(login) => Some(RegistryAuth {
+                            username: login.username,
+                            password: login.password,
+                            ..RegistryAuth::default()
+                        }),
+                        Err(e) => {
+                            self.metrics.failed(image, true);
+                            return outcome(State::Failed, e.to_string());
+                        }
+                    },
+                    None => None,
+                };
                 match pull(
                     &*self.runtime,
                     image,
                     &self.spec,
                     &self.mirrors,
-                    None,
+                    own,
                     self.retry,
                     say,
                 )
@@ -284,14 +301,16 @@ pub async fn subsystem(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use hybridlet_config::PrePullImage;
     use hybridlet_cri::FakeRuntime;
 
     fn spec(images: &[&str]) -> ImagesSpec {
         ImagesSpec {
             pre_pull: images
                 .iter()
-                .map(|i| PrePullImage { image: (*i).into() })
+                .map(|i| PrePullImage {
+                    image: (*i).into(),
+                    credentials_file: None,
+                })
                 .collect(),
             ..ImagesSpec::default()
         }
@@ -382,5 +401,46 @@ mod tests {
         );
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// An image with its own login: that login, for its registry only.
+    #[tokio::test]
+    async fn an_image_with_its_own_login_pulls_with_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nvcr.json");
+        std::fs::write(&file, r#"{"username":"$oauthtoken","password":"nv-key"}"#).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let rt = Arc::new(FakeRuntime::new("1.7.24"));
+        let spec = ImagesSpec {
+            pre_pull: vec![
+                PrePullImage {
+                    image: "nvcr.io/nvidia/cuda:12.4.1-base".into(),
+                    credentials_file: Some(file.display().to_string()),
+                },
+                PrePullImage {
+                    image: "nvcr.io/nvidia/dcgm:4".into(),
+                    credentials_file: Some("/nonexistent/login.json".into()),
+                },
+            ],
+            ..ImagesSpec::default()
+        };
+        let p = PrePuller::new(rt.clone(), &spec, &[], ImageMetrics::default());
+        let out = p.pass(&mut |_| {}).await;
+        assert_eq!(out[0].state, State::Ready, "{out:?}");
+        let (_, auth) = &rt.pulls()[0];
+        let auth = auth.as_ref().unwrap();
+        assert_eq!(
+            (auth.username.as_str(), auth.server_address.as_str()),
+            ("$oauthtoken", "https://nvcr.io")
+        );
+        // A login file that cannot be read fails that image only, naming the file.
+        assert_eq!(out[1].state, State::Failed);
+        assert!(
+            out[1].detail.contains("/nonexistent/login.json"),
+            "{}",
+            out[1].detail
+        );
+        assert_eq!(rt.pulls().len(), 1);
     }
 }
