@@ -115,7 +115,9 @@ echo "$out" | grep -q 'kubelet.service is not installed' || fail "no clear messa
 step "hybridlet install from a file:// mirror: verified kubelet and its unit, the pause image imported"
 out=$(hybridlet install 1.31 --manifest file:///tmp/mirror/manifest.yaml 2>&1) || fail "install: $out"
 echo "$out" | grep -q "imported $PAUSE_IMAGE" || fail "install did not import the mirror's pause image: $out"
-ctr -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE" || fail "containerd does not have $PAUSE_IMAGE"
+# Read whole, then matched: `cmd | grep -q` under pipefail fails when grep exits first.
+images=$(ctr -n k8s.io images ls -q)
+grep -qx "$PAUSE_IMAGE" <<< "$images" || fail "containerd does not have $PAUSE_IMAGE: $images"
 cmp /tmp/mirror/kubelet /usr/bin/kubelet || fail "kubelet not placed"
 expect_eq "kubelet mode" 755 "$(stat -c %a /usr/bin/kubelet)"
 [ -x /usr/local/bin/aws_signing_helper ] || fail "the IAM Roles Anywhere signing helper was not installed"
@@ -138,8 +140,10 @@ out=$(hybridlet init 2>&1) || fail "init: $out"
 echo "$out" | grep -q "sandbox image $PAUSE_IMAGE already on the node" || fail "init did not find the sandbox image through CRI: $out"
 echo "$out" | grep -q "containerd: containerd github.com/containerd/containerd 1.6" || fail "init did not read containerd's version: $out"
 expect_eq "containerd" active "$(systemctl is-active containerd)"
-containerd config dump | grep -q "sandbox_image = \"$PAUSE_IMAGE\"" || fail "containerd does not read init's sandbox image"
-ctr -n k8s.io images ls | grep "^$PAUSE_IMAGE " | grep -q 'io.cri-containerd.pinned=pinned' || fail "the sandbox image is not labelled pinned: $(ctr -n k8s.io images ls)"
+dump=$(containerd config dump)
+grep -q "sandbox_image = \"$PAUSE_IMAGE\"" <<< "$dump" || fail "containerd does not read init's sandbox image"
+images=$(ctr -n k8s.io images ls)
+grep -q "^$PAUSE_IMAGE .*io.cri-containerd.pinned=pinned" <<< "$images" || fail "the sandbox image is not labelled pinned: $images"
 expect_eq "kubelet" active "$(systemctl is-active kubelet)"
 expect_eq "kubelet enabled" enabled "$(systemctl is-enabled kubelet)"
 grep -q '"providerID": "eks-hybrid:///eu-west-1/e2e/rig-node-1"' /etc/kubernetes/kubelet/config.json \
