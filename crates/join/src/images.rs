@@ -274,38 +274,6 @@ pub(crate) fn pull_after_start(
     })
 }
 
-/// Import an OCI or docker archive into containerd's CRI namespace through `ctr` and pin
-/// each image; a line per image.
-pub(crate) async fn import_archive(
-    root: &HostRoot,
-    socket: &Path,
-    archive: &Path,
-) -> Result<Vec<String>, Error> {
-    let ctr = hybridlet_sys::containerd::find(root, "ctr").ok_or_else(|| {
-        Error::Failed("ctr (containerd's client) is not installed; install your distribution's containerd package".into())
-    })?;
-    let names = hybridlet_sys::containerd::import(&ctr, socket, archive, PULL_TIMEOUT)
-        .map_err(Error::Failed)?;
-    if names.is_empty() {
-        return Err(Error::Failed(format!(
-            "{}: ctr imported no image",
-            archive.display()
-        )));
-    }
-    let runtime = Containerd::new(socket, PULL_TIMEOUT);
-    let mut lines = Vec::new();
-    for name in &names {
-        lines.push(match runtime.pin(name).await {
-            Ok(hybridlet_cri::Pinned::Yes) => format!("imported {name}, pinned"),
-            Ok(hybridlet_cri::Pinned::LabelOnly) => {
-                format!("imported {name} (labelled pinned; this containerd does not honour pins)")
-            }
-            Err(e) => format!("imported {name}; pinning failed: {e}"),
-        });
-    }
-    Ok(lines)
-}
-
 /// `hybridlet images import FILE`: an OCI or docker archive into containerd's CRI
 /// namespace, each image pinned.
 pub fn import(ctx: &Context, archive: &Path) -> Result<(), Error> {
@@ -313,7 +281,7 @@ pub fn import(ctx: &Context, archive: &Path) -> Result<(), Error> {
         return Err(Error::Usage(format!("{}: no such file", archive.display())));
     }
     let socket = Path::new(&ctx.loaded.config.agent.images.containerd_socket);
-    for line in ctx.block_on(import_archive(&ctx.root, socket, archive))? {
+    for line in ctx.block_on(crate::archive::import_archive(&ctx.root, socket, archive))? {
         outln!("{line}");
     }
     Ok(())

@@ -342,7 +342,7 @@ pub fn install(ctx: &Context, args: &InstallArgs) -> Result<(), Error> {
             outln!("{:>9}  {dest} (image archive, SHA-256 verified)", "fetched");
             let socket = Path::new(&loaded.config.agent.images.containerd_socket);
             if root.is_system() && socket.exists() {
-                for line in crate::images::import_archive(&root, socket, &target).await? {
+                for line in crate::archive::import_archive(&root, socket, &target).await? {
                     outln!("{line}");
                 }
             } else {

@@ -21,6 +21,7 @@ macro_rules! outln {
     }};
 }
 
+mod archive;
 mod check;
 mod images;
 mod init;
