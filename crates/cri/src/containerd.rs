@@ -54,7 +54,7 @@ impl Containerd {
             Ok(Ok(channel)) => Ok(channel),
             Ok(Err(e)) => Err(CriError::Connect {
                 socket: self.socket.display().to_string(),
-                message: source_chain(&e),
+                message: hybridlet_runtime::error_chain(&e),
             }),
             Err(_) => Err(CriError::Connect {
                 socket: self.socket.display().to_string(),
@@ -85,17 +85,6 @@ impl Containerd {
             }),
         }
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
 }
 
 fn spec(image: &str) -> Option<cri::ImageSpec> {
