@@ -20,6 +20,7 @@ mod grpc;
 mod health;
 mod metrics;
 mod plugin;
+mod pool;
 mod slices;
 mod topology;
 
@@ -43,6 +44,7 @@ pub use health::{
 };
 pub use metrics::DraMetrics;
 pub use plugin::{ClaimsObserver, DraPlugin, DriverParts, PluginPaths, checkpoint_path};
+pub use pool::{WATCH_RETRY_MAX, WatchTiming};
 pub use slices::{
     Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
 };

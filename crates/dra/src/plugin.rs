@@ -1,8 +1,9 @@
 //! A DRA driver as a subsystem of `hybridlet run`: its sockets (`<kubelet-root>/plugins/
 //! <driver>/dra.sock`, v1 and v1beta1, the health stream; registration as a `DRAPlugin` in
-//! `plugins_registry`), its ResourceSlices (published with jittered backoff while the API
-//! server is away, reconciled every minute, republished at once when deleted, withdrawn
-//! when the driver is disabled), and the claim reconcile loop. What the devices are comes
+//! `plugins_registry`), its ResourceSlices (compared with the pool the watch keeps — no
+//! request while they match —, written with jittered backoff while the API server is away,
+//! republished at once when deleted, withdrawn when the driver is disabled), and the claim
+//! reconcile loop. What the devices are comes
 //! in [`DriverParts`] from a domain crate (GPU, SR-IOV).
 //!
 //! Readiness means "sockets serve": it never waits for the API server or the kubelet.
@@ -27,8 +28,14 @@ use crate::{
     SliceDevice, SlicePublisher, V1Health, V1Service, V1alpha1Health, V1beta1Service,
 };
 
-/// How often slices and prepared claims are reconciled.
+/// How often prepared claims are reconciled (a request per prepared claim; none when
+/// nothing is prepared).
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest a write of the pool waits between failed attempts (full jitter).
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(5 * 60);
+/// At start, how long the first publish waits for the watch's first list (which spares
+/// the publish a list of its own).
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
 /// How long a disabled driver may spend deleting its slices on the way out.
 const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -88,6 +95,8 @@ pub struct DraPlugin {
     withdraw: Arc<AtomicBool>,
     /// Where this driver's device counts go for the node labels, under its kind.
     capacity: Option<(crate::CapacityBoard, String)>,
+    /// The pool watch's and the publisher's timers.
+    timing: crate::WatchTiming,
 }
 
 impl std::fmt::Debug for DraPlugin {
@@ -217,7 +226,14 @@ impl DraPlugin {
             observer: None,
             withdraw: Arc::default(),
             capacity: None,
+            timing: crate::WatchTiming::default(),
         }
+    }
+
+    /// The pool watch's and the publisher's timers (tests shrink them).
+    pub fn watch_timing(mut self, timing: crate::WatchTiming) -> Self {
+        self.timing = timing;
+        self
     }
 
     /// Setting this flag before stopping the driver withdraws its slices on the way out.
@@ -357,16 +373,19 @@ impl DraPlugin {
         tracing::info!(kind = label, driver = %self.driver, node = %self.node, devices = devices.len(), socket = %dra_path.display(), "DRA driver serving");
         ctx.ready.set_ready();
 
-        let publisher = SlicePublisher::new(client, &self.driver, &self.node);
+        let timing = self.timing.clone();
+        let publisher =
+            SlicePublisher::new(client, &self.driver, &self.node).with_timing(timing.clone());
         let withdraw_publisher = publisher.clone();
-        // A deleted slice (the kubelet wipes them when it restarts) is republished at once.
+        // Any change the server reports (a deleted slice: the kubelet wipes them when it
+        // restarts) makes the publisher compare again at once.
         let republish = Arc::new(tokio::sync::Notify::new());
         {
             let (watcher, republish, shutdown) =
                 (publisher.clone(), republish.clone(), ctx.shutdown.clone());
             tokio::spawn(async move {
                 tokio::select! {
-                    () = watcher.watch_deletions(|| republish.notify_one()) => {}
+                    () = watcher.watch(|| republish.notify_one()) => {}
                     () = shutdown.cancelled() => {}
                 }
             });
@@ -375,7 +394,9 @@ impl DraPlugin {
         let health = self.health.clone();
         let metrics = self.dra_metrics.clone();
         let publish = async move {
-            let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+            let _ = tokio::time::timeout(FIRST_LIST_WAIT, republish.notified()).await;
+            let mut backoff =
+                Backoff::new(Duration::from_millis(500), PUBLISH_RETRY_MAX).full_jitter();
             let mut health_changes = health.subscribe();
             loop {
                 health_changes.borrow_and_update();
@@ -396,7 +417,7 @@ impl DraPlugin {
                             m.published();
                         }
                         backoff.reset();
-                        RECONCILE_INTERVAL
+                        hybridlet_runtime::jittered(timing.resync.0, timing.resync.1)
                     }
                     Err(e) => {
                         let wait = backoff.next_delay();

@@ -14,47 +14,21 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
 
+use crate::pool::{PoolView, WatchTiming};
+
 /// The API limit on devices per slice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
 /// The limit when any device of the slice has taints.
 pub const MAX_TAINTED_DEVICES_PER_SLICE: usize = 64;
 
-/// The stored form equals the desired one: taints compared without `timeAdded` (the API
-/// server sets it), and not at all when this server drops them (feature gate off).
-fn same_devices(stored: &[Device], desired: &[Device], taints_dropped: bool) -> bool {
-    let key = |d: &Device| -> Vec<(String, Option<String>, String)> {
-        if taints_dropped {
-            return Vec::new();
-        }
-        d.taints
-            .iter()
-            .flatten()
-            .map(|t| (t.key.clone(), t.value.clone(), t.effect.clone()))
-            .collect()
-    };
-    stored.len() == desired.len()
-        && stored.iter().zip(desired).all(|(a, b)| {
-            a.name == b.name
-                && a.attributes == b.attributes
-                && a.capacity == b.capacity
-                && key(a) == key(b)
-        })
-}
-
 /// Keep the `timeAdded` the server gave a taint that is still wanted.
-fn keep_time_added(desired: &mut [Device], stored: &[Device]) {
+fn keep_time_added(desired: &mut [Device], stored: &[crate::pool::TaintTime]) {
     for d in desired {
-        let Some(old) = stored.iter().find(|s| s.name == d.name) else {
-            continue;
-        };
         for t in d.taints.iter_mut().flatten() {
-            if let Some(o) = old
-                .taints
-                .iter()
-                .flatten()
-                .find(|o| o.key == t.key && o.value == t.value && o.effect == t.effect)
-            {
-                t.time_added = o.time_added.clone();
+            if let Some((.., time)) = stored.iter().find(|(device, key, value, effect, _)| {
+                *device == d.name && *key == t.key && *value == t.value && *effect == t.effect
+            }) {
+                t.time_added = Some(time.clone());
             }
         }
     }
@@ -87,7 +61,7 @@ pub struct SliceDevice {
 }
 
 impl SliceDevice {
-    fn to_api(&self) -> Device {
+    pub(crate) fn to_api(&self) -> Device {
         let attributes = self
             .attributes
             .iter()
@@ -158,12 +132,18 @@ pub struct Published {
     pub generation: i64,
 }
 
-/// Publishes one driver's pool for one node.
+/// Publishes one driver's pool for one node. With [`SlicePublisher::watch`] running, a
+/// publish whose content matches what the server holds costs no request.
 #[derive(Clone)]
 pub struct SlicePublisher {
     client: kube::Client,
     driver: String,
     node: String,
+    /// The pool as the watch last saw it.
+    view: PoolView,
+    /// The Node's UID (the slices' owner), read once.
+    node_uid: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    timing: WatchTiming,
     /// Set once the API server stored a slice without the taints it was sent.
     taints_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The highest pool generation this process published.
@@ -196,7 +176,16 @@ impl SlicePublisher {
             node: node.to_string(),
             taints_dropped: std::sync::Arc::default(),
             published: std::sync::Arc::default(),
+            view: PoolView::default(),
+            node_uid: std::sync::Arc::default(),
+            timing: WatchTiming::default(),
         }
+    }
+
+    /// The watch's timers (tests shrink them).
+    pub fn with_timing(mut self, timing: WatchTiming) -> Self {
+        self.timing = timing;
+        self
     }
 
     /// The generation of a changed pool: above the slices on the server, above anything
@@ -239,48 +228,41 @@ impl SlicePublisher {
         }
     }
 
-    /// Watch this pool's slices and call `deleted` whenever one disappears (the kubelet
-    /// wipes a node's slices when it restarts; someone may delete them by hand), so the
-    /// caller can republish at once instead of at the next reconcile. Runs until dropped:
-    /// a broken or expired watch is opened again after a short, growing pause.
-    pub async fn watch_deletions(&self, deleted: impl Fn()) {
-        use kube::api::{WatchEvent, WatchParams};
-        use tokio_stream::StreamExt as _;
-        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
-        let params = WatchParams::default().fields(&format!(
-            "spec.nodeName={},spec.driver={}",
-            self.node, self.driver
-        ));
-        let mut pause = std::time::Duration::from_millis(500);
-        loop {
-            match api.watch(&params, "0").await {
-                Ok(stream) => {
-                    let mut stream = std::pin::pin!(stream);
-                    while let Some(event) = stream.next().await {
-                        match event {
-                            Ok(WatchEvent::Deleted(slice)) => {
-                                tracing::info!(driver = %self.driver, slice = slice.metadata.name.as_deref().unwrap_or(""), "a ResourceSlice of this node was deleted; republishing");
-                                deleted();
-                            }
-                            Ok(WatchEvent::Error(e)) => {
-                                tracing::debug!(driver = %self.driver, "slice watch ended: {}", e.message);
-                                break;
-                            }
-                            Ok(_) => pause = std::time::Duration::from_millis(500),
-                            Err(e) => {
-                                tracing::debug!(driver = %self.driver, "slice watch broke: {e}");
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(driver = %self.driver, "opening the slice watch failed: {e}")
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(30));
+    /// Keep the pool's view current (see `pool`) until dropped, calling `changed` whenever
+    /// the server reports a change to the pool (the kubelet wipes a node's slices when it
+    /// restarts; someone may delete or edit one), so the caller publishes again at once.
+    pub async fn watch(&self, changed: impl Fn()) {
+        crate::pool::PoolWatch {
+            client: self.client.clone(),
+            driver: self.driver.clone(),
+            node: self.node.clone(),
+            view: self.view.clone(),
+            node_uid: self.node_uid.clone(),
+            timing: self.timing.clone(),
         }
+        .run(changed)
+        .await;
+    }
+
+    /// The Node's UID: read once, again after a slice of the pool was deleted.
+    async fn node_uid(&self) -> Result<String, PublishError> {
+        if let Some(uid) = self.lock_uid().clone() {
+            return Ok(uid);
+        }
+        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
+        let node = nodes
+            .get(&self.node)
+            .await
+            .map_err(|e| self.err(format!("reading Node {}: {e}", self.node)))?;
+        let uid = node.metadata.uid.unwrap_or_default();
+        *self.lock_uid() = Some(uid.clone());
+        Ok(uid)
+    }
+
+    fn lock_uid(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.node_uid
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Delete this pool's slices (the driver was disabled: its devices must leave the
@@ -306,31 +288,10 @@ impl SlicePublisher {
         Ok(deleted)
     }
 
-    /// Make the API server's slices for this pool match `devices`.
+    /// Make the API server's slices for this pool match `devices`. While the watch keeps
+    /// the view current, content that matches it costs no request; otherwise the pool is
+    /// listed, compared, and written only where it differs.
     pub async fn publish(&self, devices: &[SliceDevice]) -> Result<Published, PublishError> {
-        let nodes: kube::Api<Node> = kube::Api::all(self.client.clone());
-        let node = nodes
-            .get(&self.node)
-            .await
-            .map_err(|e| self.err(format!("reading Node {}: {e}", self.node)))?;
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "Node".into(),
-            name: self.node.clone(),
-            uid: node.metadata.uid.clone().unwrap_or_default(),
-            controller: Some(true),
-            block_owner_deletion: None,
-        };
-        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
-        let existing = api
-            .list(&ListParams::default().fields(&format!(
-                "spec.nodeName={},spec.driver={}",
-                self.node, self.driver
-            )))
-            .await
-            .map_err(|e| self.err(format!("listing slices: {e}")))?
-            .items;
-
         let mut sorted: Vec<&SliceDevice> = devices.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         let per_slice = if sorted.iter().any(|d| !d.taints.is_empty()) {
@@ -338,52 +299,79 @@ impl SlicePublisher {
         } else {
             MAX_DEVICES_PER_SLICE
         };
-        let chunks: Vec<Vec<Device>> = if sorted.is_empty() {
-            vec![Vec::new()]
+        let chunks: Vec<&[&SliceDevice]> = if sorted.is_empty() {
+            vec![&[]]
         } else {
-            sorted
-                .chunks(per_slice)
-                .map(|c| c.iter().map(|d| d.to_api()).collect())
-                .collect()
+            sorted.chunks(per_slice).collect()
         };
+        let count = chunks.len() as i64;
+        let wanted: Vec<(String, (u64, u64))> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    slice_name(&self.node, &self.driver, i),
+                    (
+                        crate::pool::desired_digest(c, count, true),
+                        crate::pool::desired_digest(c, count, false),
+                    ),
+                )
+            })
+            .collect();
         let dropped = self
             .taints_dropped
             .load(std::sync::atomic::Ordering::Relaxed);
-        let count = chunks.len() as i64;
-        let current_gen = existing
-            .iter()
-            .map(|s| s.spec.pool.generation)
-            .max()
-            .unwrap_or(0);
-        let by_name: BTreeMap<String, &ResourceSlice> = existing
-            .iter()
-            .filter_map(|s| s.metadata.name.clone().map(|n| (n, s)))
-            .collect();
-        let unchanged = existing.len() == chunks.len()
-            && chunks.iter().enumerate().all(|(i, devs)| {
-                by_name
-                    .get(&slice_name(&self.node, &self.driver, i))
-                    .is_some_and(|s| {
-                        same_devices(s.spec.devices.as_deref().unwrap_or_default(), devs, dropped)
-                            && s.spec.pool.resource_slice_count == count
-                    })
+        if let Some(generation) = self.view.matches(&wanted, dropped) {
+            return Ok(Published {
+                generation,
+                ..Published::default()
             });
-        let generation = if unchanged {
-            current_gen
-        } else {
-            self.next_generation(current_gen)
+        }
+
+        let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
+        // What the server holds: the watch's view when current, else a list.
+        let by_name = match self.view.snapshot() {
+            Some(view) => view,
+            None => api
+                .list(&ListParams::default().fields(&format!(
+                    "spec.nodeName={},spec.driver={}",
+                    self.node, self.driver
+                )))
+                .await
+                .map_err(|e| self.err(format!("listing slices: {e}")))?
+                .items
+                .iter()
+                .filter_map(|s| Some((s.metadata.name.clone()?, crate::pool::stored(s))))
+                .collect::<BTreeMap<_, _>>(),
         };
+        if let Some(generation) = crate::pool::matching_generation(&by_name, &wanted, dropped) {
+            return Ok(Published {
+                generation,
+                ..Published::default()
+            });
+        }
+        let current_gen = by_name.values().map(|s| s.generation).max().unwrap_or(0);
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: self.node.clone(),
+            uid: self.node_uid().await?,
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        let generation = self.next_generation(current_gen);
         let mut done = Published {
             generation,
             ..Published::default()
         };
-        if unchanged {
-            return Ok(done);
-        }
+        let chunks: Vec<Vec<Device>> = chunks
+            .iter()
+            .map(|c| c.iter().map(|d| d.to_api()).collect())
+            .collect();
         for (i, mut devs) in chunks.into_iter().enumerate() {
             let name = slice_name(&self.node, &self.driver, i);
             if let Some(old) = by_name.get(&name) {
-                keep_time_added(&mut devs, old.spec.devices.as_deref().unwrap_or_default());
+                keep_time_added(&mut devs, &old.taint_times);
             }
             let sent_taints = devs.iter().any(|d| d.taints.is_some());
             let mut slice = ResourceSlice {
@@ -406,12 +394,13 @@ impl SlicePublisher {
             };
             match by_name.get(&name) {
                 Some(old) => {
-                    slice.metadata.resource_version = old.metadata.resource_version.clone();
+                    slice.metadata.resource_version = old.resource_version.clone();
                     let stored = api
                         .replace(&name, &PostParams::default(), &slice)
                         .await
                         .map_err(|e| self.err(format!("replacing {name}: {e}")))?;
                     self.note_dropped_taints(sent_taints, &stored);
+                    self.view.upsert(&stored, false);
                     done.updated += 1;
                 }
                 None => {
@@ -420,6 +409,7 @@ impl SlicePublisher {
                         .await
                         .map_err(|e| self.err(format!("creating {name}: {e}")))?;
                     self.note_dropped_taints(sent_taints, &stored);
+                    self.view.upsert(&stored, false);
                     done.created += 1;
                 }
             }
@@ -428,9 +418,13 @@ impl SlicePublisher {
             let wanted =
                 (0..count as usize).any(|i| slice_name(&self.node, &self.driver, i) == *name);
             if !wanted {
-                api.delete(name, &DeleteParams::default())
+                let gone = api
+                    .delete(name, &DeleteParams::default())
                     .await
                     .map_err(|e| self.err(format!("deleting {name}: {e}")))?;
+                if let Some(slice) = gone.left() {
+                    self.view.remove(&slice, false);
+                }
                 done.deleted += 1;
             }
         }

@@ -144,6 +144,9 @@ pub struct RunArgs {
     /// How often device discovery runs for the metrics (e.g. 60s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub device_sample_interval: Option<Duration>,
+    /// Testing aid: the DRA drivers' watch and publish timers run this many times faster.
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub api_timer_scale: u32,
 }
 
 #[derive(Debug, Args)]

@@ -85,6 +85,7 @@ pub struct Daemon {
     /// The running plugin subsystems: the plugin's name (the driver), and for a DRA
     /// driver the flag that withdraws its slices when it stops.
     pub plugins: BTreeMap<&'static str, (String, Option<Arc<AtomicBool>>)>,
+    pub dra_timing: hybridlet_dra::WatchTiming,
 }
 
 /// What a reload needs ready before it changes anything: everything that can be refused.
@@ -241,6 +242,7 @@ impl Daemon {
         let policy = (devices.policy)(plugin.health());
         let plugin = plugin
             .with_metrics(&f.dra)
+            .watch_timing(self.dra_timing.clone())
             .registration_timeout(agent.plugin_registration_timeout.get())
             .orphan_grace(agent.dra.orphaned_claim_grace_period.get());
         f.devices.set_health_policy(which, Some(policy));

@@ -129,6 +129,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         log_level_pinned,
         volume_guard: hybridlet_csi::VolumeGuard::default(),
         plugins: std::collections::BTreeMap::new(),
+        dra_timing: hybridlet_dra::WatchTiming::scaled(args.api_timer_scale),
     };
     daemon.start_all(
         &mut supervisor,

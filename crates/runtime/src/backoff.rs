@@ -1,14 +1,17 @@
 use std::time::Duration;
 
-/// Exponential backoff with "equal jitter": each delay is half the exponential step plus
-/// a random part of the other half, capped at `max`. Jitter keeps a fleet of nodes that
-/// lost the API server at the same moment from retrying in lockstep.
+/// Exponential backoff with jitter, capped at `max`. "Equal jitter" (the default): each
+/// delay is half the exponential step plus a random part of the other half. "Full jitter"
+/// ([`Backoff::full_jitter`]): anywhere from zero to the step, which spreads a fleet's
+/// retries most evenly — what reconnects after an outage use. Jitter keeps a fleet of
+/// nodes that lost the API server at the same moment from retrying in lockstep.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
     seed: u64,
+    full: bool,
 }
 
 impl Backoff {
@@ -29,7 +32,20 @@ impl Backoff {
             max: max.max(initial),
             attempt: 0,
             seed: seed | 1,
+            full: false,
         }
+    }
+
+    /// Full jitter: each delay uniform in `[0, step]`.
+    pub fn full_jitter(mut self) -> Self {
+        self.full = true;
+        self
+    }
+
+    /// The step of the next attempt without jitter (the most it can wait).
+    pub fn step(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
     }
 
     /// Forget past failures (call after a success).
@@ -39,26 +55,60 @@ impl Backoff {
 
     /// The next delay.
     pub fn next_delay(&mut self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        let step = self.initial.saturating_mul(factor).min(self.max);
+        let step = self.step();
         self.attempt = self.attempt.saturating_add(1);
         // xorshift64: enough randomness for jitter, no dependency.
         self.seed ^= self.seed << 13;
         self.seed ^= self.seed >> 7;
         self.seed ^= self.seed << 17;
-        let half = step / 2;
-        let jitter_nanos = if half.as_nanos() == 0 {
+        let (floor, spread) = if self.full {
+            (Duration::ZERO, step)
+        } else {
+            (step / 2, step / 2)
+        };
+        let jitter_nanos = if spread.as_nanos() == 0 {
             0
         } else {
-            self.seed % (half.as_nanos() as u64 + 1)
+            self.seed % (spread.as_nanos() as u64 + 1)
         };
-        half + Duration::from_nanos(jitter_nanos)
+        floor + Duration::from_nanos(jitter_nanos)
     }
+}
+
+/// A duration uniform in `[min, max]`, for timers a fleet must not run in step (resyncs,
+/// watch lifetimes).
+pub fn jittered(min: Duration, max: Duration) -> Duration {
+    if max <= min {
+        return min;
+    }
+    let mut b = Backoff::new(max - min, max - min).full_jitter();
+    min + b.next_delay()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_jitter_spreads_over_the_whole_step() {
+        let mut b =
+            Backoff::with_seed(Duration::from_secs(1), Duration::from_secs(600), 7).full_jitter();
+        // Reach the cap, then look at where 2,000 delays fall: all within [0, cap], and
+        // in every tenth of it (equal jitter would never go below half).
+        for _ in 0..12 {
+            b.next_delay();
+        }
+        let mut deciles = [0usize; 10];
+        for _ in 0..2000 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(600), "{d:?}");
+            deciles[((d.as_secs_f64() / 60.0) as usize).min(9)] += 1;
+        }
+        assert!(
+            deciles.iter().all(|n| (120..=280).contains(n)),
+            "{deciles:?}"
+        );
+    }
 
     #[test]
     fn grows_and_caps_with_bounded_jitter() {

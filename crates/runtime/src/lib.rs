@@ -16,7 +16,7 @@ mod readiness;
 mod signals;
 mod supervisor;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, jittered};
 pub use readiness::{ComponentStatus, Readiness, ReadyHandle};
 pub use signals::{Signal, Signals};
 pub use supervisor::{
