@@ -44,7 +44,7 @@ pub use health::{
 };
 pub use metrics::DraMetrics;
 pub use plugin::{ClaimsObserver, DraPlugin, DriverParts, PluginPaths, checkpoint_path};
-pub use pool::{WATCH_RETRY_MAX, WatchTiming};
+pub use pool::{NodeSliceWatch, Subscription, WATCH_RETRY_MAX, WatchTiming};
 pub use slices::{
     Attr, MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
 };

@@ -97,6 +97,8 @@ pub struct DraPlugin {
     capacity: Option<(crate::CapacityBoard, String)>,
     /// The pool watch's and the publisher's timers.
     timing: crate::WatchTiming,
+    /// The node's slice watch, shared with the node's other DRA drivers.
+    slice_watch: crate::NodeSliceWatch,
 }
 
 impl std::fmt::Debug for DraPlugin {
@@ -227,7 +229,15 @@ impl DraPlugin {
             withdraw: Arc::default(),
             capacity: None,
             timing: crate::WatchTiming::default(),
+            slice_watch: crate::NodeSliceWatch::default(),
         }
+    }
+
+    /// Share `watch` (one per node) with the node's other DRA drivers instead of a watch of
+    /// this driver's own.
+    pub fn share_slice_watch(mut self, watch: &crate::NodeSliceWatch) -> Self {
+        self.slice_watch = watch.clone();
+        self
     }
 
     /// The pool watch's and the publisher's timers (tests shrink them).
@@ -374,25 +384,20 @@ impl DraPlugin {
         ctx.ready.set_ready();
 
         let timing = self.timing.clone();
-        let publisher =
+        let mut publisher =
             SlicePublisher::new(client, &self.driver, &self.node).with_timing(timing.clone());
-        let withdraw_publisher = publisher.clone();
         // Any change the server reports (a deleted slice: the kubelet wipes them when it
         // restarts) makes the publisher compare again at once.
         let republish = Arc::new(tokio::sync::Notify::new());
-        {
-            let (watcher, republish, shutdown) =
-                (publisher.clone(), republish.clone(), ctx.shutdown.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = watcher.watch(|| republish.notify_one()) => {}
-                    () = shutdown.cancelled() => {}
-                }
-            });
-        }
+        let subscription = {
+            let republish = republish.clone();
+            publisher.follow(&self.slice_watch, Arc::new(move || republish.notify_one()))
+        };
+        let withdraw_publisher = publisher.clone();
         let shutdown = ctx.shutdown.clone();
         let health = self.health.clone();
         let metrics = self.dra_metrics.clone();
+        let slice_watch = self.slice_watch.clone();
         let publish = async move {
             let _ = tokio::time::timeout(FIRST_LIST_WAIT, republish.notified()).await;
             let mut backoff =
@@ -413,7 +418,11 @@ impl DraPlugin {
                     .collect();
                 let wait = match publisher.publish(&current).await {
                     Ok(_) => {
-                        if let Some(m) = &metrics {
+                        // Known to match the server: written now, or compared with what
+                        // the connected watch reports (not the state before an outage).
+                        if let Some(m) = &metrics
+                            && slice_watch.connected()
+                        {
                             m.published();
                         }
                         backoff.reset();
@@ -439,6 +448,7 @@ impl DraPlugin {
             publish,
             overdue,
         );
+        drop(subscription);
         if self.withdraw.load(Ordering::Relaxed) {
             match tokio::time::timeout(WITHDRAW_TIMEOUT, withdraw_publisher.withdraw()).await {
                 Ok(Ok(n)) => {

@@ -1,13 +1,14 @@
-//! What the API server holds of one driver's pool on this node, kept current by one watch
-//! (list once, then watch from that version with bookmarks, resume from the last version
-//! seen, list again only when the server answers 410 Expired), so that deciding whether the
-//! pool needs writing costs no request: each slice is remembered as a digest of what a
-//! publish compares (device names, attributes, capacities, taints), never as the object.
+//! What the API server holds of this node's pools, kept current by one watch shared by the
+//! node's DRA drivers ([`NodeSliceWatch`]: list once, then watch from that version with
+//! bookmarks, resume from the last version seen; list again when the server answers 410
+//! Expired or the watch was away longer than the server keeps versions), so that deciding
+//! whether a pool needs writing costs no request: each slice is remembered as a digest of
+//! what a publish compares (device names, attributes, capacities, taints), never as the
+//! object.
 //!
-//! The request budget this buys, per driver and node (docs/fleet.md): one open watch; a
-//! new watch every 3–6 hours (`timeoutSeconds`, jittered); after an outage one resumed
-//! watch, or a list and a watch when the server forgot the version; no write while the
-//! published content matches.
+//! The request budget this buys per node (docs/fleet.md): one open watch; a new one every
+//! 3–6 hours (`timeoutSeconds`, jittered); after an outage one resumed watch, or a list
+//! and a watch; no write while the published content matches.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -28,13 +29,20 @@ pub struct WatchTiming {
     /// A watch that delivered nothing, not even a bookmark, this long is taken for dead
     /// (the API server's watch cache sends a bookmark about every minute).
     pub idle: Duration,
-    /// First retry after a failure; doubles, full jitter.
+    /// First retry after a failure (a watch cut before its lifetime is one); doubles, full
+    /// jitter. Not shorter: when a server restarts every node's watch is cut at once.
     pub retry_initial: Duration,
     /// The most a retry waits: it spreads a fleet's reconnects after an outage.
     pub retry_max: Duration,
     /// The publisher compares the pool with its view again after a time uniform in this
-    /// range, though nothing reported a change (a safety net: it costs no request).
+    /// range, though nothing reported a change: a safety net that costs no request, and
+    /// what keeps `hybridlet_dra_slices_published_timestamp_seconds` fresh while the watch
+    /// is connected.
     pub resync: (Duration, Duration),
+    /// A watch away longer than this lists again instead of resuming: the server has
+    /// forgotten the version by then (etcd compacts every 5 minutes), and trying costs the
+    /// server a request per node after an outage.
+    pub resume_within: Duration,
 }
 
 impl Default for WatchTiming {
@@ -42,9 +50,10 @@ impl Default for WatchTiming {
         Self {
             lifetime: (Duration::from_secs(3 * 3600), Duration::from_secs(6 * 3600)),
             idle: Duration::from_secs(5 * 60),
-            retry_initial: Duration::from_secs(1),
+            retry_initial: Duration::from_secs(10),
             retry_max: WATCH_RETRY_MAX,
-            resync: (Duration::from_secs(10 * 60), Duration::from_secs(15 * 60)),
+            resync: (Duration::from_secs(50), Duration::from_secs(70)),
+            resume_within: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -62,6 +71,7 @@ impl WatchTiming {
             retry_initial: d.retry_initial / n,
             retry_max: d.retry_max / n,
             resync: (d.resync.0 / n, d.resync.1 / n),
+            resume_within: d.resume_within / n,
         }
     }
 }
@@ -88,9 +98,9 @@ pub(crate) type TaintTime = (String, String, Option<String>, String, Time);
 
 #[derive(Debug, Default)]
 struct ViewState {
-    /// A list has filled the view and the watch since kept it current (or is resuming).
+    /// A list has filled the view and the watch since kept it current (or is resuming, or
+    /// about to list again).
     synced: bool,
-    resource_version: Option<String>,
     slices: BTreeMap<String, StoredSlice>,
 }
 
@@ -121,21 +131,18 @@ impl PoolView {
         matching_generation(&s.slices, wanted, dropped)
     }
 
-    pub(crate) fn replace_all(&self, slices: &[ResourceSlice], version: Option<String>) {
+    pub(crate) fn replace_all<'a>(&self, slices: impl Iterator<Item = &'a ResourceSlice>) {
         let mut s = self.lock();
         s.slices = slices
-            .iter()
             .filter_map(|slice| Some((slice.metadata.name.clone()?, stored(slice))))
             .collect();
-        s.resource_version = version;
         s.synced = true;
     }
 
     /// A slice as the server stored it (a watch event, or the answer to our own write —
     /// which may arrive before the watch's event for it): kept unless the view already
-    /// holds a newer version. Only the watch's own events move the version it resumes
-    /// from (`from_watch`): events older than our write may still be on their way.
-    pub(crate) fn upsert(&self, slice: &ResourceSlice, from_watch: bool) {
+    /// holds a newer version.
+    pub(crate) fn upsert(&self, slice: &ResourceSlice) {
         let mut s = self.lock();
         let Some(name) = slice.metadata.name.clone() else {
             return;
@@ -150,17 +157,11 @@ impl PoolView {
         if !older {
             s.slices.insert(name, incoming);
         }
-        if from_watch {
-            advance(
-                &mut s.resource_version,
-                slice.metadata.resource_version.as_deref(),
-            );
-        }
     }
 
     /// A slice the server deleted (a watch event, or our own delete), unless the view holds
     /// a version newer than the deletion (we created it again since).
-    pub(crate) fn remove(&self, slice: &ResourceSlice, from_watch: bool) {
+    pub(crate) fn remove(&self, slice: &ResourceSlice) {
         let mut s = self.lock();
         if let Some(name) = &slice.metadata.name {
             let recreated = s.slices.get(name).is_some_and(|held| {
@@ -173,28 +174,6 @@ impl PoolView {
                 s.slices.remove(name);
             }
         }
-        if from_watch {
-            advance(
-                &mut s.resource_version,
-                slice.metadata.resource_version.as_deref(),
-            );
-        }
-    }
-
-    fn set_version(&self, version: String) {
-        self.lock().resource_version = Some(version);
-    }
-
-    fn version(&self) -> Option<String> {
-        let s = self.lock();
-        s.synced.then(|| s.resource_version.clone()).flatten()
-    }
-
-    /// The server no longer has the version the view is at: list again.
-    fn forget(&self) {
-        let mut s = self.lock();
-        s.synced = false;
-        s.resource_version = None;
     }
 }
 
@@ -377,16 +356,62 @@ fn stored_digest(devices: &[Device], count: i64, with_taints: bool) -> u64 {
     h.finish()
 }
 
-/// What the watch loop needs of its publisher.
-pub(crate) struct PoolWatch {
-    pub(crate) client: kube::Client,
-    pub(crate) driver: String,
-    pub(crate) node: String,
-    pub(crate) view: PoolView,
+/// One driver's share of the node's watch.
+struct Subscriber {
     /// Cleared when a slice of the pool is deleted by someone: the Node may have been
     /// recreated (a new UID), and slices owned by the old one would be collected again.
-    pub(crate) node_uid: Arc<Mutex<Option<String>>>,
-    pub(crate) timing: WatchTiming,
+    node_uid: Arc<Mutex<Option<String>>>,
+    /// Told after every change to the pool the server reports, and after every list.
+    changed: Arc<dyn Fn() + Send + Sync>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Every pool of the node seen, by driver (another driver's too: one that starts later
+    /// finds its view current, with no list of its own).
+    views: BTreeMap<String, PoolView>,
+    subscribers: BTreeMap<String, Subscriber>,
+    /// The version the watch resumes from; none until a list.
+    version: Option<String>,
+    /// The running watch, while anyone subscribes.
+    running: Option<hybridlet_runtime::CancellationToken>,
+    /// The watch is open, or was just ended at its lifetime (not failing).
+    connected: bool,
+}
+
+/// The watch of every ResourceSlice of one node, shared by the node's DRA drivers: one
+/// request stream for all of them, each driver seeing its own pool.
+#[derive(Clone, Default)]
+pub struct NodeSliceWatch(Arc<Mutex<Shared>>);
+
+impl std::fmt::Debug for NodeSliceWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("NodeSliceWatch")
+            .field("drivers", &s.subscribers.keys().collect::<Vec<_>>())
+            .field("running", &s.running.is_some())
+            .finish()
+    }
+}
+
+/// A driver's subscription to the node's slice watch: dropping it ends it, and the watch
+/// with the last one.
+#[derive(Debug)]
+pub struct Subscription {
+    watch: NodeSliceWatch,
+    driver: String,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut s = self.watch.lock();
+        s.subscribers.remove(&self.driver);
+        if s.subscribers.is_empty()
+            && let Some(token) = s.running.take()
+        {
+            token.cancel();
+        }
+    }
 }
 
 /// How one watch ended.
@@ -399,35 +424,190 @@ enum Ended {
     Failed(String),
 }
 
-impl PoolWatch {
-    fn selector(&self) -> String {
-        format!("spec.nodeName={},spec.driver={}", self.node, self.driver)
+/// What the running watch works with.
+struct Runner {
+    shared: NodeSliceWatch,
+    client: kube::Client,
+    node: String,
+    timing: WatchTiming,
+}
+
+impl NodeSliceWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keep the view current until dropped; `changed` is called after every change the
-    /// server reports (and after every list), so the publisher compares again.
-    pub(crate) async fn run(self, changed: impl Fn()) {
+    /// The view of `driver`'s pool (current when the watch has listed).
+    fn view(s: &mut Shared, driver: &str) -> PoolView {
+        let listed = s.version.is_some();
+        s.views
+            .entry(driver.to_string())
+            .or_insert_with(|| {
+                let view = PoolView::default();
+                if listed {
+                    view.replace_all(std::iter::empty());
+                }
+                view
+            })
+            .clone()
+    }
+
+    /// Subscribe `driver` (its publisher's Node UID cache and what to call on a change) and
+    /// start the watch with `client` when it is not running. The view of its pool.
+    pub(crate) fn subscribe(
+        &self,
+        driver: &str,
+        node_uid: Arc<Mutex<Option<String>>>,
+        changed: Arc<dyn Fn() + Send + Sync>,
+        start: (kube::Client, &str, &WatchTiming),
+    ) -> (PoolView, Subscription) {
+        let mut s = self.lock();
+        let view = Self::view(&mut s, driver);
+        s.subscribers
+            .insert(driver.to_string(), Subscriber { node_uid, changed });
+        if s.running.is_none() {
+            let token = hybridlet_runtime::CancellationToken::new();
+            s.running = Some(token.clone());
+            let (client, node, timing) = start;
+            let runner = Runner {
+                shared: self.clone(),
+                client,
+                node: node.to_string(),
+                timing: timing.clone(),
+            };
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = runner.run() => {}
+                    () = token.cancelled() => {}
+                }
+            });
+        } else if s.version.is_some() {
+            // Already listed: the new subscriber compares at once.
+            if let Some(sub) = s.subscribers.get(driver) {
+                (sub.changed)();
+            }
+        }
+        (
+            view,
+            Subscription {
+                watch: self.clone(),
+                driver: driver.to_string(),
+            },
+        )
+    }
+
+    /// Whether the watch is connected: the views are the server's state, not the last one
+    /// known before an outage.
+    pub fn connected(&self) -> bool {
+        let s = self.lock();
+        s.connected && s.version.is_some()
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.lock().connected = connected;
+    }
+
+    /// Call every subscriber's `changed`, or only `driver`'s (outside the lock).
+    fn tell(&self, driver: Option<&str>) {
+        let calls: Vec<Arc<dyn Fn() + Send + Sync>> = {
+            let s = self.lock();
+            s.subscribers
+                .iter()
+                .filter(|(d, _)| driver.is_none_or(|w| w == d.as_str()))
+                .map(|(_, sub)| sub.changed.clone())
+                .collect()
+        };
+        for call in calls {
+            call();
+        }
+    }
+
+    fn listed(&self, items: &[ResourceSlice], version: Option<String>) {
+        let mut s = self.lock();
+        let mut by_driver: BTreeMap<&str, Vec<&ResourceSlice>> = BTreeMap::new();
+        for item in items {
+            by_driver
+                .entry(item.spec.driver.as_str())
+                .or_default()
+                .push(item);
+        }
+        for driver in by_driver.keys() {
+            Self::view(&mut s, driver);
+        }
+        for (driver, view) in &s.views {
+            view.replace_all(
+                by_driver
+                    .get(driver.as_str())
+                    .into_iter()
+                    .flatten()
+                    .copied(),
+            );
+        }
+        s.version = version;
+    }
+
+    fn event(&self, slice: &ResourceSlice, deleted: bool) {
+        let mut s = self.lock();
+        let view = Self::view(&mut s, &slice.spec.driver);
+        if deleted {
+            view.remove(slice);
+            if let Some(sub) = s.subscribers.get(&slice.spec.driver) {
+                *sub.node_uid
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            }
+        } else {
+            view.upsert(slice);
+        }
+        advance(&mut s.version, slice.metadata.resource_version.as_deref());
+    }
+
+    /// The server forgot the version (or the watch was away too long): list again. The
+    /// views stay as they are until the list replaces them: the best knowledge there is,
+    /// and a publish that matches them needs no request while the server is away.
+    fn forget(&self) {
+        self.lock().version = None;
+    }
+}
+
+impl Runner {
+    fn selector(&self) -> String {
+        format!("spec.nodeName={}", self.node)
+    }
+
+    /// Keep the views current until cancelled.
+    async fn run(self) {
         use kube::api::ListParams;
         let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
         let mut backoff =
             hybridlet_runtime::Backoff::new(self.timing.retry_initial, self.timing.retry_max)
                 .full_jitter();
+        // Since when the watch has been away (an outage), if it is.
+        let mut away_since: Option<tokio::time::Instant> = None;
         loop {
-            let ended = match self.view.version() {
+            if away_since.is_some_and(|t| t.elapsed() > self.timing.resume_within) {
+                self.shared.forget();
+            }
+            let version = self.shared.lock().version.clone();
+            let ended = match version {
                 None => match api
                     .list(&ListParams::default().fields(&self.selector()))
                     .await
                 {
                     Ok(list) => {
-                        self.view
-                            .replace_all(&list.items, list.metadata.resource_version.clone());
+                        self.shared
+                            .listed(&list.items, list.metadata.resource_version.clone());
                         backoff.reset();
-                        changed();
+                        away_since = None;
+                        self.shared.set_connected(true);
+                        self.shared.tell(None);
                         continue;
                     }
-                    Err(e) => Ended::Failed(format!("listing the pool's slices: {e}")),
+                    Err(e) => Ended::Failed(format!("listing the node's slices: {e}")),
                 },
-                Some(version) => self.watch_once(&api, &version, &changed).await,
+                Some(version) => self.watch_once(&api, &version, &mut away_since).await,
             };
             let wait = match ended {
                 Ended::Resume => {
@@ -435,14 +615,16 @@ impl PoolWatch {
                     continue;
                 }
                 Ended::Expired => {
-                    tracing::debug!(driver = %self.driver, "the API server no longer has the slice watch's version; listing again");
-                    self.view.forget();
+                    tracing::debug!(node = %self.node, "the API server no longer has the slice watch's version; listing again");
+                    self.shared.forget();
                     backoff.reset();
                     continue;
                 }
                 Ended::Failed(why) => {
+                    self.shared.set_connected(false);
+                    away_since.get_or_insert_with(tokio::time::Instant::now);
                     let wait = backoff.next_delay();
-                    tracing::debug!(driver = %self.driver, retry_in = ?wait, "slice watch: {why}");
+                    tracing::debug!(node = %self.node, retry_in = ?wait, "slice watch: {why}");
                     wait
                 }
             };
@@ -454,7 +636,7 @@ impl PoolWatch {
         &self,
         api: &kube::Api<ResourceSlice>,
         version: &str,
-        changed: &impl Fn(),
+        away_since: &mut Option<tokio::time::Instant>,
     ) -> Ended {
         use kube::api::{WatchEvent, WatchParams};
         use tokio_stream::StreamExt as _;
@@ -463,13 +645,17 @@ impl PoolWatch {
             .fields(&self.selector())
             .timeout(u32::try_from(lifetime.as_secs().max(1)).unwrap_or(u32::MAX));
         let stream = match api.watch(&params, version).await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                // The server answers: the watch is back.
+                *away_since = None;
+                self.shared.set_connected(true);
+                stream
+            }
             Err(kube::Error::Api(e)) if e.code == 410 => return Ended::Expired,
             Err(e) => return Ended::Failed(format!("opening the watch: {e}")),
         };
         let mut stream = std::pin::pin!(stream);
         let started = tokio::time::Instant::now();
-        let mut delivered = false;
         loop {
             let event = match tokio::time::timeout(self.timing.idle, stream.next()).await {
                 Err(_) => {
@@ -478,30 +664,32 @@ impl PoolWatch {
                         self.timing.idle
                     ));
                 }
-                // Its lifetime is up (or the server ended it after delivering): resume. A
-                // stream that ends at once, empty, is a failure: retrying it at once would spin.
-                Ok(None) if delivered || started.elapsed() >= Duration::from_secs(1) => {
-                    return Ended::Resume;
+                // Its lifetime is up: resume at once. A stream cut before (a server going
+                // away, a proxy resetting it) is a failure: when a server restarts it cuts
+                // every node's watch at the same moment, and they must not all come back
+                // in that moment.
+                Ok(None) if started.elapsed() >= lifetime.mul_f64(0.9) => return Ended::Resume,
+                Ok(None) => {
+                    return Ended::Failed(format!(
+                        "the server ended the watch after {:?} of {lifetime:?}",
+                        started.elapsed()
+                    ));
                 }
-                Ok(None) => return Ended::Failed("the server ended the watch at once".into()),
                 Ok(Some(event)) => event,
             };
-            delivered = true;
             match event {
                 Ok(WatchEvent::Added(slice) | WatchEvent::Modified(slice)) => {
-                    self.view.upsert(&slice, true);
-                    changed();
+                    self.shared.event(&slice, false);
+                    self.shared.tell(Some(&slice.spec.driver));
                 }
                 Ok(WatchEvent::Deleted(slice)) => {
-                    tracing::info!(driver = %self.driver, slice = slice.metadata.name.as_deref().unwrap_or(""), "a ResourceSlice of this node was deleted; republishing");
-                    self.view.remove(&slice, true);
-                    *self
-                        .node_uid
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-                    changed();
+                    tracing::info!(driver = %slice.spec.driver, slice = slice.metadata.name.as_deref().unwrap_or(""), "a ResourceSlice of this node was deleted; republishing");
+                    self.shared.event(&slice, true);
+                    self.shared.tell(Some(&slice.spec.driver));
                 }
-                Ok(WatchEvent::Bookmark(b)) => self.view.set_version(b.metadata.resource_version),
+                Ok(WatchEvent::Bookmark(b)) => {
+                    self.shared.lock().version = Some(b.metadata.resource_version);
+                }
                 Ok(WatchEvent::Error(e)) if e.code == 410 => return Ended::Expired,
                 Ok(WatchEvent::Error(e)) => return Ended::Failed(e.message),
                 Err(e) => return Ended::Failed(format!("the watch broke: {e}")),

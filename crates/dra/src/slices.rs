@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
 
-use crate::pool::{PoolView, WatchTiming};
+use crate::pool::{NodeSliceWatch, PoolView, Subscription, WatchTiming};
 
 /// The API limit on devices per slice.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -228,20 +228,24 @@ impl SlicePublisher {
         }
     }
 
-    /// Keep the pool's view current (see `pool`) until dropped, calling `changed` whenever
-    /// the server reports a change to the pool (the kubelet wipes a node's slices when it
-    /// restarts; someone may delete or edit one), so the caller publishes again at once.
-    pub async fn watch(&self, changed: impl Fn()) {
-        crate::pool::PoolWatch {
-            client: self.client.clone(),
-            driver: self.driver.clone(),
-            node: self.node.clone(),
-            view: self.view.clone(),
-            node_uid: self.node_uid.clone(),
-            timing: self.timing.clone(),
-        }
-        .run(changed)
-        .await;
+    /// Follow this pool through `watch`, the node's slice watch (started if it is not
+    /// running): from now on a publish whose content matches what the server holds costs
+    /// no request, and `changed` is called whenever the server reports a change to the pool
+    /// (the kubelet wipes a node's slices when it restarts; someone may delete or edit one),
+    /// so the caller publishes again at once. Until the returned subscription is dropped.
+    pub fn follow(
+        &mut self,
+        watch: &NodeSliceWatch,
+        changed: std::sync::Arc<dyn Fn() + Send + Sync>,
+    ) -> Subscription {
+        let (view, subscription) = watch.subscribe(
+            &self.driver,
+            self.node_uid.clone(),
+            changed,
+            (self.client.clone(), &self.node, &self.timing),
+        );
+        self.view = view;
+        subscription
     }
 
     /// The Node's UID: read once, again after a slice of the pool was deleted.
@@ -400,7 +404,7 @@ impl SlicePublisher {
                         .await
                         .map_err(|e| self.err(format!("replacing {name}: {e}")))?;
                     self.note_dropped_taints(sent_taints, &stored);
-                    self.view.upsert(&stored, false);
+                    self.view.upsert(&stored);
                     done.updated += 1;
                 }
                 None => {
@@ -409,7 +413,7 @@ impl SlicePublisher {
                         .await
                         .map_err(|e| self.err(format!("creating {name}: {e}")))?;
                     self.note_dropped_taints(sent_taints, &stored);
-                    self.view.upsert(&stored, false);
+                    self.view.upsert(&stored);
                     done.created += 1;
                 }
             }
@@ -423,7 +427,7 @@ impl SlicePublisher {
                     .await
                     .map_err(|e| self.err(format!("deleting {name}: {e}")))?;
                 if let Some(slice) = gone.left() {
-                    self.view.remove(&slice, false);
+                    self.view.remove(&slice);
                 }
                 done.deleted += 1;
             }

@@ -171,3 +171,104 @@ async fn publish_chunks_owns_bumps_and_cleans_up() {
     let err = publisher.publish(&devices(100)).await.unwrap_err();
     assert!(err.to_string().contains("listing slices"), "{err}");
 }
+
+fn client(api: &FakeApiServer) -> kube::Client {
+    let mut config = kube::Config::new(api.url().parse::<http::Uri>().unwrap());
+    config.default_retry = false;
+    kube::Client::try_from(config).unwrap()
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Two drivers of one node share one watch: a publish that matches the server costs no
+/// request, a deletion tells only the driver whose slice it was, and after one the Node is
+/// read again (it may have been recreated with a new UID: slices owned by the old one
+/// would be collected again).
+#[tokio::test]
+async fn drivers_share_one_watch_and_a_matching_publish_costs_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = FakeApiServer::start().await.unwrap();
+    api.put(
+        "/api/v1/nodes/node-a",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "uid": "uid-1"}}),
+    );
+    let watch = hybridlet_dra::NodeSliceWatch::default();
+    let told: [Arc<AtomicUsize>; 2] = Default::default();
+    let mut gpu = SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a");
+    let mut vfs = SlicePublisher::new(client(&api), "sriov.hybridlet.io", "node-a");
+    let t = told[0].clone();
+    let _g = gpu.follow(
+        &watch,
+        Arc::new(move || _ = t.fetch_add(1, Ordering::SeqCst)),
+    );
+    let t = told[1].clone();
+    let _v = vfs.follow(
+        &watch,
+        Arc::new(move || _ = t.fetch_add(1, Ordering::SeqCst)),
+    );
+    eventually("the watch", || api.watches() == 1).await;
+    assert_eq!(
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /apis/resource.k8s.io/v1/resourceslices?"))
+            .count(),
+        2,
+        "one list and one watch for both drivers: {:?}",
+        api.requests()
+    );
+    gpu.publish(&devices(8)).await.unwrap();
+    vfs.publish(&devices(200)).await.unwrap();
+    assert_eq!(api.list(SLICES).len(), 3);
+
+    // Nothing changed: no request at all.
+    let before = api.requests().len();
+    for _ in 0..10 {
+        gpu.publish(&devices(8)).await.unwrap();
+        vfs.publish(&devices(200)).await.unwrap();
+    }
+    assert_eq!(api.requests()[before..], [] as [String; 0]);
+
+    // The node is recreated (a new UID) and the GC collects the slices it owned: the
+    // deletion tells the GPU driver, whose next publish reads the Node again.
+    eventually("the creates seen", || told[0].load(Ordering::SeqCst) >= 2).await;
+    let (gpu_told, vfs_told) = (
+        told[0].load(Ordering::SeqCst),
+        told[1].load(Ordering::SeqCst),
+    );
+    api.put(
+        "/api/v1/nodes/node-a",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "uid": "uid-2"}}),
+    );
+    api.remove(&format!("{SLICES}/node-a-gpu-hybridlet-io-0"));
+    eventually("the GPU driver told", || {
+        told[0].load(Ordering::SeqCst) > gpu_told
+    })
+    .await;
+    assert_eq!(
+        told[1].load(Ordering::SeqCst),
+        vfs_told,
+        "the SR-IOV driver is not told"
+    );
+    let done = gpu.publish(&devices(8)).await.unwrap();
+    assert_eq!(done.created, 1);
+    let gpu_slice = api
+        .list(SLICES)
+        .into_iter()
+        .find(|s| s["spec"]["driver"] == "gpu.hybridlet.io")
+        .unwrap();
+    assert_eq!(gpu_slice["metadata"]["ownerReferences"][0]["uid"], "uid-2");
+
+    // The last subscription gone, the watch ends.
+    drop((_g, _v));
+    eventually("the watch closed", || api.watches() == 0).await;
+}

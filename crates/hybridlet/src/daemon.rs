@@ -86,6 +86,7 @@ pub struct Daemon {
     /// driver the flag that withdraws its slices when it stops.
     pub plugins: BTreeMap<&'static str, (String, Option<Arc<AtomicBool>>)>,
     pub dra_timing: hybridlet_dra::WatchTiming,
+    pub slice_watch: hybridlet_dra::NodeSliceWatch,
 }
 
 /// What a reload needs ready before it changes anything: everything that can be refused.
@@ -243,6 +244,7 @@ impl Daemon {
         let plugin = plugin
             .with_metrics(&f.dra)
             .watch_timing(self.dra_timing.clone())
+            .share_slice_watch(&self.slice_watch)
             .registration_timeout(agent.plugin_registration_timeout.get())
             .orphan_grace(agent.dra.orphaned_claim_grace_period.get());
         f.devices.set_health_policy(which, Some(policy));

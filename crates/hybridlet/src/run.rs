@@ -130,6 +130,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         volume_guard: hybridlet_csi::VolumeGuard::default(),
         plugins: std::collections::BTreeMap::new(),
         dra_timing: hybridlet_dra::WatchTiming::scaled(args.api_timer_scale),
+        slice_watch: hybridlet_dra::NodeSliceWatch::default(),
     };
     daemon.start_all(
         &mut supervisor,

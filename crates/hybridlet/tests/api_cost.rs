@@ -4,12 +4,15 @@
 //! simulated hour is 10 s; the fake API server's bookmarks come every simulated minute, as
 //! the real watch cache sends them). Every request is counted by verb, with its bytes:
 //!
-//! - start: what the first publication costs;
-//! - a simulated hour of steady state: no request at all (one watch per driver stays open;
-//!   its lifetime is 3–6 hours), no write, no list;
-//! - a 10-minute outage (every request 503, the watches cut) after which the server has
-//!   forgotten every version (a restart, an etcd compaction): per driver, one resumed
-//!   watch answered 410 Expired, one list, one watch — and no write, the slices matching.
+//! - start: what the first publication costs (one list and one watch for the node, shared
+//!   by both drivers; one Node read and the creates per driver);
+//! - a simulated hour of steady state: no request at all (the one watch stays open; its
+//!   lifetime is 3–6 hours), no write, no list;
+//! - a 2-minute outage (every request 503, the watch cut): the watch resumes from its
+//!   version, one request; the same when the server forgot the version meanwhile: the
+//!   resumed watch is answered 410 Expired, then a list and a watch;
+//! - a 10-minute outage: longer than the server keeps versions, so no resume is tried: a
+//!   list and a watch. Never a write: the slices match.
 //!
 //! `docs/fleet.md` multiplies these figures by the fleet (`cargo bench -p hybridlet-dra
 //! --bench fleet`).
@@ -85,8 +88,8 @@ async fn an_hour_of_steady_state_and_an_outage_cost_what_docs_fleet_says() {
     .await;
     d.api.set_bookmark_period(MINUTE);
     let slices = "/apis/resource.k8s.io/v1/resourceslices";
-    wait_until("9 slices and both watches", || {
-        d.api.list(slices).len() == 9 && d.api.watches() == 2
+    wait_until("9 slices and the watch", || {
+        d.api.list(slices).len() == 9 && d.api.watches() == 1
     })
     .await;
     // Let the first publication's own events come back through the watches.
@@ -100,9 +103,9 @@ async fn an_hour_of_steady_state_and_an_outage_cost_what_docs_fleet_says() {
         2,
         "one Node read per driver: {t:#?}"
     );
-    // One list per driver: the watch's; the first publish waits for it instead of listing.
-    assert_eq!(count(&t, "list resourceslices 200"), 2, "{t:#?}");
-    assert_eq!(count(&t, "watch resourceslices 200"), 2, "{t:#?}");
+    // One list, the shared watch's; the first publishes wait for it instead of listing.
+    assert_eq!(count(&t, "list resourceslices 200"), 1, "{t:#?}");
+    assert_eq!(count(&t, "watch resourceslices 200"), 1, "{t:#?}");
     assert_eq!(writes(&start), 9, "{t:#?}");
 
     // A simulated hour of steady state.
@@ -111,7 +114,7 @@ async fn an_hour_of_steady_state_and_an_outage_cost_what_docs_fleet_says() {
     let t = tally(hour);
     eprintln!("steady hour: {t:#?}");
     assert!(hour.is_empty(), "requests in a steady hour: {t:#?}");
-    assert_eq!(d.api.watches(), 2, "one open watch per driver");
+    assert_eq!(d.api.watches(), 1, "one open watch for the node");
     let bookmarks: usize = start
         .iter()
         .filter(|r| r.watch)
@@ -119,45 +122,57 @@ async fn an_hour_of_steady_state_and_an_outage_cost_what_docs_fleet_says() {
         .sum();
     eprintln!("watch bytes so far (initial events and bookmarks): {bookmarks}");
 
-    // A 10-minute outage after which the server still has the version each watch is at
-    // (the watch cache kept it, nothing of the pool changed): each driver resumes its watch,
-    // one request.
-    let (during, after) = outage(&d, false).await;
+    // A 2-minute outage; the server still has the watch's version (nothing changed):
+    // the watch resumes, one request.
+    let (during, after) = outage(&d, 2, false).await;
     let t = tally(&after);
-    eprintln!("outage, versions kept: {during} requests during it; after it: {t:#?}");
-    assert_eq!(after.len(), 2, "{t:#?}");
-    assert_eq!(count(&t, "watch resourceslices 200"), 2, "{t:#?}");
-    // During the outage each driver retried with exponential backoff, not in a loop: from
-    // 1/360 s doubling to its cap, about a dozen attempts in 10 simulated minutes.
-    assert!(during <= 2 * 14, "{during} requests during the outage");
+    eprintln!("2-minute outage, version kept: {during} requests during it; after it: {t:#?}");
+    assert_eq!(after.len(), 1, "{t:#?}");
+    assert_eq!(count(&t, "watch resourceslices 200"), 1, "{t:#?}");
+    // The watch retried with exponential backoff, not in a loop: from 1/360 s doubling.
+    assert!(during <= 10, "{during} requests during the outage");
 
-    // The same outage, but the cluster moved on meanwhile (other objects changed) and the
-    // server forgot the versions (a restart, an etcd compaction): per driver, the resumed
-    // watch is answered 410 Expired in its stream, then one list and one new watch.
-    let (during, after) = outage(&d, true).await;
+    // The same, but the cluster moved on meanwhile (other objects changed) and the server
+    // forgot the version (a restart, an etcd compaction): the resumed watch is answered
+    // 410 Expired in its stream, then one list and one new watch.
+    let (during, after) = outage(&d, 2, true).await;
     let t = tally(&after);
-    eprintln!("outage, versions forgotten: {during} requests during it; after it: {t:#?}");
+    eprintln!("2-minute outage, version lost: {during} requests during it; after it: {t:#?}");
+    assert_eq!(count(&t, "watch resourceslices 200"), 2, "{t:#?}");
+    assert_eq!(count(&t, "list resourceslices 200"), 1, "{t:#?}");
+    assert_eq!(after.len(), 3, "{t:#?}");
     assert_eq!(
         writes(&after),
         0,
         "the slices matched: nothing to write: {t:#?}"
     );
-    assert_eq!(count(&t, "list resourceslices 200"), 2, "{t:#?}");
-    assert_eq!(count(&t, "watch resourceslices 200"), 4, "{t:#?}");
-    assert_eq!(after.len(), 6, "{t:#?}");
-    assert!(during <= 2 * 14, "{during} requests during the outage");
+
+    // A 10-minute outage: longer than the server keeps versions, so no resume is tried.
+    let (during, after) = outage(&d, 10, true).await;
+    let t = tally(&after);
+    eprintln!("10-minute outage: {during} requests during it; after it: {t:#?}");
+    assert_eq!(count(&t, "list resourceslices 200"), 1, "{t:#?}");
+    assert_eq!(count(&t, "watch resourceslices 200"), 1, "{t:#?}");
+    assert_eq!(after.len(), 2, "{t:#?}");
+    assert_eq!(
+        writes(&after),
+        0,
+        "the slices matched: nothing to write: {t:#?}"
+    );
+    // About a dozen attempts in 10 simulated minutes.
+    assert!(during <= 14, "{during} requests during the outage");
     assert_eq!(d.api.list(slices).len(), 9);
-    assert_eq!(d.api.watches(), 2);
+    assert_eq!(d.api.watches(), 1);
 }
 
-/// Ten simulated minutes of 503s (the watches cut), then the server back; `forget`: other
-/// objects changed meanwhile and the server forgot every older version. The number of
-/// requests during the outage, and the requests from its end until both watches are open
+/// `minutes` simulated minutes of 503s (the watch cut), then the server back; `forget`:
+/// other objects changed meanwhile and the server forgot every older version. The number
+/// of requests during the outage, and the requests from its end until the watch is open
 /// again and three more simulated minutes passed.
-async fn outage(d: &Daemon, forget: bool) -> (usize, Vec<Record>) {
+async fn outage(d: &Daemon, minutes: u32, forget: bool) -> (usize, Vec<Record>) {
     let before = d.api.records().len();
     d.api.set_down(true);
-    tokio::time::sleep(10 * MINUTE).await;
+    tokio::time::sleep(minutes * MINUTE).await;
     if forget {
         for i in 0..3 {
             d.api.put(
@@ -170,7 +185,7 @@ async fn outage(d: &Daemon, forget: bool) -> (usize, Vec<Record>) {
     let during = d.api.records().len() - before;
     d.api.set_down(false);
     // The retries are spread over up to 15 simulated minutes (full jitter).
-    wait_until("both watches back", || d.api.watches() == 2).await;
+    wait_until("the watch back", || d.api.watches() == 1).await;
     tokio::time::sleep(3 * MINUTE).await;
     (during, d.api.records()[before + during..].to_vec())
 }
