@@ -17,7 +17,8 @@ pub use discovery::{
 };
 pub use drivers::{DriverDevices, DriverKind, driver_devices};
 pub use metrics::{
-    DeviceMetrics, HealthPolicy, Holder, Holders, SAMPLE_INTERVAL, holders_observer,
+    COUNTERS_FRESH, DeviceMetrics, HealthPolicy, Holder, Holders, REWALK, SAMPLE_INTERVAL,
+    holders_observer, kernel_uevents,
 };
 
 /// Why discovery failed.

@@ -1,9 +1,12 @@
-//! The `devices` subsystem: samples device discovery on a timer (never during a scrape)
-//! and exports what it found — GPUs, SR-IOV PFs and VFs — with labels that join onto
+//! The `devices` subsystem: walks sysfs when the kernel says PCI functions or network
+//! interfaces changed (uevents) and at least every 10–15 minutes, samples GPU telemetry and
+//! the drivers' health inputs on a timer, reads VF counters only while someone scrapes
+//! them, and exports what it found — GPUs, SR-IOV PFs and VFs — with labels that join onto
 //! existing dashboards (`gpu`, `UUID`, `pci_bus_id`, `modelName` as dcgm-exporter uses them;
 //! `pf` as the SR-IOV exporters use it).
 //!
-//! A scrape reads the last snapshot from memory; it never touches sysfs or NVML.
+//! A scrape reads the last snapshot from memory; it never touches sysfs or NVML (stale VF
+//! counters ask the sampler to read them again, for the next scrape).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,7 @@ use hybridlet_metrics::prometheus_client::metrics::MetricType;
 use hybridlet_metrics::prometheus_client::metrics::gauge::ConstGauge;
 use hybridlet_metrics::prometheus_client::registry::Unit;
 use hybridlet_runtime::{BoxError, SubsystemContext};
+use hybridlet_sys::uevent::UeventSource;
 use hybridlet_sys::{NetdevCounters, Sysfs};
 
 use crate::discovery::{Discovery, PfView, Report, discover};
@@ -47,8 +51,20 @@ impl HealthPolicy {
     }
 }
 
-/// How often discovery runs for metrics.
+/// How often GPU telemetry and the drivers' health inputs are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(60);
+/// Without a uevent, sysfs is walked again after a time uniform in this range: a safety
+/// net for a lost event (a full socket buffer) or a kernel that sends none.
+pub const REWALK: (Duration, Duration) = (Duration::from_secs(600), Duration::from_secs(900));
+/// Uevents come in bursts (a PF's 128 VFs: hundreds of events): the walk waits until none
+/// came for this long...
+const SETTLE: Duration = Duration::from_millis(150);
+/// ... but never longer than this after the first.
+const SETTLE_MAX: Duration = Duration::from_millis(600);
+/// VF counters older than this when a scrape wants them are read again (for the next
+/// scrape): about the shortest scrape interval in use, so two Prometheus replicas share
+/// one read.
+pub const COUNTERS_FRESH: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -60,6 +76,12 @@ struct Snapshot {
     xids: BTreeMap<String, XidState>,
     /// Counters of VFs that have a netdev: (PF, VF, netdev) and what sysfs says.
     vf_counters: Vec<(String, String, String, NetdevCounters)>,
+    /// When they were read.
+    counters_read: Option<Instant>,
+    /// Sysfs walks so far (for tests and the bench: a walk is the expensive part).
+    walks: u64,
+    /// What each DRA kind's devices were at the last walk (a digest of their identities).
+    identities: Option<[(&'static str, u64); 3]>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -142,6 +164,13 @@ pub fn holders_observer(
 pub struct DeviceMetrics {
     latest: Arc<Mutex<Snapshot>>,
     holders: Holders,
+    /// A scrape found the VF counters stale: the sampler reads them again.
+    counters_wanted: Arc<tokio::sync::Notify>,
+    /// Told the DRA kinds (`gpu`, `sriov`, `pci`) whose devices a walk found changed.
+    changes: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Vec<&'static str>>>>>,
+    /// How old VF counters may be before a scrape asks for new ones, in milliseconds (0:
+    /// [`COUNTERS_FRESH`]); shared with the registered collector.
+    counters_fresh_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Turn XIDs and samples into device health (the DRA drivers' boards).
     policies: Arc<Mutex<BTreeMap<String, HealthPolicy>>>,
 }
@@ -275,6 +304,190 @@ impl DeviceMetrics {
         })
     }
 
+    /// VF counters may be this old before a scrape asks for new ones (tests shorten it).
+    pub fn counters_fresh(self, age: Duration) -> Self {
+        let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.counters_fresh_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    fn counters_stale(&self, read: Option<Instant>) -> bool {
+        let ms = self
+            .counters_fresh_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let fresh = if ms == 0 {
+            COUNTERS_FRESH
+        } else {
+            Duration::from_millis(ms)
+        };
+        read.is_none_or(|t| t.elapsed() >= fresh)
+    }
+
+    /// From now on, the DRA kinds (`gpu`, `sriov`, `pci`) whose devices came or went at a
+    /// walk (not their drivers or state: a VF moved to vfio-pci is the same VF), so their
+    /// drivers can publish what is there now.
+    pub fn device_changes(&self) -> tokio::sync::mpsc::UnboundedReceiver<Vec<&'static str>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    /// Sysfs walks so far.
+    pub fn walks(&self) -> u64 {
+        self.lock().walks
+    }
+
+    /// Sample until shutdown: walk sysfs at once, again `SETTLE` after a burst of device
+    /// uevents from `uevents` (when the kernel's socket opened: `None` leaves only the
+    /// timer) and at the latest after [`REWALK`]; GPU telemetry and the health inputs
+    /// every `interval`; VF counters after each walk and when a scrape finds them stale.
+    pub async fn run(
+        self,
+        sysfs: Sysfs,
+        gpus: Option<Arc<dyn GpuSource>>,
+        interval: Duration,
+        uevents: Option<Box<dyn UeventSource>>,
+        ctx: SubsystemContext,
+    ) -> Result<(), BoxError> {
+        let xid_watcher = gpus
+            .clone()
+            .map(|g| self.spawn_xid_watcher(g, ctx.shutdown.clone()));
+        let mut changes = uevents.map(|source| spawn_uevent_reader(source, ctx.shutdown.clone()));
+        // A walk samples too: the first tick comes an interval after it.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut found: Option<Arc<Discovery>> = None;
+        let mut next_walk = tokio::time::Instant::now();
+        // The first and the last uevent of a burst not yet walked.
+        let mut burst: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
+        loop {
+            let settled = burst.map(|(first, last)| (last + SETTLE).min(first + SETTLE_MAX));
+            let walk_at = settled.map_or(next_walk, |s| s.min(next_walk));
+            let what = tokio::select! {
+                () = ctx.shutdown.cancelled() => {
+                    // The watcher looks at the token at least once a second.
+                    if let Some(w) = xid_watcher {
+                        let _ = w.await;
+                    }
+                    return Ok(());
+                }
+                () = tokio::time::sleep_until(walk_at) => Work::Walk,
+                _ = ticker.tick(), if found.is_some() => Work::Sample,
+                () = self.counters_wanted.notified(), if found.is_some() => Work::Counters,
+                event = async { changes.as_mut()?.recv().await }, if changes.is_some() => {
+                    match event {
+                        Some(()) => {
+                            let now = tokio::time::Instant::now();
+                            burst = Some(burst.map_or((now, now), |(first, _)| (first, now)));
+                        }
+                        None => changes = None,
+                    }
+                    continue;
+                }
+            };
+            if what == Work::Walk {
+                burst = None;
+                next_walk =
+                    tokio::time::Instant::now() + hybridlet_runtime::jittered(REWALK.0, REWALK.1);
+            }
+            match self.work(what, &sysfs, &gpus, found.clone()).await {
+                Ok(Some(new)) => {
+                    found = Some(new);
+                    ctx.ready.set_ready();
+                }
+                Ok(None) => {}
+                Err(failure) => tracing::warn!("device discovery for metrics failed: {failure}"),
+            }
+        }
+    }
+
+    /// One step on a blocking thread: a walk (the new discovery), a telemetry sample over
+    /// the last one, or the VF counters.
+    async fn work(
+        &self,
+        what: Work,
+        sysfs: &Sysfs,
+        gpus: &Option<Arc<dyn GpuSource>>,
+        found: Option<Arc<Discovery>>,
+    ) -> Result<Option<Arc<Discovery>>, String> {
+        let (metrics, sysfs, gpus) = (self.clone(), sysfs.clone(), gpus.clone());
+        let policies = self.policies();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let (found, walked) = match (what, found) {
+                (Work::Walk, _) | (_, None) => (
+                    Arc::new(discover(&sysfs, gpus.as_deref()).map_err(|e| format!("{e:?}"))?),
+                    true,
+                ),
+                (_, Some(found)) => (found, false),
+            };
+            // A walk is stored whole (report and counters under one lock): a scrape never
+            // sees the new devices with the old counters.
+            let counters = (walked || what == Work::Counters).then(|| vf_counters(&sysfs, &found));
+            let report = walked.then(|| found.report());
+            let mut changed = Vec::new();
+            {
+                let mut s = metrics.lock();
+                if let Some(report) = report {
+                    s.report = Some(report);
+                    s.duration = started.elapsed();
+                    s.last_success = Some(SystemTime::now());
+                    s.walks += 1;
+                    let now = identities(&found);
+                    if let Some(before) = s.identities {
+                        changed = now
+                            .iter()
+                            .zip(before)
+                            .filter(|(a, b)| a.1 != b.1)
+                            .map(|(a, _)| a.0)
+                            .collect();
+                    }
+                    s.identities = Some(now);
+                }
+                if let Some(counters) = counters {
+                    s.vf_counters = counters;
+                    s.counters_read = Some(Instant::now());
+                }
+            }
+            if walked || what == Work::Sample {
+                // Telemetry failing (a GPU fell off the bus) must not hide the inventory.
+                let samples = match gpus.as_deref().map(|g| g.sample()) {
+                    Some(Ok(samples)) => samples,
+                    Some(Err(e)) => {
+                        tracing::warn!("GPU telemetry sampling failed: {e}");
+                        Vec::new()
+                    }
+                    None => Vec::new(),
+                };
+                for p in &policies {
+                    p.sampled(&sysfs, &found, &samples);
+                }
+                metrics.lock().samples = samples;
+            }
+            if !changed.is_empty() {
+                tracing::info!(kinds = ?changed, "devices came or went");
+                let tx = metrics
+                    .changes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                if let Some(tx) = tx {
+                    let _ = tx.send(changed);
+                }
+            }
+            Ok(walked.then_some(found))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+#[cfg(test)]
+impl DeviceMetrics {
     fn store(
         &self,
         report: Report,
@@ -285,82 +498,131 @@ impl DeviceMetrics {
         let mut s = self.lock();
         s.report = Some(report);
         s.vf_counters = vf_counters;
+        s.counters_read = Some(Instant::now());
         s.samples = samples;
         s.duration = duration;
         s.last_success = Some(SystemTime::now());
     }
+}
 
-    /// Sample until shutdown.
-    pub async fn run(
-        self,
-        sysfs: Sysfs,
-        gpus: Option<Arc<dyn GpuSource>>,
-        interval: Duration,
-        ctx: SubsystemContext,
-    ) -> Result<(), BoxError> {
-        let xid_watcher = gpus
-            .clone()
-            .map(|g| self.spawn_xid_watcher(g, ctx.shutdown.clone()));
-        let mut ticker = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => {
-                    // The watcher looks at the token at least once a second.
-                    if let Some(w) = xid_watcher {
-                        let _ = w.await;
-                    }
-                    return Ok(());
-                }
-                _ = ticker.tick() => {}
-            }
-            let (sysfs, gpus) = (sysfs.clone(), gpus.clone());
-            let started = Instant::now();
-            let policies = self.policies();
-            let result = tokio::task::spawn_blocking(move || {
-                let found = discover(&sysfs, gpus.as_deref())?;
-                let report = found.report();
-                // Telemetry failing (a GPU fell off the bus) must not hide the inventory.
-                let samples = match gpus.as_deref().map(|g| g.sample()) {
-                    Some(Ok(samples)) => samples,
-                    Some(Err(e)) => {
-                        tracing::warn!("GPU telemetry sampling failed: {e}");
-                        Vec::new()
-                    }
-                    None => Vec::new(),
-                };
-                let vf_counters = report
-                    .physical_functions
-                    .iter()
-                    .flat_map(|pf| {
-                        pf.vfs.iter().filter_map(|vf| {
-                            let netdev = vf.netdev.as_ref()?;
-                            Some((
-                                pf.pci_address.clone(),
-                                vf.pci_address.clone(),
-                                netdev.clone(),
-                                sysfs.netdev_counters(netdev),
-                            ))
-                        })
-                    })
-                    .collect();
-                for p in &policies {
-                    p.sampled(&sysfs, &found, &samples);
-                }
-                Ok::<_, crate::Error>((report, samples, vf_counters))
-            })
-            .await;
-            match result {
-                Ok(Ok((report, samples, vf_counters))) => {
-                    self.store(report, samples, vf_counters, started.elapsed());
-                    ctx.ready.set_ready();
-                }
-                Ok(Err(failure)) => {
-                    tracing::warn!("device discovery for metrics failed: {failure:?}")
-                }
-                Err(join) => tracing::warn!("device discovery for metrics failed: {join}"),
-            }
+/// What the sampler does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Walk sysfs (and sample, and read the counters).
+    Walk,
+    /// GPU telemetry and the health inputs.
+    Sample,
+    /// The VF counters, for a scrape.
+    Counters,
+}
+
+/// The kernel's uevents, or `None` (with a warning: devices are then walked on the timer
+/// only) when the socket cannot be opened.
+pub fn kernel_uevents() -> Option<Box<dyn UeventSource>> {
+    match hybridlet_sys::uevent::KernelUevents::open() {
+        Ok(source) => Some(Box::new(source)),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read kernel uevents ({e}); devices are walked every 10-15 minutes only"
+            );
+            None
         }
     }
+}
+
+/// Read uevents on a blocking thread until shutdown; one message per device event.
+fn spawn_uevent_reader(
+    mut source: Box<dyn UeventSource>,
+    shutdown: hybridlet_runtime::CancellationToken,
+) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::task::spawn_blocking(move || {
+        while !shutdown.is_cancelled() {
+            match source.next(Duration::from_secs(1)) {
+                Ok(Some(event)) if event.concerns_devices() => {
+                    tracing::debug!(action = %event.action, devpath = %event.devpath, "device uevent");
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "reading kernel uevents failed: {e}; devices are walked on the timer only"
+                    );
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// A digest of which devices each DRA kind would see: GPUs by UUID, SR-IOV by PF and VF
+/// address, other PCI functions by address. Drivers and state are left out (a prepare
+/// moving a VF to vfio-pci changes nothing here).
+fn identities(found: &Discovery) -> [(&'static str, u64); 3] {
+    use std::hash::{Hash, Hasher};
+    let digest = |items: &mut dyn Iterator<Item = String>| {
+        let mut all: Vec<String> = items.collect();
+        all.sort();
+        let mut h = std::hash::DefaultHasher::new();
+        all.hash(&mut h);
+        h.finish()
+    };
+    let vfs: std::collections::BTreeSet<String> = found
+        .inventory
+        .pfs
+        .iter()
+        .flat_map(|pf| pf.vfs.iter().map(|vf| vf.device.address.to_string()))
+        .collect();
+    [
+        (
+            "gpu",
+            digest(&mut found.gpus.iter().map(|g| g.info.uuid.clone())),
+        ),
+        (
+            "sriov",
+            digest(
+                &mut found
+                    .inventory
+                    .pfs
+                    .iter()
+                    .map(|pf| pf.device.address.to_string())
+                    .chain(vfs.iter().cloned()),
+            ),
+        ),
+        (
+            "pci",
+            digest(
+                &mut found
+                    .pci
+                    .iter()
+                    .map(|d| d.address.to_string())
+                    .filter(|a| !vfs.contains(a)),
+            ),
+        ),
+    ]
+}
+
+/// The counters of every VF with a netdev, read now.
+fn vf_counters(sysfs: &Sysfs, found: &Discovery) -> Vec<(String, String, String, NetdevCounters)> {
+    found
+        .inventory
+        .pfs
+        .iter()
+        .flat_map(|pf| {
+            pf.vfs.iter().filter_map(move |vf| {
+                let netdev = vf.device.net_names.first()?;
+                Some((
+                    pf.device.address.to_string(),
+                    vf.device.address.to_string(),
+                    netdev.clone(),
+                    sysfs.netdev_counters(netdev),
+                ))
+            })
+        })
+        .collect()
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
@@ -537,6 +799,9 @@ impl Collector for DeviceMetrics {
             }),
         )?;
         encode_vf_counters(&mut encoder, &s.vf_counters)?;
+        if self.counters_stale(s.counters_read) {
+            self.counters_wanted.notify_one();
+        }
         gauge_family(
             &mut encoder,
             "sriov_pf_link_speed",

@@ -483,11 +483,13 @@ impl NodeSliceWatch {
                     () = token.cancelled() => {}
                 }
             });
-        } else if s.version.is_some() {
-            // Already listed: the new subscriber compares at once.
-            if let Some(sub) = s.subscribers.get(driver) {
-                (sub.changed)();
-            }
+        }
+        // Listed before (by this watch, or by one that ran for an earlier subscriber and
+        // resumes from its version): the new subscriber compares at once.
+        if s.version.is_some()
+            && let Some(sub) = s.subscribers.get(driver)
+        {
+            (sub.changed)();
         }
         (
             view,

@@ -165,8 +165,9 @@ impl Daemon {
         {
             let device_metrics = self.families.devices.clone();
             let (sysfs, gpus) = (self.sysfs.clone(), self.gpus.clone());
+            let uevents = hybridlet_devices::kernel_uevents();
             supervisor.spawn("devices", move |ctx| {
-                device_metrics.run(sysfs, gpus, sample_interval, ctx)
+                device_metrics.run(sysfs, gpus, sample_interval, uevents, ctx)
             });
         }
         self.admin_tls.set(self.tls_for(config)?);
@@ -252,6 +253,22 @@ impl Daemon {
             .insert(which, (driver, Some(plugin.withdraw_flag())));
         supervisor.spawn(which, move |ctx| plugin.run(ctx));
         Ok(())
+    }
+
+    /// A walk after uevents found the devices of DRA kinds changed (VFs, GPUs or PCI
+    /// functions came or went): restart each running driver of them alone, as a reload
+    /// would, so it publishes what is there now (its prepared claims stay).
+    pub async fn devices_changed(&mut self, sup: &mut Supervisor, config: &Config, kinds: &[&str]) {
+        for (which, kind) in crate::settings::DRA_KINDS {
+            if kinds.contains(&kind) && self.plugins.contains_key(which) {
+                tracing::info!(subsystem = which, "its devices came or went; restarting it");
+                let grace = config.agent.shutdown_grace_period.get();
+                self.stop_plugin(sup, which, false, grace).await;
+                if let Err(e) = self.start_dra(sup, config, which) {
+                    tracing::error!(subsystem = which, "restarting after a device change: {e}");
+                }
+            }
+        }
     }
 
     /// Stop one plugin subsystem; `for_good` (disabled, not restarted) also withdraws a
@@ -512,33 +529,9 @@ impl Daemon {
                     format!("{which}: the DRA driver talks to the API server with the kubelet's kubeconfig: {e}")
                 })?;
         }
-        let mirrors = if plan.mirrors {
-            let files = hybridlet_bootstrap::desired_files(
-                &hybridlet_bootstrap::registry_mirror_files(new),
-                &self.root,
-            )
-            .map_err(|e| format!("spec.registryMirrors: {e}"))?;
-            // A registry no longer mirrored: its hosts.toml goes, if hybridlet wrote it.
-            let mut remove = Vec::new();
-            for dir in std::fs::read_dir(
-                self.root
-                    .resolve("/etc/containerd/certs.d")
-                    .map_err(|e| e.to_string())?,
-            )
-            .into_iter()
-            .flatten()
-            .flatten()
-            {
-                let path = dir.path().join("hosts.toml");
-                let ours = std::fs::read_to_string(&path)
-                    .is_ok_and(|t| t.starts_with(hybridlet_bootstrap::MIRROR_MARKER));
-                if ours && !files.iter().any(|f| f.path == path) {
-                    remove.push(path);
-                }
-            }
-            Some((files, remove))
-        } else {
-            None
+        let mirrors = match plan.mirrors {
+            true => Some(hybridlet_join::mirror_files(new, &self.root)?),
+            false => None,
         };
         Ok(Prepared {
             tls,

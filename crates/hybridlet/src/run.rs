@@ -140,6 +140,7 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
         args.startup_delay,
     )?;
     let devices_summary = daemon.families.devices.clone();
+    let mut device_changes = devices_summary.device_changes();
 
     let watchdog = sd_notify::watchdog_enabled();
     // systemd's advice: ping at half the interval.
@@ -173,6 +174,9 @@ async fn run_async(cli: &Cli, args: &RunArgs) -> Result<(), Failure> {
                 other => break Stop::Signal(other),
             },
             exit = supervisor.next_exit() => break Stop::Failed(exit),
+            Some(kinds) = device_changes.recv() => {
+                daemon.devices_changed(&mut supervisor, &running_config, &kinds).await;
+            }
             changed = ready_changes.changed() => {
                 if changed.is_err() {
                     continue;

@@ -747,3 +747,58 @@ async fn sriov_netdev_mode_hands_over_the_interface_and_rdma_without_moving_the_
     let (status, log) = d.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
 }
+
+/// The SR-IOV slice follows the VFs without a timer: the PF's `sriov_numvfs` goes from 64
+/// to 4 (the fixtures' kernel stand-in changes the tree) and the real kernel sends a device
+/// uevent (a `change` written to `lo`'s uevent file, as root); the daemon walks, sees the
+/// SR-IOV devices changed, restarts that driver alone, and the slice holds the 4 VFs well
+/// within a second — the device walk's timer is 10–15 minutes.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root: writes /sys/class/net/lo/uevent to make the kernel send a uevent"]
+async fn a_device_uevent_republishes_the_sriov_slice_within_a_second() {
+    let d = Daemon::start(
+        |root| hybridlet_fixtures::e810_server(root).unwrap(),
+        |config| {
+            config.replace(
+                "    gpu:\n      driverName: gpu.example.com",
+                "    sriov:\n      enabled: true",
+            )
+        },
+        |_| Vec::new(),
+    )
+    .await;
+    let slices = "/apis/resource.k8s.io/v1/resourceslices";
+    let vfs = || -> usize {
+        d.api
+            .list(slices)
+            .iter()
+            .map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len))
+            .sum()
+    };
+    wait_until("64 VFs published", || vfs() == 64).await;
+    d.wait_log("ready").await;
+    let kernel = hybridlet_fixtures::kernel::KernelStandIn::new(d.root.path());
+    let numvfs = d
+        .root
+        .path()
+        .join("sys/bus/pci/devices/0000:81:00.0/sriov_numvfs");
+    (kernel.writer())(&numvfs, "0").unwrap();
+    (kernel.writer())(&numvfs, "4").unwrap();
+    let sent = Instant::now();
+    std::fs::write("/sys/class/net/lo/uevent", "change").unwrap();
+    wait_until("4 VFs published", || vfs() == 4).await;
+    let took = sent.elapsed();
+    eprintln!("uevent to the slice with 4 VFs: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{took:?}\n{}",
+        d.log().join("\n")
+    );
+    assert!(
+        !d.logged("its devices came or went").is_empty(),
+        "{:?}",
+        d.log()
+    );
+    let (status, log) = d.stop().await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}

@@ -24,6 +24,7 @@ mod root;
 pub mod ssm_agent;
 pub mod systemd;
 pub mod tree;
+pub mod uevent;
 
 pub use fsutil::{AtomicWriteError, atomic_write, ensure_dir, host_name, read_boot_id};
 pub use pci::{
