@@ -7,7 +7,11 @@
 //!    Prometheus does after an idle interval): p50, p99, max of 1,000 scrapes;
 //! 2. the idle daemon: resident memory (VmRSS, VmHWM) and CPU (utime + stime from
 //!    /proc/<pid>/stat) over `HYBRIDLET_BENCH_IDLE_SECONDS` (default 60) with the default
-//!    60 s device sample interval.
+//!    60 s device sample interval;
+//! 3. as root: a VF count change to the SR-IOV slice — the first PF's VFs go from 128 to
+//!    64 and back (the fixtures' kernel stand-in changes the tree) and the real kernel sends
+//!    a device uevent (`change` written to `lo`'s uevent file); the time until the slices
+//!    hold the new count, 10 changes.
 //!
 //! CSI volumes add no series (`hybridlet_csi_volumes{protocol,state}` counts them), so the
 //! scrape does not grow with them. Results in docs/benchmarks.md.
@@ -254,8 +258,69 @@ fn main() {
         status_kib(pid, "VmRSS:"),
         status_kib(pid, "VmHWM:")
     );
+    if dra && vfs_per_pf > 1 && std::fs::write("/sys/class/net/lo/uevent", "change").is_ok() {
+        vf_change_to_slice(root.path(), &url, vfs_per_pf);
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// VF devices in the published slices.
+fn vf_devices(url: &str) -> usize {
+    let body = http(url, "GET", "/apis/resource.k8s.io/v1/resourceslices");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["items"].as_array().map_or(0, |items| {
+        items
+            .iter()
+            .flat_map(|i| i["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .filter(|d| d["name"].as_str().is_some_and(|n| n.starts_with("vf-")))
+            .count()
+    })
+}
+
+/// The first PF's VFs halved and restored, 10 times: from the uevent to the slices.
+fn vf_change_to_slice(root: &std::path::Path, url: &str, vfs_per_pf: u32) {
+    let kernel = hybridlet_fixtures::kernel::KernelStandIn::new(root);
+    let pf = std::fs::read_dir(root.join("sys/bus/pci/devices"))
+        .expect("devices")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            std::fs::read_to_string(p.join("sriov_numvfs"))
+                .is_ok_and(|n| n.trim() == vfs_per_pf.to_string())
+        })
+        .min()
+        .expect("a PF with VFs");
+    let total = 8 * vfs_per_pf as usize;
+    let mut took = Vec::new();
+    for round in 0..10 {
+        let n = if round % 2 == 0 {
+            vfs_per_pf / 2
+        } else {
+            vfs_per_pf
+        };
+        let want = total - vfs_per_pf as usize + n as usize;
+        (kernel.writer())(&pf.join("sriov_numvfs"), "0").expect("sriov_numvfs 0");
+        (kernel.writer())(&pf.join("sriov_numvfs"), &n.to_string()).expect("sriov_numvfs");
+        let t = Instant::now();
+        std::fs::write("/sys/class/net/lo/uevent", "change").expect("uevent");
+        while vf_devices(url) != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the slices did not follow"
+            );
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        took.push(t.elapsed());
+    }
+    took.sort();
+    println!(
+        "VF count change to the slices (uevent, walk, driver restart, publish; {} changes): p50 {:?}, max {:?}",
+        took.len(),
+        pct(&took, 0.5),
+        took[took.len() - 1]
+    );
 }

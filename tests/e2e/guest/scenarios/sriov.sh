@@ -1,7 +1,8 @@
 # Scenario 5: SR-IOV on an emulated igb NIC (QEMU >= 8, behind an emulated Intel IOMMU):
 # hybridlet's numVfs setting creates the VFs at start-up; `hybridlet devices` sees the PF,
 # its VFs (bound to igbvf) and their PCIe topology; the SR-IOV DRA driver publishes them to
-# a fake API server, and a prepared VF moves to vfio-pci (and back at unprepare).
+# a fake API server, and a prepared VF moves to vfio-pci (and back at unprepare); a VF count
+# changed by hand reaches the slice through the kernel's uevents.
 . /mnt/share/guest/lib.sh
 
 pf=""
@@ -114,6 +115,23 @@ echo "    ok: podman ran a container with $cdi_name: SRIOV_HYBRIDLET_IO_NETDEV=$
 expect_ok "$artifacts/e2e-kubelet" --socket "$dra_sock" dra-unprepare --namespace net --name netdev --uid "$uid"
 expect_eq "VF driver after unprepare" igbvf "$(basename "$(readlink /sys/bus/pci/devices/$vf/driver)")"
 echo "    ok: $ifname handed over, VF left on igbvf"
+
+step "sriov_numvfs changed by hand: the slice follows the kernel's uevents, not a timer"
+# The device walk's timer is 10-15 minutes; only the uevents of the VFs coming and going
+# can bring the slice up to date in seconds.
+for n in 4 2; do
+  start=$(date +%s%N)
+  echo 0 > "/sys/bus/pci/devices/$pf/sriov_numvfs"
+  echo "$n" > "/sys/bus/pci/devices/$pf/sriov_numvfs"
+  wait_for 30 "a ResourceSlice with $n VFs" sh -c "[ \$(curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -o '\"name\":\"vf-' | wc -l) -eq $n ]"
+  echo "    ok: the slice lists $n VFs $(( ($(date +%s%N) - start) / 1000000 )) ms after the write (under TCG emulation)"
+done
+journalctl -u hybridlet --no-pager | grep -q "its devices came or went; restarting it" \
+  || fail "no restart of the SR-IOV driver after the VF change: $(journalctl -u hybridlet --no-pager | tail -n 30)"
+for i in 0 1; do
+  vf=$(basename "$(readlink -f /sys/bus/pci/devices/$pf/virtfn$i)")
+  wait_for 30 "VF $vf bound to igbvf" sh -c "[ \"\$(basename \"\$(readlink /sys/bus/pci/devices/$vf/driver)\")\" = igbvf ]"
+done
 kill %1 2>/dev/null || true
 
 step "a restart with the same setting keeps the VFs (no 0 -> N churn)"
