@@ -537,7 +537,9 @@ fn spawn_uevent_reader(
 ) -> tokio::sync::mpsc::UnboundedReceiver<()> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::task::spawn_blocking(move || {
-        while !shutdown.is_cancelled() {
+        // Until shutdown, or until the sampler is gone without one (a start-up that failed
+        // after it started drops the runtime, which waits for this thread).
+        while !shutdown.is_cancelled() && !tx.is_closed() {
             match source.next(Duration::from_secs(1)) {
                 Ok(Some(event)) if event.concerns_devices() => {
                     tracing::debug!(action = %event.action, devpath = %event.devpath, "device uevent");

@@ -144,10 +144,15 @@ fn main() {
         .args(["--log-level", "warn", "run", "--nvml-fixture"])
         .arg(&fixture)
         .env_remove("NOTIFY_SOCKET")
-        .envs(std::env::var("BENCH_CHILD_ENV").ok().and_then(|kv| {
-            kv.split_once('=')
+        // BENCH_CHILD_ENV=K=V[,K=V...]: the daemon's environment (MALLOC_ARENA_MAX=2, ...).
+        .envs(
+            std::env::var("BENCH_CHILD_ENV")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-        }))
+                .collect::<Vec<_>>(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

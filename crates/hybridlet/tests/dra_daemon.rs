@@ -38,6 +38,14 @@ fn cdi_spec(path: &std::path::Path, ids: &[String]) -> serde_json::Value {
 }
 
 use common::{Daemon, is_socket, wait_until};
+
+/// The fixture configuration with the SR-IOV DRA driver on instead of the GPU one.
+fn sriov_only(config: String) -> String {
+    config.replace(
+        "    gpu:\n      driverName: gpu.example.com",
+        "    sriov:\n      enabled: true",
+    )
+}
 use hybridlet_proto::dra::v1;
 use hybridlet_proto::pluginregistration::InfoRequest;
 use hybridlet_proto::pluginregistration::registration_client::RegistrationClient;
@@ -620,12 +628,7 @@ async fn sriov_netdev_mode_hands_over_the_interface_and_rdma_without_moving_the_
         |root| {
             hybridlet_fixtures::dgx_h200(root, 2).unwrap();
         },
-        |config| {
-            config.replace(
-                "    gpu:\n      driverName: gpu.example.com",
-                "    sriov:\n      enabled: true",
-            )
-        },
+        sriov_only,
         |_| Vec::new(),
     )
     .await;
@@ -755,15 +758,10 @@ async fn sriov_netdev_mode_hands_over_the_interface_and_rdma_without_moving_the_
 /// before the device walk's 10–15 minute timer.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root: writes /sys/class/net/lo/uevent to make the kernel send a uevent"]
-async fn a_device_uevent_republishes_the_sriov_slice_within_a_second() {
+async fn a_device_uevent_republishes_the_sriov_slice_without_a_timer() {
     let d = Daemon::start(
         |root| hybridlet_fixtures::e810_server(root).unwrap(),
-        |config| {
-            config.replace(
-                "    gpu:\n      driverName: gpu.example.com",
-                "    sriov:\n      enabled: true",
-            )
-        },
+        sriov_only,
         |_| Vec::new(),
     )
     .await;

@@ -120,12 +120,14 @@ step "sriov_numvfs changed by hand: the slice follows the kernel's uevents, not 
 # The device walk's timer is 10-15 minutes; only the uevents of the VFs coming and going
 # can bring the slice up to date in seconds.
 for n in 4 2; do
-  start=$(date +%s%N)
   echo 0 > "/sys/bus/pci/devices/$pf/sriov_numvfs"
+  # The write returns once the kernel has created the VFs (and sent their uevents).
   echo "$n" > "/sys/bus/pci/devices/$pf/sriov_numvfs"
+  start=$(date +%s%N)
   wait_for 30 "a ResourceSlice with $n VFs" sh -c "[ \$(curl -fsS $api/apis/resource.k8s.io/v1/resourceslices | grep -o '\"name\":\"vf-' | wc -l) -eq $n ]"
-  echo "    ok: the slice lists $n VFs $(( ($(date +%s%N) - start) / 1000000 )) ms after the write (under TCG emulation)"
+  echo "    ok: the slice lists $n VFs $(( ($(date +%s%N) - start) / 1000000 )) ms after the VFs were created (under TCG emulation)"
 done
+journalctl -u hybridlet --no-pager -o short-precise | grep -E "came or went|restarting it|ResourceSlices published" | tail -n 6 | sed 's/^/      /'
 journalctl -u hybridlet --no-pager | grep -q "its devices came or went; restarting it" \
   || fail "no restart of the SR-IOV driver after the VF change: $(journalctl -u hybridlet --no-pager | tail -n 30)"
 for i in 0 1; do
