@@ -609,7 +609,10 @@ impl Runner {
                     }
                     Err(e) => Ended::Failed(format!("listing the node's slices: {e}")),
                 },
-                Some(version) => self.watch_once(&api, &version, &mut away_since).await,
+                Some(version) => {
+                    self.watch_once(&api, &version, &mut away_since, &mut backoff)
+                        .await
+                }
             };
             let wait = match ended {
                 Ended::Resume => {
@@ -639,6 +642,7 @@ impl Runner {
         api: &kube::Api<ResourceSlice>,
         version: &str,
         away_since: &mut Option<tokio::time::Instant>,
+        backoff: &mut hybridlet_runtime::Backoff,
     ) -> Ended {
         use kube::api::{WatchEvent, WatchParams};
         use tokio_stream::StreamExt as _;
@@ -648,8 +652,10 @@ impl Runner {
             .timeout(u32::try_from(lifetime.as_secs().max(1)).unwrap_or(u32::MAX));
         let stream = match api.watch(&params, version).await {
             Ok(stream) => {
-                // The server answers: the watch is back.
+                // The server answers: the watch is back, and the next failure starts the
+                // backoff from its first step.
                 *away_since = None;
+                backoff.reset();
                 self.shared.set_connected(true);
                 stream
             }

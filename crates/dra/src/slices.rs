@@ -368,11 +368,10 @@ impl SlicePublisher {
             generation,
             ..Published::default()
         };
-        let chunks: Vec<Vec<Device>> = chunks
-            .iter()
-            .map(|c| c.iter().map(|d| d.to_api()).collect())
-            .collect();
-        for (i, mut devs) in chunks.into_iter().enumerate() {
+        // Each chunk becomes API objects only for its own write: the peak is one slice's
+        // worth, not the pool's.
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut devs: Vec<Device> = chunk.iter().map(|d| d.to_api()).collect();
             let name = slice_name(&self.node, &self.driver, i);
             if let Some(old) = by_name.get(&name) {
                 keep_time_added(&mut devs, &old.taint_times);
