@@ -121,17 +121,7 @@ impl PoolView {
         s.synced.then(|| s.slices.clone())
     }
 
-    /// The view is current and `wanted` (name → digest pair) is exactly what it holds, with
-    /// one pool generation: that generation.
-    pub(crate) fn matches(&self, wanted: &[(String, (u64, u64))], dropped: bool) -> Option<i64> {
-        let s = self.lock();
-        if !s.synced {
-            return None;
-        }
-        matching_generation(&s.slices, wanted, dropped)
-    }
-
-    pub(crate) fn replace_all<'a>(&self, slices: impl Iterator<Item = &'a ResourceSlice>) {
+    fn replace_all<'a>(&self, slices: impl Iterator<Item = &'a ResourceSlice>) {
         let mut s = self.lock();
         s.slices = slices
             .filter_map(|slice| Some((slice.metadata.name.clone()?, stored(slice))))

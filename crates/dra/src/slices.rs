@@ -201,6 +201,11 @@ impl SlicePublisher {
         on_server.max(last).saturating_add(1).max(clock)
     }
 
+    /// The field selector of this pool's slices.
+    fn selector(&self) -> String {
+        format!("spec.nodeName={},spec.driver={}", self.node, self.driver)
+    }
+
     fn err(&self, message: impl std::fmt::Display) -> PublishError {
         PublishError {
             driver: self.driver.clone(),
@@ -274,10 +279,7 @@ impl SlicePublisher {
     pub async fn withdraw(&self) -> Result<usize, PublishError> {
         let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
         let existing = api
-            .list(&ListParams::default().fields(&format!(
-                "spec.nodeName={},spec.driver={}",
-                self.node, self.driver
-            )))
+            .list(&ListParams::default().fields(&self.selector()))
             .await
             .map_err(|e| self.err(format!("listing slices: {e}")))?
             .items;
@@ -325,22 +327,12 @@ impl SlicePublisher {
         let dropped = self
             .taints_dropped
             .load(std::sync::atomic::Ordering::Relaxed);
-        if let Some(generation) = self.view.matches(&wanted, dropped) {
-            return Ok(Published {
-                generation,
-                ..Published::default()
-            });
-        }
-
         let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
-        // What the server holds: the watch's view when current, else a list.
+        // What the server holds: the watch's view when current (no request), else a list.
         let by_name = match self.view.snapshot() {
             Some(view) => view,
             None => api
-                .list(&ListParams::default().fields(&format!(
-                    "spec.nodeName={},spec.driver={}",
-                    self.node, self.driver
-                )))
+                .list(&ListParams::default().fields(&self.selector()))
                 .await
                 .map_err(|e| self.err(format!("listing slices: {e}")))?
                 .items

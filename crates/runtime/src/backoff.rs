@@ -43,7 +43,7 @@ impl Backoff {
     }
 
     /// The step of the next attempt without jitter (the most it can wait).
-    pub fn step(&self) -> Duration {
+    fn step(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
