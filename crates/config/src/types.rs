@@ -522,6 +522,11 @@ pub struct GpuDriverSpec {
     pub enabled: bool,
     /// The DRA driver name registered with the kubelet. Default `gpu.hybridlet.io`.
     pub driver_name: String,
+    /// Dynamic MIG: a GPU in MIG mode offers every placement of every MIG profile (and
+    /// itself), consuming its counter set; the instance is created at prepare and
+    /// destroyed at unprepare, and instances no prepared claim holds are destroyed at
+    /// start. Off (default): the MIG devices that exist are offered as they are.
+    pub dynamic_mig: bool,
 }
 
 impl Default for GpuDriverSpec {
@@ -529,6 +534,7 @@ impl Default for GpuDriverSpec {
         Self {
             enabled: false,
             driver_name: DEFAULT_GPU_DRIVER_NAME.to_string(),
+            dynamic_mig: false,
         }
     }
 }

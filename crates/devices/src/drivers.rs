@@ -15,8 +15,8 @@ use crate::{Discovery, HealthPolicy};
 /// Which driver, with what only it needs.
 #[derive(Debug, Clone)]
 pub enum DriverKind {
-    /// GPUs through NVML.
-    Gpu,
+    /// GPUs through NVML, with how MIG is handled.
+    Gpu(hybridlet_gpu::dra::GpuOptions),
     /// SR-IOV VFs.
     Sriov,
     /// Allowlisted PCI functions, with the allow rules and where their series go.
@@ -104,9 +104,14 @@ pub fn driver_devices(
                 }),
             }
         }
-        DriverKind::Gpu => {
-            let parts = hybridlet_gpu::dra::parts(driver, node, found.gpus, dev_dir);
-            let by_key = by_key(&parts);
+        DriverKind::Gpu(options) => {
+            let parts = hybridlet_gpu::dra::parts(driver, node, found.gpus, dev_dir, options);
+            // A GPU's MIG devices share its UUID: an XID on the GPU taints them all.
+            let by_key: Vec<(String, String)> = parts
+                .keys
+                .iter()
+                .map(|(name, key)| (key.clone(), name.clone()))
+                .collect();
             DriverDevices {
                 label: "GPU",
                 parts,

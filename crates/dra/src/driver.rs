@@ -176,6 +176,16 @@ pub trait DeviceBackend: Send + Sync + std::fmt::Debug + 'static {
         device: &str,
         config: Option<&serde_json::Value>,
     ) -> Result<ContainerEdits, DeviceError>;
+    /// Whether `device` can be prepared with `config`, before anything changes. Default:
+    /// its container edits can be made. A device that [`DeviceBackend::attach`] creates
+    /// (a MIG instance) checks what it can without creating it.
+    fn check(&self, device: &str, config: Option<&serde_json::Value>) -> Result<(), DeviceError> {
+        self.edits(device, config).map(|_| ())
+    }
+    /// At start, after interrupted prepares were released: `prepared` are the devices the
+    /// checkpoint's claims hold; anything else this backend made on the host (a MIG
+    /// instance no claim holds) can go. Default: nothing to do.
+    fn tidy(&self, _prepared: &[&str]) {}
     /// What [`DeviceBackend::release`] must put back for `device`, read before
     /// [`DeviceBackend::attach`] changes anything (an SR-IOV VF's driver and
     /// driver_override). The driver records it with the intent and the prepared device.
@@ -532,6 +542,14 @@ impl Driver {
                 }
             }
         }
+        {
+            let prepared: Vec<&str> = checkpoint
+                .claims
+                .values()
+                .flat_map(|c| c.devices.iter().map(|d| d.device.as_str()))
+                .collect();
+            backend.tidy(&prepared);
+        }
         checkpoint.boot_id = boot_id.to_string();
         checkpoint.version = crate::checkpoint::CHECKPOINT_VERSION;
         let mut driver = Self {
@@ -630,8 +648,8 @@ impl Driver {
             list.iter()
                 .map(|d| {
                     backend
-                        .edits(&d.device, d.config.as_ref())
-                        .and_then(|_| backend.snapshot(&d.device))
+                        .check(&d.device, d.config.as_ref())
+                        .and_then(|()| backend.snapshot(&d.device))
                         .map_err(|e| ClaimFailure::device(&d.device, e))
                 })
                 .collect::<Result<Vec<_>, ClaimFailure>>()
@@ -673,14 +691,11 @@ impl Driver {
         let _claim = self.lock_claim(uid).await;
         let done = self.lock_state().checkpoint.claims.get(uid).cloned();
         if let Some(done) = done {
-            // Idempotent: same devices, same CDI IDs; restore the spec if it vanished
-            // and the host state if it was lost (a reboot, a crash before attaching).
-            let spec = cdi::spec_file(&self.cdi_dir, self.backend.driver_name(), uid);
-            if spec.exists() {
-                attach_all(self.backend.as_ref(), &done.devices)?;
-            } else {
-                self.set_up(uid, &done.devices).await?;
-            }
+            // Idempotent: same devices, same CDI IDs; the host state restored if it was
+            // lost (a reboot, a crash before attaching) and the spec written again, as
+            // it may have vanished or a device may have been made anew (a MIG instance
+            // after a reboot has a new UUID).
+            self.set_up(uid, &done.devices).await?;
             return Ok(done.devices);
         }
         // Fetch without any driver-wide lock: other claims need not wait for the API server.

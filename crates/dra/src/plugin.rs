@@ -49,6 +49,8 @@ pub struct DriverParts {
     pub devices: Vec<SliceDevice>,
     /// Device name → its key on the host.
     pub keys: BTreeMap<String, String>,
+    /// Counter sets the devices consume from (partitionable devices; usually none).
+    pub counter_sets: Vec<crate::CounterSet>,
 }
 
 /// Where a DRA driver lives on the host (resolved under `--root`).
@@ -82,6 +84,7 @@ pub struct DraPlugin {
     boot_id: String,
     backend: Arc<dyn DeviceBackend>,
     devices: Vec<SliceDevice>,
+    counter_sets: Vec<crate::CounterSet>,
     metrics: PluginMetrics,
     registration_timeout: Duration,
     orphan_grace: Duration,
@@ -222,6 +225,7 @@ impl DraPlugin {
             boot_id: paths.boot_id,
             backend: parts.backend,
             devices: parts.devices,
+            counter_sets: parts.counter_sets,
             metrics: registrations,
             registration_timeout: Duration::from_secs(300),
             orphan_grace: Duration::from_secs(300),
@@ -386,7 +390,9 @@ impl DraPlugin {
 
         let timing = self.timing.clone();
         let mut publisher =
-            SlicePublisher::new(client, &self.driver, &self.node).with_timing(timing.clone());
+            SlicePublisher::new(client, &self.driver, &self.node)
+                .with_timing(timing.clone())
+                .with_counter_sets(self.counter_sets);
         // Any change the server reports (a deleted slice: the kubelet wipes them when it
         // restarts) makes the publisher compare again at once.
         let republish = Arc::new(tokio::sync::Notify::new());

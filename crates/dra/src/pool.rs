@@ -18,7 +18,7 @@ use std::time::Duration;
 use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::{Attr, SliceDevice};
+use crate::{Attr, CounterSet, SliceDevice};
 
 /// The watch's timers. The defaults are what `hybridlet run` uses; tests shrink them.
 #[derive(Debug, Clone)]
@@ -218,6 +218,7 @@ pub(crate) fn matching_generation(
 /// A listed or watched slice as the view keeps it.
 pub(crate) fn stored(slice: &ResourceSlice) -> StoredSlice {
     let devices = slice.spec.devices.as_deref().unwrap_or_default();
+    let sets = slice.spec.shared_counters.as_deref().unwrap_or_default();
     let count = slice.spec.pool.resource_slice_count;
     StoredSlice {
         taint_times: devices
@@ -237,8 +238,8 @@ pub(crate) fn stored(slice: &ResourceSlice) -> StoredSlice {
         resource_version: slice.metadata.resource_version.clone(),
         generation: slice.spec.pool.generation,
         digest: (
-            stored_digest(devices, count, true),
-            stored_digest(devices, count, false),
+            stored_digest(sets, devices, count, true),
+            stored_digest(sets, devices, count, false),
         ),
     }
 }
@@ -259,6 +260,7 @@ fn hash_device<'a>(
     name: &str,
     attributes: impl Iterator<Item = (&'a str, Value<'a>)>,
     capacity: impl Iterator<Item = (&'a str, &'a str)>,
+    consumes: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
     taints: Option<impl Iterator<Item = (&'a str, &'a str, &'a str)>>,
 ) {
     name.hash(h);
@@ -267,6 +269,9 @@ fn hash_device<'a>(
     }
     for (k, v) in capacity {
         (2u8, k, v).hash(h);
+    }
+    for c in consumes {
+        (4u8, c).hash(h);
     }
     if let Some(taints) = taints {
         for t in taints {
@@ -278,9 +283,20 @@ fn hash_device<'a>(
 
 /// Digest of one slice as a publish would write it: its devices and the pool's slice
 /// count; `with_taints` false for a server that drops device taints.
-pub(crate) fn desired_digest(devices: &[&SliceDevice], count: i64, with_taints: bool) -> u64 {
+pub(crate) fn desired_digest(
+    sets: &[&CounterSet],
+    devices: &[&SliceDevice],
+    count: i64,
+    with_taints: bool,
+) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     count.hash(&mut h);
+    for set in sets {
+        (5u8, &set.name).hash(&mut h);
+        for (k, v) in &set.counters {
+            (k.as_str(), v.as_str()).hash(&mut h);
+        }
+    }
     for d in devices {
         hash_device(
             &mut h,
@@ -295,6 +311,11 @@ pub(crate) fn desired_digest(devices: &[&SliceDevice], count: i64, with_taints: 
                 (k.as_str(), v)
             }),
             d.capacity.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            d.consumes.iter().flat_map(|c| {
+                c.counters
+                    .iter()
+                    .map(|(k, v)| (c.set.as_str(), k.as_str(), v.as_str()))
+            }),
             with_taints.then(|| {
                 d.taints
                     .iter()
@@ -307,9 +328,20 @@ pub(crate) fn desired_digest(devices: &[&SliceDevice], count: i64, with_taints: 
 
 /// Digest of one stored slice, comparable with [`desired_digest`] (the server's
 /// `timeAdded` on taints is left out: it sets it).
-fn stored_digest(devices: &[Device], count: i64, with_taints: bool) -> u64 {
+fn stored_digest(
+    sets: &[k8s_openapi::api::resource::v1::CounterSet],
+    devices: &[Device],
+    count: i64,
+    with_taints: bool,
+) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     count.hash(&mut h);
+    for set in sets {
+        (5u8, &set.name).hash(&mut h);
+        for (k, v) in &set.counters {
+            (k.as_str(), v.value.0.as_str()).hash(&mut h);
+        }
+    }
     for d in devices {
         hash_device(
             &mut h,
@@ -332,6 +364,11 @@ fn stored_digest(devices: &[Device], count: i64, with_taints: bool) -> u64 {
                 .iter()
                 .flatten()
                 .map(|(k, c)| (k.as_str(), c.value.0.as_str())),
+            d.consumes_counters.iter().flatten().flat_map(|c| {
+                c.counters
+                    .iter()
+                    .map(|(k, v)| (c.counter_set.as_str(), k.as_str(), v.value.0.as_str()))
+            }),
             with_taints.then(|| {
                 d.taints.iter().flatten().map(|t| {
                     (
@@ -719,6 +756,7 @@ mod tests {
                 value: "v".into(),
                 effect: "NoSchedule".into(),
             }],
+            consumes: Vec::new(),
         }
     }
 
@@ -729,35 +767,35 @@ mod tests {
         let api: Vec<Device> = devices.iter().map(SliceDevice::to_api).collect();
         for taints in [true, false] {
             assert_eq!(
-                desired_digest(&refs, 1, taints),
-                stored_digest(&api, 1, taints)
+                desired_digest(&[], &refs, 1, taints),
+                stored_digest(&[], &api, 1, taints)
             );
         }
         // Any difference shows: the count, a value, a type, a taint, the order.
-        let base = desired_digest(&refs, 1, true);
-        assert_ne!(base, desired_digest(&refs, 2, true));
+        let base = desired_digest(&[], &refs, 1, true);
+        assert_ne!(base, desired_digest(&[], &refs, 2, true));
         let mut changed = devices.clone();
         changed[1]
             .attributes
             .insert("numaNode".into(), Attr::Int(1));
         let r: Vec<&SliceDevice> = changed.iter().collect();
-        assert_ne!(base, desired_digest(&r, 1, true));
+        assert_ne!(base, desired_digest(&[], &r, 1, true));
         let mut retyped = devices.clone();
         retyped[1]
             .attributes
             .insert("driverVersion".into(), Attr::String("1.2.3".into()));
         let r: Vec<&SliceDevice> = retyped.iter().collect();
-        assert_ne!(base, desired_digest(&r, 1, true));
+        assert_ne!(base, desired_digest(&[], &r, 1, true));
         let mut healed = devices.clone();
         healed[0].taints.clear();
         let r: Vec<&SliceDevice> = healed.iter().collect();
-        assert_ne!(base, desired_digest(&r, 1, true));
+        assert_ne!(base, desired_digest(&[], &r, 1, true));
         // ... unless the server drops taints: then they do not count.
         assert_eq!(
-            desired_digest(&refs, 1, false),
-            desired_digest(&r, 1, false)
+            desired_digest(&[], &refs, 1, false),
+            desired_digest(&[], &r, 1, false)
         );
         let swapped = [&devices[1], &devices[0]];
-        assert_ne!(base, desired_digest(&swapped, 1, true));
+        assert_ne!(base, desired_digest(&[], &swapped, 1, true));
     }
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{
-    Device, DeviceAttribute, DeviceCapacity, DeviceTaint, ResourcePool, ResourceSlice,
-    ResourceSliceSpec,
+    Counter, CounterSet as ApiCounterSet, Device, DeviceAttribute, DeviceCapacity,
+    DeviceCounterConsumption, DeviceTaint, ResourcePool, ResourceSlice, ResourceSliceSpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -47,8 +47,56 @@ pub enum Attr {
     Version(String),
 }
 
+/// A set of counters the pool's devices share (KEP-4815 partitionable devices): a GPU's
+/// memory and compute slices, from which each of its partitions takes its part, so the
+/// scheduler never allocates two partitions that overlap.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CounterSet {
+    /// Unique in the pool (a DNS label).
+    pub name: String,
+    /// Counter name (a DNS label) → how much there is (a quantity).
+    pub counters: BTreeMap<String, String>,
+}
+
+/// What a device takes from one counter set while it is allocated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CounterUse {
+    /// The counter set's name.
+    pub set: String,
+    /// Counter name → how much (a quantity).
+    pub counters: BTreeMap<String, String>,
+}
+
+/// How a pool with counter sets is laid out in slices, which the API server's version
+/// decides: 1.34 wants each counter set in the slice of the devices that consume it; from
+/// 1.35 a slice holds devices or counter sets, never both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterLayout {
+    /// 1.34: one slice per counter set, with its devices.
+    WithDevices,
+    /// 1.35 and later: counter sets in slices of their own (8 per slice), then the devices.
+    Separate,
+}
+
+impl CounterLayout {
+    /// The layout for an API server reporting `minor` as its minor version (`"35"`,
+    /// `"35+"` on managed clusters).
+    pub fn for_minor(minor: &str) -> Option<Self> {
+        let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+        let minor: u32 = digits.parse().ok()?;
+        Some(if minor <= 34 {
+            CounterLayout::WithDevices
+        } else {
+            CounterLayout::Separate
+        })
+    }
+}
+
+/// Counter sets in one slice from 1.35 on.
+pub const MAX_COUNTER_SETS_PER_SLICE: usize = 8;
+
 /// One device to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SliceDevice {
     /// Device name, unique in the pool (a DNS label).
     pub name: String,
@@ -58,6 +106,8 @@ pub struct SliceDevice {
     pub capacity: BTreeMap<String, String>,
     /// Taints of an unhealthy device (empty when healthy).
     pub taints: Vec<crate::Taint>,
+    /// What it takes from the pool's counter sets while allocated.
+    pub consumes: Vec<CounterUse>,
 }
 
 impl SliceDevice {
@@ -100,14 +150,115 @@ impl SliceDevice {
                 })
                 .collect()
         });
+        let consumes_counters = (!self.consumes.is_empty()).then(|| {
+            self.consumes
+                .iter()
+                .map(|c| DeviceCounterConsumption {
+                    counter_set: c.set.clone(),
+                    counters: counters_to_api(&c.counters),
+                })
+                .collect()
+        });
         Device {
             name: self.name.clone(),
             attributes: Some(attributes),
             capacity: Some(capacity),
             taints,
+            consumes_counters,
             ..Device::default()
         }
     }
+}
+
+fn counters_to_api(counters: &BTreeMap<String, String>) -> BTreeMap<String, Counter> {
+    counters
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                Counter {
+                    value: Quantity(v.clone()),
+                },
+            )
+        })
+        .collect()
+}
+
+impl CounterSet {
+    pub(crate) fn to_api(&self) -> ApiCounterSet {
+        ApiCounterSet {
+            name: self.name.clone(),
+            counters: counters_to_api(&self.counters),
+        }
+    }
+}
+
+/// One slice's share of a pool: counter sets, devices, or (1.34) both.
+struct Chunk<'a> {
+    sets: Vec<&'a CounterSet>,
+    devices: Vec<&'a SliceDevice>,
+}
+
+/// A pool cut into slices: with no counter sets, `per_slice` devices each; with counter
+/// sets, as `layout` wants them.
+fn chunks<'a>(
+    sets: &'a [CounterSet],
+    devices: &'a [SliceDevice],
+    layout: CounterLayout,
+) -> Vec<Chunk<'a>> {
+    let mut sorted: Vec<&SliceDevice> = devices.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut sets: Vec<&CounterSet> = sets.iter().collect();
+    sets.sort_by(|a, b| a.name.cmp(&b.name));
+    let limited = sorted
+        .iter()
+        .any(|d| !d.taints.is_empty() || !d.consumes.is_empty());
+    let per_slice = if limited {
+        MAX_TAINTED_DEVICES_PER_SLICE
+    } else {
+        MAX_DEVICES_PER_SLICE
+    };
+    let mut out = Vec::new();
+    if !sets.is_empty() {
+        match layout {
+            CounterLayout::Separate => {
+                for group in sets.chunks(MAX_COUNTER_SETS_PER_SLICE) {
+                    out.push(Chunk {
+                        sets: group.to_vec(),
+                        devices: Vec::new(),
+                    });
+                }
+            }
+            CounterLayout::WithDevices => {
+                for set in &sets {
+                    let (with, rest): (Vec<&SliceDevice>, Vec<&SliceDevice>) = sorted
+                        .into_iter()
+                        .partition(|d| d.consumes.iter().any(|c| c.set == set.name));
+                    sorted = rest;
+                    // 1.34 counts 128 devices per slice with counters.
+                    for (i, part) in with.chunks(MAX_DEVICES_PER_SLICE).enumerate() {
+                        out.push(Chunk {
+                            sets: if i == 0 { vec![*set] } else { Vec::new() },
+                            devices: part.to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for part in sorted.chunks(per_slice) {
+        out.push(Chunk {
+            sets: Vec::new(),
+            devices: part.to_vec(),
+        });
+    }
+    if out.is_empty() {
+        out.push(Chunk {
+            sets: Vec::new(),
+            devices: Vec::new(),
+        });
+    }
+    out
 }
 
 /// Publication failures (all retryable).
@@ -148,6 +299,10 @@ pub struct SlicePublisher {
     taints_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The highest pool generation this process published.
     published: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// The pool's counter sets (partitionable devices), published with its devices.
+    counter_sets: std::sync::Arc<[CounterSet]>,
+    /// Where counter sets go, from the API server's version (read once, when needed).
+    layout: std::sync::Arc<std::sync::Mutex<Option<CounterLayout>>>,
 }
 
 impl std::fmt::Debug for SlicePublisher {
@@ -179,7 +334,48 @@ impl SlicePublisher {
             view: PoolView::default(),
             node_uid: std::sync::Arc::default(),
             timing: WatchTiming::default(),
+            counter_sets: std::sync::Arc::new([]),
+            layout: std::sync::Arc::default(),
         }
+    }
+
+    /// Publish these counter sets with the devices (which consume from them).
+    pub fn with_counter_sets(mut self, sets: Vec<CounterSet>) -> Self {
+        self.counter_sets = sets.into();
+        self
+    }
+
+    /// Lay counter sets out this way instead of asking the API server's `/version`.
+    pub fn with_counter_layout(self, layout: CounterLayout) -> Self {
+        *self.lock_layout() = Some(layout);
+        self
+    }
+
+    fn lock_layout(&self) -> std::sync::MutexGuard<'_, Option<CounterLayout>> {
+        self.layout
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Where this pool's counter sets go: asked of the API server once (`/version`).
+    async fn layout(&self) -> Result<CounterLayout, PublishError> {
+        if let Some(layout) = *self.lock_layout() {
+            return Ok(layout);
+        }
+        let info = self
+            .client
+            .apiserver_version()
+            .await
+            .map_err(|e| self.err(format!("reading the API server's version (/version): {e}")))?;
+        let layout = CounterLayout::for_minor(&info.minor).ok_or_else(|| {
+            self.err(format!(
+                "the API server reports minor version {:?} ({}), which is not a number",
+                info.minor, info.git_version
+            ))
+        })?;
+        tracing::info!(driver = %self.driver, server = %info.git_version, ?layout, "counter sets laid out for this API server");
+        *self.lock_layout() = Some(layout);
+        Ok(layout)
     }
 
     /// The watch's timers (tests shrink them).
@@ -298,18 +494,12 @@ impl SlicePublisher {
     /// the view current, content that matches it costs no request; otherwise the pool is
     /// listed, compared, and written only where it differs.
     pub async fn publish(&self, devices: &[SliceDevice]) -> Result<Published, PublishError> {
-        let mut sorted: Vec<&SliceDevice> = devices.iter().collect();
-        sorted.sort_by(|a, b| a.name.cmp(&b.name));
-        let per_slice = if sorted.iter().any(|d| !d.taints.is_empty()) {
-            MAX_TAINTED_DEVICES_PER_SLICE
+        let layout = if self.counter_sets.is_empty() {
+            CounterLayout::Separate
         } else {
-            MAX_DEVICES_PER_SLICE
+            self.layout().await?
         };
-        let chunks: Vec<&[&SliceDevice]> = if sorted.is_empty() {
-            vec![&[]]
-        } else {
-            sorted.chunks(per_slice).collect()
-        };
+        let chunks = chunks(&self.counter_sets, devices, layout);
         let count = chunks.len() as i64;
         let wanted: Vec<(String, (u64, u64))> = chunks
             .iter()
@@ -318,8 +508,8 @@ impl SlicePublisher {
                 (
                     slice_name(&self.node, &self.driver, i),
                     (
-                        crate::pool::desired_digest(c, count, true),
-                        crate::pool::desired_digest(c, count, false),
+                        crate::pool::desired_digest(&c.sets, &c.devices, count, true),
+                        crate::pool::desired_digest(&c.sets, &c.devices, count, false),
                     ),
                 )
             })
@@ -363,7 +553,8 @@ impl SlicePublisher {
         // Each chunk becomes API objects only for its own write: the peak is one slice's
         // worth, not the pool's.
         for (i, chunk) in chunks.iter().enumerate() {
-            let mut devs: Vec<Device> = chunk.iter().map(|d| d.to_api()).collect();
+            let mut devs: Vec<Device> = chunk.devices.iter().map(|d| d.to_api()).collect();
+            let sets: Vec<ApiCounterSet> = chunk.sets.iter().map(|c| c.to_api()).collect();
             let name = slice_name(&self.node, &self.driver, i);
             if let Some(old) = by_name.get(&name) {
                 keep_time_added(&mut devs, &old.taint_times);
@@ -383,7 +574,9 @@ impl SlicePublisher {
                         generation,
                         resource_slice_count: count,
                     },
-                    devices: Some(devs),
+                    // A slice of counter sets alone carries no devices (1.35+).
+                    devices: (!devs.is_empty() || sets.is_empty()).then_some(devs),
+                    shared_counters: (!sets.is_empty()).then_some(sets),
                     ..ResourceSliceSpec::default()
                 },
             };

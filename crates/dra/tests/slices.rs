@@ -25,7 +25,7 @@ fn devices(n: usize) -> Vec<SliceDevice> {
                 ("numaNode".to_string(), Attr::Int(0)),
             ]),
             capacity: BTreeMap::new(),
-            taints: Vec::new(),
+            ..SliceDevice::default()
         })
         .collect()
 }

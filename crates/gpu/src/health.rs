@@ -22,8 +22,8 @@ pub const GPU_RECOVERY: Duration = Duration::from_secs(600);
 pub struct GpuHealth {
     board: HealthBoard,
     driver: String,
-    /// GPU UUID → device name in the slice.
-    names: BTreeMap<String, String>,
+    /// GPU UUID → its devices in the slice (the GPU, or its MIG devices).
+    names: BTreeMap<String, Vec<String>>,
     /// GPU UUID → when its last fatal XID arrived.
     fatal: Mutex<BTreeMap<String, Instant>>,
     recovery: Duration,
@@ -41,17 +41,22 @@ impl std::fmt::Debug for GpuHealth {
 }
 
 impl GpuHealth {
-    /// For the GPU driver `driver`, whose devices `names` maps from UUIDs.
+    /// For the GPU driver `driver`, whose devices `names` lists as (GPU UUID, device
+    /// name): a GPU's MIG devices are all its own, and an XID on it taints them all.
     pub fn new(
         board: HealthBoard,
         driver: &str,
-        names: BTreeMap<String, String>,
+        names: impl IntoIterator<Item = (String, String)>,
         recovery: Duration,
     ) -> Self {
+        let mut grouped: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (uuid, name) in names {
+            grouped.entry(uuid).or_default().push(name);
+        }
         Self {
             board,
             driver: driver.to_string(),
-            names,
+            names: grouped,
             fatal: Mutex::new(BTreeMap::new()),
             recovery,
             now: Box::new(Instant::now),
@@ -78,7 +83,7 @@ impl GpuHealth {
         if event.xid.is_some_and(|x| APPLICATION_XIDS.contains(&x)) {
             return;
         }
-        let Some(device) = self.names.get(&event.uuid) else {
+        let Some(devices) = self.names.get(&event.uuid) else {
             return;
         };
         let code = event
@@ -90,16 +95,18 @@ impl GpuHealth {
         let at = (self.now)();
         self.fatal().insert(event.uuid.clone(), at);
         let message = format!("XID {code}: {meaning}");
-        if self.board.set_unhealthy(
-            device,
-            &message,
-            Taint {
-                key: format!("{}/xid", self.driver),
-                value: code,
-                effect: "NoSchedule".into(),
-            },
-        ) {
-            tracing::warn!(device = %device, gpu_uuid = %event.uuid, "GPU marked unhealthy and tainted: {message}");
+        for device in devices {
+            if self.board.set_unhealthy(
+                device,
+                &message,
+                Taint {
+                    key: format!("{}/xid", self.driver),
+                    value: code.clone(),
+                    effect: "NoSchedule".into(),
+                },
+            ) {
+                tracing::warn!(device = %device, gpu_uuid = %event.uuid, "GPU marked unhealthy and tainted: {message}");
+            }
         }
     }
 
@@ -117,10 +124,10 @@ impl GpuHealth {
             .collect();
         for uuid in recovered {
             fatal.remove(&uuid);
-            if let Some(device) = self.names.get(&uuid)
-                && self.board.set_healthy(device)
-            {
-                tracing::info!(device = %device, gpu_uuid = %uuid, "GPU healthy again ({}s without a fatal XID, NVML reads it); taint removed", self.recovery.as_secs());
+            for device in self.names.get(&uuid).into_iter().flatten() {
+                if self.board.set_healthy(device) {
+                    tracing::info!(device = %device, gpu_uuid = %uuid, "GPU healthy again ({}s without a fatal XID, NVML reads it); taint removed", self.recovery.as_secs());
+                }
             }
         }
     }
@@ -142,7 +149,7 @@ mod tests {
         let policy = GpuHealth::new(
             board.clone(),
             "gpu.hybridlet.io",
-            BTreeMap::from([(uuid.clone(), "gpu-0".to_string())]),
+            [(uuid.clone(), "gpu-0".to_string())],
             Duration::from_secs(300),
         )
         .with_clock(move || start + *clock.lock().unwrap());

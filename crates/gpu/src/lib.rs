@@ -13,15 +13,18 @@
 
 pub mod dra;
 mod health;
+pub mod mig;
 mod nvml;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use hybridlet_sys::{PciAddress, PciDevice, Topology};
 use serde::{Deserialize, Serialize};
 
 pub use health::{APPLICATION_XIDS, GPU_RECOVERY, GpuHealth};
+pub use mig::{MigCode, MigInfo, MigInstance, MigProfile, Placement};
 pub use nvml::NvmlSource;
 
 /// CUDA compute capability, e.g. 9.0 for Hopper.
@@ -62,6 +65,9 @@ pub struct GpuInfo {
     pub pci_bus_id: String,
     /// MIG mode, when the GPU supports MIG.
     pub mig_enabled: Option<bool>,
+    /// Its MIG profiles and instances, while MIG mode is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<MigInfo>,
 }
 
 /// Errors from a GPU source.
@@ -73,6 +79,18 @@ pub enum GpuError {
         /// The call, e.g. `nvmlDeviceGetUUID(2)`.
         call: String,
         /// NVML's message.
+        message: String,
+    },
+    /// A MIG call failed with NVML's `code`.
+    #[error("NVML {call} on GPU {gpu}: {code}: {message}")]
+    Mig {
+        /// The GPU's UUID.
+        gpu: String,
+        /// The call, e.g. `nvmlDeviceCreateGpuInstanceWithPlacement`.
+        call: &'static str,
+        /// NVML's answer.
+        code: MigCode,
+        /// What it means here.
         message: String,
     },
     /// The fake's fixture could not be read or parsed.
@@ -163,45 +181,96 @@ pub trait GpuSource: Send + Sync {
         on_start: &mut dyn FnMut(&XidWatch),
         on_event: &mut dyn FnMut(XidEvent),
     ) -> Result<(), GpuError>;
+    /// The MIG devices of GPU `gpu` (UUID) now; empty when MIG mode is off.
+    fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, GpuError>;
+    /// Create a GPU instance of profile `profile_id` at memory slice `start` on GPU `gpu`,
+    /// with one compute instance over all of it; both or neither (a compute instance that
+    /// fails takes its GPU instance with it).
+    fn create_mig(&self, gpu: &str, profile_id: u32, start: u32)
+    -> Result<MigInstance, GpuError>;
+    /// Destroy GPU instance `gpu_instance_id` of GPU `gpu` and its compute instances.
+    fn destroy_mig(&self, gpu: &str, gpu_instance_id: u32) -> Result<(), GpuError>;
 }
 
-/// GPUs described in data.
+/// GPUs described in data. MIG instances it creates or destroys change its data as NVML
+/// would change the GPU (with NVML's refusals), are written back to the fixture file it
+/// was read from (so a restarted daemon finds them, as on a real GPU), and, with a
+/// `driverRoot`, appear as the driver's capability files
+/// (`proc/driver/nvidia/capabilities/gpu<minor>/mig/gi<G>/ci<C>/access`) and device nodes
+/// (`dev/nvidia-caps/nvidia-cap<N>`) under it.
 #[derive(Debug, Clone, Default)]
 pub struct FakeSource {
-    gpus: Vec<GpuInfo>,
-    samples: Vec<GpuSample>,
-    xids: Vec<XidEvent>,
+    state: Arc<Mutex<FixtureFile>>,
+    /// The fixture file (MIG changes are written back to it).
+    file: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FixtureFile {
     gpus: Vec<GpuInfo>,
     #[serde(default)]
     samples: Vec<GpuSample>,
     #[serde(default)]
     xids: Vec<XidEvent>,
+    /// Where the driver's MIG capability files and nodes go, relative to the fixture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    driver_root: Option<PathBuf>,
+    /// Fault injection: the next MIG instance created aborts the process right after it
+    /// exists (and is written back): a crash between NVML's change and the checkpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    abort_after_create: bool,
+    /// Fault injection: creating a compute instance fails (NVML leaves the GPU instance).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fail_compute_instance: bool,
+}
+
+/// The capability minor the fake gives GPU instance `gi` (and compute instance `ci`) of
+/// the GPU with minor `minor`.
+fn fake_cap_minor(minor: u32, gi: u32, ci: Option<u32>) -> u32 {
+    3 + minor * 128 + gi * 9 + ci.map_or(0, |c| c + 1)
 }
 
 impl FakeSource {
     /// These GPUs.
     pub fn new(gpus: Vec<GpuInfo>) -> Self {
+        Self::from_fixture(
+            FixtureFile {
+                gpus,
+                ..FixtureFile::default()
+            },
+            None,
+        )
+    }
+
+    fn from_fixture(file: FixtureFile, path: Option<PathBuf>) -> Self {
         Self {
-            gpus,
-            samples: Vec::new(),
-            xids: Vec::new(),
+            state: Arc::new(Mutex::new(file)),
+            file: path,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, FixtureFile> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// These GPUs, reporting these XID errors as soon as a watch starts.
-    pub fn with_xids(mut self, xids: Vec<XidEvent>) -> Self {
-        self.xids = xids;
+    pub fn with_xids(self, xids: Vec<XidEvent>) -> Self {
+        self.lock().xids = xids;
         self
     }
 
     /// These GPUs, reporting this telemetry.
-    pub fn with_samples(mut self, samples: Vec<GpuSample>) -> Self {
-        self.samples = samples;
+    pub fn with_samples(self, samples: Vec<GpuSample>) -> Self {
+        self.lock().samples = samples;
+        self
+    }
+
+    /// Write the MIG capability files and device nodes under `root`.
+    pub fn with_driver_root(self, root: &Path) -> Self {
+        self.lock().driver_root = Some(root.to_path_buf());
         self
     }
 
@@ -212,13 +281,86 @@ impl FakeSource {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| fixture_err(e.to_string()))?;
-        let file: FixtureFile =
+        let mut file: FixtureFile =
             serde_json::from_str(&text).map_err(|e| fixture_err(e.to_string()))?;
-        Ok(Self {
-            gpus: file.gpus,
-            samples: file.samples,
-            xids: file.xids,
+        if let (Some(root), Some(dir)) = (&file.driver_root, path.parent()) {
+            file.driver_root = Some(dir.join(root));
+        }
+        // The driver lists the instances that exist.
+        if let Some(root) = &file.driver_root {
+            for g in &file.gpus {
+                for i in g.mig.iter().flat_map(|m| &m.instances) {
+                    Self::show_caps(root, g.minor_number, i)?;
+                }
+            }
+        }
+        Ok(Self::from_fixture(file, Some(path.to_path_buf())))
+    }
+
+    /// Write the state back to the fixture file (relative `driverRoot` kept relative).
+    fn save(&self, state: &FixtureFile) -> Result<(), GpuError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let mut out = state.clone();
+        if let (Some(root), Some(dir)) = (&out.driver_root, path.parent()) {
+            out.driver_root = root.strip_prefix(dir).ok().map(|r| {
+                if r.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    r.to_path_buf()
+                }
+            });
+        }
+        let text = serde_json::to_vec_pretty(&out).map_err(|e| GpuError::Fixture {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        hybridlet_sys::atomic_write(path, &text, 0o644).map_err(|e| GpuError::Fixture {
+            path: path.display().to_string(),
+            message: e.to_string(),
         })
+    }
+
+    /// What the driver shows for an instance: its capability files and device nodes.
+    fn show_caps(root: &Path, minor: u32, i: &MigInstance) -> Result<(), GpuError> {
+        let gi = root.join(format!(
+            "proc/driver/nvidia/capabilities/gpu{minor}/mig/gi{}",
+            i.gpu_instance_id
+        ));
+        for (dir, ci) in [
+            (gi.clone(), None),
+            (gi.join(format!("ci{}", i.compute_instance_id)), Some(i.compute_instance_id)),
+        ] {
+            let cap = fake_cap_minor(minor, i.gpu_instance_id, ci);
+            let write = |path: PathBuf, text: String| {
+                if let Some(parent) = path.parent() {
+                    let _ = hybridlet_sys::ensure_dir(parent, 0o755);
+                }
+                hybridlet_sys::atomic_write(&path, text.as_bytes(), 0o444).map_err(|e| {
+                    GpuError::Fixture {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    }
+                })
+            };
+            write(
+                dir.join("access"),
+                format!("DeviceFileMinor: {cap}\nDeviceFileMode: 292\nDeviceFileModify: 1\n"),
+            )?;
+            write(root.join(format!("dev/nvidia-caps/nvidia-cap{cap}")), String::new())?;
+        }
+        Ok(())
+    }
+}
+
+/// A MIG error from the fake, worded as NVML's.
+fn mig_err(gpu: &str, call: &'static str, (code, message): (MigCode, String)) -> GpuError {
+    GpuError::Mig {
+        gpu: gpu.to_string(),
+        call,
+        code,
+        message,
     }
 }
 
@@ -228,11 +370,11 @@ impl GpuSource for FakeSource {
     }
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError> {
-        Ok(self.gpus.clone())
+        Ok(self.lock().gpus.clone())
     }
 
     fn sample(&self) -> Result<Vec<GpuSample>, GpuError> {
-        Ok(self.samples.clone())
+        Ok(self.lock().samples.clone())
     }
 
     fn watch_xids(
@@ -241,16 +383,21 @@ impl GpuSource for FakeSource {
         on_start: &mut dyn FnMut(&XidWatch),
         on_event: &mut dyn FnMut(XidEvent),
     ) -> Result<(), GpuError> {
+        let (watched, xids) = {
+            let state = self.lock();
+            let watched: Vec<String> = state.gpus.iter().map(|g| g.uuid.clone()).collect();
+            (watched, state.xids.clone())
+        };
         let watch = XidWatch {
-            watched: self.gpus.iter().map(|g| g.uuid.clone()).collect(),
+            watched,
             unsupported: Vec::new(),
         };
         on_start(&watch);
         if watch.watched.is_empty() {
             return Ok(());
         }
-        for event in &self.xids {
-            on_event(event.clone());
+        for event in xids {
+            on_event(event);
         }
         while !stop() {
             // watch_xids runs on a blocking thread by contract, as NVML's wait does.
@@ -258,6 +405,107 @@ impl GpuSource for FakeSource {
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
         Ok(())
+    }
+
+    fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, GpuError> {
+        let state = self.lock();
+        let g = state.gpus.iter().find(|g| g.uuid == gpu).ok_or_else(|| {
+            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
+        })?;
+        Ok(g.mig.as_ref().map(|m| m.instances.clone()).unwrap_or_default())
+    }
+
+    fn create_mig(&self, gpu: &str, profile_id: u32, start: u32) -> Result<MigInstance, GpuError> {
+        const CALL: &str = "nvmlDeviceCreateGpuInstanceWithPlacement";
+        let mut state = self.lock();
+        let root = state.driver_root.clone();
+        let (abort, fail_ci) = (state.abort_after_create, state.fail_compute_instance);
+        let g = state.gpus.iter_mut().find(|g| g.uuid == gpu).ok_or_else(|| {
+            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
+        })?;
+        let minor = g.minor_number;
+        let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
+            let why = match g.mig_enabled {
+                None => "the GPU cannot do MIG",
+                _ => "MIG mode is off",
+            };
+            return Err(mig_err(gpu, CALL, (MigCode::NotSupported, why.into())));
+        };
+        let placement = mig.can_create(profile_id, start).map_err(|e| mig_err(gpu, CALL, e))?;
+        if fail_ci {
+            return Err(mig_err(
+                gpu,
+                "nvmlGpuInstanceCreateComputeInstance",
+                (MigCode::InsufficientResources, "compute instance could not be created".into()),
+            ));
+        }
+        let gpu_instance_id = (1..)
+            .find(|id| !mig.instances.iter().any(|i| i.gpu_instance_id == *id))
+            .unwrap_or(1);
+        let instance = MigInstance {
+            uuid: format!(
+                "MIG-{:08x}-{:04x}-5{:03x}-8{:03x}-{:012x}",
+                (minor << 16) | (gpu_instance_id << 8) | profile_id,
+                start,
+                placement.size,
+                minor,
+                u64::from(minor) << 32 | u64::from(gpu_instance_id)
+            ),
+            profile_id,
+            gpu_instance_id,
+            compute_instance_id: 0,
+            placement,
+            busy: false,
+        };
+        mig.instances.push(instance.clone());
+        if let Some(root) = &root {
+            Self::show_caps(root, minor, &instance)?;
+        }
+        state.abort_after_create = false;
+        self.save(&state)?;
+        if abort {
+            tracing::error!(mig = %instance.uuid, "fake NVML: aborting the process after creating a MIG instance (abortAfterCreate)");
+            std::process::abort();
+        }
+        Ok(instance)
+    }
+
+    fn destroy_mig(&self, gpu: &str, gpu_instance_id: u32) -> Result<(), GpuError> {
+        const CALL: &str = "nvmlGpuInstanceDestroy";
+        let mut state = self.lock();
+        let root = state.driver_root.clone();
+        let g = state.gpus.iter_mut().find(|g| g.uuid == gpu).ok_or_else(|| {
+            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
+        })?;
+        let minor = g.minor_number;
+        let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
+            return Err(mig_err(gpu, CALL, (MigCode::NotSupported, "MIG mode is off".into())));
+        };
+        let at = mig
+            .instances
+            .iter()
+            .position(|i| i.gpu_instance_id == gpu_instance_id)
+            .ok_or_else(|| {
+                mig_err(
+                    gpu,
+                    "nvmlDeviceGetGpuInstanceById",
+                    (MigCode::NotFound, format!("no GPU instance {gpu_instance_id}")),
+                )
+            })?;
+        if mig.instances[at].busy {
+            return Err(mig_err(
+                gpu,
+                CALL,
+                (MigCode::InUse, format!("processes run on GPU instance {gpu_instance_id}")),
+            ));
+        }
+        mig.instances.remove(at);
+        if let Some(root) = &root {
+            let _ = std::fs::remove_dir_all(root.join(format!(
+                "proc/driver/nvidia/capabilities/gpu{minor}/mig/gi{gpu_instance_id}"
+            )));
+        }
+        self.save(&state)
     }
 }
 

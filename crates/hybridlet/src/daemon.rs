@@ -219,7 +219,11 @@ impl Daemon {
         let kind = match which {
             DRA_SRIOV => DriverKind::Sriov,
             DRA_PCI => DriverKind::Pci(hybridlet_pci::rules(&config.agent.dra.pci), f.pci.clone()),
-            _ => DriverKind::Gpu,
+            _ => DriverKind::Gpu(hybridlet_gpu::dra::GpuOptions {
+                dynamic_mig: agent.dra.gpu.dynamic_mig,
+                proc_dir: resolve(&self.root, "/proc")?,
+                source: self.gpus.clone(),
+            }),
         };
         let devices = hybridlet_devices::driver_devices(
             kind,

@@ -65,6 +65,7 @@ pub fn parts(
             dev_dir,
         }),
         keys,
+        counter_sets: Vec::new(),
     }
 }
 
@@ -427,5 +428,6 @@ pub fn slice_device(f: &PciFunction) -> SliceDevice {
         attributes,
         capacity,
         taints: Vec::new(),
+        consumes: Vec::new(),
     }
 }

@@ -57,6 +57,7 @@ pub fn parts(
         }),
         devices,
         keys,
+        counter_sets: Vec::new(),
     }
 }
 
@@ -306,6 +307,7 @@ pub fn vf_slice_device(pf: &PhysicalFunction, vf: &VirtualFunction) -> SliceDevi
         attributes,
         capacity: BTreeMap::new(),
         taints: Vec::new(),
+        consumes: Vec::new(),
     }
 }
 
