@@ -46,7 +46,7 @@ pub use metrics::DraMetrics;
 pub use plugin::{ClaimsObserver, DraPlugin, DriverParts, PluginPaths, checkpoint_path};
 pub use pool::{NodeSliceWatch, Subscription, WATCH_RETRY_MAX, WatchTiming};
 pub use slices::{
-    Attr, CounterLayout, CounterSet, CounterUse, MAX_COUNTER_SETS_PER_SLICE,
-    MAX_DEVICES_PER_SLICE, PublishError, Published, SliceDevice, SlicePublisher,
+    Attr, CounterLayout, CounterSet, CounterUse, MAX_COUNTER_SETS_PER_SLICE, MAX_DEVICES_PER_SLICE,
+    PublishError, Published, SliceDevice, SlicePublisher,
 };
 pub use topology::topology_attributes;

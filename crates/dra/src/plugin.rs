@@ -389,10 +389,9 @@ impl DraPlugin {
         ctx.ready.set_ready();
 
         let timing = self.timing.clone();
-        let mut publisher =
-            SlicePublisher::new(client, &self.driver, &self.node)
-                .with_timing(timing.clone())
-                .with_counter_sets(self.counter_sets);
+        let mut publisher = SlicePublisher::new(client, &self.driver, &self.node)
+            .with_timing(timing.clone())
+            .with_counter_sets(self.counter_sets);
         // Any change the server reports (a deleted slice: the kubelet wipes them when it
         // restarts) makes the publisher compare again at once.
         let republish = Arc::new(tokio::sync::Notify::new());

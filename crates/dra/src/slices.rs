@@ -362,11 +362,10 @@ impl SlicePublisher {
         if let Some(layout) = *self.lock_layout() {
             return Ok(layout);
         }
-        let info = self
-            .client
-            .apiserver_version()
-            .await
-            .map_err(|e| self.err(format!("reading the API server's version (/version): {e}")))?;
+        let info =
+            self.client.apiserver_version().await.map_err(|e| {
+                self.err(format!("reading the API server's version (/version): {e}"))
+            })?;
         let layout = CounterLayout::for_minor(&info.minor).ok_or_else(|| {
             self.err(format!(
                 "the API server reports minor version {:?} ({}), which is not a number",

@@ -77,14 +77,24 @@ pub fn parts(
     let mut devices = Vec::new();
     let mut counter_sets = Vec::new();
     for (i, g) in gpus.iter().enumerate() {
-        let mig = g.info.mig.as_ref().filter(|_| g.info.mig_enabled == Some(true));
+        let mig = g
+            .info
+            .mig
+            .as_ref()
+            .filter(|_| g.info.mig_enabled == Some(true));
         if g.info.mig_enabled == Some(true) && mig.is_none() {
             tracing::warn!(gpu = %g.info.uuid, index = g.info.index, "MIG mode is on but its profiles and instances cannot be read: the GPU is not offered (a container would get a GPU without MIG devices)");
             continue;
         }
         let Some(mig) = mig else {
             devices.push(slice_device(g));
-            devs.insert(device_name(g), Dev { gpu: i, kind: Kind::Whole });
+            devs.insert(
+                device_name(g),
+                Dev {
+                    gpu: i,
+                    kind: Kind::Whole,
+                },
+            );
             continue;
         };
         if !options.dynamic_mig {
@@ -94,8 +104,21 @@ pub fn parts(
                     continue;
                 };
                 let name = placement_name(g, profile, inst.placement);
-                devices.push(mig_device(g, &name, profile, inst.placement, Some(inst), None));
-                devs.insert(name, Dev { gpu: i, kind: Kind::Static(inst.clone()) });
+                devices.push(mig_device(
+                    g,
+                    &name,
+                    profile,
+                    inst.placement,
+                    Some(inst),
+                    None,
+                ));
+                devs.insert(
+                    name,
+                    Dev {
+                        gpu: i,
+                        kind: Kind::Static(inst.clone()),
+                    },
+                );
             }
             continue;
         }
@@ -105,15 +128,32 @@ pub fn parts(
             all.insert(format!("memory-slice-{s}"), "1".to_string());
         }
         all.insert("compute-slices".into(), mig.compute_slices.to_string());
-        let ofa = mig.profiles.iter().map(|p| p.ofa_engines).max().unwrap_or(0);
+        let ofa = mig
+            .profiles
+            .iter()
+            .map(|p| p.ofa_engines)
+            .max()
+            .unwrap_or(0);
         if ofa > 0 {
             all.insert("ofa-engines".into(), ofa.to_string());
         }
-        counter_sets.push(CounterSet { name: set.clone(), counters: all.clone() });
+        counter_sets.push(CounterSet {
+            name: set.clone(),
+            counters: all.clone(),
+        });
         let mut whole = slice_device(g);
-        whole.consumes = vec![CounterUse { set: set.clone(), counters: all }];
+        whole.consumes = vec![CounterUse {
+            set: set.clone(),
+            counters: all,
+        }];
         devices.push(whole);
-        devs.insert(device_name(g), Dev { gpu: i, kind: Kind::Whole });
+        devs.insert(
+            device_name(g),
+            Dev {
+                gpu: i,
+                kind: Kind::Whole,
+            },
+        );
         for profile in &mig.profiles {
             for placement in &profile.placements {
                 let name = placement_name(g, profile, *placement);
@@ -125,11 +165,24 @@ pub fn parts(
                 if profile.ofa_engines > 0 && ofa > 0 {
                     uses.insert("ofa-engines".into(), profile.ofa_engines.to_string());
                 }
-                let consumes = CounterUse { set: set.clone(), counters: uses };
-                devices.push(mig_device(g, &name, profile, *placement, None, Some(consumes)));
+                let consumes = CounterUse {
+                    set: set.clone(),
+                    counters: uses,
+                };
+                devices.push(mig_device(
+                    g,
+                    &name,
+                    profile,
+                    *placement,
+                    None,
+                    Some(consumes),
+                ));
                 devs.insert(
                     name,
-                    Dev { gpu: i, kind: Kind::Placement(profile.clone(), *placement) },
+                    Dev {
+                        gpu: i,
+                        kind: Kind::Placement(profile.clone(), *placement),
+                    },
                 );
             }
         }
@@ -147,6 +200,7 @@ pub fn parts(
             devs,
             dev_dir,
             options,
+            whole: std::sync::Mutex::default(),
         }),
         devices,
         keys,
@@ -164,6 +218,9 @@ struct GpuBackend {
     /// Where the host's `/dev` is (under `--root` in tests).
     dev_dir: PathBuf,
     options: GpuOptions,
+    /// GPUs (indexes) in MIG mode prepared whole (dynamic MIG): no MIG device of theirs
+    /// may be created meanwhile.
+    whole: std::sync::Mutex<std::collections::BTreeSet<usize>>,
 }
 
 /// `gpu-<index>`: the device's name in the slice.
@@ -209,24 +266,32 @@ fn cap_minor(access: &Path) -> Result<u32, DeviceError> {
     text.lines()
         .find_map(|l| l.strip_prefix("DeviceFileMinor:"))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            DeviceError::Host(format!("{}: no DeviceFileMinor line", access.display()))
-        })
+        .ok_or_else(|| DeviceError::Host(format!("{}: no DeviceFileMinor line", access.display())))
 }
 
 fn mig_error(e: GpuError) -> DeviceError {
     match e {
-        GpuError::Mig { code: MigCode::NotSupported, .. } => DeviceError::Host(format!(
+        GpuError::Mig {
+            code: MigCode::NotSupported,
+            ..
+        } => DeviceError::Host(format!(
             "{e}: this GPU cannot take MIG instances now (MIG mode off, or a GPU without MIG); enable MIG mode (`nvidia-smi -i <gpu> -mig 1`) or ask for the whole GPU"
         )),
-        GpuError::Mig { code: MigCode::NoPermission, .. } => {
-            DeviceError::Host(format!("{e}: creating MIG instances needs root"))
-        }
+        GpuError::Mig {
+            code: MigCode::NoPermission,
+            ..
+        } => DeviceError::Host(format!("{e}: creating MIG instances needs root")),
         other => DeviceError::Host(other.to_string()),
     }
 }
 
 impl GpuBackend {
+    fn whole(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<usize>> {
+        self.whole
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn dev(&self, device: &str) -> Result<(&Dev, &Gpu), DeviceError> {
         let d = self
             .devs
@@ -242,8 +307,16 @@ impl GpuBackend {
     }
 
     /// The MIG instance a dynamic device has now, if any.
-    fn current(&self, g: &Gpu, profile: &MigProfile, at: Placement) -> Result<Option<MigInstance>, DeviceError> {
-        let instances = self.source()?.mig_instances(&g.info.uuid).map_err(mig_error)?;
+    fn current(
+        &self,
+        g: &Gpu,
+        profile: &MigProfile,
+        at: Placement,
+    ) -> Result<Option<MigInstance>, DeviceError> {
+        let instances = self
+            .source()?
+            .mig_instances(&g.info.uuid)
+            .map_err(mig_error)?;
         Ok(instances
             .into_iter()
             .find(|i| i.profile_id == profile.id && i.placement == at))
@@ -277,13 +350,21 @@ impl GpuBackend {
     }
 
     /// A MIG device's edits: the parent's nodes, the instance's capability nodes, its UUID.
-    fn mig_edits(&self, device: &str, g: &Gpu, inst: &MigInstance) -> Result<ContainerEdits, DeviceError> {
+    fn mig_edits(
+        &self,
+        device: &str,
+        g: &Gpu,
+        inst: &MigInstance,
+    ) -> Result<ContainerEdits, DeviceError> {
         let mut nodes = self.gpu_nodes(device, g)?;
         let gi = self.options.proc_dir.join(format!(
             "driver/nvidia/capabilities/gpu{}/mig/gi{}",
             g.info.minor_number, inst.gpu_instance_id
         ));
-        for access in [gi.join("access"), gi.join(format!("ci{}/access", inst.compute_instance_id))] {
+        for access in [
+            gi.join("access"),
+            gi.join(format!("ci{}/access", inst.compute_instance_id)),
+        ] {
             let cap = format!("nvidia-caps/nvidia-cap{}", cap_minor(&access)?);
             if !self.dev_dir.join(&cap).exists() {
                 return Err(DeviceError::Host(format!(
@@ -301,7 +382,9 @@ impl GpuBackend {
 
     /// Whether MIG mode is still on for `g` (NVML answers for its instances).
     fn check_mig(&self, g: &Gpu) -> Result<(), DeviceError> {
-        self.source()?.mig_instances(&g.info.uuid).map_err(mig_error)?;
+        self.source()?
+            .mig_instances(&g.info.uuid)
+            .map_err(mig_error)?;
         if g.info.mig_enabled != Some(true) {
             return Err(DeviceError::Host(format!(
                 "GPU {} ({}) is not in MIG mode: no MIG instance can be created on it",
@@ -355,11 +438,32 @@ impl DeviceBackend for GpuBackend {
 
     fn attach(&self, device: &str, _config: Option<&serde_json::Value>) -> Result<(), DeviceError> {
         let (d, g) = self.dev(device)?;
+        let source = match (&d.kind, self.options.dynamic_mig) {
+            (Kind::Placement(..), _) | (Kind::Whole, true) if g.info.mig_enabled == Some(true) => {
+                self.source()?
+            }
+            _ => return Ok(()),
+        };
+        let instances = source.mig_instances(&g.info.uuid).map_err(mig_error)?;
         let Kind::Placement(profile, at) = &d.kind else {
+            // The whole GPU, while no MIG device of it exists (they would share it).
+            if let Some(i) = instances.first() {
+                return Err(DeviceError::Host(format!(
+                    "GPU {} has {} MIG device(s) in use ({} first): the whole GPU can be prepared once they are released",
+                    g.info.index,
+                    instances.len(),
+                    i.uuid
+                )));
+            }
+            self.whole().insert(d.gpu);
             return Ok(());
         };
-        let source = self.source()?;
-        let instances = source.mig_instances(&g.info.uuid).map_err(mig_error)?;
+        if self.whole().contains(&d.gpu) {
+            return Err(DeviceError::Host(format!(
+                "the whole GPU {} is prepared for another claim: none of its MIG devices can be created",
+                g.info.index
+            )));
+        }
         if let Some(inst) = instances
             .iter()
             .find(|i| i.profile_id == profile.id && i.placement == *at)
@@ -374,9 +478,14 @@ impl DeviceBackend for GpuBackend {
         Ok(())
     }
 
-    fn release(&self, device: &str, _original: Option<&serde_json::Value>) -> Result<(), DeviceError> {
+    fn release(
+        &self,
+        device: &str,
+        _original: Option<&serde_json::Value>,
+    ) -> Result<(), DeviceError> {
         let (d, g) = self.dev(device)?;
         let Kind::Placement(profile, at) = &d.kind else {
+            self.whole().remove(&d.gpu);
             return Ok(());
         };
         let Some(inst) = self.current(g, profile, *at)? else {
@@ -395,32 +504,6 @@ impl DeviceBackend for GpuBackend {
         Ok(())
     }
 
-    fn companions(&self, device: &str) -> Vec<String> {
-        // With dynamic MIG, overlapping placements (and the whole GPU) cannot be prepared
-        // together: the scheduler's counters say so too, this guards a stale allocation.
-        let Some(d) = self.devs.get(device) else {
-            return Vec::new();
-        };
-        if !self.options.dynamic_mig {
-            return Vec::new();
-        }
-        let mine = match &d.kind {
-            Kind::Placement(_, at) => Some(*at),
-            Kind::Whole => None,
-            Kind::Static(_) => return Vec::new(),
-        };
-        self.devs
-            .iter()
-            .filter(|(name, o)| *name != device && o.gpu == d.gpu)
-            .filter(|(_, o)| match (&o.kind, mine) {
-                (Kind::Placement(_, other), Some(at)) => other.overlaps(&at),
-                (Kind::Placement(..), None) | (Kind::Whole, Some(_)) => true,
-                _ => false,
-            })
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
     fn changes_host(&self) -> bool {
         self.options.dynamic_mig
     }
@@ -429,10 +512,23 @@ impl DeviceBackend for GpuBackend {
         if !self.options.dynamic_mig {
             return;
         }
+        for name in prepared {
+            if let Some(Dev {
+                gpu,
+                kind: Kind::Whole,
+            }) = self.devs.get(*name)
+            {
+                self.whole().insert(*gpu);
+            }
+        }
         let Ok(source) = self.source() else {
             return;
         };
-        for g in self.gpus.iter().filter(|g| g.info.mig_enabled == Some(true)) {
+        for g in self
+            .gpus
+            .iter()
+            .filter(|g| g.info.mig_enabled == Some(true))
+        {
             let instances = match source.mig_instances(&g.info.uuid) {
                 Ok(i) => i,
                 Err(e) => {
@@ -451,8 +547,12 @@ impl DeviceBackend for GpuBackend {
                     continue;
                 }
                 match source.destroy_mig(&g.info.uuid, inst.gpu_instance_id) {
-                    Ok(()) => tracing::warn!(gpu = %g.info.uuid, mig = %inst.uuid, gpu_instance = inst.gpu_instance_id, "destroyed a MIG instance no prepared claim holds (dynamic MIG owns this GPU's instances)"),
-                    Err(e) => tracing::error!(gpu = %g.info.uuid, mig = %inst.uuid, "a MIG instance no prepared claim holds could not be destroyed: {e}; placements that overlap it fail until it is gone"),
+                    Ok(()) => {
+                        tracing::warn!(gpu = %g.info.uuid, mig = %inst.uuid, gpu_instance = inst.gpu_instance_id, "destroyed a MIG instance no prepared claim holds (dynamic MIG owns this GPU's instances)")
+                    }
+                    Err(e) => {
+                        tracing::error!(gpu = %g.info.uuid, mig = %inst.uuid, "a MIG instance no prepared claim holds could not be destroyed: {e}; placements that overlap it fail until it is gone")
+                    }
                 }
             }
         }
@@ -464,9 +564,18 @@ fn gpu_attributes(g: &Gpu) -> BTreeMap<String, Attr> {
     let mut attributes = BTreeMap::from([
         ("productName".to_string(), Attr::String(g.info.name.clone())),
         ("brand".to_string(), Attr::String(g.info.brand.clone())),
-        ("architecture".to_string(), Attr::String(g.info.architecture.clone())),
-        ("driverVersion".to_string(), Attr::Version(semver(&g.info.driver_version))),
-        ("cudaDriverVersion".to_string(), Attr::Version(semver(&g.info.cuda_driver_version))),
+        (
+            "architecture".to_string(),
+            Attr::String(g.info.architecture.clone()),
+        ),
+        (
+            "driverVersion".to_string(),
+            Attr::Version(semver(&g.info.driver_version)),
+        ),
+        (
+            "cudaDriverVersion".to_string(),
+            Attr::Version(semver(&g.info.cuda_driver_version)),
+        ),
         (
             "cudaComputeCapability".to_string(),
             Attr::Version(format!(
@@ -491,7 +600,10 @@ pub fn slice_device(g: &Gpu) -> SliceDevice {
     attributes.insert("type".into(), Attr::String("gpu".into()));
     attributes.insert("uuid".into(), Attr::String(g.info.uuid.clone()));
     attributes.insert("index".into(), Attr::Int(i64::from(g.info.index)));
-    attributes.insert("migEnabled".into(), Attr::Bool(g.info.mig_enabled == Some(true)));
+    attributes.insert(
+        "migEnabled".into(),
+        Attr::Bool(g.info.mig_enabled == Some(true)),
+    );
     SliceDevice {
         name: device_name(g),
         attributes,
@@ -528,7 +640,10 @@ fn mig_device(
     }
     let capacity = BTreeMap::from([
         ("memory".to_string(), profile.memory_bytes.to_string()),
-        ("multiprocessors".to_string(), profile.multiprocessors.to_string()),
+        (
+            "multiprocessors".to_string(),
+            profile.multiprocessors.to_string(),
+        ),
         ("copyEngines".to_string(), profile.copy_engines.to_string()),
         ("decoders".to_string(), profile.decoders.to_string()),
         ("encoders".to_string(), profile.encoders.to_string()),

@@ -186,8 +186,7 @@ pub trait GpuSource: Send + Sync {
     /// Create a GPU instance of profile `profile_id` at memory slice `start` on GPU `gpu`,
     /// with one compute instance over all of it; both or neither (a compute instance that
     /// fails takes its GPU instance with it).
-    fn create_mig(&self, gpu: &str, profile_id: u32, start: u32)
-    -> Result<MigInstance, GpuError>;
+    fn create_mig(&self, gpu: &str, profile_id: u32, start: u32) -> Result<MigInstance, GpuError>;
     /// Destroy GPU instance `gpu_instance_id` of GPU `gpu` and its compute instances.
     fn destroy_mig(&self, gpu: &str, gpu_instance_id: u32) -> Result<(), GpuError>;
 }
@@ -330,7 +329,10 @@ impl FakeSource {
         ));
         for (dir, ci) in [
             (gi.clone(), None),
-            (gi.join(format!("ci{}", i.compute_instance_id)), Some(i.compute_instance_id)),
+            (
+                gi.join(format!("ci{}", i.compute_instance_id)),
+                Some(i.compute_instance_id),
+            ),
         ] {
             let cap = fake_cap_minor(minor, i.gpu_instance_id, ci);
             let write = |path: PathBuf, text: String| {
@@ -348,7 +350,10 @@ impl FakeSource {
                 dir.join("access"),
                 format!("DeviceFileMinor: {cap}\nDeviceFileMode: 292\nDeviceFileModify: 1\n"),
             )?;
-            write(root.join(format!("dev/nvidia-caps/nvidia-cap{cap}")), String::new())?;
+            write(
+                root.join(format!("dev/nvidia-caps/nvidia-cap{cap}")),
+                String::new(),
+            )?;
         }
         Ok(())
     }
@@ -410,9 +415,16 @@ impl GpuSource for FakeSource {
     fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, GpuError> {
         let state = self.lock();
         let g = state.gpus.iter().find(|g| g.uuid == gpu).ok_or_else(|| {
-            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
+            mig_err(
+                gpu,
+                "nvmlDeviceGetHandleByUUID",
+                (MigCode::NotFound, "no such GPU".into()),
+            )
         })?;
-        Ok(g.mig.as_ref().map(|m| m.instances.clone()).unwrap_or_default())
+        Ok(g.mig
+            .as_ref()
+            .map(|m| m.instances.clone())
+            .unwrap_or_default())
     }
 
     fn create_mig(&self, gpu: &str, profile_id: u32, start: u32) -> Result<MigInstance, GpuError> {
@@ -420,9 +432,17 @@ impl GpuSource for FakeSource {
         let mut state = self.lock();
         let root = state.driver_root.clone();
         let (abort, fail_ci) = (state.abort_after_create, state.fail_compute_instance);
-        let g = state.gpus.iter_mut().find(|g| g.uuid == gpu).ok_or_else(|| {
-            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
-        })?;
+        let g = state
+            .gpus
+            .iter_mut()
+            .find(|g| g.uuid == gpu)
+            .ok_or_else(|| {
+                mig_err(
+                    gpu,
+                    "nvmlDeviceGetHandleByUUID",
+                    (MigCode::NotFound, "no such GPU".into()),
+                )
+            })?;
         let minor = g.minor_number;
         let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
             let why = match g.mig_enabled {
@@ -431,12 +451,17 @@ impl GpuSource for FakeSource {
             };
             return Err(mig_err(gpu, CALL, (MigCode::NotSupported, why.into())));
         };
-        let placement = mig.can_create(profile_id, start).map_err(|e| mig_err(gpu, CALL, e))?;
+        let placement = mig
+            .can_create(profile_id, start)
+            .map_err(|e| mig_err(gpu, CALL, e))?;
         if fail_ci {
             return Err(mig_err(
                 gpu,
                 "nvmlGpuInstanceCreateComputeInstance",
-                (MigCode::InsufficientResources, "compute instance could not be created".into()),
+                (
+                    MigCode::InsufficientResources,
+                    "compute instance could not be created".into(),
+                ),
             ));
         }
         let gpu_instance_id = (1..)
@@ -474,12 +499,24 @@ impl GpuSource for FakeSource {
         const CALL: &str = "nvmlGpuInstanceDestroy";
         let mut state = self.lock();
         let root = state.driver_root.clone();
-        let g = state.gpus.iter_mut().find(|g| g.uuid == gpu).ok_or_else(|| {
-            mig_err(gpu, "nvmlDeviceGetHandleByUUID", (MigCode::NotFound, "no such GPU".into()))
-        })?;
+        let g = state
+            .gpus
+            .iter_mut()
+            .find(|g| g.uuid == gpu)
+            .ok_or_else(|| {
+                mig_err(
+                    gpu,
+                    "nvmlDeviceGetHandleByUUID",
+                    (MigCode::NotFound, "no such GPU".into()),
+                )
+            })?;
         let minor = g.minor_number;
         let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
-            return Err(mig_err(gpu, CALL, (MigCode::NotSupported, "MIG mode is off".into())));
+            return Err(mig_err(
+                gpu,
+                CALL,
+                (MigCode::NotSupported, "MIG mode is off".into()),
+            ));
         };
         let at = mig
             .instances
@@ -489,14 +526,20 @@ impl GpuSource for FakeSource {
                 mig_err(
                     gpu,
                     "nvmlDeviceGetGpuInstanceById",
-                    (MigCode::NotFound, format!("no GPU instance {gpu_instance_id}")),
+                    (
+                        MigCode::NotFound,
+                        format!("no GPU instance {gpu_instance_id}"),
+                    ),
                 )
             })?;
         if mig.instances[at].busy {
             return Err(mig_err(
                 gpu,
                 CALL,
-                (MigCode::InUse, format!("processes run on GPU instance {gpu_instance_id}")),
+                (
+                    MigCode::InUse,
+                    format!("processes run on GPU instance {gpu_instance_id}"),
+                ),
             ));
         }
         mig.instances.remove(at);

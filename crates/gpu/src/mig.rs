@@ -276,11 +276,23 @@ mod tests {
     fn creation_follows_nvmls_rules() {
         let mut g = h200();
         assert_eq!(add(&mut g, 99, 0), Err(MigCode::InvalidArgument));
-        assert_eq!(add(&mut g, 9, 2), Err(MigCode::InvalidArgument), "3g starts at 0 or 4");
+        assert_eq!(
+            add(&mut g, 9, 2),
+            Err(MigCode::InvalidArgument),
+            "3g starts at 0 or 4"
+        );
         add(&mut g, 9, 4).unwrap();
-        assert_eq!(add(&mut g, 19, 5), Err(MigCode::InsufficientResources), "overlap");
+        assert_eq!(
+            add(&mut g, 19, 5),
+            Err(MigCode::InsufficientResources),
+            "overlap"
+        );
         add(&mut g, 5, 0).unwrap();
-        assert_eq!(add(&mut g, 19, 0), Err(MigCode::InsufficientResources), "full");
+        assert_eq!(
+            add(&mut g, 19, 0),
+            Err(MigCode::InsufficientResources),
+            "full"
+        );
         let mut g = h200();
         add(&mut g, 20, 0).unwrap();
         assert_eq!(

@@ -178,7 +178,10 @@ impl GpuSource for NvmlSource {
     }
 
     fn create_mig(&self, gpu: &str, _profile: u32, _start: u32) -> Result<MigInstance, GpuError> {
-        Err(mig_unwrapped(gpu, "nvmlDeviceCreateGpuInstanceWithPlacement"))
+        Err(mig_unwrapped(
+            gpu,
+            "nvmlDeviceCreateGpuInstanceWithPlacement",
+        ))
     }
 
     fn destroy_mig(&self, gpu: &str, _gpu_instance_id: u32) -> Result<(), GpuError> {

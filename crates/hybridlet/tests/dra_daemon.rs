@@ -11,33 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-/// A CDI spec the driver wrote, judged by the CDI specification's rules
-/// (`hybridlet_fixtures::cdi`), declaring the oldest version its content allows, with every
-/// name the kubelet was given found in it.
-fn cdi_spec(path: &std::path::Path, ids: &[String]) -> serde_json::Value {
-    let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    hybridlet_fixtures::cdi::validate(&spec)
-        .unwrap_or_else(|e| panic!("{}: {e}\n{spec:#}", path.display()));
-    // The oldest version its content allows, which consumers built with older CDI
-    // libraries (podman 4.3, containerd 1.7.0: 0.5.0 at most) still read.
-    assert_eq!(
-        spec["cdiVersion"],
-        hybridlet_fixtures::cdi::minimum_version(&spec).unwrap(),
-        "{}",
-        path.display()
-    );
-    for id in ids {
-        assert!(
-            hybridlet_fixtures::cdi::resolve(&spec, id).is_some(),
-            "{id} is not in {}",
-            path.display()
-        );
-    }
-    spec
-}
-
-use common::{Daemon, is_socket, wait_until};
+use common::{Daemon, cdi_spec, is_socket, wait_until};
 
 /// The fixture configuration with the SR-IOV DRA driver on instead of the GPU one.
 fn sriov_only(config: String) -> String {

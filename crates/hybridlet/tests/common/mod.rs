@@ -238,7 +238,24 @@ impl Daemon {
         extra_args: impl FnOnce(&Path) -> Vec<String>,
         envs: Vec<(String, String)>,
     ) -> Self {
-        let api = FakeApiServer::start().await.unwrap();
+        Self::start_on(
+            FakeApiServer::start().await.unwrap(),
+            fixture,
+            config,
+            extra_args,
+            envs,
+        )
+        .await
+    }
+
+    /// As `start_with_env`, with `api` (set up by the test) as the cluster.
+    pub async fn start_on(
+        api: FakeApiServer,
+        fixture: impl FnOnce(&Path),
+        config: impl FnOnce(String) -> String,
+        extra_args: impl FnOnce(&Path) -> Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Self {
         api.put(
             &format!("/api/v1/nodes/{NODE}"),
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "uid": "node-uid"}}),
@@ -374,4 +391,30 @@ impl Daemon {
         let status = self.agent.wait_exit(Duration::from_secs(1));
         (status, self.log().join("\n"))
     }
+}
+
+/// A CDI spec the driver wrote, judged by the CDI specification's rules
+/// (`hybridlet_fixtures::cdi`), declaring the oldest version its content allows, with every
+/// name the kubelet was given found in it.
+pub fn cdi_spec(path: &std::path::Path, ids: &[String]) -> serde_json::Value {
+    let spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    hybridlet_fixtures::cdi::validate(&spec)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{spec:#}", path.display()));
+    // The oldest version its content allows, which consumers built with older CDI
+    // libraries (podman 4.3, containerd 1.7.0: 0.5.0 at most) still read.
+    assert_eq!(
+        spec["cdiVersion"],
+        hybridlet_fixtures::cdi::minimum_version(&spec).unwrap(),
+        "{}",
+        path.display()
+    );
+    for id in ids {
+        assert!(
+            hybridlet_fixtures::cdi::resolve(&spec, id).is_some(),
+            "{id} is not in {}",
+            path.display()
+        );
+    }
+    spec
 }
