@@ -132,7 +132,7 @@ fn dra_manifests_fit_together() {
 /// The clauses of a DeviceClass selector in the subset our manifests use:
 /// `device.driver == "D"` and `device.attributes["D"].NAME == "V"`, joined by `&&`.
 /// Anything else fails the test, so a manifest cannot outgrow what is checked here.
-fn clauses(expression: &str) -> Vec<(String, String)> {
+fn clauses(expression: &str, domain: &str) -> Vec<(String, String)> {
     expression
         .split("&&")
         .map(|c| {
@@ -145,7 +145,7 @@ fn clauses(expression: &str) -> Vec<(String, String)> {
                 return ("driver".to_string(), value);
             }
             let name = left
-                .strip_prefix("device.attributes[\"pci.hybridlet.io\"].")
+                .strip_prefix(&format!("device.attributes[\"{domain}\"]."))
                 .unwrap_or_else(|| panic!("unsupported clause {c:?}"));
             (name.to_string(), value)
         })
@@ -183,7 +183,7 @@ fn pci_device_classes_select_what_the_pci_driver_publishes() {
         let expression = class["spec"]["selectors"][0]["cel"]["expression"]
             .as_str()
             .unwrap();
-        let clauses = clauses(expression);
+        let clauses = clauses(expression, "pci.hybridlet.io");
         devices
             .iter()
             .filter(|d| {
@@ -223,6 +223,74 @@ fn pci_device_classes_select_what_the_pci_driver_publishes() {
             );
         }
     }
+}
+
+/// The GPU DeviceClasses and the MIG claim template select what the GPU driver publishes
+/// for a DGX H200 whose GPU 0 is in MIG mode: whole GPUs, and MIG devices (existing ones,
+/// or every placement with dynamic MIG), the template the `1g.18gb` ones.
+#[test]
+fn gpu_device_classes_select_whole_gpus_and_mig_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(dir.path(), 0).unwrap();
+    hybridlet_fixtures::enable_mig(dir.path(), 0, &[(19, 0), (9, 4)]).unwrap();
+    let source = hybridlet_gpu::FakeSource::from_file(&dir.path().join("fake-nvml.json")).unwrap();
+    let (gpus, _) = hybridlet_gpu::discover(&source, &[]).unwrap();
+    let select = |file: &str, dynamic: bool| -> Vec<String> {
+        let parts = hybridlet_gpu::dra::parts(
+            "gpu.hybridlet.io",
+            "n",
+            gpus.clone(),
+            dir.path().join("dev"),
+            hybridlet_gpu::dra::GpuOptions {
+                dynamic_mig: dynamic,
+                ..Default::default()
+            },
+        );
+        let doc = &docs(&deploy().join("dra").join(file))[0];
+        let spec = if doc["kind"] == "DeviceClass" {
+            &doc["spec"]
+        } else {
+            &doc["spec"]["spec"]["devices"]["requests"][0]["exactly"]
+        };
+        let clauses = clauses(
+            spec["selectors"][0]["cel"]["expression"].as_str().unwrap(),
+            "gpu.hybridlet.io",
+        );
+        parts
+            .devices
+            .iter()
+            .filter(|d| {
+                clauses.iter().all(|(name, value)| {
+                    name == "driver" && value == "gpu.hybridlet.io"
+                        || matches!(d.attributes.get(name), Some(hybridlet_dra::Attr::String(v)) if v == value)
+                })
+            })
+            .map(|d| d.name.clone())
+            .collect()
+    };
+    let whole: Vec<String> = (1..8).map(|i| format!("gpu-{i}")).collect();
+    assert_eq!(select("deviceclass-gpu.yaml", false), whole);
+    assert_eq!(
+        select("deviceclass-gpu-mig.yaml", false),
+        ["gpu-0-mig-1g18gb-0", "gpu-0-mig-3g71gb-4"]
+    );
+    assert_eq!(select("deviceclass-gpu-mig.yaml", true).len(), 25);
+    assert_eq!(
+        select("deviceclass-gpu.yaml", true).len(),
+        8,
+        "the parent too"
+    );
+    let template = &docs(&deploy().join("dra/claim-template-gpu-mig-1g.yaml"))[0];
+    assert_eq!(
+        template["spec"]["spec"]["devices"]["requests"][0]["exactly"]["deviceClassName"],
+        "mig.gpu.hybridlet.io"
+    );
+    assert_eq!(
+        select("claim-template-gpu-mig-1g.yaml", true),
+        (0..7)
+            .map(|s| format!("gpu-0-mig-1g18gb-{s}"))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// Keys of `v` (an object) outside `known`, and `required` keys it lacks, at `at`.

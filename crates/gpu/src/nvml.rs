@@ -1,16 +1,18 @@
 use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
 
+use hybridlet_sys::nvml_mig::{MigDevice, NvmlMig, NvmlMigError};
+
 use crate::{
-    ComputeCapability, GpuError, GpuInfo, GpuSample, GpuSource, MigCode, MigInstance, XidEvent,
-    XidWatch,
+    ComputeCapability, GpuError, GpuInfo, GpuSample, GpuSource, MigCode, MigInfo, MigInstance,
+    MigProfile, Placement, XidEvent, XidWatch,
 };
 
-/// GPUs through NVML: one session, opened once.
+/// GPUs through NVML: one session, opened once (and NVML's MIG calls beside it).
 pub struct NvmlSource {
     nvml: Nvml,
+    mig: Option<NvmlMig>,
 }
-
 impl std::fmt::Debug for NvmlSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("NvmlSource")
@@ -25,22 +27,98 @@ fn nvml_err(call: impl Into<String>) -> impl FnOnce(NvmlError) -> GpuError {
     }
 }
 
-/// The MIG calls the NVML binding does not wrap yet: refused by name, never faked.
-fn mig_unwrapped(gpu: &str, call: &'static str) -> GpuError {
+/// A MIG call's failure, with NVML's code as the model names it.
+fn mig_err(gpu: &str, e: NvmlMigError) -> GpuError {
+    use hybridlet_sys::nvml_mig as n;
+    let code = match e.code {
+        n::NOT_SUPPORTED => MigCode::NotSupported,
+        n::INVALID_ARGUMENT => MigCode::InvalidArgument,
+        n::INSUFFICIENT_RESOURCES => MigCode::InsufficientResources,
+        n::IN_USE => MigCode::InUse,
+        n::NOT_FOUND => MigCode::NotFound,
+        n::NO_PERMISSION => MigCode::NoPermission,
+        _ => MigCode::Other,
+    };
     GpuError::Mig {
         gpu: gpu.to_string(),
-        call,
-        code: MigCode::NotSupported,
-        message: "hybridlet's NVML binding (nvml-wrapper 0.13) does not wrap the MIG instance calls yet; MIG devices are served from the fake NVML only (docs/dra.md, \"MIG\")".into(),
+        call: e.call,
+        code,
+        message: e.message,
+    }
+}
+
+fn instance(d: MigDevice) -> MigInstance {
+    MigInstance {
+        uuid: d.uuid,
+        profile_id: d.profile_id,
+        gpu_instance_id: d.gpu_instance_id,
+        compute_instance_id: d.compute_instance_id,
+        placement: Placement {
+            start: d.placement.0,
+            size: d.placement.1,
+        },
+        busy: false,
     }
 }
 
 impl NvmlSource {
+    fn mig(&self, gpu: &str) -> Result<&NvmlMig, GpuError> {
+        self.mig.as_ref().ok_or_else(|| GpuError::Mig {
+            gpu: gpu.to_string(),
+            call: "nvmlInit_v2",
+            code: MigCode::NotSupported,
+            message: "NVML could not be opened for its MIG calls".into(),
+        })
+    }
+
+    /// A GPU's MIG facts, read while its MIG mode is on.
+    fn mig_info(&self, gpu: &str) -> Result<MigInfo, GpuError> {
+        let mig = self.mig(gpu)?;
+        let profiles: Vec<MigProfile> = mig
+            .profiles(gpu)
+            .map_err(|e| mig_err(gpu, e))?
+            .into_iter()
+            .map(|p| MigProfile {
+                id: p.id,
+                name: p.name,
+                compute_slices: p.slices,
+                instance_count: p.instances,
+                multiprocessors: p.multiprocessors,
+                memory_bytes: p.memory_mib << 20,
+                copy_engines: p.engines[0],
+                decoders: p.engines[1],
+                encoders: p.engines[2],
+                jpeg_engines: p.engines[3],
+                ofa_engines: p.engines[4],
+                placements: p
+                    .placements
+                    .iter()
+                    .map(|&(start, size)| Placement { start, size })
+                    .collect(),
+            })
+            .collect();
+        Ok(MigInfo {
+            // The widest profile spans the GPU: its memory slices, its compute slices.
+            memory_slices: profiles
+                .iter()
+                .flat_map(|p| &p.placements)
+                .map(|p| p.start + p.size)
+                .max()
+                .unwrap_or(0),
+            compute_slices: profiles.iter().map(|p| p.compute_slices).max().unwrap_or(0),
+            instances: self.mig_instances(gpu)?,
+            profiles,
+        })
+    }
+
     /// Load `libnvidia-ml.so.1` and initialise NVML. `Ok(None)` when the library or the
     /// kernel driver is absent: a host without NVIDIA GPUs.
     pub fn open() -> Result<Option<Self>, GpuError> {
         match Nvml::init() {
-            Ok(nvml) => Ok(Some(Self { nvml })),
+            Ok(nvml) => Ok(Some(Self {
+                nvml,
+                mig: NvmlMig::open(),
+            })),
             Err(
                 NvmlError::LibloadingError(_)
                 | NvmlError::LibraryNotFound
@@ -174,18 +252,22 @@ impl GpuSource for NvmlSource {
     }
 
     fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, GpuError> {
-        Err(mig_unwrapped(gpu, "nvmlDeviceGetGpuInstanceId"))
+        let devices = self.mig(gpu)?.devices(gpu).map_err(|e| mig_err(gpu, e))?;
+        Ok(devices.into_iter().map(instance).collect())
     }
 
-    fn create_mig(&self, gpu: &str, _profile: u32, _start: u32) -> Result<MigInstance, GpuError> {
-        Err(mig_unwrapped(
-            gpu,
-            "nvmlDeviceCreateGpuInstanceWithPlacement",
-        ))
+    fn create_mig(&self, gpu: &str, profile: u32, start: u32) -> Result<MigInstance, GpuError> {
+        let d = self
+            .mig(gpu)?
+            .create(gpu, profile, start)
+            .map_err(|e| mig_err(gpu, e))?;
+        Ok(instance(d))
     }
 
-    fn destroy_mig(&self, gpu: &str, _gpu_instance_id: u32) -> Result<(), GpuError> {
-        Err(mig_unwrapped(gpu, "nvmlGpuInstanceDestroy"))
+    fn destroy_mig(&self, gpu: &str, gpu_instance_id: u32) -> Result<(), GpuError> {
+        self.mig(gpu)?
+            .destroy(gpu, gpu_instance_id)
+            .map_err(|e| mig_err(gpu, e))
     }
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, GpuError> {
@@ -250,8 +332,16 @@ impl GpuSource for NvmlSource {
                     .pci_info()
                     .map_err(nvml_err(format!("nvmlDeviceGetPciInfo({index})")))?
                     .bus_id,
+                mig: match mig_enabled {
+                    Some(true) => {
+                        let uuid = d.uuid().map_err(nvml_err(format!("nvmlDeviceGetUUID({index})")))?;
+                        self.mig_info(&uuid)
+                            .inspect_err(|e| tracing::warn!(gpu = %uuid, "MIG mode is on, but its profiles and instances cannot be read: {e}"))
+                            .ok()
+                    }
+                    _ => None,
+                },
                 mig_enabled,
-                mig: None,
             });
         }
         Ok(out)

@@ -7,6 +7,9 @@
 //! Later layers add mount, sysfs walking and process spawning here, behind traits, so
 //! that this remains the only crate that performs such side effects.
 //!
+//! Its one `unsafe` module is `nvml_mig` (NVML's MIG calls, through FFI), each block with
+//! a `// SAFETY:` comment; the workspace denies `unsafe` everywhere else.
+//!
 //! What this crate must never do: parse configuration, talk to the network, or log
 //! secrets. It knows nothing about Kubernetes or AWS.
 
@@ -16,6 +19,7 @@ pub mod fileset;
 mod fsutil;
 pub mod iscsi;
 pub mod mount;
+pub mod nvml_mig;
 pub mod packages;
 pub mod pci;
 pub mod pci_detail;
