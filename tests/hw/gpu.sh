@@ -19,6 +19,12 @@
 #   4. DRA prepare/unprepare through the kubelet's socket: the CDI spec names the GPU's
 #      device node (a character device that exists) and its UUID; unprepare removes it.
 #   5. SIGTERM: clean exit, sockets removed.
+#   6. MIG, read only (the GPU's settings, MIG mode included, are never changed): each
+#      GPU's MIG capability and current mode agree with `nvidia-smi --query-gpu=mig.mode.current`
+#      (as `nvidia-smi -q` reports it); for GPUs in MIG mode, the profiles agree with
+#      `nvidia-smi mig -lgip` (ID, name, instances, SMs) and the instances with
+#      `nvidia-smi mig -lgi` (profile, instance ID, placement), and the slice offers those
+#      MIG devices (static MIG). Reported as skipped when no GPU is in MIG mode.
 set -uo pipefail
 
 bin=${1:?usage: tests/hw/gpu.sh BIN_DIR [OUT_DIR]}
@@ -151,6 +157,11 @@ gpus = json.load(open(sys.argv[2]))["gpus"]
 assert len(slices) == 1, f"{len(slices)} slices"
 devs = {d["name"]: d for d in slices[0]["spec"]["devices"]}
 for g in gpus:
+    if g.get("migEnabled"):
+        # A GPU in MIG mode is offered as the MIG devices it has (step 6 checks them).
+        mig = [d for d in devs.values() if d["attributes"].get("parentUUID", {}).get("string") == g["uuid"]]
+        assert len(mig) == len((g.get("mig") or {}).get("instances", [])), (g["uuid"], mig)
+        continue
     d = devs[f'gpu-{g["index"]}']
     assert d["attributes"]["uuid"]["string"] == g["uuid"], d
     assert int(d["capacity"]["memory"]["value"]) == g["memoryTotalBytes"], d
@@ -269,8 +280,9 @@ else
 fi
 
 # --- 4. DRA prepare / unprepare -----------------------------------------------------------
-uuid0=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["gpus"][0]["uuid"])' "$out/devices.json")
-claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"train\",\"namespace\":\"ml\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"gpu\",\"driver\":\"gpu.hybridlet.io\",\"pool\":\"$node\",\"device\":\"gpu-0\"}]}},\"reservedFor\":[{\"resource\":\"pods\",\"name\":\"train-0\",\"uid\":\"p0\"}]}}" \
+# The first GPU not in MIG mode (a MIG GPU is offered as its MIG devices).
+read -r idx0 uuid0 < <(python3 -c 'import json,sys; g=[g for g in json.load(open(sys.argv[1]))["gpus"] if not g.get("migEnabled")]; print(g[0]["index"], g[0]["uuid"]) if g else print("none none")' "$out/devices.json")
+claim=$(curl -fsS -X POST -H 'Content-Type: application/json' -d "{\"apiVersion\":\"resource.k8s.io/v1\",\"kind\":\"ResourceClaim\",\"metadata\":{\"name\":\"train\",\"namespace\":\"ml\"},\"spec\":{},\"status\":{\"allocation\":{\"devices\":{\"results\":[{\"request\":\"gpu\",\"driver\":\"gpu.hybridlet.io\",\"pool\":\"$node\",\"device\":\"gpu-$idx0\"}]}},\"reservedFor\":[{\"resource\":\"pods\",\"name\":\"train-0\",\"uid\":\"p0\"}]}}" \
   "$api/apis/resource.k8s.io/v1/namespaces/ml/resourceclaims")
 uid=$(echo "$claim" | python3 -c 'import json,sys; print(json.load(sys.stdin)["metadata"]["uid"])')
 spec="/var/run/cdi/gpu_hybridlet_io-$uid.json"
@@ -287,7 +299,7 @@ paths = [n["path"] for n in edits["deviceNodes"]]
 assert "/dev/nvidiactl" in paths and any(p.startswith("/dev/nvidia") and p[11:].isdigit() for p in paths), paths
 PY
 then pass "DRA prepare: CDI spec with the GPU's device nodes (all exist) and UUID"; else fail "DRA prepare" "$(tail -n 3 "$out/prepare.txt" "$out/cdi-check.txt" 2>/dev/null)"; fi
-if scrape | grep -E '^hybridlet_gpu_power_watts\{gpu="0",' | grep -q 'namespace="ml",pod="train-0",claim="train"'; then
+if scrape | grep -E "^hybridlet_gpu_power_watts\\{gpu=\"$idx0\"," | grep -q 'namespace="ml",pod="train-0",claim="train"'; then
   pass "metrics: the prepared GPU's telemetry names its namespace, pod and claim"
 else
   fail "metrics: holder labels" "$(scrape | grep -E '^hybridlet_gpu_power_watts')"
@@ -296,6 +308,64 @@ if "$bin/e2e-kubelet" --socket "$sock" dra-unprepare --namespace ml --name train
   pass "DRA unprepare: CDI spec removed"
 else
   fail "DRA unprepare" "$(tail -n 3 "$out/prepare.txt")"
+fi
+
+# --- 6. MIG, read only -------------------------------------------------------------------
+nvidia-smi --query-gpu=index,uuid,mig.mode.current --format=csv,noheader > "$out/mig-mode.txt" 2>&1
+if python3 - "$out/devices.json" "$out/mig-mode.txt" > "$out/mig-mode-check.txt" 2>&1 <<'PY'
+import json, sys
+gpus = {g["uuid"]: g for g in json.load(open(sys.argv[1]))["gpus"]}
+for line in open(sys.argv[2]):
+    index, uuid, mode = [f.strip() for f in line.split(",")]
+    want = {"Enabled": True, "Disabled": False}.get(mode)  # "[N/A]": no MIG
+    ours = gpus[uuid].get("migEnabled")
+    assert ours == want, f"GPU {index}: nvidia-smi says MIG {mode}, hybridlet {ours}"
+    print(f"GPU {index}: MIG {mode}")
+PY
+then pass "MIG: capability and mode agree with nvidia-smi"; else fail "MIG: mode" "$(tail -n 2 "$out/mig-mode-check.txt")"; fi
+cat "$out/mig-mode-check.txt"
+mig_gpus=$(grep -c ', Enabled$' "$out/mig-mode.txt")
+if [ "$mig_gpus" -eq 0 ]; then
+  skip "MIG: profiles and instances vs nvidia-smi mig -lgip/-lgi" "no GPU is in MIG mode (the tier never changes it)"
+else
+  for i in $(grep ', Enabled$' "$out/mig-mode.txt" | cut -d, -f1); do
+    nvidia-smi mig -i "$i" -lgip > "$out/mig-lgip-$i.txt" 2>&1
+    nvidia-smi mig -i "$i" -lgi > "$out/mig-lgi-$i.txt" 2>&1
+  done
+  if python3 - "$out" "$out/devices.json" "$out/resourceslices.json" > "$out/mig-check.txt" 2>&1 <<'PY'
+import json, re, sys
+out, devices, slices = sys.argv[1:]
+devs = [d for s in json.load(open(slices))["items"] for d in s["spec"].get("devices", [])]
+for g in json.load(open(devices))["gpus"]:
+    if not g.get("migEnabled"):
+        continue
+    i, mig = g["index"], g.get("mig")
+    assert mig, f"GPU {i}: MIG mode on, but hybridlet read no profiles"
+    ours = {p["id"]: p for p in mig["profiles"]}
+    # |   0  MIG 1g.18gb       19     7/7        16.25      No     16     1     0   |
+    row = re.compile(r"^\|\s+\d+\s+MIG\s+(\S+)\s+(\d+)\s+(\d+)/(\d+)\s+[\d.]+\s+\S+\s+(\d+)\s+\d+\s+\d+\s+\|")
+    seen = 0
+    for line in open(f"{out}/mig-lgip-{i}.txt"):
+        m = row.match(line)
+        if not m:
+            continue
+        name, pid, total, sms = m.group(1), int(m.group(2)), int(m.group(4)), int(m.group(5))
+        p = ours.get(pid)
+        assert p, f"GPU {i}: nvidia-smi lists profile {pid} ({name}), hybridlet does not"
+        assert (p["name"], p["instanceCount"], p["multiprocessors"]) == (name, total, sms), (p, line)
+        seen += 1
+    assert seen == len(ours), f"GPU {i}: nvidia-smi lists {seen} profiles, hybridlet {len(ours)}"
+    # |   0  MIG 1g.18gb          19        1          0:1     |
+    gi = re.compile(r"^\|\s+\d+\s+MIG\s+\S+\s+(\d+)\s+(\d+)\s+(\d+):(\d+)\s+\|")
+    theirs = {tuple(map(int, m.groups())) for m in map(gi.match, open(f"{out}/mig-lgi-{i}.txt")) if m}
+    mine = {(x["profileId"], x["gpuInstanceId"], x["placement"]["start"], x["placement"]["size"]) for x in mig["instances"]}
+    assert mine == theirs, f"GPU {i}: instances hybridlet {sorted(mine)}, nvidia-smi {sorted(theirs)}"
+    offered = [d for d in devs if d["attributes"].get("parentUUID", {}).get("string") == g["uuid"]]
+    assert len(offered) == len(mig["instances"]), f"GPU {i}: {len(offered)} MIG devices offered"
+    print(f"GPU {i}: {seen} profiles and {len(mine)} GPU instances agree with nvidia-smi")
+PY
+  then pass "MIG: profiles and instances agree with nvidia-smi mig -lgip/-lgi; the slice offers them"; else fail "MIG: profiles/instances" "$(tail -n 2 "$out/mig-check.txt")"; fi
+  cat "$out/mig-check.txt"
 fi
 
 # --- 5. clean shutdown --------------------------------------------------------------------
