@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use hybridlet_dra::{Attr, SliceDevice, SlicePublisher, Taint};
+use hybridlet_dra::{
+    Attr, CounterLayout, CounterSet, CounterUse, SliceDevice, SlicePublisher, Taint,
+};
 use hybridlet_fixtures::apiserver::FakeApiServer;
 use serde_json::json;
 
@@ -271,4 +273,115 @@ async fn drivers_share_one_watch_and_a_matching_publish_costs_nothing() {
     // The last subscription gone, the watch ends.
     drop((_g, _v));
     eventually("the watch closed", || api.watches() == 0).await;
+}
+
+/// A pool of partitionable devices: `gpus` counter sets of 10 counters, each with 26
+/// devices consuming from it (as an H200 with dynamic MIG), and 2 devices without counters.
+fn partitioned(gpus: usize) -> (Vec<CounterSet>, Vec<SliceDevice>) {
+    let mut sets = Vec::new();
+    let mut devices = Vec::new();
+    for g in 0..gpus {
+        let set = format!("gpu-{g}-counter-set");
+        let counters: BTreeMap<String, String> = (0..10)
+            .map(|c| (format!("memory-slice-{c}"), "1".to_string()))
+            .collect();
+        sets.push(CounterSet {
+            name: set.clone(),
+            counters,
+        });
+        for d in 0..26 {
+            devices.push(SliceDevice {
+                name: format!("gpu-{g}-mig-{d}"),
+                consumes: vec![CounterUse {
+                    set: set.clone(),
+                    counters: BTreeMap::from([(format!("memory-slice-{}", d % 8), "1".into())]),
+                }],
+                ..SliceDevice::default()
+            });
+        }
+    }
+    devices.extend((0..2).map(|i| SliceDevice {
+        name: format!("gpu-whole-{i}"),
+        ..SliceDevice::default()
+    }));
+    (sets, devices)
+}
+
+/// Counter sets in both layouts: each accepted by its release's validation, and a second
+/// publish of the same pool costs no write (what the server stores digests as what a publish
+/// wants, counters included), while a changed counter is written.
+#[tokio::test]
+async fn counter_sets_are_laid_out_per_release_and_republish_for_free() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    for (minor, layout, slices) in [
+        // 1.35: 9 sets → 2 counter slices (8 + 1); 236 devices → 4 slices of ≤ 64.
+        (35, CounterLayout::Separate, 2 + 4),
+        // 1.34: one slice per set with its 26 devices; the 2 others in one more.
+        (34, CounterLayout::WithDevices, 9 + 1),
+    ] {
+        let api = FakeApiServer::start().await.unwrap();
+        api.set_minor_version(minor);
+        api.put("/api/v1/nodes/node-a", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "uid": "node-uid-1"}}));
+        let (sets, devices) = partitioned(9);
+        // The layout comes from /version.
+        let publisher = SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a")
+            .with_counter_sets(sets.clone());
+        let done = publisher.publish(&devices).await.unwrap();
+        assert_eq!(done.created, slices, "1.{minor}");
+        assert!(api.requests().iter().any(|r| r.ends_with("/version")));
+        let stored = api.list(SLICES);
+        let with_sets = stored
+            .iter()
+            .filter(|s| s["spec"].get("sharedCounters").is_some())
+            .count();
+        match layout {
+            CounterLayout::Separate => {
+                assert_eq!(with_sets, 2);
+                assert!(
+                    stored
+                        .iter()
+                        .all(|s| s["spec"].get("sharedCounters").is_none()
+                            || s["spec"].get("devices").is_none())
+                );
+            }
+            CounterLayout::WithDevices => {
+                assert_eq!(with_sets, 9);
+                for s in stored
+                    .iter()
+                    .filter(|s| s["spec"].get("sharedCounters").is_some())
+                {
+                    let set = &s["spec"]["sharedCounters"][0]["name"];
+                    assert!(
+                        s["spec"]["devices"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .all(|d| d["consumesCounters"][0]["counterSet"] == *set)
+                    );
+                }
+            }
+        }
+        // The same pool again: compared with the listed slices, nothing written.
+        let again = SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a")
+            .with_counter_sets(sets.clone())
+            .with_counter_layout(layout);
+        let done = again.publish(&devices).await.unwrap();
+        assert_eq!(
+            (done.created, done.updated, done.deleted),
+            (0, 0, 0),
+            "1.{minor}"
+        );
+        // A counter changes: written.
+        let mut changed = sets.clone();
+        changed[3]
+            .counters
+            .insert("compute-slices".into(), "7".into());
+        let done = SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a")
+            .with_counter_sets(changed)
+            .with_counter_layout(layout)
+            .publish(&devices)
+            .await
+            .unwrap();
+        assert!(done.updated >= 1, "1.{minor}: {done:?}");
+    }
 }
