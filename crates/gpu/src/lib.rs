@@ -359,6 +359,34 @@ impl FakeSource {
     }
 }
 
+/// GPU `gpu` of the fake's state, its minor number and its MIG facts, as NVML answers a
+/// MIG call `call` on it: NOT_FOUND for an unknown GPU, NOT_SUPPORTED unless MIG mode is on.
+fn mig_gpu<'a>(
+    state: &'a mut FixtureFile,
+    gpu: &str,
+    call: &'static str,
+) -> Result<(u32, &'a mut MigInfo), GpuError> {
+    let g = state
+        .gpus
+        .iter_mut()
+        .find(|g| g.uuid == gpu)
+        .ok_or_else(|| {
+            mig_err(
+                gpu,
+                "nvmlDeviceGetHandleByUUID",
+                (MigCode::NotFound, "no such GPU".into()),
+            )
+        })?;
+    let why = match g.mig_enabled {
+        None => "the GPU cannot do MIG",
+        _ => "MIG mode is off",
+    };
+    match g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) {
+        Some(mig) => Ok((g.minor_number, mig)),
+        None => Err(mig_err(gpu, call, (MigCode::NotSupported, why.into()))),
+    }
+}
+
 /// A MIG error from the fake, worded as NVML's.
 fn mig_err(gpu: &str, call: &'static str, (code, message): (MigCode, String)) -> GpuError {
     GpuError::Mig {
@@ -413,18 +441,16 @@ impl GpuSource for FakeSource {
     }
 
     fn mig_instances(&self, gpu: &str) -> Result<Vec<MigInstance>, GpuError> {
-        let state = self.lock();
-        let g = state.gpus.iter().find(|g| g.uuid == gpu).ok_or_else(|| {
-            mig_err(
-                gpu,
-                "nvmlDeviceGetHandleByUUID",
-                (MigCode::NotFound, "no such GPU".into()),
-            )
-        })?;
-        Ok(g.mig
-            .as_ref()
-            .map(|m| m.instances.clone())
-            .unwrap_or_default())
+        let mut state = self.lock();
+        match mig_gpu(&mut state, gpu, "nvmlDeviceGetGpuInstances") {
+            Ok((_, mig)) => Ok(mig.instances.clone()),
+            // MIG mode off: no instances, as NVML lists none.
+            Err(GpuError::Mig {
+                code: MigCode::NotSupported,
+                ..
+            }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     fn create_mig(&self, gpu: &str, profile_id: u32, start: u32) -> Result<MigInstance, GpuError> {
@@ -432,25 +458,7 @@ impl GpuSource for FakeSource {
         let mut state = self.lock();
         let root = state.driver_root.clone();
         let (abort, fail_ci) = (state.abort_after_create, state.fail_compute_instance);
-        let g = state
-            .gpus
-            .iter_mut()
-            .find(|g| g.uuid == gpu)
-            .ok_or_else(|| {
-                mig_err(
-                    gpu,
-                    "nvmlDeviceGetHandleByUUID",
-                    (MigCode::NotFound, "no such GPU".into()),
-                )
-            })?;
-        let minor = g.minor_number;
-        let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
-            let why = match g.mig_enabled {
-                None => "the GPU cannot do MIG",
-                _ => "MIG mode is off",
-            };
-            return Err(mig_err(gpu, CALL, (MigCode::NotSupported, why.into())));
-        };
+        let (minor, mig) = mig_gpu(&mut state, gpu, CALL)?;
         let placement = mig
             .can_create(profile_id, start)
             .map_err(|e| mig_err(gpu, CALL, e))?;
@@ -499,25 +507,7 @@ impl GpuSource for FakeSource {
         const CALL: &str = "nvmlGpuInstanceDestroy";
         let mut state = self.lock();
         let root = state.driver_root.clone();
-        let g = state
-            .gpus
-            .iter_mut()
-            .find(|g| g.uuid == gpu)
-            .ok_or_else(|| {
-                mig_err(
-                    gpu,
-                    "nvmlDeviceGetHandleByUUID",
-                    (MigCode::NotFound, "no such GPU".into()),
-                )
-            })?;
-        let minor = g.minor_number;
-        let Some(mig) = g.mig.as_mut().filter(|_| g.mig_enabled == Some(true)) else {
-            return Err(mig_err(
-                gpu,
-                CALL,
-                (MigCode::NotSupported, "MIG mode is off".into()),
-            ));
-        };
+        let (minor, mig) = mig_gpu(&mut state, gpu, CALL)?;
         let at = mig
             .instances
             .iter()

@@ -68,16 +68,21 @@ async fn client(d: &Daemon) -> v1::dra_plugin_client::DraPluginClient<tonic::tra
     )
 }
 
+/// The kubelet's reference to claim `name` of this test.
+fn claim_ref(name: &str) -> v1::Claim {
+    v1::Claim {
+        namespace: "ml".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    }
+}
+
 /// NodePrepareResources for one claim, as the kubelet sends it: the per-claim result.
 async fn prepare(d: &Daemon, name: &str) -> v1::NodePrepareResourceResponse {
     let mut c = client(d).await;
     let resp = c
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![v1::Claim {
-                namespace: "ml".into(),
-                name: name.into(),
-                uid: format!("uid-{name}"),
-            }],
+            claims: vec![claim_ref(name)],
         })
         .await
         .unwrap()
@@ -89,11 +94,7 @@ async fn unprepare(d: &Daemon, name: &str) -> String {
     let mut c = client(d).await;
     let resp = c
         .node_unprepare_resources(v1::NodeUnprepareResourcesRequest {
-            claims: vec![v1::Claim {
-                namespace: "ml".into(),
-                name: name.into(),
-                uid: format!("uid-{name}"),
-            }],
+            claims: vec![claim_ref(name)],
         })
         .await
         .unwrap()
@@ -437,11 +438,7 @@ async fn a_crash_midway_is_undone_a_prepared_instance_adopted_and_a_stray_one_de
     let mut c = client(&d).await;
     let crashed = c
         .node_prepare_resources(v1::NodePrepareResourcesRequest {
-            claims: vec![v1::Claim {
-                namespace: "ml".into(),
-                name: "job".into(),
-                uid: "uid-job".into(),
-            }],
+            claims: vec![claim_ref("job")],
         })
         .await;
     assert!(crashed.is_err(), "the daemon died during the prepare");
