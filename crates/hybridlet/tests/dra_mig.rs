@@ -62,10 +62,17 @@ fn claim(api: &FakeApiServer, name: &str, device: &str) {
 
 async fn client(d: &Daemon) -> v1::dra_plugin_client::DraPluginClient<tonic::transport::Channel> {
     let dra = d.kubelet.join("plugins/gpu.hybridlet.io/dra.sock");
-    wait_until("the DRA socket", || is_socket(&dra)).await;
-    v1::dra_plugin_client::DraPluginClient::new(
-        hybridlet_kubelet_plugin::connect(&dra).await.unwrap(),
-    )
+    // After a crash the old socket file is still there until the new process replaces
+    // it: dial until one answers, as the kubelet does.
+    for _ in 0..200 {
+        if is_socket(&dra)
+            && let Ok(channel) = hybridlet_kubelet_plugin::connect(&dra).await
+        {
+            return v1::dra_plugin_client::DraPluginClient::new(channel);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no DRA plugin answers on {}", dra.display());
 }
 
 /// The kubelet's reference to claim `name` of this test.
