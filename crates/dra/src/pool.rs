@@ -190,7 +190,7 @@ fn advance(version: &mut Option<String>, incoming: Option<&str>) {
 }
 
 /// `slices` hold exactly `wanted` (name → digest pair) with one pool generation: that
-/// generation. `dropped`: compare without taints (the server drops them).
+/// generation. `dropped`: compare without taints and counters (the server drops them).
 pub(crate) fn matching_generation(
     slices: &BTreeMap<String, StoredSlice>,
     wanted: &[(String, (u64, u64))],
@@ -282,16 +282,16 @@ fn hash_device<'a>(
 }
 
 /// Digest of one slice as a publish would write it: its devices and the pool's slice
-/// count; `with_taints` false for a server that drops device taints.
+/// count; `full` false for a server that drops device taints and counters (both left out).
 pub(crate) fn desired_digest(
     sets: &[&CounterSet],
     devices: &[&SliceDevice],
     count: i64,
-    with_taints: bool,
+    full: bool,
 ) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     count.hash(&mut h);
-    for set in sets {
+    for set in sets.iter().filter(|_| full) {
         (5u8, &set.name).hash(&mut h);
         for (k, v) in &set.counters {
             (k.as_str(), v.as_str()).hash(&mut h);
@@ -311,12 +311,12 @@ pub(crate) fn desired_digest(
                 (k.as_str(), v)
             }),
             d.capacity.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            d.consumes.iter().flat_map(|c| {
+            d.consumes.iter().filter(|_| full).flat_map(|c| {
                 c.counters
                     .iter()
                     .map(|(k, v)| (c.set.as_str(), k.as_str(), v.as_str()))
             }),
-            with_taints.then(|| {
+            full.then(|| {
                 d.taints
                     .iter()
                     .map(|t| (t.key.as_str(), t.value.as_str(), t.effect.as_str()))
@@ -332,11 +332,11 @@ fn stored_digest(
     sets: &[k8s_openapi::api::resource::v1::CounterSet],
     devices: &[Device],
     count: i64,
-    with_taints: bool,
+    full: bool,
 ) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     count.hash(&mut h);
-    for set in sets {
+    for set in sets.iter().filter(|_| full) {
         (5u8, &set.name).hash(&mut h);
         for (k, v) in &set.counters {
             (k.as_str(), v.value.0.as_str()).hash(&mut h);
@@ -364,12 +364,16 @@ fn stored_digest(
                 .iter()
                 .flatten()
                 .map(|(k, c)| (k.as_str(), c.value.0.as_str())),
-            d.consumes_counters.iter().flatten().flat_map(|c| {
-                c.counters
-                    .iter()
-                    .map(|(k, v)| (c.counter_set.as_str(), k.as_str(), v.value.0.as_str()))
-            }),
-            with_taints.then(|| {
+            d.consumes_counters
+                .iter()
+                .flatten()
+                .filter(|_| full)
+                .flat_map(|c| {
+                    c.counters
+                        .iter()
+                        .map(|(k, v)| (c.counter_set.as_str(), k.as_str(), v.value.0.as_str()))
+                }),
+            full.then(|| {
                 d.taints.iter().flatten().map(|t| {
                     (
                         t.key.as_str(),

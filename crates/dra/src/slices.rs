@@ -297,6 +297,8 @@ pub struct SlicePublisher {
     timing: WatchTiming,
     /// Set once the API server stored a slice without the taints it was sent.
     taints_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the API server stored a slice without the counters it was sent.
+    counters_dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The highest pool generation this process published.
     published: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The pool's counter sets (partitionable devices), published with its devices.
@@ -330,6 +332,7 @@ impl SlicePublisher {
             driver: driver.to_string(),
             node: node.to_string(),
             taints_dropped: std::sync::Arc::default(),
+            counters_dropped: std::sync::Arc::default(),
             published: std::sync::Arc::default(),
             view: PoolView::default(),
             node_uid: std::sync::Arc::default(),
@@ -409,22 +412,38 @@ impl SlicePublisher {
         }
     }
 
-    /// A server without device taints (DRADeviceTaints off) stores slices without them;
-    /// say so once and stop comparing them, or every reconcile would rewrite the slice.
-    fn note_dropped_taints(&self, sent: bool, stored: &ResourceSlice) {
-        let kept = stored
-            .spec
-            .devices
-            .iter()
-            .flatten()
-            .any(|d| d.taints.is_some());
-        if sent
-            && !kept
-            && !self
-                .taints_dropped
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+    /// A refused write. A slice refused as invalid while counter sets are published may be
+    /// laid out for another release (the API server was upgraded): `/version` is read
+    /// again before the next attempt.
+    fn write_failed(&self, what: String, e: kube::Error) -> PublishError {
+        if matches!(&e, kube::Error::Api(s) if s.code == 422) && !self.counter_sets.is_empty() {
+            *self.lock_layout() = None;
+        }
+        self.err(format!("{what}: {e}"))
+    }
+
+    /// A server without device taints (DRADeviceTaints off) or partitionable devices
+    /// (DRAPartitionableDevices off) stores slices without those fields; say so once and
+    /// stop comparing them, or every reconcile would rewrite the slice.
+    fn note_dropped_fields(&self, sent: &ResourceSlice, stored: &ResourceSlice) {
+        let taints =
+            |s: &ResourceSlice| s.spec.devices.iter().flatten().any(|d| d.taints.is_some());
+        let counters = |s: &ResourceSlice| {
+            s.spec.shared_counters.is_some()
+                || s.spec
+                    .devices
+                    .iter()
+                    .flatten()
+                    .any(|d| d.consumes_counters.is_some())
+        };
+        let first = |flag: &std::sync::atomic::AtomicBool| {
+            !flag.swap(true, std::sync::atomic::Ordering::Relaxed)
+        };
+        if taints(sent) && !taints(stored) && first(&self.taints_dropped) {
             tracing::warn!(driver = %self.driver, "the API server dropped the device taints of unhealthy devices (is the DRADeviceTaints feature gate off?); they are reported through the kubelet's health stream only");
+        }
+        if counters(sent) && !counters(stored) && first(&self.counters_dropped) {
+            tracing::error!(driver = %self.driver, "the API server dropped the shared counters of partitionable devices (is the DRAPartitionableDevices feature gate off? It is beta, on by default, from Kubernetes 1.36): the scheduler cannot tell overlapping partitions apart, and a prepare whose partition overlaps another fails; enable the gate, or turn dynamic partitioning off (spec.dra.gpu.dynamicMig)");
         }
     }
 
@@ -515,7 +534,10 @@ impl SlicePublisher {
             .collect();
         let dropped = self
             .taints_dropped
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self
+                .counters_dropped
+                .load(std::sync::atomic::Ordering::Relaxed);
         let api: kube::Api<ResourceSlice> = kube::Api::all(self.client.clone());
         // What the server holds: the watch's view when current (no request), else a list.
         let by_name = match self.view.snapshot() {
@@ -558,7 +580,6 @@ impl SlicePublisher {
             if let Some(old) = by_name.get(&name) {
                 keep_time_added(&mut devs, &old.taint_times);
             }
-            let sent_taints = devs.iter().any(|d| d.taints.is_some());
             let mut slice = ResourceSlice {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
@@ -585,8 +606,8 @@ impl SlicePublisher {
                     let stored = api
                         .replace(&name, &PostParams::default(), &slice)
                         .await
-                        .map_err(|e| self.err(format!("replacing {name}: {e}")))?;
-                    self.note_dropped_taints(sent_taints, &stored);
+                        .map_err(|e| self.write_failed(format!("replacing {name}"), e))?;
+                    self.note_dropped_fields(&slice, &stored);
                     self.view.upsert(&stored);
                     done.updated += 1;
                 }
@@ -594,8 +615,8 @@ impl SlicePublisher {
                     let stored = api
                         .create(&PostParams::default(), &slice)
                         .await
-                        .map_err(|e| self.err(format!("creating {name}: {e}")))?;
-                    self.note_dropped_taints(sent_taints, &stored);
+                        .map_err(|e| self.write_failed(format!("creating {name}"), e))?;
+                    self.note_dropped_fields(&slice, &stored);
                     self.view.upsert(&stored);
                     done.created += 1;
                 }

@@ -385,3 +385,74 @@ async fn counter_sets_are_laid_out_per_release_and_republish_for_free() {
         assert!(done.updated >= 1, "1.{minor}: {done:?}");
     }
 }
+
+/// A server with DRAPartitionableDevices off stores the slices without their counters
+/// (the publisher says so once, as an error naming the gate): the next publish compares
+/// without them and writes nothing, instead of rewriting every slice at every resync.
+#[tokio::test]
+async fn a_server_that_drops_counters_is_not_rewritten_forever() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = FakeApiServer::start().await.unwrap();
+    api.set_minor_version(35);
+    api.disable_partitionable_devices();
+    api.put("/api/v1/nodes/node-a", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "uid": "node-uid-1"}}));
+    let (sets, devices) = partitioned(2);
+    let publisher =
+        SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a").with_counter_sets(sets);
+    let done = publisher.publish(&devices).await.unwrap();
+    assert_eq!(done.created, 1 + 1);
+    assert!(api.list(SLICES).iter().all(|s| {
+        s["spec"].get("sharedCounters").is_none()
+            && s["spec"]["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|d| d.get("consumesCounters").is_none())
+    }));
+    let done = publisher.publish(&devices).await.unwrap();
+    assert_eq!((done.created, done.updated, done.deleted), (0, 0, 0));
+}
+
+/// The API server is upgraded from 1.34 to 1.35 under a running driver: its first write in
+/// the old layout is refused as invalid, the next publish reads `/version` again and lays
+/// the counter sets out for 1.35.
+#[tokio::test]
+async fn an_upgraded_server_gets_the_new_layout_after_one_refusal() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = FakeApiServer::start().await.unwrap();
+    api.set_minor_version(34);
+    api.put("/api/v1/nodes/node-a", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "uid": "node-uid-1"}}));
+    let (sets, mut devices) = partitioned(2);
+    let publisher =
+        SlicePublisher::new(client(&api), "gpu.hybridlet.io", "node-a").with_counter_sets(sets);
+    publisher.publish(&devices).await.unwrap();
+    assert!(
+        api.list(SLICES).iter().any(
+            |s| s["spec"].get("sharedCounters").is_some() && s["spec"].get("devices").is_some()
+        )
+    );
+    api.set_minor_version(35);
+    devices[0]
+        .attributes
+        .insert("note".into(), Attr::String("changed".into()));
+    let err = publisher.publish(&devices).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only one of devices or sharedCounters"),
+        "{err}"
+    );
+    publisher.publish(&devices).await.unwrap();
+    let stored = api.list(SLICES);
+    assert!(
+        stored.iter().all(
+            |s| s["spec"].get("sharedCounters").is_none() || s["spec"].get("devices").is_none()
+        )
+    );
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|s| s["spec"].get("sharedCounters").is_some())
+            .count(),
+        1
+    );
+}
