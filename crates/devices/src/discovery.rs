@@ -233,6 +233,31 @@ pub fn gpu_source(fixture: Option<&std::path::Path>) -> Result<Option<Box<dyn Gp
 /// Group key: NUMA node, then root complex and switch.
 type Group = (Option<u32>, Option<String>, Option<String>);
 
+/// `MIG: 1g.18gb@0 1g.18gb@1 3g.71gb@4` (profile and first memory slice of each MIG
+/// device), `MIG: no instances`, or nothing when MIG mode is off.
+fn mig_summary(info: &hybridlet_gpu::GpuInfo) -> String {
+    if info.mig_enabled != Some(true) {
+        return String::new();
+    }
+    let Some(mig) = &info.mig else {
+        return "MIG (profiles unreadable)".into();
+    };
+    if mig.instances.is_empty() {
+        return "MIG: no instances".into();
+    }
+    let parts: Vec<String> = mig
+        .instances
+        .iter()
+        .map(|i| {
+            let name = mig
+                .profile(i.profile_id)
+                .map_or_else(|| format!("profile {}", i.profile_id), |p| p.name.clone());
+            format!("{name}@{}", i.placement.start)
+        })
+        .collect();
+    format!("MIG: {}", parts.join(" "))
+}
+
 /// The `devices` table: grouped by NUMA node, then root complex and PCIe switch, so an
 /// operator sees which GPU shares a switch with which NIC.
 pub fn table(r: &Report) -> String {
@@ -247,11 +272,7 @@ pub fn table(r: &Report) -> String {
                 g.info.name,
                 g.info.uuid,
                 g.info.memory_total_bytes >> 30,
-                if g.info.mig_enabled == Some(true) {
-                    "MIG"
-                } else {
-                    ""
-                },
+                mig_summary(&g.info),
             )
             .trim_end()
             .to_string(),

@@ -127,3 +127,41 @@ fn bad_nvml_fixture_fails_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nvml.json"));
 }
+
+/// A GPU in MIG mode: the table names its MIG devices by profile and placement, the JSON
+/// carries its profiles and instances as NVML reports them.
+#[test]
+fn a_gpu_in_mig_mode_shows_its_mig_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(dir.path(), 0).unwrap();
+    hybridlet_fixtures::enable_mig(dir.path(), 2, &[(19, 0), (19, 1), (9, 4)]).unwrap();
+    hybridlet_fixtures::enable_mig(dir.path(), 3, &[]).unwrap();
+    let fixture = dir.path().join("fake-nvml.json");
+    let out = devices(dir.path(), &["--nvml-fixture", fixture.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |gpu: &str| {
+        text.lines()
+            .find(|l| l.trim().starts_with(gpu))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        line("GPU 2 ").ends_with("MIG: 1g.18gb@0 1g.18gb@1 3g.71gb@4"),
+        "{text}"
+    );
+    assert!(line("GPU 3 ").ends_with("MIG: no instances"), "{text}");
+    assert!(!line("GPU 4 ").contains("MIG"), "{text}");
+    let out = devices(
+        dir.path(),
+        &["--nvml-fixture", fixture.to_str().unwrap(), "-o", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mig = &v["gpus"][2]["mig"];
+    assert_eq!(mig["memorySlices"], 8);
+    assert_eq!(mig["profiles"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        mig["instances"][2]["placement"],
+        serde_json::json!({"start": 4, "size": 4})
+    );
+    assert!(v["gpus"][4].get("mig").is_none());
+}
