@@ -103,7 +103,11 @@ pub fn parts(
                     tracing::warn!(gpu = %g.info.uuid, mig = %inst.uuid, profile = inst.profile_id, "a MIG device of a profile NVML does not list: not published");
                     continue;
                 };
-                let name = placement_name(g, profile, inst.placement);
+                let mut name = placement_name(g, profile, inst.placement);
+                // A GPU instance split into several compute instances: one device each.
+                if inst.compute_instance_id > 0 {
+                    name.push_str(&format!("-ci{}", inst.compute_instance_id));
+                }
                 devices.push(mig_device(
                     g,
                     &name,

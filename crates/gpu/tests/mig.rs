@@ -116,3 +116,80 @@ fn the_fake_creates_and_destroys_instances_as_nvml_does() {
     );
     assert_eq!(failing.mig_instances(GPU0).unwrap().len(), 1);
 }
+
+/// Static MIG: one device per MIG device, named by where it sits; a GPU instance split
+/// into two compute instances is two devices. Dynamic MIG: every placement and the GPU,
+/// each consuming from the GPU's counter set only the slices it covers.
+#[test]
+fn the_driver_offers_mig_devices_by_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    hybridlet_fixtures::dgx_h200(dir.path(), 0).unwrap();
+    let mut nvml = hybridlet_fixtures::enable_mig(dir.path(), 0, &[(9, 0), (19, 4)]).unwrap();
+    let mut second = nvml["gpus"][0]["mig"]["instances"][0].clone();
+    second["computeInstanceId"] = serde_json::json!(1);
+    second["uuid"] = serde_json::json!("MIG-second-compute-instance");
+    nvml["gpus"][0]["mig"]["instances"]
+        .as_array_mut()
+        .unwrap()
+        .push(second);
+    std::fs::write(dir.path().join("fake-nvml.json"), nvml.to_string()).unwrap();
+    let source = FakeSource::from_file(&dir.path().join("fake-nvml.json")).unwrap();
+    let (gpus, _) = hybridlet_gpu::discover(&source, &[]).unwrap();
+    let parts = |dynamic| {
+        hybridlet_gpu::dra::parts(
+            "gpu.hybridlet.io",
+            "n",
+            gpus.clone(),
+            dir.path().join("dev"),
+            hybridlet_gpu::dra::GpuOptions {
+                dynamic_mig: dynamic,
+                ..Default::default()
+            },
+        )
+    };
+    let names = |p: &hybridlet_dra::DriverParts| -> Vec<String> {
+        p.devices
+            .iter()
+            .filter(|d| d.name.starts_with("gpu-0"))
+            .map(|d| d.name.clone())
+            .collect()
+    };
+    let fixed = parts(false);
+    assert_eq!(
+        names(&fixed),
+        [
+            "gpu-0-mig-3g71gb-0",
+            "gpu-0-mig-1g18gb-4",
+            "gpu-0-mig-3g71gb-0-ci1"
+        ]
+    );
+    assert!(fixed.counter_sets.is_empty());
+    assert!(
+        fixed
+            .keys
+            .iter()
+            .filter(|(n, _)| n.starts_with("gpu-0"))
+            .all(|(_, k)| k == GPU0)
+    );
+    let dynamic = parts(true);
+    assert_eq!(names(&dynamic).len(), 26);
+    assert_eq!(dynamic.counter_sets.len(), 1);
+    let two = dynamic
+        .devices
+        .iter()
+        .find(|d| d.name == "gpu-0-mig-2g35gb-2")
+        .unwrap();
+    let used: Vec<&str> = two.consumes[0]
+        .counters
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(used, ["compute-slices", "memory-slice-2", "memory-slice-3"]);
+    assert_eq!(two.consumes[0].counters["compute-slices"], "2");
+    let me = dynamic
+        .devices
+        .iter()
+        .find(|d| d.name == "gpu-0-mig-1g18gbme-0")
+        .unwrap();
+    assert_eq!(me.consumes[0].counters["ofa-engines"], "1");
+}
