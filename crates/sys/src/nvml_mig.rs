@@ -416,13 +416,10 @@ impl NvmlMig {
         let code = unsafe { create_gi(dev, profile_id, &placement, &mut gi) };
         self.check("nvmlDeviceCreateGpuInstanceWithPlacement", code)?;
         let info = self.gpu_instance_info(gi)?;
-        // The compute instance profile as wide as the GPU instance: the largest it has.
-        let mut made = Err(NvmlMigError {
-            call: "nvmlGpuInstanceCreateComputeInstance",
-            code: NOT_SUPPORTED,
-            message: "no compute instance profile".into(),
-        });
-        for index in (0..COMPUTE_INSTANCE_PROFILES).rev() {
+        // The compute instance profile as wide as the GPU instance: the most slices (the
+        // first such index, so never a REV1 variant when the plain one exists).
+        let mut widest: Option<nvmlComputeInstanceProfileInfo_v2_t> = None;
+        for index in 0..COMPUTE_INSTANCE_PROFILES {
             // SAFETY: plain data; all-zero is valid.
             let mut p: nvmlComputeInstanceProfileInfo_v2_t = unsafe { std::mem::zeroed() };
             p.version = struct_version::<nvmlComputeInstanceProfileInfo_v2_t>(2);
@@ -430,14 +427,24 @@ impl NvmlMig {
             if unsafe { ci_profile(gi, index, ENGINE_SHARED, &mut p) } != SUCCESS {
                 continue;
             }
-            let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
-            // SAFETY: `gi` is the instance just created; `ci` a valid out pointer.
-            let code = unsafe { create_ci(gi, p.id, &mut ci) };
-            made = self
-                .check("nvmlGpuInstanceCreateComputeInstance", code)
-                .map(|()| ci);
-            break;
+            if widest.is_none_or(|w| p.sliceCount > w.sliceCount) {
+                widest = Some(p);
+            }
         }
+        let made = match widest {
+            Some(p) => {
+                let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
+                // SAFETY: `gi` is the instance just created; `ci` a valid out pointer.
+                let code = unsafe { create_ci(gi, p.id, &mut ci) };
+                self.check("nvmlGpuInstanceCreateComputeInstance", code)
+                    .map(|()| ci)
+            }
+            None => Err(NvmlMigError {
+                call: "nvmlGpuInstanceGetComputeInstanceProfileInfoV",
+                code: NOT_SUPPORTED,
+                message: "the GPU instance offers no compute instance profile".into(),
+            }),
+        };
         let ci = match made {
             Ok(ci) => ci,
             Err(e) => {
