@@ -18,14 +18,20 @@ pub struct DeviceCounts {
     pub allocated: usize,
     /// Tainted (whether prepared or not).
     pub unhealthy: usize,
+    /// Healthy, not prepared, but what it needs from the pool's shared counters is taken by
+    /// prepared devices (a MIG placement that overlaps a prepared one): it cannot be
+    /// allocated now.
+    pub blocked: usize,
 }
 
 impl DeviceCounts {
-    /// From the driver's devices, which are unhealthy and which are prepared.
+    /// From the driver's devices, which are unhealthy, which are prepared and which are
+    /// blocked by the prepared ones.
     pub fn of<'a>(
         devices: impl IntoIterator<Item = &'a str>,
         unhealthy: impl Fn(&str) -> bool,
         prepared: impl Fn(&str) -> bool,
+        blocked: impl Fn(&str) -> bool,
     ) -> Self {
         let mut c = Self::default();
         for d in devices {
@@ -33,12 +39,57 @@ impl DeviceCounts {
                 c.unhealthy += 1;
             } else if prepared(d) {
                 c.allocated += 1;
+            } else if blocked(d) {
+                c.blocked += 1;
             } else {
                 c.free += 1;
             }
         }
         c
     }
+}
+
+/// The devices not in `prepared` whose counter needs no longer fit what the `prepared`
+/// ones leave of the pool's counter sets (KEP-4815: the scheduler allocates a device only
+/// while every counter it consumes has enough left). Counter values that are not plain
+/// integers are taken to fit.
+pub fn blocked_by_counters(
+    sets: &[crate::CounterSet],
+    devices: &[crate::SliceDevice],
+    prepared: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    let number = |v: &str| v.parse::<u64>().ok();
+    let mut left: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for set in sets {
+        for (k, v) in &set.counters {
+            if let Some(n) = number(v) {
+                left.insert((set.name.as_str(), k.as_str()), n);
+            }
+        }
+    }
+    for d in devices.iter().filter(|d| prepared.contains(&d.name)) {
+        for c in &d.consumes {
+            for (k, v) in &c.counters {
+                if let (Some(n), Some(have)) =
+                    (number(v), left.get_mut(&(c.set.as_str(), k.as_str())))
+                {
+                    *have = have.saturating_sub(n);
+                }
+            }
+        }
+    }
+    devices
+        .iter()
+        .filter(|d| !prepared.contains(&d.name))
+        .filter(|d| {
+            d.consumes.iter().any(|c| {
+                c.counters.iter().any(|(k, v)| {
+                    matches!((number(v), left.get(&(c.set.as_str(), k.as_str()))), (Some(n), Some(have)) if n > *have)
+                })
+            })
+        })
+        .map(|d| d.name.clone())
+        .collect()
 }
 
 /// One driver's entry on the board.
@@ -337,6 +388,7 @@ mod tests {
             "gpu".to_string(),
             DriverCapacity {
                 counts: DeviceCounts {
+                    blocked: 0,
                     free: 5,
                     allocated: 2,
                     unhealthy: 1,
@@ -378,14 +430,72 @@ mod tests {
                 ("hybridlet.io/sriov.free".to_string(), None),
             ])
         );
-        let counts = DeviceCounts::of(["a", "b", "c", "d"], |d| d == "a", |d| d == "a" || d == "b");
+        let counts = DeviceCounts::of(
+            ["a", "b", "c", "d"],
+            |d| d == "a",
+            |d| d == "a" || d == "b",
+            |_| false,
+        );
         assert_eq!(
             counts,
             DeviceCounts {
                 free: 2,
                 allocated: 1,
-                unhealthy: 1
+                unhealthy: 1,
+                blocked: 0,
             }
         );
+    }
+
+    #[test]
+    fn placements_that_overlap_a_prepared_one_are_blocked() {
+        use crate::{CounterSet, CounterUse, SliceDevice};
+        let set = CounterSet {
+            name: "gpu-0-counter-set".into(),
+            counters: (0..8)
+                .map(|i| (format!("memory-slice-{i}"), "1".to_string()))
+                .chain([("compute-slices".to_string(), "7".to_string())])
+                .collect(),
+        };
+        let placement = |name: &str, slices: std::ops::Range<u32>, compute: u32| SliceDevice {
+            name: name.into(),
+            consumes: vec![CounterUse {
+                set: set.name.clone(),
+                counters: slices
+                    .map(|i| (format!("memory-slice-{i}"), "1".to_string()))
+                    .chain([("compute-slices".to_string(), compute.to_string())])
+                    .collect(),
+            }],
+            ..SliceDevice::default()
+        };
+        let devices = [
+            placement("3g-0", 0..4, 3),
+            placement("3g-4", 4..8, 3),
+            placement("4g-0", 0..4, 4),
+            placement("1g-3", 3..4, 1),
+            placement("7g-0", 0..8, 7),
+            SliceDevice {
+                name: "other".into(),
+                ..SliceDevice::default()
+            },
+        ];
+        let sets = [set.clone()];
+        let blocked = |held: &[&str]| -> Vec<String> {
+            let held = held.iter().map(|s| s.to_string()).collect();
+            blocked_by_counters(&sets, &devices, &held)
+                .into_iter()
+                .collect()
+        };
+        assert!(blocked(&[]).is_empty());
+        assert_eq!(blocked(&["3g-4"]), ["7g-0"]);
+        // 3g at 0 and 3g at 4 leave 1 compute slice but no memory slice.
+        assert_eq!(blocked(&["3g-0", "3g-4"]), ["1g-3", "4g-0", "7g-0"]);
+        let counts = DeviceCounts::of(
+            devices.iter().map(|d| d.name.as_str()),
+            |_| false,
+            |d| d == "3g-4",
+            |d| blocked(&["3g-4"]).iter().any(|b| b == d),
+        );
+        assert_eq!((counts.free, counts.allocated, counts.blocked), (4, 1, 1));
     }
 }

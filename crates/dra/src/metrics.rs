@@ -179,6 +179,7 @@ impl DraMetrics {
             ("free", counts.free),
             ("allocated", counts.allocated),
             ("unhealthy", counts.unhealthy),
+            ("blocked", counts.blocked),
         ] {
             self.devices
                 .get_or_create(&self.labels(&[("state", state)]))

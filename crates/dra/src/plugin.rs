@@ -131,10 +131,12 @@ async fn observe(
 }
 
 /// Keep the driver's device counts (metrics, the capacity board) current as health and
-/// prepared claims change (a prepared device's companions count as allocated); the board
-/// entry goes when the driver stops.
+/// prepared claims change (a prepared device's companions count as allocated; devices whose
+/// shared counters the prepared ones use up are blocked); the board entry goes when the
+/// driver stops.
 async fn count_devices(
     devices: Arc<[SliceDevice]>,
+    counter_sets: Arc<[crate::CounterSet]>,
     backend: Arc<dyn DeviceBackend>,
     health: HealthBoard,
     mut claims: tokio::sync::watch::Receiver<BTreeMap<String, PreparedClaim>>,
@@ -158,10 +160,16 @@ async fn count_devices(
             .collect();
         health_changes.borrow_and_update();
         let states = health.snapshot();
+        let blocked = if counter_sets.is_empty() {
+            std::collections::BTreeSet::new()
+        } else {
+            crate::capacity::blocked_by_counters(&counter_sets, &devices, &prepared)
+        };
         let counts = crate::DeviceCounts::of(
             devices.iter().map(|d| d.name.as_str()),
             |d| states.get(d).is_some_and(|h| !h.healthy),
             |d| prepared.contains(d),
+            |d| blocked.contains(d),
         );
         if let Some(m) = &metrics {
             m.devices(counts);
@@ -337,6 +345,7 @@ impl DraPlugin {
         }
         tokio::spawn(count_devices(
             devices.clone(),
+            self.counter_sets.clone().into(),
             backend,
             self.health.clone(),
             driver.subscribe(),

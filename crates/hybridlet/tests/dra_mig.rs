@@ -336,6 +336,26 @@ async fn dynamic_mig_creates_at_prepare_destroys_at_unprepare_and_refuses_overla
             .count(),
         2
     );
+    // What 3g.71gb at 4 leaves of the counters: the 11 devices that need its memory slices
+    // (1g ×3, 1g+me ×3, 1g.35gb ×2, 2g at 4, 7g, the whole GPU) are blocked, not free.
+    let gauge = |state: &str, text: &str| -> Option<f64> {
+        let prefix =
+            format!("hybridlet_dra_devices{{driver=\"gpu.hybridlet.io\",state=\"{state}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse().unwrap())
+    };
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = d.scrape().await;
+        if gauge("blocked", &text) == Some(11.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gauge("blocked", &text), Some(11.0), "{text}");
+    assert_eq!(gauge("allocated", &text), Some(1.0));
+    assert_eq!(gauge("free", &text), Some(33.0 - 12.0));
 
     // A stale allocation of an overlapping placement: NVML refuses, naming the occupant.
     claim(&d.api, "b", "gpu-0-mig-1g18gb-5");
