@@ -135,8 +135,7 @@ async fn observe(
 /// shared counters the prepared ones use up are blocked); the board entry goes when the
 /// driver stops.
 async fn count_devices(
-    devices: Arc<[SliceDevice]>,
-    counter_sets: Arc<[crate::CounterSet]>,
+    (devices, counter_sets): (Arc<[SliceDevice]>, Arc<[crate::CounterSet]>),
     backend: Arc<dyn DeviceBackend>,
     health: HealthBoard,
     mut claims: tokio::sync::watch::Receiver<BTreeMap<String, PreparedClaim>>,
@@ -344,8 +343,7 @@ impl DraPlugin {
             tokio::spawn(observe(driver.subscribe(), observer, ctx.shutdown.clone()));
         }
         tokio::spawn(count_devices(
-            devices.clone(),
-            self.counter_sets.clone().into(),
+            (devices.clone(), self.counter_sets.clone().into()),
             backend,
             self.health.clone(),
             driver.subscribe(),
