@@ -201,11 +201,12 @@ impl NvmlMig {
         }
     }
 
-    /// The GPU instance profiles this GPU offers (MIG mode on), with their placements.
-    pub fn profiles(&self, gpu: &str) -> Result<Vec<GpuInstanceProfile>, NvmlMigError> {
-        let dev = self.device(gpu)?;
+    /// NVML's description of each GPU instance profile `dev` offers (MIG mode on).
+    fn profile_infos(
+        &self,
+        dev: nvmlDevice_t,
+    ) -> Result<Vec<nvmlGpuInstanceProfileInfo_v2_t>, NvmlMigError> {
         let info_fn = sym!(self, nvmlDeviceGetGpuInstanceProfileInfoV);
-        let placements_fn = sym!(self, nvmlDeviceGetGpuInstancePossiblePlacements_v2);
         let mut out = Vec::new();
         for index in 0..GPU_INSTANCE_PROFILES {
             // SAFETY: the structure is plain data; all-zero is a valid value.
@@ -214,11 +215,21 @@ impl NvmlMig {
             // SAFETY: `info` is a valid, versioned out structure.
             let code = unsafe { info_fn(dev, index, &mut info) };
             match self.check("nvmlDeviceGetGpuInstanceProfileInfoV", code) {
-                Ok(()) => {}
+                Ok(()) => out.push(info),
                 // Profiles this GPU does not have.
-                Err(e) if e.code == NOT_SUPPORTED || e.code == INVALID_ARGUMENT => continue,
+                Err(e) if e.code == NOT_SUPPORTED || e.code == INVALID_ARGUMENT => {}
                 Err(e) => return Err(e),
             }
+        }
+        Ok(out)
+    }
+
+    /// The GPU instance profiles this GPU offers (MIG mode on), with their placements.
+    pub fn profiles(&self, gpu: &str) -> Result<Vec<GpuInstanceProfile>, NvmlMigError> {
+        let dev = self.device(gpu)?;
+        let placements_fn = sym!(self, nvmlDeviceGetGpuInstancePossiblePlacements_v2);
+        let mut out = Vec::new();
+        for info in self.profile_infos(dev)? {
             let mut count: c_uint = 0;
             // SAFETY: a null array with a count asks for the count.
             let code = unsafe { placements_fn(dev, info.id, std::ptr::null_mut(), &mut count) };
@@ -356,7 +367,7 @@ impl NvmlMig {
         let uuids = self.mig_uuids(dev)?;
         let ci_info = sym!(self, nvmlComputeInstanceGetInfo_v2);
         let mut out = Vec::new();
-        for profile in self.profiles(gpu)? {
+        for profile in self.profile_infos(dev)? {
             for gi in self.gpu_instances(dev, profile.id)? {
                 let info = self.gpu_instance_info(gi)?;
                 for ci in self.compute_instances(gi)? {
